@@ -1,0 +1,1 @@
+"""Xen's public ABI numbers, defined once (mirrors ``xen/include/public``)."""

@@ -1,0 +1,191 @@
+"""The ``Hypervisor`` protocol over the simulated host, in-process, as dom0 sees it.
+
+A saved host lives in a state directory (default ``$XDG_STATE_HOME/xenpage``); commands open
+it with :func:`open_host`, which takes an exclusive lock (two toolstacks never interleave),
+creates the default host on first use, and saves it back when the command succeeds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..abi import errno as E
+from ..hypervisor import sysctl
+from ..hypervisor.e820 import MiB
+from ..hypervisor.host import DomainError, Host, HostConfig
+from ..hypervisor.persist import HostFileError
+from ..toolstack.hypervisor import DomainInfo, PhysInfo
+from . import default_state_dir
+
+HOST_DIRNAME = "host"
+
+
+class SimHypervisor:
+    """dom0's privileged interface to a simulated :class:`Host`."""
+
+    kind = "sim"
+
+    def __init__(self, host: Host, caller: int = 0):
+        self.host = host
+        self.caller = caller
+        self.dirty = False
+
+    # -- host -------------------------------------------------------------------------------
+    def physinfo(self) -> PhysInfo:
+        h = self.host
+        return PhysInfo(nr_cpus=h.nr_pcpus, total_pages=int(sum(t - s for s, t in h.e820.ram_frame_ranges())),
+                        free_pages=h.heap.free_pages, max_mfn=h.max_page, backend="sim")
+
+    def max_mfn(self) -> int:
+        return self.host.max_page
+
+    def _calling_pcpu(self) -> int:
+        """The physical CPU the calling dom0 vCPU runs on: the lowest one its hard affinity
+        allows (the scheduler's choice is modelled deterministically)."""
+        d = self.host.domains[self.caller]
+        return min(d.affinity[0]) if d.affinity and d.affinity[0] else 0
+
+    def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
+        self.dirty = True
+        return sysctl.page_offline_op(self.host, self.caller, cmd, start, end,
+                                      pcpu=self._calling_pcpu())
+
+    # -- domains ----------------------------------------------------------------------------
+    def _info(self, d) -> DomainInfo:
+        return DomainInfo(domid=d.domid, flags=d.flags(), tot_pages=d.tot_pages,
+                          max_pages=d.max_pages, nr_vcpus=d.vcpus, name=d.name)
+
+    def domain_list(self) -> list[DomainInfo]:
+        return [self._info(d) for d in self.host.guest_domains()]
+
+    def domain_info(self, domid: int) -> DomainInfo | None:
+        d = self.host.domains.get(domid)
+        if d is None or d.is_system:
+            return None
+        return self._info(d)
+
+    def _domctl(self, fn, domid: int) -> int:
+        if not self.host.domains.get(self.caller) or not self.host.domains[self.caller].privileged:
+            return -E.EPERM
+        try:
+            fn(domid)
+        except DomainError as e:
+            return e.errno if e.errno < 0 else -e.errno
+        self.dirty = True
+        return 0
+
+    def pause(self, domid: int) -> int:
+        return self._domctl(self.host.pause, domid)
+
+    def unpause(self, domid: int) -> int:
+        return self._domctl(self.host.unpause, domid)
+
+    def resume(self, domid: int, fast: bool = True) -> int:
+        """``xc_domain_resume(fast=1)``: only a domain shut down for suspend; the guest's
+        suspend hypercall returns 1 ("cancelled") and it carries on."""
+        d = self.host.domains.get(domid)
+        if d is None or d.is_system:
+            return -E.ESRCH
+        if not d.suspended:
+            return -E.EINVAL
+        d.suspend_cancelled = bool(fast)
+        return self._domctl(self.host.resume, domid)
+
+    def destroy(self, domid: int) -> int:
+        return self._domctl(self.host.destroy_domain, domid)
+
+    def vcpu_affinity(self, domid: int, vcpu: int) -> list[int]:
+        return list(self.host.domain(domid).affinity[vcpu])
+
+    def set_vcpu_affinity(self, domid: int, vcpu: int, cpus: list[int]) -> int:
+        d = self.host.domains.get(domid)
+        if d is None or d.is_system or not 0 <= vcpu < d.vcpus:
+            return -E.EINVAL if d else -E.ESRCH
+        cpus = sorted({c for c in cpus if 0 <= c < self.host.nr_pcpus})
+        if not cpus:
+            return -E.EINVAL
+        d.affinity[vcpu] = cpus
+        self.dirty = True
+        return 0
+
+    # -- xenstore ---------------------------------------------------------------------------
+    def xs_read(self, path: str) -> str | None:
+        try:
+            return self.host.xenstore.read(self.caller, path)
+        except Exception:
+            return None
+
+    def xs_write(self, path: str, value: str) -> int:
+        try:
+            self.host.xenstore.write(self.caller, path, value)
+        except Exception as e:  # XenstoreError
+            return -getattr(e, "errno", E.EINVAL)
+        self.dirty = True
+        return 0
+
+    def wait(self, seconds: float) -> None:
+        """Guests run while dom0 waits (see :mod:`xenpage.guests`)."""
+        run = getattr(self.host, "run_guests", None)
+        if run is not None:
+            run(seconds)
+            self.dirty = True
+
+
+# -- the saved default host -----------------------------------------------------------------
+
+@dataclass
+class DefaultHostSpec:
+    """The embedded default: a machine shaped like the lab's QEMU box (2 GiB, 2 pCPUs) with
+    dom0 (1 GiB), a Linux-like PV guest and an HVM guest."""
+
+    mem_mib: int = 2048
+    dom0_mib: int = 1024
+    pv_guests: tuple[tuple[str, int], ...] = (("domu1", 96),)
+    hvm_guests: tuple[tuple[str, int], ...] = (("hvm1", 128),)
+    nr_pcpus: int = 2
+
+
+def build_host(spec: DefaultHostSpec | None = None) -> Host:
+    spec = spec or DefaultHostSpec()
+    host = Host.boot(HostConfig(mem_bytes=spec.mem_mib * MiB, nr_pcpus=spec.nr_pcpus),
+                     dom0_pages=spec.dom0_mib * 256)
+    for name, mib in spec.pv_guests:
+        host.create_domain(name, mib * 256, hvm=False)
+    for name, mib in spec.hvm_guests:
+        host.create_domain(name, mib * 256, hvm=True)
+    return host
+
+
+def host_path(state_dir: Path | None = None) -> Path:
+    return Path(state_dir or default_state_dir()) / HOST_DIRNAME
+
+
+@contextmanager
+def open_host(state_dir: Path | None = None, create: bool = True, save: bool = True,
+              spec: DefaultHostSpec | None = None) -> Iterator[SimHypervisor]:
+    """Lock the state directory, load (or create) the saved host, yield dom0's view of it,
+    and save it back if the body changed it and raised nothing."""
+    sd = Path(state_dir or default_state_dir())
+    sd.mkdir(parents=True, exist_ok=True)
+    with open(sd / "lock", "w") as lockf:
+        fcntl.flock(lockf, fcntl.LOCK_EX)
+        path = sd / HOST_DIRNAME
+        created = False
+        if (path / "host.json").exists():
+            host = Host.load(path)
+        elif create:
+            host = build_host(spec)
+            created = True
+        else:
+            raise HostFileError(f"no saved host in {sd} (create one with 'xenpage host create')")
+        hv = SimHypervisor(host)
+        yield hv
+        if save and (hv.dirty or created):
+            host.save(path)

@@ -1,0 +1,1 @@
+"""The ``xenpage`` command (``tools/misc``: xen-hptool, xl, xen-mfndump)."""

@@ -1,0 +1,154 @@
+"""``xenpage``: xen-hptool's ``mem-offline|mem-online|mem-status`` (a drop-in, with the same
+prefix matching), plus ``list``, ``host``, ``demo`` and more.
+
+Global options come before the command: ``--state-dir`` (or ``$XENPAGE_STATE_DIR``) names the
+saved simulated host; ``--backend`` forces ``sim`` or ``xen`` (default: real Xen in a control
+domain, the simulator elsewhere).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from ..backends import is_xen_control_domain
+from ..hypervisor.persist import HostFileError
+from ..toolstack import hptool
+from ..toolstack.pcpu import SinglePcpuHost
+from .output import emit
+
+EXTRA_HELP = """
+xenpage also has (each takes --json):
+  list                     domains, like 'xl list'
+  host create|show         create or describe the saved simulated host
+  demo                     retire pages on a fresh simulated host, with a report
+Global options (before the command): --state-dir DIR, --backend sim|xen
+"""
+
+
+class Ctx:
+    def __init__(self, state_dir: Path | None, backend: str):
+        self.state_dir = state_dir
+        self.backend = backend
+
+    @contextmanager
+    def hypervisor(self, save: bool = True):
+        kind = self.backend
+        if kind == "auto":
+            kind = "xen" if is_xen_control_domain() else "sim"
+        if kind == "xen":
+            from ..backends import xen as xenbackend  # noqa: F401  (real-Xen backend)
+            with xenbackend.open_xen() as hv:
+                yield hv
+            return
+        from ..backends.sim import open_host
+        with open_host(self.state_dir, save=save) as hv:
+            yield hv
+
+
+class HptoolGroup(click.Group):
+    """Resolves xen-hptool's commands by prefix in hptool's table order, then xenpage's own
+    commands by exact name; unknown words get hptool's message and exit code."""
+
+    def resolve_command(self, ctx, args):
+        word = args[0]
+        if word in self.commands and word not in hptool.COMMANDS:
+            return word, self.commands[word], args[1:]
+        name = hptool.match_command(word)
+        if name is None:
+            sys.stderr.write(f"Unrecognised command '{word}' -- try 'xen-hptool help'\n")
+            ctx.exit(1)
+        return name, self.commands[name], args[1:]
+
+
+@click.group(cls=HptoolGroup, invoke_without_command=True,
+             context_settings={"help_option_names": ["--help"]})
+@click.option("--state-dir", type=click.Path(path_type=Path), envvar="XENPAGE_STATE_DIR",
+              help="directory of the saved simulated host")
+@click.option("--backend", type=click.Choice(["auto", "sim", "xen"]), default="auto",
+              envvar="XENPAGE_BACKEND", show_default=True)
+@click.pass_context
+def cli(ctx, state_dir, backend):
+    """Retire faulty memory pages on Xen hosts (xen-hptool compatible)."""
+    ctx.obj = Ctx(state_dir, backend)
+    if ctx.invoked_subcommand is None:
+        sys.stderr.write(hptool.HELP)
+        ctx.exit(0)
+
+
+def _hptool_args(args: tuple[str, ...]) -> tuple[list[str], bool]:
+    rest = [a for a in args if a != "--json"]
+    return rest, len(rest) != len(args)
+
+
+def _mem_command(name: str, fn):
+    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []},
+                 add_help_option=False)
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    @click.pass_obj
+    def cmd(obj: Ctx, args):
+        rest, as_json = _hptool_args(args)
+        if len(rest) != 1:
+            sys.stderr.write(hptool.HELP)
+            sys.exit(1)
+        try:
+            mfn = hptool.parse_mfn(rest[0])
+        except hptool.BadMfn as e:
+            sys.stderr.write(f"xenpage: {e}; nothing done\n")
+            sys.exit(1)
+        try:
+            with obj.hypervisor() as hv:
+                report = fn(hv, mfn)
+        except SinglePcpuHost as e:
+            sys.stderr.write(f"xenpage: {e}\n")
+            sys.exit(1)
+        except HostFileError as e:
+            sys.stderr.write(f"xenpage: {e}\n")
+            sys.exit(2)
+        sys.exit(emit(report, as_json))
+    cmd.__doc__ = f"xen-hptool {name} <mfn> [--json]"
+    return cmd
+
+
+_mem_command("mem-status", hptool.mem_status)
+_mem_command("mem-online", hptool.mem_online)
+_mem_command("mem-offline", hptool.mem_offline)
+
+
+@cli.command("help")
+def help_cmd():
+    """xen-hptool's help (on stderr), then xenpage's own commands."""
+    sys.stderr.write(hptool.HELP)
+    sys.stderr.write(EXTRA_HELP)
+
+
+def _not_memory(name: str):
+    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 add_help_option=False)
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def cmd(args):
+        sys.stderr.write(f"xenpage: '{name}' is an xen-hptool CPU command; xenpage only handles "
+                         "memory (use xen-hptool itself)\n")
+        sys.exit(1)
+    cmd.__doc__ = f"xen-hptool {name} (not handled by xenpage)"
+
+
+for _n in ("cpu-online", "cpu-offline", "smt-enable", "smt-disable"):
+    _not_memory(_n)
+
+from . import commands  # noqa: E402,F401  (registers list, host, demo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="xenpage", standalone_mode=True)
+    except BrokenPipeError:  # pragma: no cover
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,75 @@
+"""Domains (``xen/common/domain.c``): identity, PV/HVM, pause count, shutdown and destruction.
+
+What a domain's memory *holds* (page tables, P2M, workloads) is built by the guest layer;
+here is only what the hypervisor tracks about a domain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..abi import domctl
+from ..abi.xen import DOMID_IO, DOMID_XEN, SHUTDOWN_suspend
+
+#: State of a PV domain's never-initialised PoD lock (see :mod:`.quirks`).
+POD_LOCK_PRISTINE = "pristine"
+POD_LOCK_SANE = "sane"
+POD_LOCK_CORRUPT = "corrupt"
+
+
+@dataclass
+class Domain:
+    domid: int
+    name: str
+    hvm: bool = False
+    privileged: bool = False
+    max_pages: int = 0
+    tot_pages: int = 0
+    vcpus: int = 1
+    #: per vCPU: the set of physical CPUs it may run on (``vcpu_set_hard_affinity``)
+    affinity: list[list[int]] = field(default_factory=list)
+    pause_count: int = 0
+    is_shutting_down: bool = False
+    shutdown_code: int = 0
+    dying: bool = False
+    #: ``SCHEDOP_shutdown(suspend)`` returns this to the guest on a cooperative resume
+    suspend_cancelled: bool = False
+    pod_lock: str = POD_LOCK_PRISTINE
+    #: HVM populate-on-demand cache frames
+    pod_cache: list[int] = field(default_factory=list)
+    #: Xen-heap frames shared with this domain (shared_info, grant frames)
+    xenheap_pages: list[int] = field(default_factory=list)
+    #: free-form per-domain data kept by the guest layer (kernel model state)
+    guest: dict = field(default_factory=dict)
+
+    @property
+    def is_system(self) -> bool:
+        return self.domid in (DOMID_XEN, DOMID_IO)
+
+    def flags(self) -> int:
+        """``XEN_DOMINF_*`` as ``getdomaininfo`` reports them."""
+        f = 0
+        if self.dying:
+            f |= domctl.XEN_DOMINF_dying
+        if self.hvm:
+            f |= domctl.XEN_DOMINF_hvm_guest | domctl.XEN_DOMINF_hap
+        if self.is_shutting_down:
+            f |= domctl.XEN_DOMINF_shutdown
+            f |= (self.shutdown_code & domctl.XEN_DOMINF_shutdownmask) << domctl.XEN_DOMINF_shutdownshift
+        if self.pause_count:
+            f |= domctl.XEN_DOMINF_paused
+        if not (self.pause_count or self.is_shutting_down or self.dying):
+            f |= domctl.XEN_DOMINF_running
+        return f
+
+    @property
+    def suspended(self) -> bool:
+        return self.is_shutting_down and self.shutdown_code == SHUTDOWN_suspend
+
+    def to_state(self) -> dict:
+        d = dict(self.__dict__)
+        return d
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Domain":
+        return cls(**st)

@@ -1,0 +1,153 @@
+"""``struct page_info`` for every machine frame, stored as a structure of numpy arrays.
+
+Xen keeps one 32-byte ``page_info`` per MFN in its frame table; here each field is a numpy
+array indexed by MFN so that scans over millions of frames are vectorised:
+
+* ``count_info`` (uint64) -- PGC_* flags, the 2-bit PGC_state and the general count;
+* ``type_info``  (uint64) -- PGT_* type, pinned/validated bits and the type count;
+* ``owner1``     (uint16) -- owner domid + 1 (0 = no owner, like a NULL ``_domain``);
+* ``buddy_order`` (int8)  -- order+1 of the free buddy chunk headed here, 0 elsewhere
+  (``PFN_ORDER`` of a free chunk head);
+* ``m2p_plus1``  (uint64) -- the machine-to-phys table, stored +1 so that 0 reads as
+  ``INVALID_M2P_ENTRY``;
+* ``content``    (uint64) -- a 64-bit fingerprint standing for the frame's 4 KiB of data;
+  page-table frames (and frames written with arbitrary bytes) keep real ``uint64[512]``
+  arrays in :attr:`FrameTable.pages` instead.
+
+Arrays are allocated with ``np.zeros`` so untouched frames cost no resident memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..abi import mm
+from ..abi.xen import INVALID_M2P_ENTRY
+
+#: Multiplier used to expand a 64-bit fingerprint into the 512 words of a page.
+_EXPAND_K = np.uint64(0x9E3779B97F4A7C15)
+_IDX = np.arange(512, dtype=np.uint64)
+
+
+def expand_fingerprint(fp: int) -> np.ndarray:
+    """The 512 words of a data page whose content is represented by fingerprint ``fp``."""
+    return (np.uint64(fp) ^ (_IDX * _EXPAND_K)).astype(np.uint64)
+
+
+class FrameTable:
+    FIELDS = ("count_info", "type_info", "owner1", "buddy_order", "m2p_plus1", "content")
+
+    def __init__(self, nframes: int):
+        self.nframes = nframes
+        self.count_info = np.zeros(nframes, dtype=np.uint64)
+        self.type_info = np.zeros(nframes, dtype=np.uint64)
+        self.owner1 = np.zeros(nframes, dtype=np.uint16)
+        self.buddy_order = np.zeros(nframes, dtype=np.int8)
+        self.m2p_plus1 = np.zeros(nframes, dtype=np.uint64)
+        self.content = np.zeros(nframes, dtype=np.uint64)
+        #: frames whose content is a real array of 512 words (page tables, raw writes)
+        self.pages: dict[int, np.ndarray] = {}
+
+    # -- scalar accessors (Python ints) -----------------------------------------------------
+    def count(self, mfn: int) -> int:
+        return int(self.count_info[mfn])
+
+    def state(self, mfn: int) -> int:
+        return (int(self.count_info[mfn]) & mm.PGC_state) >> mm.PGC_state_shift
+
+    def owner(self, mfn: int) -> int | None:
+        o = int(self.owner1[mfn])
+        return o - 1 if o else None
+
+    def set_owner(self, mfn, domid: int | None) -> None:
+        self.owner1[mfn] = 0 if domid is None else domid + 1
+
+    def m2p(self, mfn: int) -> int:
+        v = int(self.m2p_plus1[mfn])
+        return v - 1 if v else INVALID_M2P_ENTRY
+
+    def set_m2p(self, mfn, gpfn) -> None:
+        """Write M2P entries; ``INVALID_M2P_ENTRY`` (or -1) invalidates."""
+        if np.isscalar(gpfn):
+            g = int(gpfn)
+            self.m2p_plus1[mfn] = 0 if g in (INVALID_M2P_ENTRY, -1) else g + 1
+        else:
+            g = np.asarray(gpfn, dtype=np.uint64)
+            self.m2p_plus1[mfn] = np.where(g == np.uint64(INVALID_M2P_ENTRY), np.uint64(0),
+                                           g + np.uint64(1))
+
+    def m2p_array(self, mfns: np.ndarray) -> np.ndarray:
+        v = self.m2p_plus1[mfns]
+        return np.where(v == 0, np.uint64(INVALID_M2P_ENTRY), v - np.uint64(1))
+
+    # -- vectorised state helpers -----------------------------------------------------------
+    def states(self, start: int, n: int) -> np.ndarray:
+        return ((self.count_info[start:start + n] & np.uint64(mm.PGC_state))
+                >> np.uint64(mm.PGC_state_shift)).astype(np.int8)
+
+    def set_state(self, mfn, state: int) -> None:
+        keep = np.uint64(~mm.PGC_state & 0xFFFFFFFFFFFFFFFF)
+        self.count_info[mfn] = (self.count_info[mfn] & keep) | np.uint64(state << mm.PGC_state_shift)
+
+    # -- content ----------------------------------------------------------------------------
+    def read_page(self, mfn: int) -> np.ndarray:
+        """The frame's 512 words (a copy)."""
+        p = self.pages.get(mfn)
+        if p is not None:
+            return p.copy()
+        return expand_fingerprint(int(self.content[mfn]))
+
+    def write_page(self, mfn: int, words: np.ndarray) -> None:
+        """Store 512 words; pages that are the expansion of a fingerprint stay compact."""
+        words = np.asarray(words, dtype=np.uint64).reshape(512)
+        fp = int(words[0])
+        if np.array_equal(words, expand_fingerprint(fp)):
+            self.pages.pop(mfn, None)
+            self.content[mfn] = fp
+        else:
+            self.pages[mfn] = words.copy()
+
+    def table(self, mfn: int) -> np.ndarray:
+        """The live 512-entry array of a frame used as a page table (created on demand)."""
+        p = self.pages.get(mfn)
+        if p is None:
+            p = expand_fingerprint(int(self.content[mfn]))
+            self.pages[mfn] = p
+        return p
+
+    def fingerprint(self, mfn: int) -> int:
+        """A 64-bit digest of the frame's current content (the fingerprint itself for compact
+        pages; a hash of the words otherwise)."""
+        p = self.pages.get(mfn)
+        if p is None:
+            return int(self.content[mfn])
+        return hash(p.tobytes()) & 0xFFFFFFFFFFFFFFFF
+
+    def set_fingerprint(self, mfn, fp) -> None:
+        if np.isscalar(mfn):
+            self.pages.pop(int(mfn), None)
+        else:
+            for m in np.asarray(mfn).tolist():
+                self.pages.pop(m, None)
+        self.content[mfn] = fp
+
+    # -- persistence ------------------------------------------------------------------------
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        out = {f: getattr(self, f) for f in self.FIELDS}
+        if self.pages:
+            keys = np.fromiter(self.pages.keys(), dtype=np.int64, count=len(self.pages))
+            out["pages_mfn"] = keys
+            out["pages_data"] = np.stack([self.pages[int(k)] for k in keys])
+        return out
+
+    @classmethod
+    def from_arrays(cls, nframes: int, arrs: dict[str, np.ndarray]) -> "FrameTable":
+        ft = cls.__new__(cls)
+        ft.nframes = nframes
+        for f in cls.FIELDS:
+            setattr(ft, f, arrs[f])
+        ft.pages = {}
+        if "pages_mfn" in arrs:
+            for k, row in zip(arrs["pages_mfn"].tolist(), arrs["pages_data"]):
+                ft.pages[k] = np.array(row, dtype=np.uint64)
+        return ft

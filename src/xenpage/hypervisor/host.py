@@ -1,0 +1,342 @@
+"""One simulated Xen 4.17 x86-64 machine: E820, frame table, heap, domains, xenstore.
+
+Boot (``__start_xen`` / ``arch_init_memory``) lays memory out as on the lab's QEMU machine:
+
+* frames of the first MiB, and every valid non-RAM frame below ``max_page``, are shared with
+  ``DOMID_IO`` (``share_xen_page_with_guest(pg, dom_io, SHARE_rw)``);
+* Xen relocates itself to the top of low memory; its fixed image (``_stext`` ..
+  ``__2M_rwdata_end``) is never offlinable, although its freed init region goes to the heap;
+* Xen-heap allocations (``alloc_xenheap_pages``) and anonymous allocations exist;
+* the rest of RAM is handed to the buddy heap.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..abi import mm
+from ..abi.xen import DOMID_IO, DOMID_XEN, SHUTDOWN_crash
+from . import persist
+from .domain import POD_LOCK_CORRUPT, Domain
+from .e820 import E820Map, MiB
+from .frametable import FrameTable
+from .page_alloc import Heap, OutOfMemory
+from .quirks import HostHang, Quirks
+from .xenstore import Xenstore
+
+_U = np.uint64
+
+#: Layout of the relocated Xen image relative to ``xen_phys_start``, in frames, as seen in the
+#: lab (Xen 4.17.7 at 0x7f800000: image 0x7fa00-0x7fda6, freed init 0x7fbb7-0x7fc5a).
+XEN_IMAGE_OFFSET = 0x200
+XEN_IMAGE_FRAMES = 0x3A7
+XEN_INIT_OFFSET = 0x1B7
+XEN_INIT_FRAMES = 0xA4
+#: ``xen_phys_start`` = top of low RAM rounded down to 2 MiB, minus 6 MiB.
+XEN_RELOC_BELOW_TOP = 0x600
+
+SHARED_PAGE_COUNT = _U(mm.PGC_allocated | 1)
+SHARED_PAGE_TYPE = _U(mm.PGT_writable_page | mm.PGT_validated | 1)
+
+
+class DomainError(Exception):
+    def __init__(self, err: int, msg: str):
+        super().__init__(msg)
+        self.errno = err
+
+
+@dataclass
+class HostConfig:
+    mem_bytes: int = 2048 * MiB
+    nr_pcpus: int = 2
+    #: Xen-internal Xen-heap frames and anonymous frames allocated at boot
+    xenheap_frames: int = 64
+    anonymous_frames: int = 32
+    quirks: Quirks = field(default_factory=Quirks)
+
+
+class Host:
+    """A simulated machine. Create with :meth:`boot`; persist with :meth:`save`/:meth:`load`."""
+
+    def __init__(self, e820: E820Map, nr_pcpus: int = 2, quirks: Quirks | None = None):
+        self.e820 = e820
+        self.nframes = e820.max_page
+        self.max_page = e820.max_page
+        self.ft = FrameTable(self.nframes)
+        self.heap = Heap(self.ft)
+        self.nr_pcpus = nr_pcpus
+        self.quirks = quirks or Quirks()
+        self.domains: dict[int, Domain] = {}
+        self.p2m: dict[int, np.ndarray] = {}
+        self.xenstore = Xenstore()
+        self.next_domid = 1
+        self.xen_phys_start = 0
+        self.xen_image = (0, 0)  # [start, end) frames
+        self.xen_init = (0, 0)
+        self.xenheap_internal: list[int] = []
+        self.anonymous: list[int] = []
+        #: log of notable hypervisor events (domain crashes, ...) as Xen would print them
+        self.log: list[str] = []
+
+    # -- boot ------------------------------------------------------------------------------
+    @classmethod
+    def boot(cls, cfg: HostConfig | None = None, dom0_pages: int | None = None) -> "Host":
+        """``__start_xen``: lay out memory, build dom0, then free Xen's init region
+        (``init_done`` runs after dom0 is constructed, so its frames go to later guests)."""
+        cfg = cfg or HostConfig()
+        h = cls(E820Map.qemu_pc(cfg.mem_bytes), cfg.nr_pcpus, cfg.quirks)
+        h._init_memory(cfg)
+        if dom0_pages is None:
+            dom0_pages = min(cfg.mem_bytes // 2, 1024 * MiB) >> 12
+        h.create_domain("Domain-0", dom0_pages, domid=0)
+        h._free_init_memory()
+        return h
+
+    def _free_init_memory(self) -> None:
+        """``free_init_memory``: the init region goes back to the heap (tail of the lists)."""
+        s, e = self.xen_init
+        for m in range(s, e):
+            self.ft.count_info[m] = _U(0)
+            self.heap.free(m, 0)
+
+    def _init_memory(self, cfg: HostConfig) -> None:
+        ft, n = self.ft, self.nframes
+        valid = self.e820.valid_window(0, n)
+        ram = self.e820.ram_window(0, n)
+        # System domains.
+        for did, name in ((DOMID_XEN, "Domain-Xen"), (DOMID_IO, "Domain-IO")):
+            self.domains[did] = Domain(did, name, privileged=False)
+        # dom_io: the first MiB and every valid non-RAM frame.
+        io = valid & ~ram
+        io[:0x100] = valid[:0x100]
+        idx = np.flatnonzero(io)
+        ft.count_info[idx] = SHARED_PAGE_COUNT
+        ft.type_info[idx] = SHARED_PAGE_TYPE
+        ft.set_owner(idx, DOMID_IO)
+        # Xen image.
+        top = (self.e820.lowmem_ram_end // 512) * 512
+        self.xen_phys_start = top - XEN_RELOC_BELOW_TOP
+        img = self.xen_phys_start + XEN_IMAGE_OFFSET
+        self.xen_image = (img, img + XEN_IMAGE_FRAMES)
+        self.xen_init = (img + XEN_INIT_OFFSET, img + XEN_INIT_OFFSET + XEN_INIT_FRAMES)
+        # Everything else that is RAM goes to the heap (init_heap_pages), except the image
+        # outside its freed init region and the boot allocations below the image.
+        heap = ram & ~io
+        heap[self.xen_phys_start:img] = False  # boot-time page tables etc. (anonymous)
+        heap[img:img + XEN_IMAGE_FRAMES] = False
+        hidx = np.flatnonzero(heap)
+        ft.count_info[hidx] = _U(mm.PGC_state_free)
+        self.heap.rebuild(0, n)
+        self.anonymous = list(range(self.xen_phys_start, img))
+        # Xen-heap and anonymous run-time allocations.
+        for _ in range(cfg.xenheap_frames):
+            self.xenheap_internal.append(self.alloc_xenheap_page())
+        for _ in range(cfg.anonymous_frames):
+            self.anonymous.append(self.heap.alloc(0))
+
+    # -- allocation helpers (xen/common/page_alloc.c) --------------------------------------
+    def alloc_xenheap_page(self) -> int:
+        """``alloc_xenheap_pages(0)``: an in-use frame with PGC_xen_heap, no owner, count 0."""
+        m = self.heap.alloc(0)
+        self.ft.count_info[m] = _U(mm.PGC_xen_heap)
+        return m
+
+    def share_xen_page_with_guest(self, mfn: int, d: Domain) -> None:
+        """``share_xen_page_with_guest(pg, d, SHARE_rw)``: owner d, allocated|1, writable type."""
+        self.ft.count_info[mfn] = (self.ft.count_info[mfn] & _U(mm.PGC_xen_heap)) | SHARED_PAGE_COUNT
+        self.ft.type_info[mfn] = SHARED_PAGE_TYPE
+        self.ft.set_owner(mfn, d.domid)
+        d.xenheap_pages.append(mfn)
+
+    def alloc_domheap_pages(self, d: Domain, order: int = 0) -> int:
+        """``alloc_domheap_pages(d, order, 0)`` + ``assign_pages``: the frames belong to d with
+        the allocation reference only (count = PGC_allocated | 1)."""
+        if d.tot_pages + (1 << order) > d.max_pages:
+            raise DomainError(-12, f"d{d.domid} over its allocation ({d.max_pages} pages)")
+        head = self.heap.alloc(order)
+        self.assign_pages(d, head, 1 << order)
+        return head
+
+    def assign_pages(self, d: Domain, head: int, n: int, count_towards: bool = True) -> None:
+        """``assign_pages``: keep only PGC_preserved bits, set allocated|1 and the owner."""
+        sl = slice(head, head + n)
+        keep = self.ft.count_info[sl] & _U(mm.PGC_preserved)
+        self.ft.count_info[sl] = keep | _U(mm.PGC_allocated | 1)
+        self.ft.set_owner(sl, d.domid)
+        if count_towards:
+            d.tot_pages += n
+
+    def free_domheap_pages(self, mfns: np.ndarray) -> list[int]:
+        """Free frames whose last reference is gone (``free_domheap_pages``); vectorised over
+        many frames; offlining frames become offlined.  Returns those offlined."""
+        mfns = np.asarray(mfns, dtype=np.int64)
+        if mfns.size == 0:
+            return []
+        ci = self.ft.count_info[mfns]
+        st = (ci & _U(mm.PGC_state)) >> _U(mm.PGC_state_shift)
+        if mfns.size <= 8:
+            out: list[int] = []
+            for m in mfns.tolist():
+                self.ft.count_info[m] &= _U(mm.PGC_state | mm.PGC_broken)
+                out += self.heap.free(m, 0)
+            return out
+        offl = st == _U(mm.STATE_OFFLINING)
+        if ((st != _U(mm.STATE_INUSE)) & ~offl).any():
+            raise AssertionError("free_domheap_pages on a frame that is not allocated")
+        broken = (ci & _U(mm.PGC_broken)) != 0
+        newstate = np.where(offl, _U(mm.PGC_state_offlined), _U(mm.PGC_state_free))
+        self.ft.count_info[mfns] = (ci & _U(mm.PGC_broken)) | newstate
+        self.ft.type_info[mfns] = _U(0)
+        self.ft.owner1[mfns] = 0
+        self.ft.m2p_plus1[mfns] = _U(0)
+        self.heap.rebuild(int(mfns.min()), int(mfns.max()) + 1)
+        gone = mfns[offl]
+        for m, b in zip(gone.tolist(), broken[offl].tolist()):
+            (self.heap.broken_list if b else self.heap.offlined_list)[m] = None
+        return gone.tolist()
+
+    def put_page(self, mfn: int, n: int = 1) -> list[int]:
+        """Drop ``n`` general references; free the frame when the count reaches zero."""
+        c = int(self.ft.count_info[mfn])
+        cnt = c & mm.PGC_count_mask
+        if cnt < n:
+            raise AssertionError(f"put_page underflow on mfn {mfn:#x}")
+        c -= n
+        self.ft.count_info[mfn] = _U(c)
+        if cnt == n:
+            owner = self.ft.owner(mfn)
+            if owner is not None and owner in self.domains and mfn not in self.domains[owner].xenheap_pages:
+                self.domains[owner].tot_pages -= 1
+            return self.free_domheap_pages(np.array([mfn]))
+        return []
+
+    # -- domains (xen/common/domain.c, domctl.c) --------------------------------------------
+    def domain(self, domid: int) -> Domain:
+        d = self.domains.get(domid)
+        if d is None or d.is_system:
+            raise DomainError(-3, f"no domain {domid}")
+        return d
+
+    def guest_domains(self) -> list[Domain]:
+        return [d for k, d in sorted(self.domains.items()) if not d.is_system]
+
+    def create_domain(self, name: str, mem_pages: int, hvm: bool = False, domid: int | None = None,
+                      vcpus: int = 1, max_pages: int | None = None) -> Domain:
+        """``XEN_DOMCTL_createdomain`` + populate: ``mem_pages`` frames, P2M and M2P, and a
+        Xen-heap shared_info frame shared with the guest."""
+        if domid is None:
+            domid = 0 if 0 not in self.domains else self.next_domid
+            if domid:
+                self.next_domid += 1
+        if domid in self.domains:
+            raise DomainError(-17, f"domain {domid} exists")
+        d = Domain(domid, name, hvm=hvm, privileged=(domid == 0), vcpus=vcpus,
+                   max_pages=max_pages or mem_pages,
+                   affinity=[list(range(self.nr_pcpus)) for _ in range(vcpus)])
+        self.domains[domid] = d
+        self.share_xen_page_with_guest(self.alloc_xenheap_page(), d)
+        p2m = np.empty(mem_pages, dtype=np.uint64)
+        gpfn = 0
+        remaining = mem_pages
+        while remaining:
+            order = min(9, remaining.bit_length() - 1)
+            try:
+                head = self.alloc_domheap_pages(d, order)
+            except OutOfMemory:
+                self.destroy_domain(domid)
+                raise DomainError(-12, f"out of memory building d{domid}") from None
+            k = 1 << order
+            p2m[gpfn:gpfn + k] = np.arange(head, head + k, dtype=np.uint64)
+            self.ft.set_m2p(slice(head, head + k), np.arange(gpfn, gpfn + k, dtype=np.uint64))
+            gpfn += k
+            remaining -= k
+        self.p2m[domid] = p2m
+        base = f"/local/domain/{domid}"
+        self.xenstore.write(0, base, "")
+        self.xenstore.set_perms(base, domid, "n")
+        self.xenstore.write(0, f"{base}/name", name)
+        self.xenstore.write(0, f"{base}/domid", str(domid))
+        for sub in ("control", "device", "data"):
+            self.xenstore.write(0, f"{base}/{sub}", "")
+            self.xenstore.set_perms(f"{base}/{sub}", domid, "n")
+        if domid:
+            # libxl pre-creates the node a guest may publish its suspend event channel in
+            self.xenstore.write(0, f"{base}/device/suspend/event-channel", "")
+            self.xenstore.set_perms(f"{base}/device/suspend/event-channel", domid, "n")
+        return d
+
+    def owned_frames(self, domid: int) -> np.ndarray:
+        return np.flatnonzero(self.ft.owner1 == domid + 1)
+
+    def destroy_domain(self, domid: int) -> list[int]:
+        """``domain_kill`` + relinquish: every frame the domain owns loses its references and
+        is freed; its offlining frames become offlined.  Returns the frames offlined."""
+        d = self.domain(domid)
+        if d.domid == 0:
+            raise DomainError(-1, "dom0 cannot be destroyed")
+        if self.quirks.pod_lock_hang and d.pod_lock == POD_LOCK_CORRUPT:
+            raise HostHang(f"destroying d{domid} takes its corrupted PoD lock: the host would hang")
+        d.dying = True
+        mfns = self.owned_frames(domid)
+        ci = self.ft.count_info[mfns]
+        self.ft.count_info[mfns] = ci & _U(mm.PGC_state | mm.PGC_broken | mm.PGC_xen_heap)
+        # Xen-heap pages go back through free_xenheap_pages, which clears PGC_xen_heap first.
+        self.ft.count_info[mfns] &= _U(~mm.PGC_xen_heap & 0xFFFFFFFFFFFFFFFF)
+        offlined = self.free_domheap_pages(mfns)
+        del self.domains[domid]
+        self.p2m.pop(domid, None)
+        try:
+            self.xenstore.rm(0, f"/local/domain/{domid}")
+        except Exception:
+            pass
+        return offlined
+
+    def pause(self, domid: int) -> None:
+        self.domain(domid).pause_count += 1
+
+    def unpause(self, domid: int) -> None:
+        d = self.domain(domid)
+        if d.pause_count:
+            d.pause_count -= 1
+
+    def shutdown(self, domid: int, reason: int) -> None:
+        """``domain_shutdown``: the domain stops running with a reason code."""
+        d = self.domain(domid)
+        if d.is_shutting_down:
+            return
+        d.is_shutting_down = True
+        d.shutdown_code = reason
+
+    def crash(self, domid: int, why: str) -> None:
+        """``domain_crash``: shut down with reason crash (on_crash=preserve keeps it)."""
+        self.log.append(f"domain_crash called from {why}: d{domid}")
+        d = self.domains.get(domid)
+        if d is not None and not d.is_system:
+            self.shutdown(domid, SHUTDOWN_crash)
+
+    def resume(self, domid: int) -> None:
+        """``XEN_DOMCTL_resumedomain`` (``domain_resume``): clear the shutdown state, run."""
+        d = self.domain(domid)
+        d.is_shutting_down = False
+        d.shutdown_code = 0
+
+    # -- persistence ------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """State of later subsystems (grant tables, guests...), JSON-serialisable."""
+        return {}
+
+    def load_extra_state(self, st: dict) -> None:
+        pass
+
+    def save(self, path: str | os.PathLike) -> None:
+        persist.save(self, Path(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Host":
+        return persist.load(cls, Path(path))

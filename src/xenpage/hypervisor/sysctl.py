@@ -1,0 +1,54 @@
+"""``XEN_SYSCTL_page_offline_op`` (``xen/common/sysctl.c``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..abi import errno as E
+from ..abi import sysctl as S
+from .offline import offline_range, online_range, query_range
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .host import Host
+
+
+def page_offline_op(host: "Host", caller: int, cmd: int, start: int, end: int,
+                    pcpu: int = 0) -> tuple[int, np.ndarray | None]:
+    """Run the sysctl as the hypervisor does.
+
+    * only the control domain may call it (``xsm_sysctl`` XSM_PRIV) -> -EPERM;
+    * ``start``/``end`` are the 32-bit fields of the payload;
+    * ``end < start`` -> -EINVAL with no status array;
+    * the status array is filled byte-wise with PG_OFFLINE_INVALID, the per-page function
+      runs for each frame in order until one fails, and the whole array is copied back;
+    * an unknown ``cmd`` fails at the first frame with -EINVAL.
+
+    Returns ``(rc, status)`` with rc 0 or a negative errno; ``status`` is None when Xen
+    copied nothing back."""
+    d = host.domains.get(caller)
+    if d is None or not d.privileged:
+        return -E.EPERM, None
+    if not (0 <= start <= S.MFN_FIELD_MAX and 0 <= end <= S.MFN_FIELD_MAX):
+        raise ValueError("page_offline_op: start and end are 32-bit fields")
+    if end < start:
+        return -E.EINVAL, None
+    n = end - start + 1
+    # xmalloc_array of the status words comes from the Xen heap.
+    if n * 4 > host.heap.free_pages * 4096:
+        return -E.ENOMEM, None
+    if cmd == S.sysctl_page_offline:
+        return offline_range(host, start, end, broken=False, pcpu=pcpu)
+    if cmd == S.sysctl_page_online:
+        return online_range(host, start, end)
+    if cmd == S.sysctl_query_page_offline:
+        return query_range(host, start, end)
+    return -E.EINVAL, np.full(n, S.STATUS_UNTOUCHED, dtype=np.uint32)
+
+
+def machine_check_offline(host: "Host", mfn: int) -> tuple[int, int]:
+    """The machine-check path: ``offline_page(mfn, broken=1)`` from the MCE handler
+    (``xen/arch/x86/cpu/mcheck/mcaction.c``).  Returns (rc, status)."""
+    rc, st = offline_range(host, mfn, mfn, broken=True, pcpu=host.nr_pcpus - 1)
+    return rc, int(st[0])
