@@ -39,6 +39,12 @@ class Domain:
     pod_cache: list[int] = field(default_factory=list)
     #: Xen-heap frames shared with this domain (shared_info, grant frames)
     xenheap_pages: list[int] = field(default_factory=list)
+    #: per vCPU root page tables (``v->arch.guest_table`` / ``guest_table_user``), 0 = none
+    guest_table: list[int] = field(default_factory=list)
+    guest_table_user: list[int] = field(default_factory=list)
+    #: the guest's ``arch_shared_info``: where its P2M frame list lives and its size
+    p2m_fll_mfn: int = 0
+    p2m_max_pfn: int = 0
     #: free-form per-domain data kept by the guest layer (kernel model state)
     guest: dict = field(default_factory=dict)
 

@@ -24,6 +24,8 @@ from ..abi import mm
 from ..abi.xen import DOMID_IO, DOMID_XEN, SHUTDOWN_crash
 from . import persist
 from .domain import POD_LOCK_CORRUPT, Domain
+from .foreign import ForeignMaps
+from .grant_table import GrantTables
 from .e820 import E820Map, MiB
 from .frametable import FrameTable
 from .page_alloc import Heap, OutOfMemory
@@ -75,6 +77,10 @@ class Host:
         self.domains: dict[int, Domain] = {}
         self.p2m: dict[int, np.ndarray] = {}
         self.xenstore = Xenstore()
+        self.grants = GrantTables()
+        self.foreign = ForeignMaps()
+        #: guest kernel models by domid (see xenpage.guests), run by :meth:`run_guests`
+        self.guests: dict[int, object] = {}
         self.next_domid = 1
         self.xen_phys_start = 0
         self.xen_image = (0, 0)  # [start, end) frames
@@ -283,6 +289,17 @@ class Host:
         if self.quirks.pod_lock_hang and d.pod_lock == POD_LOCK_CORRUPT:
             raise HostHang(f"destroying d{domid} takes its corrupted PoD lock: the host would hang")
         d.dying = True
+        from . import foreign, grant_table
+        # Mappings this domain holds of other domains' grants go away; backends and dom0
+        # daemons unmap what they had mapped of this domain (they see it die).
+        grant_table.release_domain(self, domid)
+        for h, m in list(self.grants.maptrack.items()):
+            if m.granter == domid:
+                grant_table.unmap_grant_ref(self, m.mapper, h)
+        for h, m in list(self.foreign.maps.items()):
+            if m.domid == domid or m.mapper == domid:
+                foreign.unmap(self, h)
+        self.guests.pop(domid, None)
         mfns = self.owned_frames(domid)
         ci = self.ft.count_info[mfns]
         self.ft.count_info[mfns] = ci & _U(mm.PGC_state | mm.PGC_broken | mm.PGC_xen_heap)
@@ -327,12 +344,56 @@ class Host:
         d.shutdown_code = 0
 
     # -- persistence ------------------------------------------------------------------------
-    def extra_state(self) -> dict:
-        """State of later subsystems (grant tables, guests...), JSON-serialisable."""
-        return {}
+    def hypercalls(self, domid: int):
+        """The hypercall interface as domain ``domid`` sees it."""
+        from .hypercall import Hypercalls
+        return Hypercalls(self, domid)
 
-    def load_extra_state(self, st: dict) -> None:
-        pass
+    def run_guests(self, seconds: float) -> None:
+        """Let every running guest kernel react to events (xenstore, resume) for a while."""
+        for domid, g in list(self.guests.items()):
+            if domid in self.domains:
+                g.run(seconds)
+
+    def pv_p2m(self, domid: int) -> np.ndarray | None:
+        """A PV guest's P2M as the guest keeps it in its own frames (through the frame list
+        named in its shared_info), or the builder's list for a guest with no kernel model."""
+        d = self.domains[domid]
+        if d.hvm:
+            return self.p2m.get(domid)
+        if not d.p2m_fll_mfn:
+            return self.p2m.get(domid)
+        fll = self.ft.read_page(d.p2m_fll_mfn)
+        n = d.p2m_max_pfn
+        nframes = (n + 511) // 512
+        nfl = (nframes + 511) // 512
+        fl_mfns = fll[:nfl].astype(np.int64)
+        p2m_frames = np.concatenate([self.ft.read_page(int(m)) for m in fl_mfns])[:nframes].astype(np.int64)
+        return np.concatenate([self.ft.read_page(int(m)) for m in p2m_frames])[:n]
+
+    def extra_state(self) -> dict:
+        """State of later subsystems (grant tables, foreign maps, guests), JSON-serialisable."""
+        return {"grants": self.grants.to_state(), "foreign": self.foreign.to_state(),
+                "guests": {str(k): g.to_state() for k, g in self.guests.items()}}
+
+    def extra_arrays(self) -> dict[str, np.ndarray]:
+        """numpy state of later subsystems (guest kernel models), saved in the .npz."""
+        out = {}
+        for k, g in self.guests.items():
+            for name, a in g.arrays().items():
+                out[f"guest.{k}.{name}"] = a
+        return out
+
+    def load_extra_state(self, st: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        self.grants = GrantTables.from_state(st.get("grants", {}))
+        self.foreign = ForeignMaps.from_state(st.get("foreign", {}))
+        arrays = arrays or {}
+        if st.get("guests"):
+            from ..guests import restore_guest
+            for k, gs in st["guests"].items():
+                pre = f"guest.{k}."
+                arrs = {n[len(pre):]: a for n, a in arrays.items() if n.startswith(pre)}
+                self.guests[int(k)] = restore_guest(self, int(k), gs, arrs)
 
     def save(self, path: str | os.PathLike) -> None:
         persist.save(self, Path(path))

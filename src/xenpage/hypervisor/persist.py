@@ -63,6 +63,8 @@ def save(host: "Host", path: Path) -> None:
             arrays[k] = a
     for domid, p in host.p2m.items():
         arrays[f"p2m.{domid}"] = p
+    for k, a in host.extra_arrays().items():
+        arrays[f"x.{k}"] = a
     np.savez(tmp / "frames.npz", **arrays)
     header = {
         "format": FORMAT,
@@ -123,6 +125,7 @@ def load(cls, path: Path) -> "Host":
                 if k in z:
                     arrs[k] = z[k]
             p2m = {int(k.split(".", 1)[1]): np.array(z[k]) for k in z.files if k.startswith("p2m.")}
+            extra_arrays = {k[2:]: np.array(z[k]) for k in z.files if k.startswith("x.")}
         host.ft = FrameTable.from_arrays(n, arrs)
         host.heap = Heap.from_state(host.ft, header["heap"])
         host.domains = {d["domid"]: Domain.from_state(d) for d in header["domains"]}
@@ -135,7 +138,7 @@ def load(cls, path: Path) -> "Host":
         host.xenheap_internal = header["xenheap_internal"]
         host.anonymous = header["anonymous"]
         host.log = header["log"]
-        host.load_extra_state(header.get("extra", {}))
+        host.load_extra_state(header.get("extra", {}), extra_arrays)
     except (KeyError, ValueError, TypeError, OSError, EOFError) as e:
         raise HostFileError(f"saved host {path} is corrupt: {e!r}") from e
     return host

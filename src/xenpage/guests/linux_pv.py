@@ -1,0 +1,535 @@
+"""A Linux 6.1-like x86-64 PV guest kernel, acting on the simulated host only through
+hypercalls, xenstore and writes to its own memory.
+
+What it builds at boot, as Linux does on Xen PV (arch/x86/xen/mmu_pv.c, p2m.c):
+
+* a direct map of all its RAM through L1 tables (no superpages in PV) at
+  ``0xffff888000000000`` (L4 slot 273); frames used as page tables are mapped read-only,
+  everything else read-write and NX;
+* the kernel image mapped a second time at ``0xffffffff80000000`` (L4 slot 511);
+* the P2M list in its own frames (plus the 3-level frame list that the toolstack follows
+  from shared_info), also mapped virtually (vmalloc area, L4 slot 402);
+* ``swapper_pg_dir`` and, per process, a kernel and a user L4, all pinned; vCPU0's CR3 and
+  user CR3 point at the current process's pair;
+* processes with private, shared and read-only user pages;
+* ring pages granted to dom0 and mapped by its backends; granted-but-unmapped buffers; the
+  xenstore and console rings mapped by dom0's daemons (foreign mappings).
+
+Every data frame's content is a 64-bit fingerprint; the guest knows what each page should
+hold (``expect``) and can verify all of it at any time.  It answers the xenstore suspend
+protocol: ``control/shutdown`` = ``suspend`` makes it clear the node and call
+``SCHEDOP_shutdown(SHUTDOWN_suspend)``; a fast (cancelled) resume lets it carry on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..abi import grant as G
+from ..abi import pte as P
+from ..abi import xen as X
+from ..hypervisor import grant_table
+from ..hypervisor.memory import Reservation
+
+_U = np.uint64
+
+# Page roles
+DATA, KTEXT, L1T, L2T, L3T, L4T, P2M, P2M_FL, P2M_FLL, RING, XS_RING, CONS_RING, FREE = range(13)
+ROLE_NAMES = ["data", "kernel-text", "L1", "L2", "L3", "L4", "p2m", "p2m-frame-list",
+              "p2m-frame-list-list", "grant-ring", "xenstore-ring", "console-ring", "free"]
+TABLE_ROLES = (L1T, L2T, L3T, L4T)
+
+DIRECT_L4 = 273
+VMALLOC_L4 = 402
+KERNEL_L4 = 511
+KERNEL_L3 = 510
+USER_BASE_L2 = 2  # user pages from 4 MiB
+
+KERNEL_RW = P._PAGE_PRESENT | P._PAGE_RW | P._PAGE_ACCESSED | P._PAGE_DIRTY | P._PAGE_NX
+KERNEL_RO = P._PAGE_PRESENT | P._PAGE_ACCESSED | P._PAGE_NX
+KERNEL_TEXT = P._PAGE_PRESENT | P._PAGE_ACCESSED
+TABLE_LINK = P._PAGE_PRESENT | P._PAGE_RW | P._PAGE_ACCESSED | P._PAGE_DIRTY | P._PAGE_USER
+USER_RW = P._PAGE_PRESENT | P._PAGE_RW | P._PAGE_USER | P._PAGE_ACCESSED | P._PAGE_DIRTY | P._PAGE_NX
+USER_RO = P._PAGE_PRESENT | P._PAGE_USER | P._PAGE_ACCESSED | P._PAGE_NX
+
+
+class GuestError(Exception):
+    pass
+
+
+@dataclass
+class Process:
+    pid: int
+    kpgd: int        # pfn of the kernel L4
+    upgd: int        # pfn of the user L4
+    ul3: int
+    ul2: int
+    ul1: list[int]   # pfns of user L1 tables (512 pages each, from 4 MiB)
+    #: virtual page index (from 4 MiB) -> (pfn, flags)
+    pages: dict[int, list[int]] = field(default_factory=dict)
+
+    def to_state(self) -> dict:
+        d = dict(self.__dict__)
+        d["pages"] = {str(k): v for k, v in self.pages.items()}
+        return d
+
+    @classmethod
+    def from_state(cls, st: dict) -> "Process":
+        st = dict(st)
+        st["pages"] = {int(k): v for k, v in st["pages"].items()}
+        return cls(**st)
+
+
+@dataclass
+class Layout:
+    nr_pages: int
+    nr_procs: int = 3
+    user_pages: int = 48
+    shared_pages: int = 4
+    ro_pages: int = 4
+    rings: int = 2
+    granted_unmapped: int = 2
+    free_pool: int = 64
+
+
+class LinuxPV:
+    kind = "linux-pv"
+
+    def __init__(self, host, domid: int, seed: int = 1):
+        self.host = host
+        self.domid = domid
+        self.seed = seed
+        self.hc = host.hypercalls(domid)
+        self.rng = np.random.default_rng(seed)
+        self.role = np.zeros(0, dtype=np.int8)
+        self.expect = np.zeros(0, dtype=np.uint64)   # fingerprint each data pfn must hold
+        self.kflags = np.zeros(0, dtype=np.uint64)   # intended direct-map flags per pfn
+        self.procs: list[Process] = []
+        self.tables: dict[str, object] = {}
+        self.rings: list[dict] = []       # {"pfn", "ref", "handle"}
+        self.granted: list[dict] = []     # {"pfn", "ref"}
+        self.daemon_maps: list[dict] = []  # {"pfn", "handle", "what"}
+        self.free: list[int] = []
+        self.suspended = False
+        self.suspends = 0
+        self.resumes = 0
+        self.log: list[str] = []
+        self.steps = 0
+        self.faults: list[str] = []
+
+    # -- P2M ----------------------------------------------------------------------------
+    def p2m(self) -> np.ndarray:
+        """The guest's own P2M, read from its P2M frames (what the toolstack may rewrite)."""
+        return self.host.pv_p2m(self.domid).astype(np.int64)
+
+    def mfn(self, pfn: int) -> int:
+        return int(self.p2m()[pfn])
+
+    # -- boot -----------------------------------------------------------------------------
+    @classmethod
+    def boot(cls, host, domid: int, seed: int = 1, layout: Layout | None = None) -> "LinuxPV":
+        g = cls(host, domid, seed)
+        g._boot(layout or Layout(nr_pages=host.domains[domid].tot_pages))
+        host.guests[domid] = g
+        return g
+
+    def _boot(self, lay: Layout) -> None:
+        h = self.host
+        d = h.domains[self.domid]
+        n = lay.nr_pages
+        builder_p2m = h.p2m[self.domid].astype(np.int64)  # from the domain builder
+        if builder_p2m.size != n:
+            raise GuestError("layout does not match the domain's memory")
+        role = np.full(n, DATA, dtype=np.int8)
+        cursor = [0]
+
+        def take(k: int, r: int) -> np.ndarray:
+            a = np.arange(cursor[0], cursor[0] + k, dtype=np.int64)
+            if a.size and a[-1] >= n:
+                raise GuestError("guest too small for its layout")
+            role[a] = r
+            cursor[0] += k
+            return a
+
+        ktext_n = max(8, min(4096, n // 16))
+        ktext = take(ktext_n, KTEXT)
+        nl1 = (n + 511) // 512
+        nl2 = (nl1 + 511) // 512
+        nl3 = (nl2 + 511) // 512
+        d_l1, d_l2, d_l3 = take(nl1, L1T), take(nl2, L2T), take(nl3, L3T)
+        np2m = (n + 511) // 512
+        nfl = (np2m + 511) // 512
+        p2m_pfns, fl_pfns, fll_pfn = take(np2m, P2M), take(nfl, P2M_FL), take(1, P2M_FLL)
+        k_l3, k_l2 = take(1, L3T), take(1, L2T)
+        k_l1 = take((ktext_n + 511) // 512, L1T)
+        v_l3, v_l2 = take(1, L3T), take(1, L2T)
+        v_l1 = take((np2m + 511) // 512, L1T)
+        swapper = take(1, L4T)
+        swapper_user = take(1, L4T)
+        procs_pt = []
+        for _ in range(lay.nr_procs):
+            nul1 = 1 + (lay.user_pages + lay.shared_pages + lay.ro_pages) // 512
+            procs_pt.append((int(take(1, L4T)[0]), int(take(1, L4T)[0]), int(take(1, L3T)[0]),
+                             int(take(1, L2T)[0]), take(nul1, L1T).tolist()))
+        xs_ring, cons_ring = int(take(1, XS_RING)[0]), int(take(1, CONS_RING)[0])
+        ring_pfns = take(lay.rings, RING)
+        granted_pfns = take(lay.granted_unmapped, DATA)
+        user_pfns = take(lay.nr_procs * lay.user_pages, DATA)
+        shared_pfns = take(lay.shared_pages, DATA)
+        ro_pfns = take(lay.ro_pages, DATA)
+        free_pfns = take(lay.free_pool, FREE)
+
+        mfn = builder_p2m
+        ft = h.ft
+        zero = np.zeros(512, dtype=np.uint64)
+        for pf in np.flatnonzero(np.isin(role, TABLE_ROLES)).tolist():
+            ft.write_page(int(mfn[pf]), zero)
+            ft.table(int(mfn[pf]))
+        # Content: a fingerprint for every data-like page.
+        fp = self.rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
+        datalike = np.isin(role, (DATA, KTEXT, RING, XS_RING, CONS_RING, FREE))
+        ft.set_fingerprint(mfn[datalike], fp[datalike])
+        expect = np.where(datalike, fp, _U(0))
+
+        # P2M frames, frame list, frame-list-list (guest memory).
+        p2m_words = np.zeros(np2m * 512, dtype=np.uint64)
+        p2m_words[:n] = mfn.astype(np.uint64)
+        p2m_words[n:] = _U(X.INVALID_MFN)
+        for i, pf in enumerate(p2m_pfns.tolist()):
+            ft.write_page(int(mfn[pf]), p2m_words[i * 512:(i + 1) * 512])
+            ft.table(int(mfn[pf]))
+        fl_words = np.zeros(nfl * 512, dtype=np.uint64)
+        fl_words[:np2m] = mfn[p2m_pfns].astype(np.uint64)
+        for i, pf in enumerate(fl_pfns.tolist()):
+            ft.write_page(int(mfn[pf]), fl_words[i * 512:(i + 1) * 512])
+            ft.table(int(mfn[pf]))
+        fll = np.zeros(512, dtype=np.uint64)
+        fll[:nfl] = mfn[fl_pfns].astype(np.uint64)
+        ft.write_page(int(mfn[fll_pfn[0]]), fll)
+        ft.table(int(mfn[fll_pfn[0]]))
+        d.p2m_fll_mfn = int(mfn[fll_pfn[0]])
+        d.p2m_max_pfn = n
+
+        # Direct map: every pfn, page tables read-only.
+        is_table = np.isin(role, TABLE_ROLES)
+        kflags = np.where(is_table, _U(KERNEL_RO), _U(KERNEL_RW))
+        self._fill_l1s(mfn, d_l1, mfn, kflags)
+        self._fill_upper(mfn, d_l2, mfn[d_l1])
+        self._fill_upper(mfn, d_l3, mfn[d_l2])
+        # Kernel image mapping (text read-only, executable).
+        self._fill_l1s(mfn, k_l1, mfn[ktext], np.full(ktext.size, _U(KERNEL_TEXT)))
+        self._fill_upper(mfn, k_l2, mfn[k_l1])
+        self._set(mfn, k_l3[0], KERNEL_L3, int(mfn[k_l2[0]]), TABLE_LINK)
+        # The P2M list mapped in the vmalloc area.
+        self._fill_l1s(mfn, v_l1, mfn[p2m_pfns], np.full(np2m, _U(KERNEL_RW)))
+        self._fill_upper(mfn, v_l2, mfn[v_l1])
+        self._fill_upper(mfn, v_l3, mfn[v_l2])
+
+        def kernel_l4(pf: int) -> None:
+            ft.write_page(int(mfn[pf]), np.zeros(512, dtype=np.uint64))
+            self._set(mfn, pf, DIRECT_L4, int(mfn[d_l3[0]]), TABLE_LINK)
+            self._set(mfn, pf, VMALLOC_L4, int(mfn[v_l3[0]]), TABLE_LINK)
+            self._set(mfn, pf, KERNEL_L4, int(mfn[k_l3[0]]), TABLE_LINK)
+
+        kernel_l4(int(swapper[0]))
+        ft.write_page(int(mfn[swapper_user[0]]), np.zeros(512, dtype=np.uint64))
+
+        # Processes.
+        procs: list[Process] = []
+        upos = 0
+        for pid, (kpgd, upgd, ul3, ul2, ul1) in enumerate(procs_pt):
+            kernel_l4(kpgd)
+            for pf in (ul3, ul2, *ul1):
+                ft.write_page(int(mfn[pf]), np.zeros(512, dtype=np.uint64))
+            for j, l1pf in enumerate(ul1):
+                self._set(mfn, ul2, USER_BASE_L2 + j, int(mfn[l1pf]), TABLE_LINK)
+            self._set(mfn, ul3, 0, int(mfn[ul2]), TABLE_LINK)
+            for pgd in (kpgd, upgd):
+                self._set(mfn, pgd, 0, int(mfn[ul3]), TABLE_LINK)
+            pr = Process(pid, kpgd, upgd, ul3, ul2, list(ul1))
+            vp = 0
+            for pf in user_pfns[upos:upos + lay.user_pages].tolist():
+                pr.pages[vp] = [pf, USER_RW]
+                vp += 1
+            upos += lay.user_pages
+            if pid < 2:
+                for pf in shared_pfns.tolist():
+                    pr.pages[vp] = [pf, USER_RW]
+                    vp += 1
+            for pf in ro_pfns.tolist():
+                pr.pages[vp] = [pf, USER_RO]
+                vp += 1
+            for v, (pf, fl) in pr.pages.items():
+                self._set(mfn, ul1[v // 512], v % 512, int(mfn[pf]), fl)
+            procs.append(pr)
+
+        self.role, self.expect, self.kflags, self.procs = role, expect, kflags, procs
+        self.tables = {"direct_l1": d_l1.tolist(), "direct_l2": d_l2.tolist(),
+                       "direct_l3": d_l3.tolist(), "ktext": [int(ktext[0]), int(ktext.size)],
+                       "swapper": int(swapper[0]), "swapper_user": int(swapper_user[0]),
+                       "p2m": p2m_pfns.tolist(), "fl": fl_pfns.tolist(), "fll": int(fll_pfn[0])}
+        self.free = free_pfns.tolist()
+
+        # Pin every top-level table (validating the trees), then load CR3 of process 0.
+        pins = [int(mfn[swapper[0]]), int(mfn[swapper_user[0]])]
+        for pr in procs:
+            pins += [int(mfn[pr.kpgd]), int(mfn[pr.upgd])]
+        rc, done = self.hc.mmuext_op([(X.MMUEXT_PIN_L4_TABLE, m) for m in pins])
+        if rc:
+            raise GuestError(f"pinning the kernel's L4 tables failed ({rc}) after {done}")
+        cur = procs[0] if procs else None
+        if cur is not None:
+            for cmd, pf in ((X.MMUEXT_NEW_BASEPTR, cur.kpgd), (X.MMUEXT_NEW_USER_BASEPTR, cur.upgd)):
+                rc, _ = self.hc.mmuext_op([(cmd, int(mfn[pf]))])
+                if rc:
+                    raise GuestError(f"loading CR3 failed ({rc})")
+
+        # The builder's P2M is no longer the truth: the guest's own frames are.
+        h.p2m.pop(self.domid, None)
+
+        # Grants: rings to dom0's backends (mapped), buffers granted but not mapped.
+        grant_table.setup_table(h, self.domid)
+        ref = 8  # the first refs are reserved, as in Linux
+        for pf in ring_pfns.tolist():
+            grant_table.write_entry(h, self.domid, ref, G.GTF_permit_access, 0, int(mfn[pf]))
+            st, handle = h.hypercalls(0).grant_map(self.domid, ref, G.GNTMAP_host_map)
+            if st != G.GNTST_okay:
+                raise GuestError(f"dom0 backend could not map ring grant {ref}: {st}")
+            self.rings.append({"pfn": pf, "ref": ref, "handle": handle})
+            ref += 1
+        for pf in granted_pfns.tolist():
+            grant_table.write_entry(h, self.domid, ref, G.GTF_permit_access, 0, int(mfn[pf]))
+            self.granted.append({"pfn": pf, "ref": ref})
+            ref += 1
+        # xenstored and xenconsoled map the rings (foreign mappings by dom0).
+        for pf, what in ((xs_ring, "xenstored"), (cons_ring, "xenconsoled")):
+            rc, handle = h.hypercalls(0).foreign_map(self.domid, [int(mfn[pf])], True)
+            if rc:
+                raise GuestError(f"{what} could not map the ring ({rc})")
+            self.daemon_maps.append({"pfn": pf, "handle": handle, "what": what})
+        h.xenstore.watch(self.domid, f"/local/domain/{self.domid}/control/shutdown", "shutdown")
+        self.log.append(f"booted: {n} pages, {int(is_table.sum())} page-table frames, "
+                        f"{len(procs)} processes")
+
+    def _set(self, mfn, table_pfn: int, idx: int, target_mfn: int, flags: int) -> None:
+        self.host.ft.table(int(mfn[table_pfn]))[idx] = _U(P.make_pte(target_mfn, flags))
+
+    def _fill_l1s(self, mfn, l1_pfns, targets, flags) -> None:
+        k = targets.size
+        words = np.zeros(l1_pfns.size * 512, dtype=np.uint64)
+        words[:k] = (targets.astype(np.uint64) << _U(12)) | flags.astype(np.uint64)
+        for i, pf in enumerate(l1_pfns.tolist()):
+            self.host.ft.write_page(int(mfn[pf]), words[i * 512:(i + 1) * 512])
+            self.host.ft.table(int(mfn[pf]))
+
+    def _fill_upper(self, mfn, pfns, targets) -> None:
+        self._fill_l1s(mfn, pfns, targets, np.full(targets.size, _U(TABLE_LINK)))
+
+    # -- virtual memory -------------------------------------------------------------------
+    def walk(self, l4_mfn: int, va: int) -> tuple[int, int] | None:
+        """Hardware walk: (mfn, leaf PTE) or None when not present."""
+        m = l4_mfn
+        for shift in (39, 30, 21):
+            e = int(self.host.ft.read_page(m)[(va >> shift) & 511])
+            if not e & P._PAGE_PRESENT:
+                return None
+            m = P.pte_frame(e)
+        e = int(self.host.ft.read_page(m)[(va >> 12) & 511])
+        if not e & P._PAGE_PRESENT:
+            return None
+        return P.pte_frame(e), e
+
+    @staticmethod
+    def user_va(vp: int) -> int:
+        return (USER_BASE_L2 << 21) + vp * 4096
+
+    @staticmethod
+    def direct_va(pfn: int) -> int:
+        return 0xFFFF888000000000 + pfn * 4096
+
+    def _proc_write(self, pr: Process, vp: int, fp: int) -> None:
+        m2 = self.p2m()
+        res = self.walk(int(m2[pr.upgd]), self.user_va(vp))
+        if res is None or not res[1] & P._PAGE_RW:
+            self.faults.append(f"pid {pr.pid} write fault at {self.user_va(vp):#x}")
+            return
+        self.host.ft.set_fingerprint(res[0], fp)
+        self.expect[pr.pages[vp][0]] = fp
+
+    # -- workload ---------------------------------------------------------------------------
+    def step(self, n: int = 1) -> None:
+        """Run ``n`` workload operations (writes through user and kernel mappings, mapping
+        and unmapping pages, sharing, granting)."""
+        if self.suspended or self.host.domains[self.domid].is_shutting_down:
+            return
+        for _ in range(n):
+            self.steps += 1
+            op = self.rng.integers(0, 10)
+            if op < 5 and self.procs:
+                pr = self.procs[int(self.rng.integers(0, len(self.procs)))]
+                rw = [v for v, (_, fl) in pr.pages.items() if fl & P._PAGE_RW]
+                if rw:
+                    vp = rw[int(self.rng.integers(0, len(rw)))]
+                    self._proc_write(pr, vp, int(self.rng.integers(1, 2**63)))
+            elif op < 7:
+                data = np.flatnonzero(self.role == DATA)
+                pf = int(data[int(self.rng.integers(0, data.size))])
+                m = self.mfn(pf)
+                fp = int(self.rng.integers(1, 2**63))
+                self.host.ft.set_fingerprint(m, fp)
+                self.expect[pf] = fp
+            elif op < 9 and self.procs:
+                self._map_or_unmap()
+            else:
+                self.verify()
+
+    def _map_or_unmap(self) -> None:
+        pr = self.procs[int(self.rng.integers(0, len(self.procs)))]
+        m2 = self.p2m()
+        mine = [v for v, (pf, fl) in pr.pages.items() if self.role[pf] == FREE]
+        if mine and (not self.free or self.rng.integers(0, 2)):
+            vp = mine[0]
+            pf, _ = pr.pages[vp]
+            ptr = (int(m2[pr.ul1[vp // 512]]) << 12) | ((vp % 512) * 8)
+            rc, _ = self.hc.mmu_update(np.array([[ptr, 0]], dtype=np.uint64))
+            if rc:
+                self.faults.append(f"unmap failed {rc}")
+                return
+            del pr.pages[vp]
+            self.free.append(pf)
+            return
+        if not self.free:
+            return
+        vp = max(pr.pages) + 1 if pr.pages else 0
+        if vp >= 512 * len(pr.ul1):
+            return
+        pf = self.free.pop(0)
+        ptr = (int(m2[pr.ul1[vp // 512]]) << 12) | ((vp % 512) * 8)
+        rc, _ = self.hc.mmu_update(np.array([[ptr, P.make_pte(int(m2[pf]), USER_RW)]], dtype=np.uint64))
+        if rc:
+            self.faults.append(f"map failed {rc}")
+            self.free.insert(0, pf)
+            return
+        pr.pages[vp] = [pf, USER_RW]
+
+    # -- checks -------------------------------------------------------------------------------
+    def verify(self) -> list[str]:
+        """Everything the guest can check about its own memory; returns the problems."""
+        bad: list[str] = []
+        m2 = self.p2m()
+        ft = self.host.ft
+        chk = np.flatnonzero(self.expect != 0)
+        got = ft.content[m2[chk]]
+        wrong = chk[got != self.expect[chk]]
+        # frames carrying a real array are checked word by word against their expansion
+        for pf in wrong.tolist()[:10]:
+            bad.append(f"pfn {pf:#x} (mfn {int(m2[pf]):#x}) content changed")
+        # direct map: every pfn mapped to its P2M frame with its intended flags
+        l1 = np.stack([ft.read_page(int(m2[p])) for p in self.tables["direct_l1"]]).ravel()[:m2.size]
+        frames = ((l1 >> _U(12)) & _U(P.MFN_MASK_X86)).astype(np.int64)
+        mism = np.flatnonzero(frames != m2)
+        for pf in mism.tolist()[:10]:
+            bad.append(f"direct map of pfn {pf:#x} names mfn {int(frames[pf]):#x}, P2M says {int(m2[pf]):#x}")
+        low = l1 & _U(0xFFF | P._PAGE_NX)
+        want = self.kflags & _U(0xFFF | P._PAGE_NX)
+        # Xen adds GUEST_KERNEL|USER to kernel mappings; compare the guest-set bits
+        fl_bad = np.flatnonzero((low & ~_U(P._PAGE_USER)) != (want & ~_U(P._PAGE_USER)))
+        for pf in fl_bad.tolist()[:10]:
+            bad.append(f"direct map flags of pfn {pf:#x}: {P.flag_names(int(l1[pf]))}, "
+                       f"wanted {P.flag_names(int(self.kflags[pf]))}")
+        # user mappings resolve to the right frame with the right permissions
+        for pr in self.procs:
+            for root in (pr.upgd, pr.kpgd):
+                for vp, (pf, fl) in pr.pages.items():
+                    res = self.walk(int(m2[root]), self.user_va(vp))
+                    if res is None:
+                        bad.append(f"pid {pr.pid} va {self.user_va(vp):#x} not present")
+                    elif res[0] != m2[pf] or (res[1] & P._PAGE_RW) != (fl & P._PAGE_RW):
+                        bad.append(f"pid {pr.pid} va {self.user_va(vp):#x} -> {res[0]:#x} "
+                                   f"{P.flag_names(res[1])}, wanted {int(m2[pf]):#x} {P.flag_names(fl)}")
+        bad += self.faults
+        return bad
+
+    # -- suspend / resume -----------------------------------------------------------------
+    def run(self, seconds: float) -> None:
+        """React to xenstore and to being resumed."""
+        d = self.host.domains.get(self.domid)
+        if d is None:
+            return
+        if self.suspended and not d.is_shutting_down:
+            # resumed: a cancelled (fast) suspend just returns and the kernel carries on
+            self.suspended = False
+            self.resumes += 1
+            cancelled = d.suspend_cancelled
+            d.suspend_cancelled = False
+            problems = self.verify()
+            self.log.append(f"resumed (cancelled={cancelled}); memory check: "
+                            f"{'ok' if not problems else problems[:3]}")
+        path = f"/local/domain/{self.domid}/control/shutdown"
+        try:
+            req = self.host.xenstore.read(self.domid, path)
+        except Exception:
+            req = ""
+        if req == "suspend" and not d.is_shutting_down:
+            self.host.xenstore.write(self.domid, path, "")
+            self.suspended = True
+            self.suspends += 1
+            self.hc.sched_shutdown(X.SHUTDOWN_suspend)
+            self.log.append("suspending (control/shutdown = suspend)")
+        elif req == "poweroff":
+            self.host.xenstore.write(self.domid, path, "")
+            self.hc.sched_shutdown(X.SHUTDOWN_poweroff)
+
+    # -- facts for tools and tests ------------------------------------------------------------
+    def pfns_of(self, role: int) -> np.ndarray:
+        return np.flatnonzero(self.role == role)
+
+    def user_pages(self, kind: str = "private") -> list[int]:
+        """pfns mapped in user space: ``private`` (one process), ``shared`` (two), ``ro``."""
+        seen: dict[int, list[int]] = {}
+        for pr in self.procs:
+            for vp, (pf, fl) in pr.pages.items():
+                seen.setdefault(pf, []).append(fl)
+        if kind == "shared":
+            return sorted(pf for pf, f in seen.items() if len(f) >= 2 and all(x & P._PAGE_RW for x in f))
+        if kind == "ro":
+            return sorted(pf for pf, f in seen.items() if not any(x & P._PAGE_RW for x in f))
+        return sorted(pf for pf, f in seen.items() if len(f) == 1 and f[0] & P._PAGE_RW)
+
+    def kernel_only_pages(self) -> list[int]:
+        """Data pages mapped only by the direct map."""
+        mapped = {pf for pr in self.procs for pf, _ in pr.pages.values()}
+        special = {r["pfn"] for r in self.rings} | {r["pfn"] for r in self.granted}
+        return [int(p) for p in np.flatnonzero(self.role == DATA) if p not in mapped and p not in special]
+
+    # -- persistence --------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"role": self.role, "expect": self.expect, "kflags": self.kflags,
+                "rng": np.frombuffer(repr(self.rng.bit_generator.state).encode(), dtype=np.uint8)}
+
+    def to_state(self) -> dict:
+        return {"kind": self.kind, "seed": self.seed, "procs": [p.to_state() for p in self.procs],
+                "tables": self.tables, "rings": self.rings, "granted": self.granted,
+                "daemon_maps": self.daemon_maps, "free": self.free, "suspended": self.suspended,
+                "suspends": self.suspends, "resumes": self.resumes, "log": self.log[-200:],
+                "steps": self.steps, "faults": self.faults}
+
+    @classmethod
+    def from_state(cls, host, domid: int, st: dict, arrs: dict) -> "LinuxPV":
+        import ast
+        g = cls(host, domid, st["seed"])
+        g.role, g.expect, g.kflags = arrs["role"], arrs["expect"], arrs["kflags"]
+        g.rng.bit_generator.state = ast.literal_eval(arrs["rng"].tobytes().decode())
+        g.procs = [Process.from_state(p) for p in st["procs"]]
+        for k in ("tables", "rings", "granted", "daemon_maps", "free", "suspended", "suspends",
+                  "resumes", "log", "steps", "faults"):
+            setattr(g, k, st[k])
+        return g
+
+
+def populate(host, domid: int, gpfns: list[int]) -> list[int]:
+    """Grow the guest (balloon up) through ``XENMEM_populate_physmap``."""
+    n, mfns = host.hypercalls(domid).populate_physmap(Reservation(list(gpfns)))
+    return mfns

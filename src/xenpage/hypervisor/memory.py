@@ -1,0 +1,206 @@
+"""``memory_op``: ``XENMEM_exchange``, ``populate_physmap``, ``decrease_reservation`` (``xen/common/memory.c``; ``steal_page`` from ``xen/arch/x86/mm.c``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..abi import errno as E
+from ..abi import mm
+from ..abi import xen as X
+from .mm import get_page, put_page
+from .page_alloc import OutOfMemory
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .host import Host
+
+_U = np.uint64
+
+#: ``max_order()``: the control domain may use bigger extents than a guest.
+CTLDOM_MAX_ORDER = 12
+DOMU_MAX_ORDER = 9
+
+
+@dataclass
+class Reservation:
+    """``struct xen_memory_reservation``."""
+
+    extent_start: list[int]
+    extent_order: int = 0
+    domid: int = X.DOMID_SELF
+    mem_flags: int = 0
+
+
+@dataclass
+class ExchangeResult:
+    rc: int
+    nr_exchanged: int
+    out: list[int] = field(default_factory=list)
+
+
+def _max_order(host: "Host", caller: int) -> int:
+    d = host.domains.get(caller)
+    return CTLDOM_MAX_ORDER if d and d.privileged else DOMU_MAX_ORDER
+
+
+def _resolve(host: "Host", caller: int, domid: int) -> tuple[int, int]:
+    """``rcu_lock_domain_by_any_id`` + ``xsm_memory_exchange(XSM_TARGET)``."""
+    target = caller if domid == X.DOMID_SELF else domid
+    d = host.domains.get(target)
+    if d is None or d.is_system:
+        return -E.ESRCH, -1
+    c = host.domains.get(caller)
+    if target != caller and not (c and c.privileged):
+        return -E.EPERM, -1
+    return 0, target
+
+
+def steal_page(host: "Host", domid: int, mfn: int) -> int:
+    """``steal_page(d, page, MEMF_no_refcount)``: the frame must be d's, not special, and
+    referenced only by its allocation (count 2 with the temporary reference)."""
+    d = host.domains[domid]
+    if d.hvm:
+        return -E.EOPNOTSUPP
+    if not 0 <= mfn < host.nframes:
+        return -E.EINVAL
+    c = int(host.ft.count_info[mfn])
+    if (c & mm.PGC_count_mask) == 0:
+        return -E.EINVAL
+    c += 1  # the temporary reference
+    owner = host.ft.owner(mfn)
+    if owner != domid or c & (mm.PGC_xen_heap | mm.PGC_extra):
+        return -E.EINVAL
+    if (c & (mm.PGC_count_mask | mm.PGC_allocated)) != (mm.PGC_allocated | 2):
+        return -E.EINVAL  # "Bad steal mfn"
+    t = int(host.ft.type_info[mfn])
+    if t & (mm.PGT_count_mask | mm.PGT_locked | mm.PGT_pinned):
+        raise AssertionError("steal_page: typed page with only the allocation reference")
+    # Clear the count and PGC_allocated; state and broken bits stay.
+    host.ft.count_info[mfn] = _U(c & ~(mm.PGC_count_mask | mm.PGC_allocated))
+    host.ft.type_info[mfn] = _U(0)
+    host.ft.set_owner(mfn, None)
+    return 0
+
+
+def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservation,
+                    nr_exchanged: int = 0) -> ExchangeResult:
+    """``memory_exchange``: checks in Xen's order, then chunk by chunk: steal the inputs,
+    allocate the outputs, free the inputs (an offlining frame becomes offlined here), assign
+    the outputs and, for a PV guest, write ``M2P[new] = gpfn`` from ``out.extent_start``."""
+    nin, nout = len(inp.extent_start), len(out.extent_start)
+    if max(inp.extent_order, out.extent_order) > _max_order(host, caller):
+        return ExchangeResult(-E.EPERM, nr_exchanged)
+    if nr_exchanged > nin or inp.domid != out.domid \
+            or (nin << inp.extent_order) != (nout << out.extent_order):
+        return ExchangeResult(-E.EINVAL, nr_exchanged)
+    if nr_exchanged == nin:
+        return ExchangeResult(0, nr_exchanged, list(out.extent_start))
+    rc, domid = _resolve(host, caller, inp.domid)
+    if rc:
+        return ExchangeResult(rc, nr_exchanged)
+    d = host.domains[domid]
+    if inp.extent_order <= out.extent_order:
+        in_chunk, out_chunk = out.extent_order - inp.extent_order, 0
+    else:
+        in_chunk, out_chunk = 0, inp.extent_order - out.extent_order
+    out_list = list(out.extent_start)
+    i = nr_exchanged >> in_chunk
+    while i < (nin >> in_chunk):
+        stolen: list[int] = []
+        rc = 0
+        for j in range(1 << in_chunk):
+            gmfn = inp.extent_start[(i << in_chunk) + j]
+            for k in range(1 << inp.extent_order):
+                mfn = gmfn + k
+                if mfn < 0 or mfn >= host.nframes or not host.e820.valid_window(mfn, 1)[0]:
+                    rc = -E.EINVAL
+                    break
+                rc = steal_page(host, domid, mfn)
+                if rc:
+                    break
+                stolen.append(mfn)
+            if rc:
+                break
+        new_heads: list[int] = []
+        if not rc:
+            try:
+                for _ in range(1 << out_chunk):
+                    new_heads.append(host.heap.alloc(out.extent_order))
+            except OutOfMemory:
+                rc = -E.ENOMEM
+        if rc:
+            # fail path: give back what was stolen, free what was allocated
+            for m in stolen:
+                if d.dying:
+                    host.free_domheap_pages(np.array([m]))
+                    continue
+                if host.quirks.assign_resets_state:
+                    host.ft.count_info[m] = _U(int(host.ft.count_info[m]) & mm.PGC_preserved)
+                host.assign_pages(d, m, 1, count_towards=False)
+            for h in new_heads:
+                n = 1 << out.extent_order
+                host.heap.free(h, out.extent_order) if n else None
+            return ExchangeResult(rc, i << in_chunk, out_list)
+        # point of no return for this chunk
+        for m in stolen:
+            host.free_domheap_pages(np.array([m]))
+        for j, h in enumerate(new_heads):
+            n = 1 << out.extent_order
+            if d.dying:
+                host.heap.free(h, out.extent_order)
+                return ExchangeResult(0, i << in_chunk, out_list)
+            host.assign_pages(d, h, n, count_towards=False)
+            slot = (i << out_chunk) + j
+            gpfn = out.extent_start[slot]
+            if not d.hvm:
+                host.ft.set_m2p(slice(h, h + n), np.arange(gpfn, gpfn + n, dtype=np.uint64))
+            else:
+                host.p2m[domid][gpfn:gpfn + n] = np.arange(h, h + n, dtype=np.uint64)
+                host.ft.set_m2p(slice(h, h + n), np.arange(gpfn, gpfn + n, dtype=np.uint64))
+            out_list[slot] = h
+        i += 1
+    return ExchangeResult(0, nin, out_list)
+
+
+def populate_physmap(host: "Host", caller: int, res: Reservation) -> tuple[int, list[int]]:
+    """``XENMEM_populate_physmap`` for a PV guest: new frames, M2P set to the given GPFNs.
+    Returns (number of extents done, their MFNs)."""
+    rc, domid = _resolve(host, caller, res.domid)
+    if rc:
+        return rc, []
+    d = host.domains[domid]
+    out = []
+    for gpfn in res.extent_start:
+        try:
+            h = host.alloc_domheap_pages(d, res.extent_order)
+        except Exception:
+            break
+        n = 1 << res.extent_order
+        host.ft.set_m2p(slice(h, h + n), np.arange(gpfn, gpfn + n, dtype=np.uint64))
+        out.append(h)
+    return len(out), out
+
+
+def decrease_reservation(host: "Host", caller: int, res: Reservation) -> int:
+    """``XENMEM_decrease_reservation`` (``guest_remove_page``): the guest gives frames back;
+    each loses its allocation reference and is freed once nothing else references it.
+    Returns the number of extents done."""
+    rc, domid = _resolve(host, caller, res.domid)
+    if rc:
+        return rc
+    done = 0
+    for gmfn in res.extent_start:
+        for k in range(1 << res.extent_order):
+            mfn = gmfn + k
+            if not get_page(host, mfn, domid):
+                return done  # "Bad page free"
+            c = int(host.ft.count_info[mfn])
+            if c & mm.PGC_allocated:
+                host.ft.count_info[mfn] = _U(c & ~mm.PGC_allocated)
+                put_page(host, mfn)
+            put_page(host, mfn)
+        done += 1
+    return done
