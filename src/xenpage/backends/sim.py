@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from ..abi import errno as E
+from ..abi.xen import INVALID_M2P_ENTRY
 from ..hypervisor import sysctl
 from ..hypervisor.e820 import MiB
 from ..hypervisor.host import DomainError, Host, HostConfig
@@ -130,12 +131,118 @@ class SimHypervisor:
         self.dirty = True
         return 0
 
+    # -- guest memory -------------------------------------------------------------------------
+    @property
+    def _hc(self):
+        return self.host.hypercalls(self.caller)
+
+    def m2p(self, mfns) -> np.ndarray:
+        mfns = np.asarray(mfns, dtype=np.int64)
+        out = np.full(mfns.size, np.uint64(INVALID_M2P_ENTRY), dtype=np.uint64)
+        ok = (mfns >= 0) & (mfns < self.host.nframes)
+        out[ok] = self.host.ft.m2p_array(mfns[ok])
+        return out
+
+    def pv_p2m_frames(self, domid: int) -> tuple[int, np.ndarray, int]:
+        """Follow shared_info's ``pfn_to_mfn_frame_list_list``: the list-of-lists frame, the
+        frame-list frames, then the P2M frames (read through foreign mappings)."""
+        d = self.host.domains.get(domid)
+        if d is None or d.is_system:
+            return -E.ESRCH, np.zeros(0, dtype=np.int64), 0
+        if d.hvm or not d.p2m_fll_mfn:
+            return -E.EINVAL, np.zeros(0, dtype=np.int64), 0
+        n = d.p2m_max_pfn
+        nframes = (n + 511) // 512
+        nfl = (nframes + 511) // 512
+        m = self.map_foreign(domid, [d.p2m_fll_mfn], False)
+        if isinstance(m, int):
+            return m, np.zeros(0, dtype=np.int64), 0
+        fl = m.array[0, :nfl].astype(np.int64)
+        m.unmap()
+        m = self.map_foreign(domid, fl, False)
+        if isinstance(m, int):
+            return m, np.zeros(0, dtype=np.int64), 0
+        frames = m.array.ravel()[:nframes].astype(np.int64)
+        m.unmap()
+        return 0, frames, n
+
+    def map_foreign(self, domid: int, mfns, writable: bool):
+        mfns = np.asarray(mfns, dtype=np.int64).ravel()
+        rc, handle = self._hc.foreign_map(domid, mfns, writable)
+        if rc:
+            return rc
+        self.dirty = True
+        return SimForeignMap(self, handle, mfns, writable)
+
+    def page_types(self, domid: int, mfns) -> tuple[int, np.ndarray]:
+        return self._hc.getpageframeinfo3(domid, mfns)
+
+    def grant_entries(self, domid: int) -> tuple[int, np.ndarray]:
+        from ..hypervisor import grant_table
+        d = self.host.domains.get(domid)
+        if d is None or d.is_system:
+            return -E.ESRCH, np.zeros(0, dtype=np.uint64)
+        return 0, grant_table.entries(self.host, domid)
+
+    def mmu_update(self, reqs, foreigndom: int) -> tuple[int, int]:
+        self.dirty = True
+        return self._hc.mmu_update(reqs, foreigndom)
+
+    def mmuext_op(self, ops, foreigndom: int) -> tuple[int, int]:
+        self.dirty = True
+        return self._hc.mmuext_op(ops, foreigndom)
+
+    def memory_exchange(self, domid: int, in_mfns, out_gpfns) -> tuple[int, int, list[int]]:
+        from ..hypervisor.memory import Reservation
+        self.dirty = True
+        r = self._hc.memory_exchange(Reservation([int(m) for m in in_mfns], 0, domid),
+                                     Reservation([int(g) for g in out_gpfns], 0, domid))
+        return r.rc, r.nr_exchanged, r.out
+
     def wait(self, seconds: float) -> None:
         """Guests run while dom0 waits (see :mod:`xenpage.guests`)."""
         run = getattr(self.host, "run_guests", None)
         if run is not None:
             run(seconds)
             self.dirty = True
+
+
+class SimForeignMap:
+    """A foreign mapping on the simulated host: ``array`` holds the frames' contents as of
+    the mapping (the guest is suspended while the toolstack works); ``flush`` writes a
+    writable mapping's rows back to the frames."""
+
+    def __init__(self, hv: SimHypervisor, handle: int, mfns: np.ndarray, writable: bool):
+        self.hv, self.handle, self.mfns, self.writable = hv, handle, mfns, writable
+        ft = hv.host.ft
+        self.array = np.stack([ft.read_page(int(m)) for m in mfns.tolist()]) if mfns.size \
+            else np.zeros((0, 512), dtype=np.uint64)
+        self._orig = self.array.copy() if writable else None
+
+    def flush(self) -> None:
+        if not self.writable:
+            raise PermissionError("read-only foreign mapping")
+        ft = self.hv.host.ft
+        changed = np.flatnonzero((self.array != self._orig).any(axis=1))
+        for i in changed.tolist():
+            m = int(self.mfns[i])
+            if m in ft.pages:
+                ft.pages[m][:] = self.array[i]
+            else:
+                ft.write_page(m, self.array[i])
+        self._orig = self.array.copy()
+        self.hv.dirty = True
+
+    def unmap(self) -> None:
+        if self.handle is not None:
+            self.hv._hc.foreign_unmap(self.handle)
+            self.handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.unmap()
 
 
 # -- the saved default host -----------------------------------------------------------------
@@ -150,14 +257,17 @@ class DefaultHostSpec:
     pv_guests: tuple[tuple[str, int], ...] = (("domu1", 96),)
     hvm_guests: tuple[tuple[str, int], ...] = (("hvm1", 128),)
     nr_pcpus: int = 2
+    seed: int = 1
 
 
 def build_host(spec: DefaultHostSpec | None = None) -> Host:
     spec = spec or DefaultHostSpec()
     host = Host.boot(HostConfig(mem_bytes=spec.mem_mib * MiB, nr_pcpus=spec.nr_pcpus),
                      dom0_pages=spec.dom0_mib * 256)
-    for name, mib in spec.pv_guests:
-        host.create_domain(name, mib * 256, hvm=False)
+    from ..guests.linux_pv import LinuxPV
+    for i, (name, mib) in enumerate(spec.pv_guests):
+        d = host.create_domain(name, mib * 256, hvm=False)
+        LinuxPV.boot(host, d.domid, seed=spec.seed + i)
     for name, mib in spec.hvm_guests:
         host.create_domain(name, mib * 256, hvm=True)
     return host

@@ -76,7 +76,7 @@ def run_demo(state_dir: Path, as_json: bool = False, keep: bool = False) -> int:
               "onlined successfully, Memory Status 0", r.exit_code == 0 and s.data["status"]["status"] == 0)
 
     pv = next(d for d in host.guest_domains() if d.domid and not d.hvm)
-    g = int(host.p2m[pv.domid][7])
+    g = int(host.pv_p2m(pv.domid)[host.guests[pv.domid].kernel_only_pages()[7]])
     r = hptool.mem_offline(hv, g)
     r.extend(status(g))
     _step(con, steps, f"a page of PV guest {pv.name} stays pending (stock behaviour: no suspend port)",

@@ -78,6 +78,20 @@ class PhysInfo:
     extra: dict = field(default_factory=dict)
 
 
+class ForeignMap(Protocol):
+    """Frames of a guest mapped into dom0 (``xenforeignmemory_map``): ``array`` is an
+    ``(n, 512)`` uint64 view of their contents; after writing to a writable mapping call
+    :meth:`flush`; :meth:`unmap` drops the mapping (and the references it holds)."""
+
+    mfns: np.ndarray
+    writable: bool
+    array: np.ndarray
+
+    def flush(self) -> None: ...
+
+    def unmap(self) -> None: ...
+
+
 @runtime_checkable
 class Hypervisor(Protocol):
     """The privileged (control-domain) view of one Xen host."""
@@ -119,6 +133,41 @@ class Hypervisor(Protocol):
     def xs_read(self, path: str) -> str | None: ...
 
     def xs_write(self, path: str, value: str) -> int: ...
+
+    # -- guest memory (libxenforeignmemory, libxenguest) ----------------------------------
+    def m2p(self, mfns: np.ndarray) -> np.ndarray:
+        """Entries of the machine-to-phys table (``xc_map_m2p``); INVALID = 2^64-1."""
+        ...
+
+    def pv_p2m_frames(self, domid: int) -> tuple[int, np.ndarray, int]:
+        """``(rc, frames, p2m_size)``: the MFNs holding a PV guest's P2M, found through its
+        shared_info frame list (``xc_map_domain_meminfo``)."""
+        ...
+
+    def map_foreign(self, domid: int, mfns, writable: bool) -> "ForeignMap | int":
+        """Map frames of ``domid``; a negative errno if any cannot be mapped."""
+        ...
+
+    def page_types(self, domid: int, mfns) -> tuple[int, np.ndarray]:
+        """``XEN_DOMCTL_getpageframeinfo3`` over a batch (``xc_get_pfn_type_batch``)."""
+        ...
+
+    def grant_entries(self, domid: int) -> tuple[int, np.ndarray]:
+        """The guest's v1 grant entries as uint64 words (``flags | domid<<16 | frame<<32``)."""
+        ...
+
+    def mmu_update(self, reqs: np.ndarray, foreigndom: int) -> tuple[int, int]:
+        """``HYPERVISOR_mmu_update`` with ``(ptr, val)`` rows: ``(rc, done)``."""
+        ...
+
+    def mmuext_op(self, ops: list[tuple[int, int]], foreigndom: int) -> tuple[int, int]:
+        """``HYPERVISOR_mmuext_op`` with ``(cmd, mfn)`` pairs: ``(rc, done)``."""
+        ...
+
+    def memory_exchange(self, domid: int, in_mfns: list[int], out_gpfns: list[int]
+                        ) -> tuple[int, int, list[int]]:
+        """``XENMEM_exchange`` of order-0 extents: ``(rc, nr_exchanged, out_mfns)``."""
+        ...
 
     def wait(self, seconds: float) -> None:
         """Let time pass (the simulator runs its guests; real Xen just sleeps)."""
