@@ -166,6 +166,20 @@ class SimHypervisor:
         m.unmap()
         return 0, frames, n
 
+    def pv_p2m_frame_lists(self, domid: int) -> tuple[int, np.ndarray, int]:
+        d = self.host.domains.get(domid)
+        if d is None or d.is_system:
+            return -E.ESRCH, np.zeros(0, dtype=np.int64), 0
+        if d.hvm or not d.p2m_fll_mfn:
+            return -E.EINVAL, np.zeros(0, dtype=np.int64), 0
+        nfl = ((d.p2m_max_pfn + 511) // 512 + 511) // 512
+        m = self.map_foreign(domid, [d.p2m_fll_mfn], False)
+        if isinstance(m, int):
+            return m, np.zeros(0, dtype=np.int64), 0
+        fl = m.array[0, :nfl].astype(np.int64)
+        m.unmap()
+        return 0, fl, d.p2m_fll_mfn
+
     def map_foreign(self, domid: int, mfns, writable: bool):
         mfns = np.asarray(mfns, dtype=np.int64).ravel()
         rc, handle = self._hc.foreign_map(domid, mfns, writable)

@@ -144,6 +144,10 @@ class Hypervisor(Protocol):
         shared_info frame list (``xc_map_domain_meminfo``)."""
         ...
 
+    def pv_p2m_frame_lists(self, domid: int) -> tuple[int, np.ndarray, int]:
+        """``(rc, frame_list_mfns, frame_list_list_mfn)`` of a PV guest's P2M."""
+        ...
+
     def map_foreign(self, domid: int, mfns, writable: bool) -> "ForeignMap | int":
         """Map frames of ``domid``; a negative errno if any cannot be mapped."""
         ...

@@ -1,0 +1,398 @@
+"""Exchange offline-pending frames of a suspended PV guest in place -- the seed's algorithm
+(``xc_exchange_page``, tools/libs/guest/xg_offline_page.c) done right.
+
+For a batch of frames of one guest, under one suspend and with one scan of its page tables:
+
+1. checks: the guest exists, is PV, is not dom0, is suspended; each frame is offline-pending,
+   its M2P entry names a GPFN whose P2M entry names the frame back (patch 1, checked);
+2. the grant check (patch 2): a frame named by a live grant entry stays pending;
+3. one vectorised scan of every L1-L4 table frame of the guest finds each entry mapping a
+   target (Xen's private L4 slots excluded);
+4. those entries are cleared with ``MMU_PT_UPDATE_PRESERVE_AD`` on the guest's tables,
+   ``foreigndom = ((domid+1) << 16) | domid`` (patch 6); pinned targets are unpinned;
+5. the content is snapshotted and ``XENMEM_exchange`` runs on the foreign domain with the
+   real GPFNs (patch 5), so Xen sets ``M2P[new] = gpfn``;
+6. the content goes into the new frame, the writable P2M (patch 3) is updated, the M2P is
+   checked (and fixed with ``MMU_MACHPHYS_UPDATE`` if needed), every cleared entry is
+   re-pointed at the new frame with its original flags, pins are restored;
+7. on any failure before the exchange, every cleared entry is restored bit for bit.
+
+Differences from upstream, on purpose: entries are cleared to 0 (non-present, frame 0) rather
+than by dropping only ``_PAGE_PRESENT``, so no L1TF-unsafe entry is ever written (PRESERVE_AD
+still keeps the A/D bits); restored entries keep every flag (7.A2); the GPFN passed to
+XENMEM_exchange is the real one (7.A3); page-table frames (L1-L3) are exchanged too (7.A7).
+L4 tables (Xen's private slots, possibly a vCPU's CR3) and the P2M's frame lists are refused
+up front.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..abi import domctl as D
+from ..abi import errno as E
+from ..abi import grant as G
+from ..abi import pte as P
+from ..abi import sysctl as S
+from ..abi import xen as X
+from .hypervisor import Hypervisor
+from .outcomes import Kind, Outcome, Reason
+
+_U = np.uint64
+L4_XEN_SLOTS = slice(256, 272)
+
+
+@dataclass
+class PteRef:
+    table: int   # MFN of the table frame
+    index: int   # entry index 0..511
+    value: int   # the entry as it was
+    level: int   # level of the table holding it
+
+    @property
+    def ptr(self) -> int:
+        return (self.table << 12) | (self.index * 8)
+
+
+@dataclass
+class GuestView:
+    """What the toolstack learns about a guest before touching it."""
+
+    domid: int
+    p2m: np.ndarray            # pfn -> mfn (int64; -1 invalid)
+    p2m_frames: np.ndarray     # MFNs holding the P2M
+    fl_frames: np.ndarray      # MFNs of the P2M frame list, in order
+    fll: int                   # MFN of the frame-list list (named in shared_info)
+    types: np.ndarray          # getpageframeinfo3 type per pfn
+    stats: dict = field(default_factory=dict)
+
+    def table_mfns(self) -> tuple[np.ndarray, np.ndarray]:
+        lvl = (self.types & np.uint32(D.XEN_DOMCTL_PFINFO_LTABTYPE_MASK)) >> np.uint32(28)
+        is_tab = (lvl >= 1) & (lvl <= 4) & (self.types != np.uint32(D.XEN_DOMCTL_PFINFO_XTAB)) \
+            & (self.types != np.uint32(D.XEN_DOMCTL_PFINFO_BROKEN))
+        idx = np.flatnonzero(is_tab & (self.p2m >= 0))
+        return self.p2m[idx], lvl[idx].astype(np.int64)
+
+
+def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | None]:
+    """Map the guest's P2M (read-only snapshot) and the type of every frame."""
+    rc, frames, n = hv.pv_p2m_frames(domid)
+    if rc:
+        return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot locate d{domid}'s P2M ({E.name(rc)})",
+                             domid=domid, errno=-rc)
+    m = hv.map_foreign(domid, frames, False)
+    if isinstance(m, int):
+        return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot map d{domid}'s P2M ({E.name(m)})",
+                             domid=domid, errno=-m)
+    p2m = m.array.ravel()[:n].copy()
+    m.unmap()
+    p2m = np.where(p2m == _U(X.INVALID_MFN), -1, p2m.astype(np.int64))
+    rc, fl, fll = hv.pv_p2m_frame_lists(domid)
+    if rc:
+        return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot read d{domid}'s P2M frame list",
+                             domid=domid, errno=-rc)
+    types = np.full(n, D.XEN_DOMCTL_PFINFO_XTAB, dtype=np.uint32)
+    ok = np.flatnonzero(p2m >= 0)
+    for s in range(0, ok.size, 1 << 20):
+        part = ok[s:s + (1 << 20)]
+        rc, t = hv.page_types(domid, p2m[part])
+        if rc:
+            return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"getpageframeinfo3 failed ({E.name(rc)})",
+                                 domid=domid, errno=-rc)
+        types[part] = t
+    return GuestView(domid, p2m, frames, fl, fll, types), None
+
+
+def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
+    """One pass over every table frame of the guest: each present entry whose frame field
+    names a target (vectorised ``np.isin`` over the stacked tables)."""
+    tabs, lvls = view.table_mfns()
+    if tabs.size == 0:
+        return 0, []
+    m = hv.map_foreign(view.domid, tabs, False)
+    if isinstance(m, int):
+        return m, []
+    ents = m.array.copy()
+    m.unmap()
+    is_l4 = lvls == 4
+    masked = ents.copy()
+    masked[np.ix_(np.flatnonzero(is_l4), np.arange(256, 272))] = 0
+    pres = (masked & _U(P._PAGE_PRESENT)) != 0
+    frames = ((masked >> _U(12)) & _U(P.MFN_MASK_X86)).astype(np.int64)
+    hit = pres & np.isin(frames, targets)
+    rows, cols = np.nonzero(hit)
+    view.stats["scanned_bytes"] = int(ents.nbytes)
+    view.stats["scanned_tables"] = int(tabs.size)
+    return 0, [PteRef(int(tabs[r]), int(c), int(ents[r, c]), int(lvls[r])) for r, c in zip(rows.tolist(), cols.tolist())]
+
+
+def _reqs(refs: list[PteRef], values: list[int]) -> np.ndarray:
+    a = np.zeros((len(refs), 2), dtype=np.uint64)
+    for i, (r, v) in enumerate(zip(refs, values)):
+        a[i, 0] = r.ptr | X.MMU_PT_UPDATE_PRESERVE_AD
+        a[i, 1] = v
+    return a
+
+
+def _restore(hv: Hypervisor, domid: int, refs: list[PteRef]) -> int:
+    """Put entries back exactly as they were (upper levels last, so tables revalidate with
+    their own entries already in place)."""
+    order = sorted(refs, key=lambda r: r.level)
+    if not order:
+        return 0
+    rc, done = hv.mmu_update(_reqs(order, [r.value for r in order]), X.foreigndom(domid, domid))
+    return rc
+
+
+def _status(hv: Hypervisor, mfn: int) -> int:
+    rc, st = hv.page_offline_op(S.sysctl_query_page_offline, mfn, mfn)
+    return -1 if rc or st is None else int(st[0])
+
+
+def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView | None = None,
+                   hook=None) -> list[Outcome]:
+    """Exchange each of ``mfns`` (offline-pending frames of suspended PV guest ``domid``).
+    ``hook(step, **info)`` is called between steps (fault injection, journaling)."""
+    hook = hook or (lambda step, **kw: None)
+    info = hv.domain_info(domid)
+    mfns = [int(m) for m in mfns]
+
+    def all_(kind, reason, detail):
+        return [Outcome(m, kind, reason, detail, domid=domid) for m in mfns]
+
+    if info is None:
+        return all_(Kind.REFUSED, Reason.NO_DOMAIN, f"no domain {domid}")
+    if domid == 0:
+        return all_(Kind.REFUSED, Reason.DOM0, "dom0's pages are never exchanged (dom0 is not suspended)")
+    if domid >= X.DOMID_FIRST_RESERVED:
+        return all_(Kind.REFUSED, Reason.SYSTEM_DOMAIN, f"d{domid} is a system domain")
+    if info.hvm:
+        return all_(Kind.REFUSED, Reason.HVM, "HVM guest: its frames are retired by migration")
+    if not (info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend):
+        return all_(Kind.REFUSED, Reason.NOT_SUSPENDED, f"d{domid} is not suspended")
+    if view is None:
+        view, err = load_guest(hv, domid)
+        if err is not None:
+            return [Outcome(m, err.kind, err.reason, err.detail, domid=domid, errno=err.errno) for m in mfns]
+    hook("loaded", view=view)
+    out: dict[int, Outcome] = {}
+    m2p = hv.m2p(np.array(mfns, dtype=np.int64))
+    rc, grants = hv.grant_entries(domid)
+    if rc:
+        grants = np.zeros(0, dtype=np.uint64)
+    g_live = (grants & _U(G.GTF_type_mask)) != 0
+    g_frame = (grants >> _U(32)).astype(np.int64)
+    special = set(view.fl_frames.tolist()) | {view.fll}
+    cand: list[tuple[int, int, int]] = []  # (mfn, gpfn, level)
+    for mfn, g in zip(mfns, m2p.tolist()):
+        st = _status(hv, mfn)
+        if st < 0:
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "the frame cannot be queried", domid=domid)
+            continue
+        if not st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
+            what = "already offlined" if st & S.PG_OFFLINE_STATUS_OFFLINED else "online (not marked offline)"
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.NOT_PENDING, f"frame is {what}", domid=domid, status=st)
+            continue
+        if g == X.INVALID_M2P_ENTRY or g >= view.p2m.size or view.p2m[g] != mfn:
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH,
+                               f"M2P names gpfn {g:#x}, whose P2M entry does not name this frame "
+                               f"(not a frame of d{domid})", domid=domid, status=st)
+            continue
+        refs = np.flatnonzero(g_live & (g_frame == mfn))
+        if refs.size:
+            w = int(grants[refs[0]])
+            out[mfn] = Outcome(mfn, Kind.PENDING, Reason.GRANTED,
+                               f"granted to d{(w >> 16) & 0xFFFF} (grant ref {int(refs[0])})",
+                               domid=domid, gpfn=g, status=st, extra={"grant_refs": refs.tolist()})
+            continue
+        t = int(view.types[g])
+        lvl = (t & D.XEN_DOMCTL_PFINFO_LTABTYPE_MASK) >> 28
+        if t in (D.XEN_DOMCTL_PFINFO_XTAB, D.XEN_DOMCTL_PFINFO_BROKEN):
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH, f"page type {D.pfinfo_name(t)}",
+                               domid=domid, gpfn=g, status=st)
+            continue
+        if lvl == 4:
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.CR3_ROOT,
+                               "an L4 table (page-table root: Xen's private slots, possibly a vCPU's CR3)",
+                               domid=domid, gpfn=g, status=st)
+            continue
+        if mfn in special:
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.P2M_FRAME,
+                               "a frame of the P2M's frame list (named in shared_info)", domid=domid,
+                               gpfn=g, status=st)
+            continue
+        cand.append((mfn, g, lvl))
+    # Data frames as one group; page-table frames one by one (their scan depends on the others).
+    groups = [[c for c in cand if c[2] == 0]] + [[c] for c in sorted((c for c in cand if c[2]), key=lambda c: c[2])]
+    for grp in groups:
+        if not grp:
+            continue
+        for o in _exchange_group(hv, view, grp, hook):
+            out[o.mfn] = o
+        if any(c[2] for c in grp):
+            # types changed (a table frame moved): refresh them for the next group
+            nv, err = load_guest(hv, domid)
+            if nv is not None:
+                view = nv
+    return [out[m] for m in mfns]
+
+
+def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, int]], hook) -> list[Outcome]:
+    domid = view.domid
+    fd = X.foreigndom(domid, domid)
+    targets = np.array([c[0] for c in grp], dtype=np.int64)
+    t0 = time.perf_counter()
+    rc, refs = scan(hv, view, targets)
+    scan_s = time.perf_counter() - t0
+    if rc:
+        return [Outcome(m, Kind.REFUSED, Reason.CLEAR_FAILED, f"cannot map page tables ({E.name(rc)})",
+                        domid=domid, gpfn=g) for m, g, _ in grp]
+    by_target: dict[int, list[PteRef]] = {int(m): [] for m in targets}
+    for r in refs:
+        by_target[P.pte_frame(r.value)].append(r)
+    hook("scanned", refs=refs)
+    # Clear (upper levels first, so a table frame is devalidated before its mappings go).
+    clear = sorted(refs, key=lambda r: -r.level)
+    rc, done = (0, 0)
+    if clear:
+        rc, done = hv.mmu_update(_reqs(clear, [0] * len(clear)), fd)
+    if rc:
+        rrc = _restore(hv, domid, clear[:done])
+        kind = Kind.ROLLED_BACK if not rrc else Kind.FAILED
+        return [Outcome(m, kind, Reason.CLEAR_FAILED if not rrc else Reason.RESTORE_FAILED,
+                        f"clearing the guest's entries failed ({E.name(rc)}) after {done} of {len(clear)}",
+                        domid=domid, gpfn=g, errno=-rc) for m, g, _ in grp]
+    hook("cleared", refs=clear)
+    pinned = {m for m, g, lvl in grp if lvl and int(view.types[g]) & D.XEN_DOMCTL_PFINFO_LPINTAB}
+    unpinned = []
+    for m in sorted(pinned):
+        rc, _ = hv.mmuext_op([(X.MMUEXT_UNPIN_TABLE, m)], domid)
+        if rc == 0:
+            unpinned.append(m)
+    hook("unpinned", mfns=unpinned)
+    # Snapshot the contents as late as possible, just before the exchange.
+    snap = hv.map_foreign(domid, targets, False)
+    if isinstance(snap, int):
+        _undo(hv, domid, clear, unpinned, grp)
+        return [Outcome(m, Kind.ROLLED_BACK, Reason.EXCHANGE_FAILED, f"cannot map the frame ({E.name(snap)})",
+                        domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
+    content = {int(m): snap.array[i].copy() for i, m in enumerate(targets.tolist())}
+    snap.unmap()
+    hook("snapshot")
+    results: dict[int, Outcome] = {}
+    pending = list(grp)
+    exchanged: list[tuple[int, int, int, int]] = []  # (old, gpfn, level, new)
+    while pending:
+        rc, nr, outl = hv.memory_exchange(domid, [c[0] for c in pending], [c[1] for c in pending])
+        for i in range(nr):
+            m, g, lvl = pending[i]
+            exchanged.append((m, g, lvl, int(outl[i])))
+        if rc == 0 and nr == len(pending):
+            break
+        if nr < len(pending):
+            m, g, lvl = pending[nr]
+            mine = by_target[m]
+            rrc = _restore(hv, domid, mine)
+            if m in unpinned:
+                rrc = rrc or hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lvl - 1, m)], domid)[0]
+            reason = Reason.REFERENCED if rc == -E.EINVAL else Reason.EXCHANGE_FAILED
+            why = ("still referenced by another domain or by Xen (steal_page refused: mapped by "
+                   "another domain, a foreign mapping, or a vCPU)" if rc == -E.EINVAL else
+                   f"XENMEM_exchange failed ({E.name(rc)})")
+            results[m] = Outcome(m, Kind.ROLLED_BACK if not rrc else Kind.FAILED,
+                                 reason if not rrc else Reason.RESTORE_FAILED, why, domid=domid, gpfn=g,
+                                 errno=-rc, ptes=len(mine))
+            pending = pending[nr + 1:]
+        else:
+            pending = []
+    hook("exchanged", exchanged=exchanged)
+    if not exchanged:
+        return [results[m] for m, g, _ in grp]
+    # Content into the new frames.
+    news = np.array([e[3] for e in exchanged], dtype=np.int64)
+    wm = hv.map_foreign(domid, news, True)
+    if isinstance(wm, int):
+        for old, g, lvl, new in exchanged:
+            results[old] = Outcome(old, Kind.FAILED, Reason.RESTORE_FAILED,
+                                   f"exchanged into {new:#x} but cannot map it ({E.name(wm)})", domid=domid,
+                                   gpfn=g, new_mfn=new)
+        return [results[m] for m, g, _ in grp]
+    for i, (old, g, lvl, new) in enumerate(exchanged):
+        wm.array[i] = content[old]
+    wm.flush()
+    wm.unmap()
+    hook("copied")
+    # A P2M frame that moved: the frame list must name its new home.
+    pos = {int(m): i for i, m in enumerate(view.p2m_frames.tolist())}
+    moved = [(pos[old], new) for old, g, lvl, new in exchanged if old in pos]
+    if moved:
+        for i, new in moved:
+            view.p2m_frames[i] = new
+        fl_idx = sorted({i // 512 for i, _ in moved})
+        fm = hv.map_foreign(domid, view.fl_frames[fl_idx], True)
+        if not isinstance(fm, int):
+            row = {f: k for k, f in enumerate(fl_idx)}
+            for i, new in moved:
+                fm.array[row[i // 512], i % 512] = _U(new)
+            fm.flush()
+            fm.unmap()
+    # P2M (writable mapping of the P2M frames that change).
+    pf_idx = sorted({g // 512 for _, g, _, _ in exchanged})
+    pm = hv.map_foreign(domid, view.p2m_frames[pf_idx], True)
+    if not isinstance(pm, int):
+        row = {p: i for i, p in enumerate(pf_idx)}
+        for old, g, lvl, new in exchanged:
+            pm.array[row[g // 512], g % 512] = _U(new)
+            view.p2m[g] = new
+        pm.flush()
+        pm.unmap()
+    hook("p2m")
+    # M2P: Xen set it from the GPFNs we passed; make sure.
+    m2p = hv.m2p(news)
+    fix = [(new, g) for (old, g, lvl, new), v in zip(exchanged, m2p.tolist()) if v != g]
+    if fix:
+        reqs = np.array([[(new << 12) | X.MMU_MACHPHYS_UPDATE, g] for new, g in fix], dtype=np.uint64)
+        hv.mmu_update(reqs, domid)
+    # Re-point every cleared entry, lower levels first, flags as they were.
+    newof = {old: new for old, g, lvl, new in exchanged}
+    rep: list[PteRef] = []
+    vals: list[int] = []
+    for old in newof:
+        for r in by_target[old]:
+            # an entry that lived in a table frame which itself moved is now in the new frame
+            rep.append(PteRef(newof.get(r.table, r.table), r.index, r.value, r.level))
+            vals.append((r.value & ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF) | (newof[old] << 12))
+    order = sorted(range(len(rep)), key=lambda i: rep[i].level)
+    rrc = 0
+    if rep:
+        rrc, done = hv.mmu_update(_reqs([rep[i] for i in order], [vals[i] for i in order]), fd)
+    for old, g, lvl, new in exchanged:
+        if old in unpinned:
+            prc, _ = hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lvl - 1, new)], domid)
+            rrc = rrc or prc
+    hook("repointed")
+    total_s = time.perf_counter() - t0
+    for old, g, lvl, new in exchanged:
+        st = _status(hv, old)
+        if rrc:
+            results[old] = Outcome(old, Kind.FAILED, Reason.RESTORE_FAILED,
+                                   f"exchanged into {new:#x} but re-pointing the guest's entries failed "
+                                   f"({E.name(rrc)})", domid=domid, gpfn=g, new_mfn=new, status=st)
+        else:
+            results[old] = Outcome(old, Kind.EXCHANGED, Reason.NONE,
+                                   f"exchanged: gpfn {g:#x} now at mfn {new:#x}", domid=domid, gpfn=g,
+                                   new_mfn=new, ptes=len(by_target[old]), status=st,
+                                   extra={"scan_s": scan_s, "toolstack_s": total_s,
+                                          "level": lvl, "m2p_fixed": any(n == new for n, _ in fix),
+                                          "offlined": st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINED)})
+    return [results[m] for m, g, _ in grp]
+
+
+def _undo(hv: Hypervisor, domid: int, cleared: list[PteRef], unpinned: list[int], grp) -> None:
+    _restore(hv, domid, cleared)
+    lv = {m: lvl for m, g, lvl in grp}
+    for m in unpinned:
+        hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lv[m] - 1, m)], domid)

@@ -1,0 +1,80 @@
+"""The typed outcomes of retiring a page: every MFN ends in exactly one of these."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class Kind(str, Enum):
+    #: the frame was offlined at once (it was free, already offlined, or a PoD cache page)
+    OFFLINED = "offlined"
+    #: a guest's frame was exchanged in place and the old frame is now offlined
+    EXCHANGED = "exchanged"
+    #: the frame is offline-pending and stays so (it will be offlined when freed)
+    PENDING = "pending"
+    #: nothing was changed: the frame cannot be offlined or exchanged this way
+    REFUSED = "refused"
+    #: an exchange was attempted, failed, and every change was undone bit for bit
+    ROLLED_BACK = "rolled-back"
+    #: the operation failed and the state could not be fully restored (must never happen)
+    FAILED = "failed"
+
+
+class Reason(str, Enum):
+    NONE = ""
+    # refused
+    INVALID_MFN = "invalid-mfn"
+    XEN_IMAGE = "xen-image"
+    NOT_RAM = "not-conventional-ram"
+    BROKEN = "broken"
+    NOT_PENDING = "not-offline-pending"
+    DOM0 = "dom0"
+    HVM = "hvm-guest"
+    SYSTEM_DOMAIN = "system-domain"
+    NO_DOMAIN = "no-such-domain"
+    NOT_SUSPENDED = "not-suspended"
+    M2P_MISMATCH = "m2p-p2m-mismatch"
+    NO_P2M = "p2m-unavailable"
+    CR3_ROOT = "vcpu-root-table"
+    P2M_FRAME = "p2m-frame"
+    # pending
+    GRANTED = "granted"
+    XEN_HEAP = "xen-heap"
+    ANONYMOUS = "anonymous"
+    REFERENCED = "referenced-elsewhere"
+    SUSPEND_FAILED = "suspend-failed"
+    MIGRATION_NEEDED = "migration-needed"
+    OWNER_CRASHED = "owner-crashed"
+    # rolled back / failed
+    EXCHANGE_FAILED = "exchange-failed"
+    CLEAR_FAILED = "clear-failed"
+    RESTORE_FAILED = "restore-failed"
+
+
+@dataclass
+class Outcome:
+    mfn: int
+    kind: Kind
+    reason: Reason = Reason.NONE
+    detail: str = ""
+    domid: int | None = None
+    gpfn: int | None = None
+    new_mfn: int | None = None
+    ptes: int = 0
+    status: int | None = None
+    errno: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        d["reason"] = self.reason.value
+        d["mfn_hex"] = f"{self.mfn:x}"
+        if self.new_mfn is not None:
+            d["new_mfn_hex"] = f"{self.new_mfn:x}"
+        return d
+
+    @property
+    def ok(self) -> bool:
+        return self.kind in (Kind.OFFLINED, Kind.EXCHANGED)
