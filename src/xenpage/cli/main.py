@@ -25,6 +25,8 @@ xenpage also has (each takes --json):
   list                     domains, like 'xl list'
   host create|show         create or describe the saved simulated host
   demo                     retire pages on a fresh simulated host, with a report
+  dump-p2m <domid>         a guest's pfn -> mfn with page types (like xen-mfndump)
+  mem-offline <mfn|a-b>... several frames or ranges; PV guests' frames are exchanged
 Global options (before the command): --state-dir DIR, --backend sim|xen
 """
 
@@ -116,7 +118,68 @@ def _mem_command(name: str, fn):
 
 _mem_command("mem-status", hptool.mem_status)
 _mem_command("mem-online", hptool.mem_online)
-_mem_command("mem-offline", hptool.mem_offline)
+
+
+def parse_mfn_args(args: list[str]) -> list[int]:
+    """MFNs and inclusive ranges ``START-END`` (hex, as xen-hptool reads MFNs)."""
+    out: list[int] = []
+    for a in args:
+        if "-" in a.strip()[1:]:
+            lo, hi = a.strip().split("-", 1) if not a.strip().startswith("-") else (a, "")
+            s, e = hptool.parse_mfn(lo), hptool.parse_mfn(hi)
+            if e < s:
+                raise hptool.BadMfn(f"range '{a}' ends before it starts")
+            if e - s >= MAX_RANGE:
+                raise hptool.BadMfn(f"range '{a}' is longer than {MAX_RANGE:#x} frames")
+            out.extend(range(s, e + 1))
+        else:
+            out.append(hptool.parse_mfn(a))
+    return out
+
+
+MAX_RANGE = 1 << 20
+
+
+@cli.command("mem-offline", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                             "help_option_names": []}, add_help_option=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def mem_offline_cmd(obj: Ctx, args):
+    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json]: offline the
+    frames; owned frames of PV guests are exchanged under one suspend per guest."""
+    from ..toolstack.offline import mem_offline
+    rest, as_json = _hptool_args(args)
+    if not rest:
+        sys.stderr.write(hptool.HELP)
+        sys.exit(1)
+    try:
+        mfns = parse_mfn_args(rest)
+    except hptool.BadMfn as e:
+        sys.stderr.write(f"xenpage: {e}; nothing done\n")
+        sys.exit(1)
+    try:
+        with obj.hypervisor() as hv:
+            res = mem_offline(hv, mfns)
+    except SinglePcpuHost as e:
+        sys.stderr.write(f"xenpage: {e}\n")
+        sys.exit(1)
+    except HostFileError as e:
+        sys.stderr.write(f"xenpage: {e}\n")
+        sys.exit(2)
+    sys.exit(emit(res.report, as_json))
+
+
+@cli.command("dump-p2m")
+@click.argument("domid", type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--limit", type=int, default=None, help="only the first N pfns")
+@click.pass_obj
+def dump_p2m_cmd(obj: Ctx, domid, as_json, limit):
+    """A guest's pfn -> mfn with page types, like 'xen-mfndump dump-p2m'."""
+    from ..toolstack.mfndump import dump_p2m
+    with obj.hypervisor(save=False) as hv:
+        r = dump_p2m(hv, domid, limit)
+    sys.exit(emit(r, as_json))
 
 
 @cli.command("help")

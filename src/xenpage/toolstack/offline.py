@@ -1,0 +1,209 @@
+"""``xenpage mem-offline``: retire frames end to end (``tools/misc/xen-hptool.c``'s flow, done
+the way a Linux PV guest can actually be handled).
+
+1. Mark every frame offline (``XEN_SYSCTL_page_offline_op``, from a dom0 vCPU kept off
+   physical CPU 0 -- the Xen 4.17 PoD-lock hang).
+2. A free frame is offlined at once; Xen pages, anonymous pages, broken-and-owned pages get
+   xen-hptool's answers.
+3. Frames left offline-pending and owned by a PV guest are grouped per guest: the guest is
+   suspended through xenstore ``control/shutdown`` (what Linux PV guests answer -- they
+   publish no suspend event channel), all its frames are exchanged under that one suspend
+   with one scan of its page tables, and it is fast-resumed.
+4. dom0's frames stay pending (dom0 is never suspended); HVM guests' frames need migration.
+
+Output keeps xen-hptool's lines for a frame and adds ``xenpage:`` lines where it is silent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..abi import sysctl as S
+from ..abi import xen as X
+from . import hptool
+from .exchange import exchange_pages
+from .hypervisor import Hypervisor
+from .outcomes import Kind, Outcome, Reason
+from .report import Report
+
+SUSPEND_TIMEOUT = 10.0
+POLL = 0.05
+
+
+@dataclass
+class OfflineResult:
+    report: Report
+    outcomes: list[Outcome]
+    timings: dict = field(default_factory=dict)
+
+
+def suspend_guest(hv: Hypervisor, domid: int, timeout: float = SUSPEND_TIMEOUT) -> tuple[bool, bool, str]:
+    """Ask a PV guest to suspend itself through xenstore and wait until Xen reports it shut
+    down for suspend.  Returns (suspended, we_did_it, message)."""
+    info = hv.domain_info(domid)
+    if info is None:
+        return False, False, f"no domain {domid}"
+    if info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend:
+        return True, False, "already suspended"
+    if info.shutdown:
+        return False, False, f"d{domid} is shut down ({X.SHUTDOWN_NAMES.get(info.shutdown_reason)})"
+    path = f"/local/domain/{domid}/control/shutdown"
+    rc = hv.xs_write(path, "suspend")
+    if rc:
+        return False, False, f"cannot write {path} ({rc})"
+    deadline = time.monotonic() + timeout
+    while True:
+        hv.wait(POLL)
+        info = hv.domain_info(domid)
+        if info is not None and info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend:
+            return True, True, ""
+        if time.monotonic() > deadline or info is None:
+            hv.xs_write(path, "")
+            return False, False, (f"d{domid} did not suspend within {timeout:g} s "
+                                  "(no answer to control/shutdown)")
+
+
+def resume_guest(hv: Hypervisor, domid: int) -> int:
+    rc = hv.resume(domid, fast=True)
+    hv.wait(0)
+    return rc
+
+
+def _mark(hv: Hypervisor, mfn: int) -> tuple[Report, int, int]:
+    return hptool.mem_offline_mark(hv, mfn)
+
+
+def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
+                hook=None) -> OfflineResult:
+    t_start = time.perf_counter()
+    per: dict[int, tuple[Report, int, int]] = {}
+    outcomes: dict[int, Outcome] = {}
+    owned: dict[int, list[int]] = {}
+    order: list[int] = []
+    for mfn in mfns:
+        if mfn in per:
+            continue
+        order.append(mfn)
+        r, rc, st = _mark(hv, mfn)
+        per[mfn] = (r, rc, st)
+        outcomes[mfn] = _classify(mfn, rc, st)
+        if hptool.is_owned_pending(rc, st):
+            owned.setdefault(hptool.owner_of(st), []).append(mfn)
+    timings: dict = {"mark_s": time.perf_counter() - t_start, "guests": {}}
+    for domid, group in owned.items():
+        info = hv.domain_info(domid)
+        if domid == 0 or domid >= X.DOMID_FIRST_RESERVED or info is None or info.hvm:
+            for m in group:
+                outcomes[m] = _not_exchangeable(m, domid, info)
+            continue
+        t0 = time.perf_counter()
+        ok, ours, msg = suspend_guest(hv, domid, suspend_timeout)
+        t1 = time.perf_counter()
+        if not ok:
+            for m in group:
+                outcomes[m] = Outcome(m, Kind.PENDING, Reason.SUSPEND_FAILED, msg, domid=domid)
+            continue
+        res = exchange_pages(hv, domid, group, hook=hook)
+        t2 = time.perf_counter()
+        rrc = resume_guest(hv, domid) if ours else 0
+        t3 = time.perf_counter()
+        for o in res:
+            outcomes[o.mfn] = o
+        timings["guests"][domid] = {"pages": len(group), "suspend_s": t1 - t0,
+                                    "toolstack_s": t2 - t1, "resume_s": t3 - t2,
+                                    "suspended_s": t3 - t0 + (0 if ours else 0),
+                                    "resume_rc": rrc}
+    timings["total_s"] = time.perf_counter() - t_start
+    report = Report()
+    for mfn in order:
+        r, rc, st = per[mfn]
+        o = outcomes[mfn]
+        report.lines.extend(r.lines)
+        _explain(report, mfn, rc, st, o)
+        if not _exit_ok(rc, st, o):
+            report.exit_code = 1
+    report.data = {"command": "mem-offline", "outcomes": [outcomes[m].to_json() for m in order],
+                   "timings": timings}
+    return OfflineResult(report, [outcomes[m] for m in order], timings)
+
+
+def _classify(mfn: int, rc: int, st: int) -> Outcome:
+    low = st & S.PG_OFFLINE_STATUS_MASK
+    if rc < 0:
+        if rc == -1:
+            return Outcome(mfn, Kind.REFUSED, Reason.XEN_IMAGE, "a frame of Xen's own image", status=st, errno=1)
+        if st == S.STATUS_UNTOUCHED:
+            return Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "no such frame (beyond the frame table or in a hole)",
+                           status=st, errno=-rc)
+        return Outcome(mfn, Kind.REFUSED, Reason.NOT_RAM, "not conventional RAM (E820)", status=st, errno=-rc)
+    if low == S.PG_OFFLINE_OFFLINED:
+        return Outcome(mfn, Kind.OFFLINED, status=st, detail="offlined")
+    if low == S.PG_OFFLINE_AGAIN:
+        return Outcome(mfn, Kind.PENDING, Reason.OWNER_CRASHED,
+                       "already broken and still owned: Xen crashed the owner (PG_OFFLINE_AGAIN)", status=st)
+    if low == S.PG_OFFLINE_FAILED:
+        return Outcome(mfn, Kind.PENDING, Reason.ANONYMOUS,
+                       "an anonymous Xen allocation: Xen reports FAILED but marked it offline-pending; "
+                       "it is offlined when Xen frees it", status=st)
+    if st & S.PG_OFFLINE_XENPAGE:
+        return Outcome(mfn, Kind.PENDING, Reason.XEN_HEAP,
+                       "a Xen-heap page: offline-pending until Xen frees it", status=st, domid=X.DOMID_XEN)
+    return Outcome(mfn, Kind.PENDING, Reason.NONE, "offline-pending", status=st,
+                   domid=hptool.owner_of(st))
+
+
+def _not_exchangeable(mfn: int, domid: int, info) -> Outcome:
+    if domid == 0:
+        return Outcome(mfn, Kind.PENDING, Reason.DOM0,
+                       "dom0 is never suspended: the frame stays offline-pending until dom0 frees it",
+                       domid=0)
+    if domid >= X.DOMID_FIRST_RESERVED:
+        return Outcome(mfn, Kind.PENDING, Reason.SYSTEM_DOMAIN,
+                       f"owned by a Xen system domain (DOM{domid}): it stays offline-pending", domid=domid)
+    if info is None:
+        return Outcome(mfn, Kind.PENDING, Reason.NO_DOMAIN, f"owner d{domid} went away", domid=domid)
+    return Outcome(mfn, Kind.PENDING, Reason.MIGRATION_NEEDED,
+                   f"d{domid} is an HVM guest: its frames are retired by live migration; "
+                   "the frame stays offline-pending", domid=domid)
+
+
+def _exit_ok(rc: int, st: int, o: Outcome) -> bool:
+    if rc < 0:
+        return False
+    low = st & S.PG_OFFLINE_STATUS_MASK
+    if low == S.PG_OFFLINE_OFFLINED or low == S.PG_OFFLINE_AGAIN:
+        return True
+    if low == S.PG_OFFLINE_FAILED or st & S.PG_OFFLINE_XENPAGE:
+        return False
+    if low == S.PG_OFFLINE_PENDING and st & S.PG_OFFLINE_OWNED:
+        return o.kind == Kind.EXCHANGED
+    return True
+
+
+def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
+    """xen-hptool's lines for the owner handling, then what xen-hptool does not say."""
+    if rc < 0 or not hptool.is_owned_pending(rc, st):
+        if o.kind == Kind.PENDING and o.reason == Reason.OWNER_CRASHED:
+            r.err(f"xenpage: mfn {mfn:x}: {o.detail}")
+        elif o.reason in (Reason.ANONYMOUS, Reason.XEN_HEAP):
+            r.err(f"xenpage: mfn {mfn:x}: {o.detail}")
+        return
+    domid = hptool.owner_of(st)
+    if o.reason in (Reason.DOM0, Reason.SYSTEM_DOMAIN, Reason.MIGRATION_NEEDED, Reason.NO_DOMAIN):
+        hptool.suspend_port_failure(r, domid, mfn)
+        r.err(f"xenpage: mfn {mfn:x}: {o.detail}")
+        return
+    if o.reason == Reason.SUSPEND_FAILED:
+        r.err(f"Failed to suspend guest {domid} for mfn {mfn:x}")
+        r.err(f"xenpage: {o.detail}")
+        return
+    if o.kind == Kind.EXCHANGED:
+        r.out(f"Memory mfn {mfn:x} offlined successfully, this page is DOM{domid} page and being swapped "
+              "successfully, current state is [PG_OFFLINE_OFFLINED, PG_OFFLINE_OWNED]")
+        r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x}; "
+              f"{o.ptes} page-table entries re-pointed with their flags; old frame offlined")
+        return
+    r.err(f"Memory mfn {mfn:x} offlined successfully , this page is DOM{domid} page yet failed to be "
+          "exchanged. current state is [PG_OFFLINE_PENDING, PG_OFFLINE_OWNED]")
+    r.err(f"xenpage: mfn {mfn:x}: {o.kind.value} ({o.reason.value}): {o.detail}")
