@@ -502,6 +502,23 @@ class SerialParser:
 # run
 # --------------------------------------------------------------------------------------------
 
+def xen_pt_load(elf: Path) -> tuple[int, int]:
+    """(p_paddr, p_memsz) of the first PT_LOAD of Xen's 32-bit multiboot ELF: the image that
+    Xen relocates as a whole (_stext .. __2M_rwdata_end, at offset p_paddr of its new base)."""
+    import struct
+    b = elf.read_bytes()[:4096]
+    if b[:4] != b"\x7fELF" or b[4] != 1:
+        raise LabError(f"run: {elf} is not a 32-bit ELF")
+    phoff, = struct.unpack_from("<I", b, 28)
+    phentsize, phnum = struct.unpack_from("<HH", b, 42)
+    for i in range(phnum):
+        typ, off, vaddr, paddr, filesz, memsz, flags, align = struct.unpack_from(
+            "<8I", b, phoff + i * phentsize)
+        if typ == 1:
+            return paddr, memsz
+    raise LabError(f"run: no PT_LOAD in {elf}")
+
+
 def find_scenario(name: str) -> Path:
     for ext in ("", ".sh", ".py"):
         p = LAB_DIR / "scenarios" / f"{name}{ext}"
@@ -539,6 +556,8 @@ def run(scenario_name: str, timeout: float, results: Path | None, vcpus: int = 1
     work.mkdir(parents=True, exist_ok=True)
     run_env = {"LAB_SCENARIO": scenario_name, "LAB_SCENARIO_FILE": f"lab/scenarios/{scenario.name}",
                "LAB_RUN_ID": stamp, "LAB_VCPUS": str(vcpus)}
+    paddr, memsz = xen_pt_load(xen)
+    run_env.update(LAB_XEN_PT_LOAD_PADDR=hex(paddr), LAB_XEN_PT_LOAD_MEMSZ=hex(memsz))
     for k, v in (extra_args or {}).items():
         if not re.fullmatch(r"[A-Z][A-Z0-9_]*", k) or "'" in v:
             raise LabError(f"run: bad --arg {k}={v}")
@@ -679,6 +698,39 @@ def run(scenario_name: str, timeout: float, results: Path | None, vcpus: int = 1
 # CLI
 # --------------------------------------------------------------------------------------------
 
+def save_verbatim(results: Path | None) -> Path:
+    """Copy a successful hptool run into lab/results/lab-verbatim.json (committed: the
+    simulator's fidelity tests compare against it)."""
+    if results is None:
+        results = cache_dir() / "results" / "hptool-latest"
+    results = results.resolve()
+    summary = read_json(results / "summary.json")
+    data = read_json(results / "hptool.json")
+    if not summary or not data:
+        raise LabError(f"save-verbatim: no summary.json/hptool.json in {results}")
+    if not summary.get("ok"):
+        raise LabError(f"save-verbatim: the run in {results} failed: {summary.get('failures')}")
+    build_info = read_json(cache_dir() / "build-info.json") or {}
+    data["lab"] = {
+        "what": "stock xen-hptool etc. on real Xen 4.17 (Debian bookworm) under QEMU/TCG; "
+                "recorded by lab/scenarios/hptool.py, see lab/README.md",
+        "run_id": results.name,
+        "qemu_cmdline": re.sub(r"(?<![\w.])/[^\s,]*/", "", (results / "qemu-cmdline.txt").read_text().strip()),
+        "host_packages": {p: pkg_version(p) for p in ("xen-hypervisor-4.17-amd64", "qemu-system-x86",
+                                                      "linux-image-amd64")},
+        "kernel": build_info.get("kernel"),
+        "wall_s": summary["wall_s"], "milestones_s": summary["milestones_s"],
+        "qemu_peak_rss_mib": summary["qemu_peak_rss_mib"],
+        "steps": [{k: st.get(k) for k in ("name", "status", "reason", "t_begin", "t_end")}
+                  for st in summary["steps"]],
+    }
+    out = LAB_DIR / "results" / "lab-verbatim.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    log(f"wrote {out} from {results}")
+    return out
+
+
 def parse_kv(items):
     out = {}
     for it in items or []:
@@ -706,10 +758,15 @@ def main(argv=None) -> int:
     t.add_argument("--results", type=Path, help="parent directory for the per-scenario results")
     t.add_argument("scenarios", nargs="*", default=None)
     sub.add_parser("list", help="list scenarios")
+    v = sub.add_parser("save-verbatim", help="copy a successful hptool run to lab/results/lab-verbatim.json")
+    v.add_argument("results", nargs="?", type=Path)
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
             build()
+            return 0
+        if a.cmd == "save-verbatim":
+            save_verbatim(a.results)
             return 0
         if a.cmd == "list":
             for p in sorted((LAB_DIR / "scenarios").glob("*.*")):
