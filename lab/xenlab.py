@@ -715,7 +715,7 @@ def save_verbatim(results: Path | None) -> Path:
         "what": "stock xen-hptool etc. on real Xen 4.17 (Debian bookworm) under QEMU/TCG; "
                 "recorded by lab/scenarios/hptool.py, see lab/README.md",
         "run_id": results.name,
-        "qemu_cmdline": re.sub(r"(?<![\w.])/[^\s,]*/", "", (results / "qemu-cmdline.txt").read_text().strip()),
+        "qemu_cmdline": re.sub("(?:/boot/|" + re.escape(str(cache_dir())) + ")[^\\s,]*/", "", (results / "qemu-cmdline.txt").read_text().strip()),
         "host_packages": {p: pkg_version(p) for p in ("xen-hypervisor-4.17-amd64", "qemu-system-x86",
                                                       "linux-image-amd64")},
         "kernel": build_info.get("kernel"),
