@@ -239,11 +239,7 @@ class SimForeignMap:
         ft = self.hv.host.ft
         changed = np.flatnonzero((self.array != self._orig).any(axis=1))
         for i in changed.tolist():
-            m = int(self.mfns[i])
-            if m in ft.pages:
-                ft.pages[m][:] = self.array[i]
-            else:
-                ft.write_page(m, self.array[i])
+            ft.write_page(int(self.mfns[i]), self.array[i])
         self._orig = self.array.copy()
         self.hv.dirty = True
 

@@ -13,7 +13,11 @@ from rich.panel import Panel
 from ..abi import mm
 from ..backends.sim import SimHypervisor, build_host, host_path
 from ..toolstack import hptool
+from ..hypervisor import invariants
+from ..toolstack.offline import mem_offline, resume_guest, suspend_guest
+from ..toolstack.outcomes import Kind
 from ..toolstack.report import Report
+from ..toolstack.upstream import Defects, xc_exchange_page
 from .output import print_json
 
 
@@ -87,6 +91,7 @@ def run_demo(state_dir: Path, as_json: bool = False, keep: bool = False) -> int:
           f"xl destroy {pv.name}; xenpage mem-status {g:x}", s,
           "Memory Status 2: [ PAGE_OFFLINED ]", rc == 0 and s.data["status"]["status"] == 2)
 
+    _pv_part(con, steps, host, hv)
     ok = all(st["ok"] for st in steps)
     if keep:
         p = host_path(state_dir)
@@ -100,3 +105,70 @@ def run_demo(state_dir: Path, as_json: bool = False, keep: bool = False) -> int:
         con.print(f"[bold]{'All steps behaved as Xen 4.17 does' if ok else 'Some steps misbehaved'}[/bold]; "
                   f"frames offlined now: {off}; free pages: {host.heap.free_pages}")
     return 0 if ok else 1
+
+
+def _pv_part(con, steps, host, hv) -> None:
+    """A second Linux-like PV guest: pages of each kind retired while it keeps working."""
+    from ..guests.linux_pv import LinuxPV
+    d = host.create_domain("domu2", 64 * 256)
+    g = LinuxPV.boot(host, d.domid, seed=7)
+    g.step(200)
+    kinds = [
+        ("a page mapped only by the kernel's direct map", g.kernel_only_pages()[11]),
+        ("a private user page (mapped by one process)", g.user_pages("private")[5]),
+        ("a page shared by two processes", g.user_pages("shared")[0]),
+        ("a pinned page-table frame (a process's L1)", g.procs[1].ul1[0]),
+        ("a P2M frame (the guest's own pfn->mfn list)", int(g.pfns_of(6)[0])),
+    ]
+    for title, pfn in kinds:
+        m = g.mfn(pfn)
+        res = mem_offline(hv, [m])
+        g.step(100)
+        problems = g.verify() + invariants.check(host)
+        o = res.outcomes[0]
+        _step(con, steps, f"PV guest: {title}", f"xenpage mem-offline {m:x}", res.report,
+              "exchanged in place, old frame offlined, guest content and mappings intact",
+              o.kind == Kind.EXCHANGED and not problems)
+    ring = g.rings[0]["pfn"]
+    m = g.mfn(ring)
+    res = mem_offline(hv, [m])
+    _step(con, steps, "PV guest: a ring page granted to dom0's backend", f"xenpage mem-offline {m:x}",
+          res.report, "left offline-pending: granted (named grant ref), nothing changed",
+          res.outcomes[0].kind == Kind.PENDING and not g.verify())
+    batch = [g.mfn(p) for p in g.kernel_only_pages()[30:46]]
+    before = g.suspends
+    res = mem_offline(hv, batch)
+    g.step(100)
+    _step(con, steps, "PV guest: 16 pages in one batch", f"xenpage mem-offline {batch[0]:x} ... ({len(batch)} MFNs)",
+          _short(res.report, 4), "all exchanged under ONE suspend",
+          all(o.kind == Kind.EXCHANGED for o in res.outcomes) and g.suspends == before + 1 and not g.verify())
+    # Stock libxenguest on the same kind of page (what the lab saw on real Xen 4.17).
+    pf = g.kernel_only_pages()[60]
+    m = g.mfn(pf)
+    hv.page_offline_op(1, m, m)
+    for label, df in (("stock xc_exchange_page", Defects()),
+                      ("stock xc_exchange_page with only the foreigndom fix", Defects(pfd=False))):
+        suspend_guest(hv, d.domid)
+        r = xc_exchange_page(hv, d.domid, m, df)
+        resume_guest(hv, d.domid)
+        rep = Report()
+        for line in r.log:
+            rep.err(line)
+        rep.out(f"xc_exchange_page -> {r.result}")
+        problems = g.verify()
+        for p in problems[:2]:
+            rep.err(f"guest: {p}")
+        if df.pfd:
+            _step(con, steps, f"upstream: {label}", f"xc_exchange_page(xch, {d.domid}, {m:#x})", rep,
+                  "fails: 'clear pte failed' (EINVAL), as on real Xen 4.17", r.result == -1 and r.errno == 22)
+        else:
+            _step(con, steps, f"upstream: {label}", f"xc_exchange_page(xch, {d.domid}, {m:#x})", rep,
+                  "'succeeds' but leaves the mapping read-only (flags stripped)", r.result == 0 and bool(problems))
+
+
+def _short(report: Report, n: int) -> Report:
+    r = Report(exit_code=report.exit_code, data=report.data)
+    r.lines = report.lines[:n]
+    if len(report.lines) > n:
+        r.out(f"... ({len(report.lines) - n} more lines)")
+    return r

@@ -279,6 +279,12 @@ class LinuxPV:
         rc, done = self.hc.mmuext_op([(X.MMUEXT_PIN_L4_TABLE, m) for m in pins])
         if rc:
             raise GuestError(f"pinning the kernel's L4 tables failed ({rc}) after {done}")
+        # Page-table pages allocated for an already pinned mm are pinned as L1s
+        # (Linux's xen_alloc_pte -> MMUEXT_PIN_L1_TABLE).
+        l1pins = [int(mfn[pf]) for pr in procs for pf in pr.ul1]
+        rc, done = self.hc.mmuext_op([(X.MMUEXT_PIN_L1_TABLE, m) for m in l1pins])
+        if rc:
+            raise GuestError(f"pinning user L1 tables failed ({rc}) after {done}")
         cur = procs[0] if procs else None
         if cur is not None:
             for cmd, pf in ((X.MMUEXT_NEW_BASEPTR, cur.kpgd), (X.MMUEXT_NEW_USER_BASEPTR, cur.upgd)):

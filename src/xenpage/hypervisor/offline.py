@@ -180,14 +180,8 @@ def online_range(host: "Host", start: int, end: int) -> tuple[int, np.ndarray]:
     status[:k][offl | pend] = S.PG_ONLINE_ONLINED
     pm = mfns[pend]
     host.ft.count_info[pm] = (host.ft.count_info[pm] & _NOT_STATE) | _U(mm.PGC_state_inuse)
-    om = mfns[offl]
-    if om.size:
-        for m in om.tolist():
-            host.heap.offlined_list.pop(m, None)
-        # inuse, then free_heap_pages(pg, 0): back into the buddy heap.
-        host.ft.count_info[om] = (host.ft.count_info[om] & _NOT_STATE) | _U(mm.PGC_state_free)
-        host.ft.owner1[om] = 0
-        host.heap.rebuild(int(om.min()), int(om.max()) + 1)
+    # offlined: off page_offlined_list, inuse, then free_heap_pages(pg, 0): back in the buddy.
+    host.heap.return_offlined(mfns[offl])
     rc = 0
     if k < n:
         rc = -E.EINVAL

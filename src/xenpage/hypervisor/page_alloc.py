@@ -11,6 +11,7 @@ merged chunks to the tail, and allocation takes the head, as Xen's page lists do
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -65,12 +66,21 @@ def canonical_chunks(free: np.ndarray, base: int, max_order: int) -> list[tuple[
 
 
 class Heap:
-    """Per-(zone, order) free lists over a :class:`FrameTable`."""
+    """Per-(zone, order) free lists over a :class:`FrameTable`.
+
+    Each list is an ``OrderedDict`` of chunk heads used as a FIFO page list: adding at the
+    head (split remainders) and at the tail (freed and re-split chunks) are O(1)."""
+
+    #: Up to this many frames, offlining free frames and onlining offlined frames walk them
+    #: one by one exactly as Xen does (list positions included); beyond it, the heap is
+    #: recomputed over the affected windows (same chunks; untouched chunks keep their place
+    #: in the lists, new ones are appended in address order).
+    PER_FRAME_LIMIT = 64
 
     def __init__(self, ft: FrameTable, max_order: int = MAX_ORDER):
         self.ft = ft
         self.max_order = max_order
-        self.lists: dict[tuple[int, int], dict[int, None]] = {}
+        self.lists: dict[tuple[int, int], OrderedDict[int, None]] = {}
         self.free_pages = 0
         self.offlined_list: dict[int, None] = {}   # page_offlined_list
         self.broken_list: dict[int, None] = {}     # page_broken_list
@@ -78,13 +88,12 @@ class Heap:
     # -- list primitives --------------------------------------------------------------------
     def _add(self, head: int, order: int, tail: bool = True) -> None:
         key = (zone_of(head), order)
-        lst = self.lists.setdefault(key, {})
-        if tail:
-            lst[head] = None
-        else:
-            new = {head: None}
-            new.update(lst)
-            self.lists[key] = new
+        lst = self.lists.get(key)
+        if lst is None:
+            lst = self.lists[key] = OrderedDict()
+        lst[head] = None
+        if not tail:
+            lst.move_to_end(head, last=False)
         self.ft.buddy_order[head] = order + 1
         self.free_pages += 1 << order
 
@@ -92,6 +101,20 @@ class Heap:
         del self.lists[(zone_of(head), order)][head]
         self.ft.buddy_order[head] = 0
         self.free_pages -= 1 << order
+
+    def _list_offlined(self, mfns) -> None:
+        """Append offlined frames (in the given order) to the broken or offlined list by
+        their PGC_broken bit (``reserve_offlined_page``)."""
+        mfns = np.asarray(mfns, dtype=np.int64)
+        if mfns.size == 0:
+            return
+        br = (self.ft.count_info[mfns] & _U(mm.PGC_broken)) != 0
+        if mfns.size == 1:
+            (self.broken_list if br[0] else self.offlined_list)[int(mfns[0])] = None
+            return
+        # Interleaved order matters only within each list; each list keeps its own order.
+        self.broken_list.update(dict.fromkeys(mfns[br].tolist()))
+        self.offlined_list.update(dict.fromkeys(mfns[~br].tolist()))
 
     def chunk_of(self, mfn: int) -> tuple[int, int] | None:
         """The free chunk (head, order) containing ``mfn``, if any."""
@@ -106,6 +129,10 @@ class Heap:
         """Every free chunk as (head, order), in address order."""
         heads = np.flatnonzero(self.ft.buddy_order)
         return [(int(h), int(self.ft.buddy_order[h]) - 1) for h in heads]
+
+    def list_order(self) -> list[tuple[int, int, list[int]]]:
+        """Every non-empty free list as (zone, order, heads in list order)."""
+        return [(z, o, list(lst)) for (z, o), lst in sorted(self.lists.items()) if lst]
 
     # -- allocation -------------------------------------------------------------------------
     def alloc(self, order: int = 0) -> int:
@@ -139,9 +166,9 @@ class Heap:
     def free(self, head: int, order: int = 0) -> list[int]:
         """``free_heap_pages``: each frame goes ``inuse``->``free`` or ``offlining``->``offlined``
         (``mark_page_free``, keeping PGC_broken; the M2P entry is invalidated and the owner
-        cleared); the chunk merges with free buddies of equal order; chunks that contained
-        offlined frames are re-split around them (``reserve_offlined_page``).
-        Returns the frames that became offlined."""
+        cleared); the chunk merges with free buddies of equal order and goes to the tail of its
+        list; if it held offlined frames the merged chunk is re-split around them
+        (``reserve_offlined_page``).  Returns the frames that became offlined."""
         n = 1 << order
         sl = slice(head, head + n)
         ci = self.ft.count_info[sl]
@@ -159,11 +186,8 @@ class Heap:
         self.ft.type_info[sl] = _U(0)
         self.ft.owner1[sl] = 0
         self.ft.m2p_plus1[sl] = _U(0)
-        # Merge with buddies (only if every frame of the chunk is free).
-        offlined = [head + int(i) for i in np.flatnonzero(offl)]
-        if offlined:
-            self.reserve_offlined(head, order, offlined)
-            return offlined
+        offlined = (head + np.flatnonzero(offl)).tolist()
+        # Merge with free buddies of the same order.
         while order < self.max_order:
             mask = 1 << order
             buddy = head ^ mask
@@ -172,52 +196,93 @@ class Heap:
             self._remove(buddy, order)
             head = min(head, buddy)
             order += 1
-        self._add(head, order, tail=True)
-        return []
+        if offlined:
+            self.reserve_offlined(head, order, offlined)
+        else:
+            self._add(head, order, tail=True)
+        return offlined
 
-    def reserve_offlined(self, head: int, order: int, offlined: Iterable[int]) -> None:
-        """``reserve_offlined_page``: put the free frames of chunk [head, head+2^order) back as
-        maximal aligned sub-chunks; move each offlined frame to the broken or offlined list."""
+    def reserve_offlined(self, head: int, order: int, offlined: Iterable[int] | None = None) -> None:
+        """``reserve_offlined_page`` on the buddy [head, head+2^order) (not on any list): put
+        its free frames back at the tails of the lists as maximal aligned sub-chunks, in
+        address order, then append its offlined frames to the broken or offlined list.
+
+        (Xen's own re-split grows each piece greedily from an unaligned start and can produce
+        misaligned chunks; the reference model, xen-semantics.md 1.8, and this simulator use
+        the maximal aligned sub-buddies.)"""
         n = 1 << order
-        free = self.ft.states(head, n) == _FREE
-        for h, k in canonical_chunks(free, head, order):
+        states = self.ft.states(head, n)
+        for h, k in canonical_chunks(states == _FREE, head, order):
             self._add(h, k, tail=True)
-        broken = np.uint64(mm.PGC_broken)
-        for m in offlined:
-            if int(self.ft.count_info[m]) & mm.PGC_broken:
-                self.broken_list[m] = None
-            else:
-                self.offlined_list[m] = None
-        del broken
+        if offlined is None:
+            offlined = head + np.flatnonzero(states == _OFFLINED)
+        self._list_offlined(np.asarray(list(offlined), dtype=np.int64))
 
     def rebuild(self, start: int, end: int) -> None:
         """Recompute the free chunks of every MAX_ORDER-aligned window meeting [start, end)
-        from the frames' states (used after a vectorised change of many frames)."""
+        from the frames' states (after a vectorised change of many frames).  Chunks that are
+        unchanged keep their place in the lists; chunks that went away are removed and new
+        ones are appended in address order -- what freeing the frames one by one in address
+        order gives."""
         w = 1 << self.max_order
-        a = (start // w) * w
+        a = (max(start, 0) // w) * w
+        end = min(end, self.ft.nframes)
         while a < end:
             b = min(a + w, self.ft.nframes)
-            heads = np.flatnonzero(self.ft.buddy_order[a:b])
-            for h in heads.tolist():
-                self._remove(a + h, int(self.ft.buddy_order[a + h]) - 1)
-            size = w
-            free = np.zeros(size, dtype=bool)
+            old_heads = np.flatnonzero(self.ft.buddy_order[a:b]) + a
+            old = dict(zip(old_heads.tolist(), (self.ft.buddy_order[old_heads] - 1).tolist()))
+            free = np.zeros(w, dtype=bool)
             free[:b - a] = self.ft.states(a, b - a) == _FREE
-            for h, k in canonical_chunks(free, a, self.max_order):
-                self._add(h, k, tail=True)
+            new = canonical_chunks(free, a, self.max_order)
+            keep = {h for h, k in new if old.get(h) == k}
+            for h, k in old.items():
+                if h not in keep:
+                    self._remove(h, k)
+            for h, k in new:
+                if h not in keep:
+                    self._add(h, k, tail=True)
             a += w
 
     def take_free_range(self, mfns: np.ndarray) -> None:
-        """Mark free frames ``offlined`` and withdraw them from the heap (vectorised
-        ``mark_page_offline`` + ``reserve_offlined_page`` for many free frames)."""
+        """Mark free frames ``offlined`` and withdraw them from the heap (``mark_page_offline``
+        + ``reserve_heap_page``/``reserve_offlined_page``), in the order given."""
+        mfns = np.asarray(mfns, dtype=np.int64)
         if mfns.size == 0:
+            return
+        if mfns.size <= self.PER_FRAME_LIMIT:
+            for m in mfns.tolist():
+                self.ft.set_state(m, _OFFLINED)
+                c = self.chunk_of(m)
+                if c is None:  # not found in the buddy lists: silently ignored, as in Xen
+                    continue
+                self._remove(*c)
+                self.reserve_offlined(c[0], c[1], [m])
             return
         ci = self.ft.count_info[mfns]
         self.ft.count_info[mfns] = (ci & _KEEP_NOT_STATE) | _U(mm.PGC_state_offlined)
         self.rebuild(int(mfns.min()), int(mfns.max()) + 1)
-        br = (ci & _U(mm.PGC_broken)) != 0
-        for m, b in zip(mfns.tolist(), br.tolist()):
-            (self.broken_list if b else self.offlined_list)[m] = None
+        self._list_offlined(mfns)
+
+    def return_offlined(self, mfns: np.ndarray) -> None:
+        """``online_page`` of offlined frames: off the offlined list, ``inuse``, then
+        ``free_heap_pages(pg, 0)`` each, in the order given."""
+        mfns = np.asarray(mfns, dtype=np.int64)
+        if mfns.size == 0:
+            return
+        if mfns.size <= self.PER_FRAME_LIMIT:
+            for m in mfns.tolist():
+                self.offlined_list.pop(m, None)
+                self.ft.set_state(m, _INUSE)
+                self.free(m, 0)
+            return
+        gone = set(mfns.tolist())
+        self.offlined_list = {k: None for k in self.offlined_list if k not in gone}
+        sl = mfns
+        self.ft.count_info[sl] = (self.ft.count_info[sl] & _KEEP_NOT_STATE) | _U(mm.PGC_state_free)
+        self.ft.type_info[sl] = _U(0)
+        self.ft.owner1[sl] = 0
+        self.ft.m2p_plus1[sl] = _U(0)
+        self.rebuild(int(mfns.min()), int(mfns.max()) + 1)
 
     # -- persistence ------------------------------------------------------------------------
     def to_state(self) -> dict:
@@ -231,7 +296,7 @@ class Heap:
     def from_state(cls, ft: FrameTable, st: dict, max_order: int = MAX_ORDER) -> "Heap":
         h = cls(ft, max_order)
         for z, o, heads in st["lists"]:
-            h.lists[(z, o)] = dict.fromkeys(heads)
+            h.lists[(z, o)] = OrderedDict.fromkeys(heads)
             h.free_pages += len(heads) << o
         h.offlined_list = dict.fromkeys(st["offlined"])
         h.broken_list = dict.fromkeys(st["broken"])
