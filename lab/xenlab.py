@@ -34,7 +34,7 @@ LAB_DIR = Path(__file__).resolve().parent
 REPO = LAB_DIR.parent
 
 # Bump when the recipe of the cached dom0 image changes: the image is then rebuilt.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 HOST_PACKAGES = [
     "qemu-system-x86", "xen-hypervisor-4.17-amd64", "linux-image-amd64", "debootstrap",
@@ -42,9 +42,9 @@ HOST_PACKAGES = [
 ]
 DOM0_PACKAGES = [
     "xen-utils-4.17", "xenstore-utils", "python3", "kmod", "procps", "busybox",
-    "python3-numpy", "python3-click", "python3-rich", "python3-pytest", "python3-hypothesis",
+    "python3-numpy", "python3-click", "python3-rich", "python3-pytest", "python3-hypothesis", "python3-pytest-xdist",
 ]
-DOM0_IMPORT_CHECK = "import numpy, click, rich, pytest, hypothesis"
+DOM0_IMPORT_CHECK = "import numpy, click, rich, pytest, hypothesis, xdist"
 SUITE = "bookworm"
 XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
@@ -502,6 +502,18 @@ class SerialParser:
 # run
 # --------------------------------------------------------------------------------------------
 
+def scenario_options(path: Path) -> dict:
+    """A scenario may declare its defaults in a comment line:  # lab-options: vcpus=2 timeout=1800"""
+    opts = {}
+    for line in path.read_text(errors="replace").splitlines()[:15]:
+        m = re.match(r"#\s*lab-options:\s*(.*)$", line)
+        if m:
+            for kv in m.group(1).split():
+                k, _, v = kv.partition("=")
+                opts[k] = float(v) if k == "timeout" else int(v) if k == "vcpus" else v
+    return opts
+
+
 def xen_pt_load(elf: Path) -> tuple[int, int]:
     """(p_paddr, p_memsz) of the first PT_LOAD of Xen's 32-bit multiboot ELF: the image that
     Xen relocates as a whole (_stext .. __2M_rwdata_end, at offset p_paddr of its new base)."""
@@ -538,7 +550,7 @@ def qemu_rss_kib(pid: int) -> int:
     return 0
 
 
-def run(scenario_name: str, timeout: float, results: Path | None, vcpus: int = 1,
+def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: int | None = None,
         extra_args: dict | None = None, boot_timeout: float = BOOT_TIMEOUT) -> dict:
     cache = cache_dir()
     xen = cache / "xen-4.17.elf"
@@ -547,6 +559,9 @@ def run(scenario_name: str, timeout: float, results: Path | None, vcpus: int = 1
         raise LabError(f"run: lab image missing in {cache} (run 'lab/xenlab.py build' first)")
     kv = kernel_version()
     scenario = find_scenario(scenario_name)
+    opts = scenario_options(scenario)
+    timeout = timeout or opts.get("timeout", 600)
+    vcpus = vcpus or opts.get("vcpus", 1)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if results is None:
         results = cache / "results" / f"{scenario_name}-{stamp}"
@@ -747,14 +762,16 @@ def main(argv=None) -> int:
     sub.add_parser("build", help="install host packages and build the cached dom0 image")
     r = sub.add_parser("run", help="boot the lab and run one scenario")
     r.add_argument("scenario")
-    r.add_argument("--timeout", type=float, default=600)
+    r.add_argument("--timeout", type=float, help="kill QEMU after S s (default: the scenario's "
+                   "lab-options, else 600)")
     r.add_argument("--boot-timeout", type=float, default=BOOT_TIMEOUT)
     r.add_argument("--results", type=Path)
-    r.add_argument("--vcpus", type=int, default=1, help="dom0_max_vcpus (1 or 2)")
+    r.add_argument("--vcpus", type=int, help="dom0_max_vcpus, 1 or 2 (default: the scenario's "
+                   "lab-options, else 1)")
     r.add_argument("--arg", action="append", metavar="KEY=VALUE",
                    help="exported to the scenario's environment")
     t = sub.add_parser("test", help="build + run the default scenarios")
-    t.add_argument("--timeout", type=float, default=900)
+    t.add_argument("--timeout", type=float, help="per scenario (default: its lab-options)")
     t.add_argument("--results", type=Path, help="parent directory for the per-scenario results")
     t.add_argument("scenarios", nargs="*", default=None)
     sub.add_parser("list", help="list scenarios")
