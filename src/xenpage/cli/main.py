@@ -9,7 +9,7 @@ domain, the simulator elsewhere).
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import click
@@ -47,13 +47,34 @@ class Ctx:
                 yield hv
             return
         from ..backends.sim import open_host
-        with open_host(self.state_dir, save=save) as hv:
+        with ExitStack() as stack:
+            try:
+                hv = stack.enter_context(open_host(self.state_dir, save=save))
+            except HostFileError as e:
+                # A saved host that cannot be read: say so, touch nothing (every command).
+                host_file_error(e)
             yield hv
+
+
+def host_file_error(e: Exception) -> None:
+    sys.stderr.write(f"xenpage: {e}\n")
+    sys.exit(2)
 
 
 class HptoolGroup(click.Group):
     """Resolves xen-hptool's commands by prefix in hptool's table order, then xenpage's own
     commands by exact name; unknown words get hptool's message and exit code."""
+
+    def parse_args(self, ctx, args):
+        # xen-hptool takes its first argument as a command whatever it looks like: an
+        # unknown option gets the same answer as an unknown command.
+        orig = list(args)  # click consumes the list it parses
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as e:
+            word = next((a for a in orig if a.split("=", 1)[0] == e.option_name), e.option_name)
+            sys.stderr.write(f"Unrecognised command '{word}' -- try 'xen-hptool help'\n")
+            ctx.exit(1)
 
     def resolve_command(self, ctx, args):
         word = args[0]

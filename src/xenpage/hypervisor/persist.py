@@ -1,9 +1,14 @@
-"""Saving and loading a simulated host: one directory with a JSON header and one ``.npz`` of
-the frame-table arrays.  Arrays are stored sparse (indices + values) or run-length encoded
-when that is smaller, so that a bare 256 GiB host saves and loads in seconds."""
+"""Saving and loading a simulated host: one directory with a JSON header (``host.json``), one
+``.npz`` of the frame-table arrays (``frames.npz``) and a checksum of both (``host.digest``).
+Arrays are stored sparse (indices + values) or run-length encoded when that is smaller, so
+that a bare 256 GiB host saves and loads in seconds.
+
+A saved host that is missing a file, truncated, or modified fails to load with a
+:class:`HostFileError` that says so -- never a half-loaded host."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -14,19 +19,39 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
 
-FORMAT = 1
+FORMAT = 2
+#: Format 1 (no checksum) is still read.
+READABLE_FORMATS = (1, 2)
+DIGEST_FILE = "host.digest"
+
+
+def _digest_bytes(b: bytes) -> str:
+    return hashlib.blake2b(b, digest_size=32).hexdigest()
+
+
+def _digest_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 22)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _encode(name: str, a: np.ndarray, out: dict) -> None:
     n = a.size
-    nz = np.flatnonzero(a)
-    if nz.size <= n // 8:
+    if np.count_nonzero(a) <= n // 8:
+        nz = np.flatnonzero(a)
         out[f"{name}.sp_idx"] = nz.astype(np.int64)
         out[f"{name}.sp_val"] = a[nz]
         return
-    change = np.flatnonzero(a[1:] != a[:-1]) + 1
-    if change.size <= n // 8:
-        starts = np.concatenate(([0], change)).astype(np.int64)
+    change = a[1:] != a[:-1]
+    if np.count_nonzero(change) <= n // 8:
+        starts = np.flatnonzero(change) + 1
+        starts = np.concatenate((np.zeros(1, dtype=starts.dtype), starts)).astype(np.int64)
+        del change
         out[f"{name}.rle_start"] = starts
         out[f"{name}.rle_val"] = a[starts]
         return
@@ -34,19 +59,26 @@ def _encode(name: str, a: np.ndarray, out: dict) -> None:
 
 
 def _decode(name: str, n: int, dtype, z) -> np.ndarray:
-    if f"{name}.dense" in z:
-        return np.array(z[f"{name}.dense"], dtype=dtype)
-    a = np.zeros(n, dtype=dtype)
-    if f"{name}.sp_idx" in z:
-        a[z[f"{name}.sp_idx"]] = z[f"{name}.sp_val"]
+    """Inverse of :func:`_encode`, vectorised; raises ValueError on inconsistent data."""
+    if f"{name}.dense" in z.files:
+        a = np.asarray(z[f"{name}.dense"])
+        if a.shape != (n,):
+            raise ValueError(f"{name}: {a.size} entries, expected {n}")
+        return a.astype(dtype, copy=False)
+    if f"{name}.sp_idx" in z.files:
+        idx, val = z[f"{name}.sp_idx"], z[f"{name}.sp_val"]
+        if idx.shape != val.shape or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+            raise ValueError(f"{name}: sparse indices out of range")
+        a = np.zeros(n, dtype=dtype)
+        a[idx] = val
         return a
-    starts = z[f"{name}.rle_start"]
+    starts = np.asarray(z[f"{name}.rle_start"], dtype=np.int64)
     vals = z[f"{name}.rle_val"]
-    ends = np.append(starts[1:], n)
-    for s, e, v in zip(starts.tolist(), ends.tolist(), vals.tolist()):
-        if v:
-            a[s:e] = v
-    return a
+    if starts.size == 0 or starts.shape != vals.shape or starts[0] != 0 \
+            or (np.diff(starts) <= 0).any() or starts[-1] >= n:
+        raise ValueError(f"{name}: run-length data inconsistent")
+    lengths = np.diff(np.append(starts, n))
+    return np.repeat(vals.astype(dtype, copy=False), lengths)
 
 
 def save(host: "Host", path: Path) -> None:
@@ -66,8 +98,10 @@ def save(host: "Host", path: Path) -> None:
     for k, a in host.extra_arrays().items():
         arrays[f"x.{k}"] = a
     np.savez(tmp / "frames.npz", **arrays)
+    del arrays
     header = {
         "format": FORMAT,
+        "frames_digest": _digest_file(tmp / "frames.npz"),
         "e820": host.e820.to_state(),
         "nr_pcpus": host.nr_pcpus,
         "quirks": host.quirks.to_state(),
@@ -83,9 +117,13 @@ def save(host: "Host", path: Path) -> None:
         "log": host.log[-1000:],
         "extra": host.extra_state(),
     }
-    with open(tmp / "host.json", "w") as f:
-        json.dump(header, f)
-        f.flush()
+    blob = json.dumps(header).encode()
+    for name, data in (("host.json", blob), (DIGEST_FILE, (_digest_bytes(blob) + "\n").encode())):
+        with open(tmp / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    with open(tmp / "frames.npz", "rb") as f:
         os.fsync(f.fileno())
     old = path.with_name(path.name + f".old{os.getpid()}")
     if path.exists():
@@ -107,12 +145,34 @@ def load(cls, path: Path) -> "Host":
 
     path = Path(path)
     try:
-        with open(path / "host.json") as f:
-            header = json.load(f)
-    except (OSError, ValueError) as e:
+        blob = (path / "host.json").read_bytes()
+    except OSError as e:
         raise HostFileError(f"cannot read saved host {path}: {e}") from e
-    if header.get("format") != FORMAT:
-        raise HostFileError(f"saved host {path} has format {header.get('format')}, expected {FORMAT}")
+    try:
+        header = json.loads(blob)
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise HostFileError(f"saved host {path} is corrupt: host.json is not valid JSON "
+                            f"(truncated or modified?): {e}") from e
+    fmt = header.get("format")
+    if fmt not in READABLE_FORMATS:
+        raise HostFileError(f"saved host {path} has format {fmt}, expected {FORMAT}")
+    if fmt >= 2:
+        try:
+            want = (path / DIGEST_FILE).read_text().strip()
+        except OSError as e:
+            raise HostFileError(f"saved host {path} is incomplete: no {DIGEST_FILE} ({e.strerror})") from e
+        if _digest_bytes(blob) != want:
+            raise HostFileError(f"saved host {path} is corrupt: host.json does not match its "
+                                "checksum (truncated or modified)")
+        try:
+            got = _digest_file(path / "frames.npz")
+        except OSError as e:
+            raise HostFileError(f"saved host {path} is incomplete: cannot read frames.npz ({e.strerror})") from e
+        if got != header.get("frames_digest"):
+            raise HostFileError(f"saved host {path} is corrupt: frames.npz does not match its "
+                                "checksum (truncated or modified)")
     try:
         e820 = E820Map.from_state(header["e820"])
         host = cls(e820, header["nr_pcpus"], Quirks.from_state(header["quirks"]))
@@ -139,7 +199,9 @@ def load(cls, path: Path) -> "Host":
         host.anonymous = header["anonymous"]
         host.log = header["log"]
         host.load_extra_state(header.get("extra", {}), extra_arrays)
-    except (KeyError, ValueError, TypeError, OSError, EOFError) as e:
+    except HostFileError:
+        raise
+    except Exception as e:  # anything a damaged file can make numpy, zipfile or json raise
         raise HostFileError(f"saved host {path} is corrupt: {e!r}") from e
     return host
 

@@ -1,0 +1,314 @@
+"""Saving and loading the simulated host: a loaded host is the host that was saved (frame
+table, heap lists in order, domains, xenstore, guests), state carries across processes of the
+real ``xenpage`` command, and a saved host that is truncated, modified or incomplete is
+refused with a clear error while nothing is changed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from xenpage.backends.sim import host_path
+from xenpage.hypervisor import invariants, persist, sysctl
+from xenpage.hypervisor.host import Host
+from xenpage.hypervisor.persist import HostFileError
+
+
+def comparable(host: Host) -> dict:
+    ft = host.ft
+    return {
+        "arrays": {f: getattr(ft, f).copy() for f in ft.FIELDS},
+        "pages": {k: v.copy() for k, v in ft.pages.items()},
+        "lists": host.heap.list_order(),
+        "free_pages": host.heap.free_pages,
+        "offlined": list(host.heap.offlined_list),
+        "broken": list(host.heap.broken_list),
+        "domains": {k: d.to_state() for k, d in host.domains.items()},
+        "xenstore": host.xenstore.to_state(),
+        "p2m": {k: v.copy() for k, v in host.p2m.items()},
+        "e820": host.e820.to_state(),
+        "quirks": host.quirks.to_state(),
+        "layout": (host.xen_phys_start, tuple(host.xen_image), tuple(host.xen_init),
+                   list(host.xenheap_internal), list(host.anonymous), host.next_domid,
+                   host.nr_pcpus, host.max_page),
+        "log": list(host.log),
+        "extra": json.loads(json.dumps(host.extra_state())),
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if k in ("arrays", "pages", "p2m"):
+            assert x.keys() == y.keys(), k
+            for kk in x:
+                assert np.array_equal(x[kk], y[kk]), (k, kk)
+        else:
+            assert x == y, k
+
+
+def busy_host(host: Host) -> Host:
+    """The default host after a bit of everything: offlined, pending, broken frames, a PoD
+    cache, a crashed and a paused domain, a published xenstore node."""
+    head, order = max(host.heap.chunks(), key=lambda c: c[1])
+    f = head + (1 << order) // 2
+    sysctl.page_offline_op(host, 0, 1, f, f + 9, pcpu=1)
+    sysctl.machine_check_offline(host, f + 20)
+    d0 = int(host.owned_frames(0)[100])
+    sysctl.page_offline_op(host, 0, 1, d0, d0, pcpu=1)
+    hvm = host.domains[2]
+    hvm.max_pages += 3
+    hvm.pod_cache.extend(host.alloc_domheap_pages(hvm, 0) for _ in range(3))
+    sysctl.page_offline_op(host, 0, 1, hvm.pod_cache[1], hvm.pod_cache[1], pcpu=1)
+    u = int(host.owned_frames(1)[50])
+    sysctl.machine_check_offline(host, u)
+    sysctl.page_offline_op(host, 0, 1, u, u, pcpu=1)  # AGAIN: d1 crashed
+    host.pause(2)
+    host.xenstore.write(0, "/local/domain/2/data/x", "y")
+    return host
+
+
+# -- in-process round trip ------------------------------------------------------------------------
+
+def test_round_trip_is_exact(host, tmp_path):
+    busy_host(host)
+    before = comparable(host)
+    host.save(tmp_path / "h")
+    loaded = Host.load(tmp_path / "h")
+    assert_same(before, comparable(loaded))
+    assert invariants.check(loaded) == []
+    # and it behaves the same: the next allocations and offlines answer identically
+    a = [host.heap.alloc(k) for k in (0, 3, 1, 9)]
+    b = [loaded.heap.alloc(k) for k in (0, 3, 1, 9)]
+    assert a == b
+    for h in (host, loaded):
+        h.destroy_domain(1)
+    assert_same(comparable(host), comparable(loaded))
+
+
+def test_round_trip_of_a_small_bare_host(small_host, tmp_path):
+    h = small_host()
+    before = comparable(h)
+    h.save(tmp_path / "h")
+    assert_same(before, comparable(Host.load(tmp_path / "h")))
+
+
+def test_save_replaces_atomically_and_leaves_no_debris(host, tmp_path):
+    p = tmp_path / "h"
+    host.save(p)
+    sysctl.page_offline_op(host, 0, 1, 0x20000, 0x20000, pcpu=1)
+    host.save(p)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["h"]
+    assert sorted(x.name for x in p.iterdir()) == ["frames.npz", "host.digest", "host.json"]
+    assert Host.load(p).ft.state(0x20000) == 2
+
+
+def test_encodings_round_trip():
+    rng = np.random.default_rng(5)
+    n = 4096
+    cases = {
+        "zeros": np.zeros(n, dtype=np.uint64),
+        "sparse": np.where(rng.random(n) < 0.01, rng.integers(1, 2**63, n), 0).astype(np.uint64),
+        "runs": np.repeat(rng.integers(0, 4, 16), n // 16).astype(np.uint64),
+        "dense": rng.integers(0, 2**63, n).astype(np.uint64),
+        "small": np.repeat(np.array([3, 0, 7], dtype=np.int8), [1, n - 2, 1]),
+    }
+    for name, a in cases.items():
+        out: dict = {}
+        persist._encode(name, a, out)
+
+        class Z(dict):
+            files = property(lambda self: list(self))
+        got = persist._decode(name, n, a.dtype, Z(out))
+        assert got.dtype == a.dtype and np.array_equal(got, a), name
+    assert any(k.endswith(".rle_start") for k in _encoded(cases["runs"]))
+    assert any(k.endswith(".sp_idx") for k in _encoded(cases["sparse"]))
+    assert any(k.endswith(".dense") for k in _encoded(cases["dense"]))
+
+
+def _encoded(a):
+    out: dict = {}
+    persist._encode("x", a, out)
+    return out
+
+
+# -- damaged saved hosts ----------------------------------------------------------------------------
+
+def _flip(path, offset):
+    b = bytearray(path.read_bytes())
+    b[offset % len(b)] ^= 0x01
+    path.write_bytes(bytes(b))
+
+
+DAMAGE = {
+    "host.json truncated": lambda p: (p / "host.json").write_bytes((p / "host.json").read_bytes()[:200]),
+    "host.json emptied": lambda p: (p / "host.json").write_bytes(b""),
+    "host.json one bit flipped": lambda p: _flip(p / "host.json", 1000),
+    "host.json a digit changed": lambda p: (p / "host.json").write_text(
+        (p / "host.json").read_text().replace('"next_domid": 3', '"next_domid": 4')),
+    "host.json missing": lambda p: (p / "host.json").unlink(),
+    "frames.npz truncated": lambda p: (p / "frames.npz").write_bytes((p / "frames.npz").read_bytes()[:100000]),
+    "frames.npz one bit flipped": lambda p: _flip(p / "frames.npz", 300000),
+    "frames.npz missing": lambda p: (p / "frames.npz").unlink(),
+    "checksum missing": lambda p: (p / "host.digest").unlink(),
+    "checksum wrong": lambda p: (p / "host.digest").write_text("0" * 64 + "\n"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_saved_host_is_refused_clearly(host, tmp_path, damage):
+    p = tmp_path / "h"
+    host.save(p)
+    DAMAGE[damage](p)
+    with pytest.raises(HostFileError) as ei:
+        Host.load(p)
+    msg = str(ei.value)
+    assert str(p) in msg
+    assert any(w in msg for w in ("corrupt", "incomplete", "cannot read")), msg
+
+
+def test_frames_of_another_save_are_refused(host, tmp_path):
+    host.save(tmp_path / "a")
+    sysctl.page_offline_op(host, 0, 1, 0x20000, 0x20000, pcpu=1)
+    host.save(tmp_path / "b")
+    shutil.copy(tmp_path / "a" / "frames.npz", tmp_path / "b" / "frames.npz")
+    with pytest.raises(HostFileError, match="frames.npz does not match"):
+        Host.load(tmp_path / "b")
+
+
+def test_unknown_format_is_refused(host, tmp_path):
+    p = tmp_path / "h"
+    host.save(p)
+    hdr = json.loads((p / "host.json").read_text())
+    hdr["format"] = 99
+    blob = json.dumps(hdr).encode()
+    (p / "host.json").write_bytes(blob)
+    (p / "host.digest").write_text(persist._digest_bytes(blob) + "\n")
+    with pytest.raises(HostFileError, match="format 99"):
+        Host.load(p)
+
+
+def test_legacy_format_without_checksum_still_loads(host, tmp_path):
+    p = tmp_path / "h"
+    host.save(p)
+    hdr = json.loads((p / "host.json").read_text())
+    hdr["format"] = 1
+    del hdr["frames_digest"]
+    (p / "host.json").write_text(json.dumps(hdr))
+    (p / "host.digest").unlink()
+    assert_same(comparable(host), comparable(Host.load(p)))
+
+
+def test_structurally_wrong_arrays_are_refused(host, tmp_path):
+    """Even with matching checksums (rewritten), arrays of the wrong size are refused."""
+    p = tmp_path / "h"
+    host.save(p)
+    with np.load(p / "frames.npz") as z:
+        arrs = {k: z[k] for k in z.files}
+    key = next(k for k in arrs if k.startswith("count_info."))
+    if key.endswith(".rle_start"):
+        arrs[key] = arrs[key][::-1].copy()
+    else:
+        arrs[key] = arrs[key][:-5].copy()
+    np.savez(p / "frames.npz", **arrs)
+    hdr = json.loads((p / "host.json").read_text())
+    hdr["frames_digest"] = persist._digest_file(p / "frames.npz")
+    blob = json.dumps(hdr).encode()
+    (p / "host.json").write_bytes(blob)
+    (p / "host.digest").write_text(persist._digest_bytes(blob) + "\n")
+    with pytest.raises(HostFileError, match="corrupt"):
+        Host.load(p)
+
+
+# -- across processes, through the real command ------------------------------------------------------
+
+def _files(state_dir):
+    p = host_path(state_dir)
+    return {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in sorted(p.iterdir())}
+
+
+def test_state_carries_across_processes(cli_state, xenpage_cli):
+    host = Host.load(host_path(cli_state))
+    head, order = max(host.heap.chunks(), key=lambda c: c[1])
+    free = head + (1 << order) // 2
+    d0 = int(host.owned_frames(0)[1234])
+    for m, st_after in ((free, "Memory Status 2: [ PAGE_OFFLINED ]"),
+                        (d0, "Memory Status 8: [ PAGE_OFFLINE_PENDING  PAGE_ONLINED ]")):
+        r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+        assert r.stdout.endswith("Memory Status 0: [ PAGE_ONLINED ]\n")
+        xenpage_cli(cli_state, "mem-offline", f"{m:x}")
+        r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+        assert r.returncode == 0 and r.stdout == f"Querying MEMORY mfn {m:x} status\n{st_after}\n"
+        r = xenpage_cli(cli_state, "mem-online", f"{m:x}")
+        assert r.stdout == f"Prepare to online MEMORY mfn {m:x}\nMemory mfn {m:x} onlined successfully\n"
+        r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+        assert r.stdout.endswith("Memory Status 0: [ PAGE_ONLINED ]\n")
+    loaded = Host.load(host_path(cli_state))
+    assert invariants.check(loaded) == []
+    assert loaded.ft.state(free) == 3 and loaded.ft.state(d0) == 0
+
+
+def test_first_use_creates_the_default_host(tmp_path, xenpage_cli):
+    sd = tmp_path / "fresh"
+    r = xenpage_cli(sd, "mem-status", "100")
+    assert r.returncode == 0 and r.stdout == "Querying MEMORY mfn 100 status\nMemory Status 0: [ PAGE_ONLINED ]\n"
+    assert (host_path(sd) / "host.json").exists()
+    h = Host.load(host_path(sd))
+    assert [d.name for d in h.guest_domains()] == ["Domain-0", "domu1", "hvm1"]
+
+
+@pytest.mark.parametrize("argv", [
+    ("mem-offline", "zz"), ("mem-offline", "-1"), ("mem-offline", "100000000"),
+    ("mem-offline", "0x1ffffffff"), ("mem-offline",), ("mem-online", "zz"), ("mem-status", "-a0"),
+    ("mem-online", "a0", "a1"), ("mem-status",), ("mem-query", "20000"), ("bogus",), ("-x",),
+    ("mem-offline", "20000-1ffff"), ("mem-offline", "20000", "zz"),
+], ids=lambda a: " ".join(a) or "none")
+def test_malformed_input_changes_nothing(cli_state, xenpage_cli, argv):
+    before = _files(cli_state)
+    r = xenpage_cli(cli_state, *argv)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stdout == ""
+    assert _files(cli_state) == before  # byte-identical, not even rewritten
+
+
+@pytest.mark.parametrize("damage", ["host.json truncated", "frames.npz truncated",
+                                    "frames.npz one bit flipped", "checksum missing"])
+@pytest.mark.parametrize("argv", [("mem-offline", "20000"), ("mem-status", "20000"),
+                                  ("mem-online", "20000"), ("list",), ("host", "show"),
+                                  ("dump-p2m", "1")], ids=lambda a: " ".join(a))
+def test_damaged_host_through_the_command(cli_state, xenpage_cli, damage, argv):
+    DAMAGE[damage](host_path(cli_state))
+    before = _files(cli_state)
+    r = xenpage_cli(cli_state, *argv)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    assert r.stderr.startswith(f"xenpage: saved host {host_path(cli_state)} is ")
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert _files(cli_state) == before
+
+
+def test_queries_do_not_change_the_frame_table(cli_state, xenpage_cli):
+    before = comparable(Host.load(host_path(cli_state)))
+    for argv in (("mem-status", "20000"), ("mem-status", "a0"), ("mem-online", "20000"),
+                 ("mem-online", "7fff0"), ("list",), ("host", "show", "--json")):
+        assert xenpage_cli(cli_state, *argv).returncode in (0, 1)
+    after = comparable(Host.load(host_path(cli_state)))
+    assert_same(before, after)
+
+
+def test_state_dir_option_and_environment(tmp_path, xenpage_cli, saved_default_host):
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(saved_default_host, a)
+    shutil.copytree(saved_default_host, b)
+    # --state-dir wins over $XENPAGE_STATE_DIR
+    r = xenpage_cli(a, "--state-dir", str(b), "mem-offline", "20000")
+    assert r.returncode == 0
+    assert Host.load(host_path(b)).ft.state(0x20000) == 2
+    assert Host.load(host_path(a)).ft.state(0x20000) == 3
+    assert not os.path.exists(tmp_path / "state")
