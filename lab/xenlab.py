@@ -193,6 +193,20 @@ def read_json(path: Path):
         return None
 
 
+def remove_tree(path: Path) -> None:
+    """rm -rf a chroot, first unmounting anything a failed debootstrap left mounted in it."""
+    if not path.exists():
+        return
+    prefix = str(path.resolve()) + "/"
+    mounts = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()]
+    for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "-l", m], stderr=subprocess.DEVNULL)
+    mounts = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines()]
+    if any(m.startswith(prefix) for m in mounts):
+        raise LabError(f"build: cannot unmount everything under {path}")
+    shutil.rmtree(path)
+
+
 def build_dom0_image(cache: Path, kv: str, logs: Path, timings: dict) -> Path:
     out = cache / "dom0.cpio"
     stamp_file = cache / "dom0.stamp.json"
@@ -202,8 +216,7 @@ def build_dom0_image(cache: Path, kv: str, logs: Path, timings: dict) -> Path:
         return out
     root = cache / "rootfs"
     for p in (root, cache / "rootfs.tmp"):
-        if p.exists():
-            shutil.rmtree(p)
+        remove_tree(p)
     out.unlink(missing_ok=True)
     stamp_file.unlink(missing_ok=True)
     tmp = cache / "rootfs.tmp"
