@@ -15,7 +15,7 @@ import numpy as np
 
 from ..abi import errno as E
 from ..abi import mm
-from .mm import get_page, get_page_type, put_page, put_page_type
+from .mm import get_page, get_page_type, put_page, put_page_type, refcounted
 
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
@@ -50,22 +50,34 @@ class ForeignMaps:
 def map_frames(host: "Host", mapper: int, domid: int, frames, writable: bool) -> tuple[int, int]:
     """Map ``frames`` (MFNs of a PV guest, GFNs of an HVM guest) of ``domid`` into ``mapper``.
     All or nothing: on the first frame that cannot be mapped every reference taken is given
-    back and its error returned (``get_page_from_l1e``: -EBUSY).  Returns (rc, handle)."""
+    back and its error returned, as ``mod_l1_entry`` / ``get_page_from_l1e`` would for
+    ``mmu_update(foreigndom=domid)`` on the mapper's own L1: a GFN with no frame behind it
+    -EINVAL; an MMIO/DOMID_IO or invalid frame -EPERM (the guest has no I/O access); a frame
+    that is not the guest's, or whose type forbids a writable mapping (a page table),
+    -EBUSY.  Returns (rc, handle)."""
     md = host.domains.get(mapper)
     if md is None or not md.privileged:
         return -E.EPERM, -1
     d = host.domains.get(domid)
-    if d is None:
+    if d is None or d.is_system:
         return -E.ESRCH, -1
     frames = [int(f) for f in np.asarray(frames).ravel().tolist()]
     if d.hvm:
         p2m = host.p2m.get(domid)
-        try:
-            mfns = [int(p2m[g]) for g in frames]
-        except (IndexError, TypeError):
-            return -E.EINVAL, -1
+        mfns = []
+        for g in frames:
+            if p2m is None or not 0 <= g < p2m.size:
+                return -E.EINVAL, -1
+            m = int(p2m[g])
+            if m >= host.nframes or host.ft.owner(m) != domid \
+                    or not int(host.ft.count_info[m]) & mm.PGC_count_mask:
+                return -E.EINVAL, -1  # get_page_from_gfn failed
+            mfns.append(m)
     else:
         mfns = frames
+    ref = refcounted(host, np.array(mfns, dtype=np.int64))
+    if not ref.all():
+        return -E.EPERM, -1  # iomem_access_permitted(guest) fails
     typed = writable and not d.hvm
     done: list[int] = []
     rc = 0

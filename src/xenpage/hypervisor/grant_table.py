@@ -33,14 +33,26 @@ class Maptrack:
     ref: int
     mfn: int
     flags: int  # GNTMAP_*
+    #: whether a writable host mapping took a writable type reference
+    #: (``gnttab_host_mapping_get_page_type``: not for an HVM granter's frame mapped by another)
+    host_typed: bool = True
 
     @property
     def refs(self) -> int:
+        """General references held: one per kind of mapping (host, device)."""
         return int(bool(self.flags & G.GNTMAP_host_map)) + int(bool(self.flags & G.GNTMAP_device_map))
 
     @property
     def writable(self) -> bool:
         return not self.flags & G.GNTMAP_readonly
+
+    @property
+    def type_refs(self) -> int:
+        """Writable type references held."""
+        if not self.writable:
+            return 0
+        return int(bool(self.flags & G.GNTMAP_device_map)) \
+            + int(bool(self.flags & G.GNTMAP_host_map) and self.host_typed)
 
 
 @dataclass
@@ -53,7 +65,7 @@ class GrantTables:
 
     def to_state(self) -> dict:
         return {"frames": {str(k): v for k, v in self.frames.items()},
-                "maptrack": {str(h): [m.mapper, m.granter, m.ref, m.mfn, m.flags]
+                "maptrack": {str(h): [m.mapper, m.granter, m.ref, m.mfn, m.flags, m.host_typed]
                              for h, m in self.maptrack.items()},
                 "next_handle": self.next_handle}
 
@@ -114,49 +126,77 @@ def read_entry(host: "Host", domid: int, ref: int) -> tuple[int, int, int] | Non
 
 
 def map_grant_ref(host: "Host", mapper: int, granter: int, ref: int, flags: int) -> tuple[int, int]:
-    """``GNTTABOP_map_grant_ref``: (GNTST status, handle)."""
-    if granter not in host.domains or host.domains[granter].is_system or granter == mapper:
+    """``GNTTABOP_map_grant_ref``: (GNTST status, handle).
+
+    In Xen's order: neither host nor device mapping requested -> ``GNTST_bad_gntref``; no
+    such granter -> ``GNTST_bad_domain``; ref beyond the table -> ``GNTST_bad_gntref``;
+    entry already pinned by another domain -> ``GNTST_general_error``; first pin: the entry
+    must be ``GTF_permit_access`` to the mapper, and a writable map needs an entry without
+    ``GTF_readonly`` (``GNTST_general_error``); the granted frame must be the granter's
+    (``get_paged_frame``: ``GNTST_bad_page``); the type references must be obtainable
+    (``GNTST_general_error``).  On success the entry gets ``GTF_reading`` (and
+    ``GTF_writing`` for a writable map)."""
+    if not flags & (G.GNTMAP_host_map | G.GNTMAP_device_map):
+        return G.GNTST_bad_gntref, -1  # "Bad flags in grant map op"
+    rd = host.domains.get(granter)
+    if rd is None or rd.is_system:
         return G.GNTST_bad_domain, -1
     e = read_entry(host, granter, ref)
     if e is None:
         return G.GNTST_bad_gntref, -1
     eflags, edom, frame = e
-    if (eflags & G.GTF_type_mask) != G.GTF_permit_access or edom != mapper:
-        return G.GNTST_general_error, -1
     ro = bool(flags & G.GNTMAP_readonly)
-    if not ro and eflags & G.GTF_readonly:
-        return G.GNTST_general_error, -1
-    if not flags & (G.GNTMAP_host_map | G.GNTMAP_device_map):
-        return G.GNTST_general_error, -1
-    m = Maptrack(mapper, granter, ref, frame, flags)
+    pins = [x for x in host.grants.maptrack.values() if x.granter == granter and x.ref == ref]
+    if pins and any(x.mapper != mapper for x in pins):
+        return G.GNTST_general_error, -1  # "Bad domain (%d != %d)"
+    if not pins or (not ro and not any(x.writable for x in pins)):
+        mask = G.GTF_type_mask | (0 if ro else G.GTF_readonly)
+        if not pins and ((eflags & mask) != G.GTF_permit_access or edom != mapper):
+            return G.GNTST_general_error, -1  # "Bad flags (%x) or dom (%d)"
+        if not ro and eflags & G.GTF_readonly:
+            return G.GNTST_general_error, -1  # "Attempt to write-pin a r/o grant entry"
+    if pins:
+        frame = pins[0].mfn  # the active entry keeps the frame of the first pin
+    elif not get_page(host, frame, granter):
+        return G.GNTST_bad_page, -1  # get_paged_frame
+    else:
+        put_page(host, frame)
+    host_typed = mapper == granter or not rd.hvm
+    m = Maptrack(mapper, granter, ref, frame, flags, host_typed)
     taken: list[tuple[str, int]] = []
+    ok = True
     for _ in range(m.refs):
         if not get_page(host, frame, granter):
+            ok = False
             break
         taken.append(("page", frame))
-        if not ro:
-            if get_page_type(host, frame, mm.PGT_writable_page):
-                break
-            taken.append(("type", frame))
-    if len(taken) != m.refs * (1 if ro else 2):
+    for _ in range(m.type_refs):
+        if not ok or get_page_type(host, frame, mm.PGT_writable_page):
+            ok = False
+            break
+        taken.append(("type", frame))
+    if not ok:
         for kind, f in reversed(taken):
             (put_page_type if kind == "type" else put_page)(host, f)
-        return G.GNTST_general_error, -1
+        return G.GNTST_general_error, -1  # could_not_pin
     h = host.grants.next_handle
     host.grants.next_handle += 1
     host.grants.maptrack[h] = m
-    write_entry(host, granter, ref, eflags | (G.GTF_reading if ro else G.GTF_writing), edom, frame)
+    fl = eflags | G.GTF_reading | (0 if ro else G.GTF_writing)
+    write_entry(host, granter, ref, fl, edom, e[2])
     return G.GNTST_okay, h
 
 
 def unmap_grant_ref(host: "Host", mapper: int, handle: int) -> int:
+    """``GNTTABOP_unmap_grant_ref``: drop the mapping's references; ``GTF_writing`` is
+    cleared when no writable pin of the entry remains, ``GTF_reading`` when no pin remains."""
     m = host.grants.maptrack.get(handle)
     if m is None or m.mapper != mapper:
         return G.GNTST_bad_handle
     del host.grants.maptrack[handle]
+    for _ in range(m.type_refs):
+        put_page_type(host, m.mfn)
     for _ in range(m.refs):
-        if m.writable:
-            put_page_type(host, m.mfn)
         put_page(host, m.mfn)
     e = read_entry(host, m.granter, m.ref) if m.granter in host.domains else None
     if e is not None:
@@ -164,7 +204,7 @@ def unmap_grant_ref(host: "Host", mapper: int, handle: int) -> int:
         fl = e[0]
         if not any(x.writable for x in still):
             fl &= ~G.GTF_writing
-        if not any(not x.writable for x in still):
+        if not still:
             fl &= ~G.GTF_reading
         write_entry(host, m.granter, m.ref, fl, e[1], e[2])
     return G.GNTST_okay

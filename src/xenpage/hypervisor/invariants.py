@@ -16,7 +16,7 @@ import numpy as np
 from ..abi import mm
 from ..abi import pte as P
 from ..abi.xen import DOMID_IO, DOMID_XEN, INVALID_MFN
-from .mm import L4_XEN_FIRST, L4_XEN_LAST
+from .mm import L4_XEN_FIRST, L4_XEN_LAST, refcounted
 
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
@@ -68,19 +68,29 @@ def expected_counts(host: "Host") -> tuple[np.ndarray, np.ndarray, np.ndarray, l
         if level > 1:
             pres &= frames != tabs[:, None]  # linear self entries hold nothing
         f = frames[pres]
+        if level == 1:
+            # MMIO / DOMID_IO frames are mapped without references (is_iomem_page)
+            keep = refcounted(host, f)
+            rw = ((ents & _U(P._PAGE_RW)) != 0)[pres][keep]
+            owner_tab = np.broadcast_to((ft.owner1[tabs].astype(np.int64) - 1)[:, None],
+                                        pres.shape)[pres][keep]
+            f = f[keep]
+            gen += np.bincount(f, minlength=n)[:n]
+            typed = rw
+            hv = [d.domid for d in host.domains.values() if d.hvm]
+            if hv and rw.any():
+                fo = ft.owner1[f].astype(np.int64) - 1
+                typed = rw & ~(np.isin(fo, hv) & (fo != owner_tab))
+            fw = f[typed]
+            typ += np.bincount(fw, minlength=n)[:n]
+            want_type(np.unique(fw), 7, "RW L1 entry")
+            continue
         if (f >= n).any():
             problems.append(f"L{level} entries beyond the frame table")
             f = f[f < n]
         gen += np.bincount(f, minlength=n)[:n]
-        if level == 1:
-            rw = ((ents & _U(P._PAGE_RW)) != 0)[pres]
-            fw = frames[pres][rw]
-            fw = fw[fw < n]
-            typ += np.bincount(fw, minlength=n)[:n]
-            want_type(np.unique(fw), 7, "RW L1 entry")
-        else:
-            typ += np.bincount(f, minlength=n)[:n]
-            want_type(np.unique(f), level - 1, f"L{level} entry")
+        typ += np.bincount(f, minlength=n)[:n]
+        want_type(np.unique(f), level - 1, f"L{level} entry")
     pinned = np.flatnonzero((ti & _U(mm.PGT_pinned)) != 0)
     gen[pinned] += 1
     typ[pinned] += 1
@@ -99,8 +109,8 @@ def expected_counts(host: "Host") -> tuple[np.ndarray, np.ndarray, np.ndarray, l
     typ[io] += 1
     for m in host.grants.maptrack.values():
         gen[m.mfn] += m.refs
-        if m.writable:
-            typ[m.mfn] += m.refs
+        if m.type_refs:
+            typ[m.mfn] += m.type_refs
             want_type(np.array([m.mfn]), 7, "writable grant map")
     for fm in host.foreign.maps.values():
         a = np.array(fm.mfns, dtype=np.int64)
@@ -127,6 +137,14 @@ def check(host: "Host") -> list[str]:
     for f in wrong[:10].tolist():
         problems.append(f"mfn {f:#x} has type {mm.PGT_NAMES.get(int(tl[f]) << 61)} but is used as {int(need[f])}")
     state = ((ci & _U(mm.PGC_state)) >> _U(mm.PGC_state_shift)).astype(np.int8)
+    # Type bits: pinned only on a validated page table; a validated table has a type count.
+    lvl_ok = (tl >= 1) & (tl <= 4)
+    pin = (ti & _U(mm.PGT_pinned)) != 0
+    val = (ti & _U(mm.PGT_validated)) != 0
+    for f in np.flatnonzero(pin & ~(lvl_ok & val))[:5].tolist():
+        problems.append(f"mfn {f:#x} is pinned but not a validated page table")
+    for f in np.flatnonzero(lvl_ok & val & (have_typ == 0))[:5].tolist():
+        problems.append(f"mfn {f:#x} is a validated L{int(tl[f])} table with type count 0")
     # Owners exist; tot_pages adds up.
     own = ft.owner1.astype(np.int64) - 1
     owners, counts = np.unique(own[own >= 0], return_counts=True)
@@ -139,6 +157,15 @@ def check(host: "Host") -> list[str]:
             continue
         if c - len(d.xenheap_pages) != d.tot_pages:
             problems.append(f"d{o}: tot_pages {d.tot_pages} but owns {c - len(d.xenheap_pages)} domheap frames")
+    # Owned and allocated frames are in use (inuse or offlining); PGC_allocated needs an owner.
+    inuse = (state == mm.STATE_INUSE) | (state == mm.STATE_OFFLINING)
+    for f in np.flatnonzero((own >= 0) & ~inuse)[:5].tolist():
+        problems.append(f"mfn {f:#x} is owned by d{int(own[f])} but {mm.STATE_NAMES[int(state[f])]}")
+    alloc = (ci & _U(mm.PGC_allocated)) != 0
+    for f in np.flatnonzero(alloc & (own < 0))[:5].tolist():
+        problems.append(f"mfn {f:#x} has PGC_allocated but no owner")
+    for f in np.flatnonzero(~inuse & ((ti != 0) | (ft.m2p_plus1 != 0)))[:5].tolist():
+        problems.append(f"{mm.STATE_NAMES[int(state[f])]} mfn {f:#x} keeps a type or an M2P entry")
     # Retired frames: offlined state means free of everything.
     off = np.flatnonzero(state == mm.STATE_OFFLINED)
     for f in off[(gen[off] != 0) | (own[off] >= 0) | (have_gen[off] != 0)][:10].tolist():
@@ -166,6 +193,19 @@ def check(host: "Host") -> list[str]:
                         f"free-state frames {int(free.sum())}")
     if (own[free] >= 0).any() or (have_gen[free] != 0).any():
         problems.append("a free frame has an owner or references")
+    # The free lists and the chunk heads recorded in the frame table agree.
+    listed_chunks: dict[int, int] = {}
+    for (z, k), lst in host.heap.lists.items():
+        for h in lst:
+            if h in listed_chunks:
+                problems.append(f"chunk {h:#x} is on two free lists")
+            listed_chunks[h] = k
+            if z != int(h).bit_length():
+                problems.append(f"chunk {h:#x} is on the list of zone {z}")
+    if listed_chunks != dict(host.heap.chunks()):
+        diff = set(listed_chunks.items()) ^ set(host.heap.chunks())
+        problems.append(f"free lists and chunk heads disagree ({len(diff)} chunks, e.g. "
+                        f"{sorted(diff)[:3]})")
     # M2P agrees with every P2M.
     for d in host.guest_domains():
         p2m = host.pv_p2m(d.domid)

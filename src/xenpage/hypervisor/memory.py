@@ -137,9 +137,13 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
                 if d.dying:
                     host.free_domheap_pages(np.array([m]))
                     continue
-                if host.quirks.assign_resets_state:
-                    host.ft.count_info[m] = _U(int(host.ft.count_info[m]) & mm.PGC_preserved)
+                # assign_pages keeps only PGC_preserved: a stolen offlining frame handed
+                # back is inuse again and loses PGC_broken (QUIRK 7.C5); with the quirk
+                # off the frame keeps its state and broken bit.
+                kept = int(host.ft.count_info[m]) & (mm.PGC_state | mm.PGC_broken)
                 host.assign_pages(d, m, 1, count_towards=False)
+                if not host.quirks.assign_resets_state:
+                    host.ft.count_info[m] = _U(int(host.ft.count_info[m]) | kept)
             for h in new_heads:
                 n = 1 << out.extent_order
                 host.heap.free(h, out.extent_order) if n else None

@@ -25,6 +25,7 @@ from ..abi import errno as E
 from ..abi import mm
 from ..abi import pte as P
 from ..abi import xen as X
+from .e820 import PDX_GROUP_FRAMES_SHIFT
 
 if TYPE_CHECKING:  # pragma: no cover
     from .domain import Domain
@@ -202,38 +203,100 @@ def adjust_guest_upper(e: np.ndarray | int, level: int) -> np.ndarray | int:
 
 # -- table validation -------------------------------------------------------------------------
 
-def _l1_refs_check(host: "Host", frames: np.ndarray, rw: np.ndarray, pt_owner: int,
-                   pg_owner: int, owner_priv: bool) -> int:
-    """Check that every (frame, rw) could take its references (``get_page_from_l1e``)
-    without changing anything; 0 or a negative errno."""
+_CACHE_ATTRS = P._PAGE_PWT | P._PAGE_PCD | P._PAGE_PAT
+
+
+def l1_disallow(host: "Host", domid: int) -> int:
+    """``l1_disallow_mask(d)``: a domain with I/O capabilities (the control domain here) may
+    also set the cache-attribute bits."""
+    d = host.domains.get(domid)
+    if d is not None and d.privileged:
+        return L1_DISALLOW & ~_CACHE_ATTRS
+    return L1_DISALLOW
+
+
+def mfn_valid(host: "Host", frames: np.ndarray) -> np.ndarray:
+    """``mfn_valid`` per frame: below max_page and in a PDX group (2^16 frames) with RAM."""
+    f = np.asarray(frames, dtype=np.int64)
+    ok = (f >= 0) & (f < host.nframes)
+    g = PDX_GROUP_FRAMES_SHIFT
+    vg = np.zeros((host.nframes >> g) + 1, dtype=bool)
+    for s, t in host.e820.ram_frame_ranges():
+        vg[s >> g:((t - 1) >> g) + 1] = True
+    out = np.zeros(f.shape, dtype=bool)
+    out[ok] = vg[f[ok] >> g]
+    return out
+
+
+def refcounted(host: "Host", frames: np.ndarray) -> np.ndarray:
+    """Frames a present L1 entry holds references on: valid frames not owned by DOMID_IO
+    (``is_iomem_page`` frames are mapped without any reference)."""
+    frames = np.asarray(frames, dtype=np.int64)
+    out = mfn_valid(host, frames)
+    if out.any():
+        out[out] = host.ft.owner1[frames[out]] != X.DOMID_IO + 1
+    return out
+
+
+def _hvm_ids(host: "Host") -> list[int]:
+    return [d.domid for d in host.domains.values() if d.hvm]
+
+
+def l1_typed(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: int) -> np.ndarray:
+    """Which RW entries hold a writable type reference: all, except foreign mappings of a
+    frame whose owner uses external paging (HVM), as ``get_page_from_l1e`` /
+    ``put_page_from_l1e`` decide.  ``frames`` must be refcounted frames."""
+    if not rw.any():
+        return rw
+    hv = _hvm_ids(host)
+    if not hv:
+        return rw
+    own = host.ft.owner1[frames].astype(np.int64) - 1
+    return rw & ~(np.isin(own, hv) & (own != l1e_owner))
+
+
+def _l1_refs_check(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: int,
+                   pg_owner: int, caller: int | None = None) -> int:
+    """``get_page_from_l1e`` for every (frame, rw) without changing anything: 0 or the
+    negative errno the first failing entry would give."""
     if frames.size == 0:
         return 0
-    if (frames >= host.nframes).any():
-        return -E.EPERM  # beyond the frame table: I/O space the guest may not map
+    ref = refcounted(host, frames)
+    if not ref.all():
+        # MMIO / DOMID_IO frames: iomem_access_permitted(pg_owner) (DOMID_IO -> the caller)
+        who = (l1e_owner if caller is None else caller) if pg_owner == X.DOMID_IO else pg_owner
+        d = host.domains.get(who)
+        if not (d is not None and d.privileged):
+            return -E.EPERM
+        frames, rw = frames[ref], rw[ref]
+        if frames.size == 0:
+            return 0
     own = host.ft.owner1[frames].astype(np.int64) - 1
-    ci = host.ft.count_info[frames]
-    if ((ci & _U(_COUNT)) == 0).any():
-        return -E.EBUSY
-    if (own == X.DOMID_IO).any() and not owner_priv:
-        return -E.EPERM
-    bad_owner = own != pg_owner
-    if bad_owner.any():
-        # a privileged pg_owner may map its target's frames (xsm_priv_mapping)
-        if not (owner_priv and pg_owner != pt_owner):
-            return -E.EBUSY
-    w = frames[rw]
+    cnt = host.ft.count_info[frames] & _U(_COUNT)
+    # page_get_owner_and_reference fails (NULL owner) on a zero or saturated count
+    real = np.where((cnt == 0) | (cnt >= _U(_COUNT - 1)), -1, own)
+    bad = real != pg_owner
+    if bad.any():
+        # (real_pg_owner == NULL) || (pg_owner == l1e_owner) || xsm_priv_mapping(pg_owner, real)
+        pgd = host.domains.get(pg_owner)
+        if (real[bad] < 0).any() or pg_owner == l1e_owner or not (pgd is not None and pgd.privileged):
+            return -E.EBUSY  # could_not_pin
+    typed = l1_typed(host, frames, rw, l1e_owner)
+    w = frames[typed]
     if w.size:
         ti = host.ft.type_info[w]
-        cnt = ti & _U(_TCOUNT)
-        typ = ti & _U(_TYPE)
-        if ((cnt != 0) & (typ != _U(mm.PGT_writable_page))).any():
-            return -E.EBUSY
+        if (((ti & _U(_TCOUNT)) != 0) & ((ti & _U(_TYPE)) != _U(mm.PGT_writable_page))).any():
+            return -E.EBUSY  # "Could not get page type PGT_writable_page"
     return 0
 
 
-def _l1_refs_take(host: "Host", frames: np.ndarray, rw: np.ndarray) -> None:
+def _l1_refs_take(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: int) -> None:
+    keep = refcounted(host, frames)
+    frames, rw = frames[keep], rw[keep]
+    if frames.size == 0:
+        return
     np.add.at(host.ft.count_info, frames, _U(1))
-    w = frames[rw]
+    w = frames[l1_typed(host, frames, rw, l1e_owner)]
     if w.size:
         uw, n = np.unique(w, return_counts=True)
         ti = host.ft.type_info[uw]
@@ -242,10 +305,14 @@ def _l1_refs_take(host: "Host", frames: np.ndarray, rw: np.ndarray) -> None:
         host.ft.type_info[uw] = ti + n.astype(np.uint64)
 
 
-def _l1_refs_drop(host: "Host", frames: np.ndarray, rw: np.ndarray) -> None:
+def _l1_refs_drop(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: int) -> None:
     """``put_page_from_l1e`` for many entries: writable type refs first, then the general
     references; frames reaching zero are freed."""
-    w = frames[rw]
+    keep = refcounted(host, frames)
+    frames, rw = frames[keep], rw[keep]
+    if frames.size == 0:
+        return
+    w = frames[l1_typed(host, frames, rw, l1e_owner)]
     if w.size:
         uw, n = np.unique(w, return_counts=True)
         ti = host.ft.type_info[uw]
@@ -279,39 +346,43 @@ def _frames(entries: np.ndarray) -> np.ndarray:
 
 
 def _alloc_table(host: "Host", mfn: int, level: int) -> int:
-    """``alloc_lN_table``: validate a frame as an Ln table; on failure nothing is held."""
+    """``alloc_lN_table``: validate a frame as an Ln table; on failure nothing is held and
+    the error of the first bad entry is returned (``get_page_from_lNe``)."""
     d = host.ft.owner(mfn)
     tab = host.ft.table(mfn)
     if level == 1:
         pres = _present(tab)
-        if (tab[pres] & _U(L1_DISALLOW)).any():
-            return -E.EINVAL
+        if (tab[pres] & _U(l1_disallow(host, d))).any():
+            return -E.EINVAL  # "Bad L1 flags"
         fr = _frames(tab[pres])
         rw = (tab[pres] & _U(P._PAGE_RW)) != 0
-        dom = host.domains.get(d)
-        rc = _l1_refs_check(host, fr, rw, d, d, bool(dom and dom.privileged))
+        rc = _l1_refs_check(host, fr, rw, d, d)
         if rc:
             return rc
-        _l1_refs_take(host, fr, rw)
+        _l1_refs_take(host, fr, rw, d)
         tab[:] = adjust_guest_l1e(tab)
         return 0
     guest = _GUEST_L4 if level == 4 else np.ones(512, dtype=bool)
     pres = _present(tab) & guest
     idx = np.flatnonzero(pres)
     fr_all = _frames(tab)
-    # linear (self) entries are skipped as put_page_from_lNe does
     if (tab[idx] & _U(DISALLOW[level])).any():
-        return -E.EINVAL
+        return -E.EINVAL  # "Bad L%d flags"
     done: list[int] = []
     for i in idx.tolist():
         f = int(fr_all[i])
         if f == mfn:
-            continue
-        rc = get_page_and_type(host, f, d, mm.pgt_level(level - 1))
+            # a linear (self) entry holds nothing; only read-only ones are accepted
+            if int(tab[i]) & P._PAGE_RW:
+                rc = -E.EINVAL
+            else:
+                continue
+        else:
+            rc = get_page_and_type(host, f, d, mm.pgt_level(level - 1))
         if rc:
             for j in reversed(done):
                 put_page_and_type(host, int(fr_all[j]))
-            return -E.EINVAL
+            return rc
         done.append(i)
     tab[pres] = adjust_guest_upper(tab[pres], level)
     if level == 4:
@@ -333,7 +404,7 @@ def _free_table(host: "Host", mfn: int, level: int) -> None:
         pres = _present(tab)
         fr = _frames(tab[pres])
         rw = (tab[pres] & _U(P._PAGE_RW)) != 0
-        _l1_refs_drop(host, fr, rw)
+        _l1_refs_drop(host, fr, rw, host.ft.owner(mfn))
         return
     guest = _GUEST_L4 if level == 4 else np.ones(512, dtype=bool)
     pres = _present(tab) & guest
@@ -352,59 +423,66 @@ def _write(tab: np.ndarray, idx: int, new: int, preserve_ad: bool) -> None:
 
 
 def mod_l1_entry(host: "Host", table: int, idx: int, new: int, pt_owner: int, pg_owner: int,
-                 preserve_ad: bool) -> int:
+                 preserve_ad: bool, caller: int | None = None, translate: bool = True) -> int:
+    """``mod_l1_entry``: the new entry takes its references before it is written, then the
+    old entry's are dropped; a change limited to whitelisted bits takes none."""
     tab = host.ft.table(table)
     old = int(tab[idx])
     if new & P._PAGE_PRESENT:
-        if new & L1_DISALLOW:
-            return -E.EINVAL
+        if new & l1_disallow(host, pt_owner):
+            return -E.EINVAL  # "Bad L1 flags"
         pgd = host.domains.get(pg_owner)
-        if pgd is not None and pgd.hvm:
-            # a translated pg_owner: the frame field is a GFN
+        if translate and pgd is not None and pgd.hvm:
+            # a translated pg_owner: the frame field is a GFN (get_page_from_gfn)
             g = P.pte_frame(new)
             p2m = host.p2m.get(pg_owner)
-            if p2m is None or g >= p2m.size:
+            if p2m is None or g >= p2m.size or int(p2m[g]) >= host.nframes \
+                    or host.ft.owner(int(p2m[g])) != pg_owner \
+                    or not int(host.ft.count_info[int(p2m[g])]) & _COUNT:
                 return -E.EINVAL
             new = P.make_pte(int(p2m[g]), new & P.PTE_FLAGS_MASK)
-        new = adjust_guest_l1e(new)
         if (old & P._PAGE_PRESENT) and not ((old ^ new) & _FRAME_AND_FLAGS):
-            _write(tab, idx, new, preserve_ad)
+            _write(tab, idx, adjust_guest_l1e(new), preserve_ad)  # fast path
             return 0
-        ptd = host.domains.get(pt_owner)
         fr = np.array([P.pte_frame(new)], dtype=np.int64)
         rw = np.array([bool(new & P._PAGE_RW)])
-        rc = _l1_refs_check(host, fr, rw, pt_owner, pg_owner, bool(ptd and ptd.privileged))
+        rc = _l1_refs_check(host, fr, rw, pt_owner, pg_owner, caller)
         if rc:
             return rc
-        _l1_refs_take(host, fr, rw)
-        _write(tab, idx, new, preserve_ad)
+        _l1_refs_take(host, fr, rw, pt_owner)
+        _write(tab, idx, adjust_guest_l1e(new), preserve_ad)
     else:
         _write(tab, idx, new, preserve_ad)
     if old & P._PAGE_PRESENT:
         _l1_refs_drop(host, np.array([P.pte_frame(old)], dtype=np.int64),
-                      np.array([bool(old & P._PAGE_RW)]))
+                      np.array([bool(old & P._PAGE_RW)]), pt_owner)
     return 0
 
 
 def mod_upper_entry(host: "Host", table: int, level: int, idx: int, new: int, d: int,
                     preserve_ad: bool) -> int:
-    """``mod_l2_entry`` / ``mod_l3_entry`` / ``mod_l4_entry``."""
+    """``mod_l2_entry`` / ``mod_l3_entry`` / ``mod_l4_entry``: the new entry takes a general
+    and an L(n-1) type reference (validating the lower table on 0 -> 1); the old entry's
+    are dropped after the write.  Errors are those of ``get_page_from_lNe``."""
     if level == 4 and not _GUEST_L4[idx]:
         return -E.EINVAL  # "Illegal L4 update attempt in Xen-private area"
     tab = host.ft.table(table)
     old = int(tab[idx])
     if new & P._PAGE_PRESENT:
         if new & DISALLOW[level]:
-            return -E.EINVAL
-        new = adjust_guest_upper(new, level)
+            return -E.EINVAL  # "Bad L%d flags"
         if (old & P._PAGE_PRESENT) and not ((old ^ new) & _FRAME_AND_FLAGS):
-            _write(tab, idx, new, preserve_ad)
+            _write(tab, idx, adjust_guest_upper(new, level), preserve_ad)  # fast path
             return 0
         f = P.pte_frame(new)
-        if f != table:
+        if f == table:
+            if new & P._PAGE_RW:
+                return -E.EINVAL  # "Attempt to create linear p.t. with write perms"
+        else:
             rc = get_page_and_type(host, f, d, mm.pgt_level(level - 1))
             if rc:
-                return -E.EINVAL
+                return rc
+        new = adjust_guest_upper(new, level)
     _write(tab, idx, new, preserve_ad)
     if old & P._PAGE_PRESENT and P.pte_frame(old) != table:
         put_page_and_type(host, P.pte_frame(old))
@@ -414,86 +492,79 @@ def mod_upper_entry(host: "Host", table: int, level: int, idx: int, new: int, d:
 # -- hypercalls -------------------------------------------------------------------------------
 
 def _priv_over(host: "Host", caller: int, target: int) -> bool:
-    """XSM_TARGET: the caller is the target or the control domain."""
+    """``xsm_default_action(XSM_TARGET, caller, target)`` (dummy XSM): the caller is the
+    target, or the control domain."""
     c = host.domains.get(caller)
     return caller == target or bool(c and c.privileged)
 
 
 def get_pg_owner(host: "Host", caller: int, domid: int) -> tuple[int, int]:
     """``get_pg_owner``: (rc, owner domid)."""
+    domid &= 0xFFFF
     if domid == X.DOMID_SELF:
         return 0, caller
     if domid == caller:
         return -E.ESRCH, -1  # "Cannot specify itself as foreign domain"
     if domid in (X.DOMID_IO, X.DOMID_XEN):
         return 0, domid
-    if domid not in host.domains:
-        return -E.ESRCH, -1
+    d = host.domains.get(domid)
+    if d is None or d.is_system:
+        return -E.ESRCH, -1  # "Unknown domain"
     return 0, domid
 
 
 def mmu_update(host: "Host", caller: int, reqs: np.ndarray, foreigndom: int) -> tuple[int, int]:
     """``do_mmu_update``: requests ``(ptr, val)`` processed in order; the first failure stops
-    the batch (earlier requests stay applied).  Returns ``(rc, done)``."""
+    the batch (earlier requests stay applied).  Returns ``(rc, done)``.
+
+    Order of checks as in Xen: the page-table owner named by bits 31..16 (-ESRCH if absent,
+    -EINVAL without vCPU 0), the data-page owner FD (``get_pg_owner``: -ESRCH), then per
+    request the XSM_TARGET check (-EPERM) and the request itself."""
     reqs = np.asarray(reqs, dtype=np.uint64).reshape(-1, 2)
     fd, pfd = X.split_foreigndom(foreigndom)
-    pt_owner = caller if pfd is None else pfd
-    if pt_owner != caller:
-        ptd = host.domains.get(pt_owner)
+    pt_owner = caller
+    if pfd is not None and pfd != caller:
+        ptd = host.domains.get(pfd)
         if ptd is None or ptd.is_system:
             return -E.ESRCH, 0
         if ptd.vcpus < 1:
             return -E.EINVAL, 0
-        if not _priv_over(host, caller, pt_owner):
-            return -E.EPERM, 0
-    ptd = host.domains[pt_owner]
+        pt_owner = pfd
     rc, pg_owner = get_pg_owner(host, caller, fd)
     if rc:
         return rc, 0
-    if pg_owner != caller and pg_owner not in (X.DOMID_IO, X.DOMID_XEN) \
-            and not _priv_over(host, caller, pg_owner):
-        return -E.EPERM, 0
+    ptd = host.domains[pt_owner]
+    pgd = host.domains.get(pg_owner)
+    xsm_normal = xsm_machphys = None
     done = 0
     for ptr, val in reqs.tolist():
         cmd = ptr & X.MMU_CMD_MASK
-        if cmd in (X.MMU_NORMAL_PT_UPDATE, X.MMU_PT_UPDATE_PRESERVE_AD):
+        if cmd in (X.MMU_NORMAL_PT_UPDATE, X.MMU_PT_UPDATE_PRESERVE_AD, X.MMU_PT_UPDATE_NO_TRANSLATE):
             if ptd.hvm:
-                return -E.EOPNOTSUPP, done
-            table = ptr >> 12
-            idx = (ptr & 0xFFF) >> 3
-            if not get_page(host, table, pt_owner):
-                return -E.EINVAL, done  # "Could not get page for normal update"
-            pres = cmd == X.MMU_PT_UPDATE_PRESERVE_AD
-            lvl = is_validated_table(host, table)
-            t = _ti(host, table)
-            if lvl == 1:
-                rc = mod_l1_entry(host, table, idx, val, pt_owner, pg_owner, pres)
-            elif lvl:
-                rc = -E.EINVAL if pg_owner != pt_owner else \
-                    mod_upper_entry(host, table, lvl, idx, val, pt_owner, pres)
-            elif (t & _TYPE) == mm.PGT_writable_page and t & _TCOUNT:
-                host.ft.table(table)[idx] = _U(val)
-                rc = 0
-            elif t & _TCOUNT:
-                rc = -E.EINVAL
+                rc = -E.EOPNOTSUPP  # paging_mode_refcounts(pt_owner)
             else:
-                rc = get_page_type(host, table, mm.PGT_writable_page)
-                if rc == 0:
-                    host.ft.table(table)[idx] = _U(val)
-                    put_page_type(host, table)
-            put_page(host, table)
+                if xsm_normal is None:
+                    ok = (pg_owner == X.DOMID_IO or _priv_over(host, caller, pg_owner)) \
+                        and _priv_over(host, caller, pt_owner)
+                    xsm_normal = 0 if ok else -E.EPERM
+                rc = xsm_normal or _normal_update(host, caller, ptr, val, cmd, pt_owner, pg_owner)
         elif cmd == X.MMU_MACHPHYS_UPDATE:
             mfn = ptr >> 12
             if pt_owner != caller:
                 rc = -E.EPERM
-            elif pg_owner in host.domains and host.domains[pg_owner].hvm:
-                rc = -E.EINVAL
-            elif not get_page(host, mfn, pg_owner):
-                rc = -E.EINVAL
+            elif pgd is not None and pgd.hvm:
+                rc = -E.EINVAL  # paging_mode_translate(pg_owner)
             else:
-                host.ft.set_m2p(mfn, val)
-                put_page(host, mfn)
-                rc = 0
+                if xsm_machphys is None:
+                    ok = pg_owner == X.DOMID_IO or _priv_over(host, caller, pg_owner)
+                    xsm_machphys = 0 if ok else -E.EPERM
+                rc = xsm_machphys
+                if not rc:
+                    if not get_page(host, mfn, pg_owner):
+                        rc = -E.EINVAL  # "Could not get page for mach->phys update"
+                    else:
+                        host.ft.set_m2p(mfn, val)
+                        put_page(host, mfn)
         else:
             rc = -E.ENOSYS
         if rc:
@@ -502,65 +573,117 @@ def mmu_update(host: "Host", caller: int, reqs: np.ndarray, foreigndom: int) -> 
     return 0, done
 
 
+def _normal_update(host: "Host", caller: int, ptr: int, val: int, cmd: int, pt_owner: int,
+                   pg_owner: int) -> int:
+    """One MMU_NORMAL_PT_UPDATE / MMU_PT_UPDATE_PRESERVE_AD / MMU_PT_UPDATE_NO_TRANSLATE."""
+    table = (ptr & ~X.MMU_CMD_MASK) >> 12
+    idx = (ptr & 0xFFF) >> 3
+    if not get_page(host, table, pt_owner):
+        return -E.EINVAL  # "Could not get page for normal update"
+    pres = cmd == X.MMU_PT_UPDATE_PRESERVE_AD
+    lvl = is_validated_table(host, table)
+    t = _ti(host, table)
+    if lvl == 1:
+        rc = mod_l1_entry(host, table, idx, val, pt_owner, pg_owner, pres, caller,
+                          translate=(cmd != X.MMU_PT_UPDATE_NO_TRANSLATE))
+    elif lvl:
+        rc = -E.EINVAL if pg_owner != pt_owner else \
+            mod_upper_entry(host, table, lvl, idx, val, pt_owner, pres)
+    elif (t & _TYPE) == mm.PGT_writable_page and t & _TCOUNT:
+        host.ft.table(table)[idx] = _U(val)  # page_lock'ed writable page: a plain write
+        rc = 0
+    elif t & _TCOUNT:
+        rc = -E.EINVAL  # locked with another type (or a type in use)
+    else:
+        # not lockable: a transient writable type, then a raw write (no validation)
+        rc = get_page_type(host, table, mm.PGT_writable_page)
+        if rc == 0:
+            host.ft.table(table)[idx] = _U(val)
+            put_page_type(host, table)
+    put_page(host, table)
+    return rc
+
+
+_PIN_CMDS = (X.MMUEXT_PIN_L1_TABLE, X.MMUEXT_PIN_L2_TABLE, X.MMUEXT_PIN_L3_TABLE,
+             X.MMUEXT_PIN_L4_TABLE)
+
+
 def mmuext_op(host: "Host", caller: int, ops: list[tuple[int, int]], foreigndom: int,
               vcpu: int = 0) -> tuple[int, int]:
-    """``do_mmuext_op`` for ``(cmd, mfn)`` pairs: pin/unpin, new (user) base pointer."""
+    """``do_mmuext_op`` for ``(cmd, mfn)`` pairs: pin/unpin, new (user) base pointer.
+
+    ``get_pg_owner(foreigndom)`` (-ESRCH); a foreign non-PV owner (-EINVAL); XSM_TARGET
+    (-EPERM); then per op.  Pin: the frame must be the owner's (-EINVAL), take a general
+    and a type reference of the level (validation errors are returned as they are),
+    already pinned -> -EINVAL.  Unpin: owner's frame and pinned, else -EINVAL.  Base
+    pointers only for the caller itself (-EPERM).  Unknown commands -ENOSYS."""
     rc, pg_owner = get_pg_owner(host, caller, foreigndom & 0xFFFF)
     if rc:
         return rc, 0
+    d = host.domains[pg_owner]
+    if pg_owner != caller and d.hvm:
+        return -E.EINVAL, 0
     if not _priv_over(host, caller, pg_owner):
         return -E.EPERM, 0
-    d = host.domains.get(pg_owner)
+    cd = host.domains[caller]
     done = 0
     for cmd, mfn in ops:
-        if cmd in (X.MMUEXT_PIN_L1_TABLE, X.MMUEXT_PIN_L2_TABLE, X.MMUEXT_PIN_L3_TABLE,
-                   X.MMUEXT_PIN_L4_TABLE):
-            if d is None or d.hvm:
-                return -E.EINVAL, done
-            level = cmd - X.MMUEXT_PIN_L1_TABLE + 1
-            rc = get_page_and_type(host, mfn, pg_owner, mm.pgt_level(level))
-            if rc:
-                return -E.EINVAL, done
-            t = _ti(host, mfn)
-            if t & mm.PGT_pinned:
-                put_page_and_type(host, mfn)
-                return -E.EINVAL, done  # "Mfn already pinned"
-            host.ft.type_info[mfn] = _U(t | mm.PGT_pinned)
+        if cd.hvm and (cmd in _PIN_CMDS or cmd in (X.MMUEXT_UNPIN_TABLE, X.MMUEXT_NEW_BASEPTR,
+                                                   X.MMUEXT_NEW_USER_BASEPTR)):
+            return -E.EOPNOTSUPP, done
+        if cmd in _PIN_CMDS:
+            if not d.hvm:  # paging_mode_refcounts(pg_owner): silently ignored
+                level = cmd - X.MMUEXT_PIN_L1_TABLE + 1
+                if not get_page(host, mfn, pg_owner):
+                    return -E.EINVAL, done
+                rc = get_page_type(host, mfn, mm.pgt_level(level))
+                if rc:
+                    put_page(host, mfn)
+                    return rc, done  # "Error %d while pinning mfn"
+                t = _ti(host, mfn)
+                if t & mm.PGT_pinned:
+                    put_page_and_type(host, mfn)
+                    return -E.EINVAL, done  # "mfn already pinned"
+                host.ft.type_info[mfn] = _U(t | mm.PGT_pinned)
         elif cmd == X.MMUEXT_UNPIN_TABLE:
-            if not get_page(host, mfn, pg_owner):
-                return -E.EINVAL, done
-            t = _ti(host, mfn)
-            if not t & mm.PGT_pinned:
+            if not d.hvm:
+                if not get_page(host, mfn, pg_owner):
+                    return -E.EINVAL, done  # "mfn bad, or bad owner"
+                t = _ti(host, mfn)
+                if not t & mm.PGT_pinned:
+                    put_page(host, mfn)
+                    return -E.EINVAL, done  # "mfn not pinned"
+                host.ft.type_info[mfn] = _U(t & ~mm.PGT_pinned)
+                put_page_and_type(host, mfn)
                 put_page(host, mfn)
-                return -E.EINVAL, done  # "mfn not pinned"
-            host.ft.type_info[mfn] = _U(t & ~mm.PGT_pinned)
-            put_page_and_type(host, mfn)
-            put_page(host, mfn)
         elif cmd in (X.MMUEXT_NEW_BASEPTR, X.MMUEXT_NEW_USER_BASEPTR):
             if pg_owner != caller:
-                return -E.EINVAL, done
+                return -E.EPERM, done
             rc = new_baseptr(host, d, vcpu, mfn, user=(cmd == X.MMUEXT_NEW_USER_BASEPTR))
             if rc:
                 return rc, done
         elif cmd == X.MMUEXT_TLB_FLUSH_LOCAL:
             pass
         else:
-            return -E.EINVAL, done
+            return -E.ENOSYS, done
         done += 1
     return 0, done
 
 
 def new_baseptr(host: "Host", d: "Domain", vcpu: int, mfn: int, user: bool = False) -> int:
-    """``new_guest_cr3``: the new root takes a general and an L4 type reference; the old
-    one's are dropped.  ``mfn`` 0 clears a user root."""
+    """``new_guest_cr3`` / ``MMUEXT_NEW_USER_BASEPTR``: the new root takes a general and an
+    L4 type reference (errors returned as they are); the old one's are dropped.  Loading
+    the current root again changes nothing; ``mfn`` 0 clears a user root."""
     slots = d.guest_table_user if user else d.guest_table
     while len(slots) <= vcpu:
         slots.append(0)
-    if mfn:
+    old = slots[vcpu]
+    if old == mfn:
+        return 0
+    if mfn or not user:
         rc = get_page_and_type(host, mfn, d.domid, mm.PGT_l4_page_table)
         if rc:
-            return -E.EINVAL
-    old = slots[vcpu]
+            return rc  # "Error while installing new baseptr"
     slots[vcpu] = mfn
     if old:
         put_page_and_type(host, old)
