@@ -70,10 +70,6 @@ def resume_guest(hv: Hypervisor, domid: int) -> int:
     return rc
 
 
-def _mark(hv: Hypervisor, mfn: int) -> tuple[Report, int, int]:
-    return hptool.mem_offline_mark(hv, mfn)
-
-
 def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
                 hook=None) -> OfflineResult:
     t_start = time.perf_counter()
@@ -85,7 +81,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if mfn in per:
             continue
         order.append(mfn)
-        r, rc, st = _mark(hv, mfn)
+        r, rc, st = hptool.mem_offline_mark(hv, mfn)
         per[mfn] = (r, rc, st)
         outcomes[mfn] = _classify(mfn, rc, st)
         if hptool.is_owned_pending(rc, st):
@@ -112,7 +108,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             outcomes[o.mfn] = o
         timings["guests"][domid] = {"pages": len(group), "suspend_s": t1 - t0,
                                     "toolstack_s": t2 - t1, "resume_s": t3 - t2,
-                                    "suspended_s": t3 - t0 + (0 if ours else 0),
+                                    "suspended_s": (t3 - t0) if ours else None,
                                     "resume_rc": rrc}
     timings["total_s"] = time.perf_counter() - t_start
     report = Report()
