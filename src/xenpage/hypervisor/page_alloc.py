@@ -275,8 +275,9 @@ class Heap:
                 self.ft.set_state(m, _INUSE)
                 self.free(m, 0)
             return
-        gone = set(mfns.tolist())
-        self.offlined_list = {k: None for k in self.offlined_list if k not in gone}
+        pop = self.offlined_list.pop
+        for k in mfns.tolist():
+            pop(k, None)
         sl = mfns
         self.ft.count_info[sl] = (self.ft.count_info[sl] & _KEEP_NOT_STATE) | _U(mm.PGC_state_free)
         self.ft.type_info[sl] = _U(0)
@@ -300,4 +301,36 @@ class Heap:
             h.free_pages += len(heads) << o
         h.offlined_list = dict.fromkeys(st["offlined"])
         h.broken_list = dict.fromkeys(st["broken"])
+        return h
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The lists as arrays (for the ``.npz``): every free list's heads in list order
+        with its (zone, order, length), and the offlined and broken lists."""
+        keys = [(z, o) for (z, o), lst in self.lists.items() if lst]
+        heads = [np.fromiter(self.lists[k].keys(), dtype=np.int64, count=len(self.lists[k]))
+                 for k in keys]
+        return {
+            "lists_key": np.array([[z, o, len(hd)] for (z, o), hd in zip(keys, heads)],
+                                  dtype=np.int64).reshape(-1, 3),
+            "lists_heads": np.concatenate(heads) if heads else np.zeros(0, dtype=np.int64),
+            "offlined": np.fromiter(self.offlined_list.keys(), dtype=np.int64,
+                                    count=len(self.offlined_list)),
+            "broken": np.fromiter(self.broken_list.keys(), dtype=np.int64,
+                                  count=len(self.broken_list)),
+        }
+
+    @classmethod
+    def from_arrays(cls, ft: FrameTable, a: dict[str, np.ndarray],
+                    max_order: int = MAX_ORDER) -> "Heap":
+        h = cls(ft, max_order)
+        key, heads = np.asarray(a["lists_key"], dtype=np.int64), np.asarray(a["lists_heads"])
+        if key.ndim != 2 or key.shape[1] != 3 or int(key[:, 2].sum()) != heads.size:
+            raise ValueError("heap lists inconsistent")
+        pos = 0
+        for z, o, n in key.tolist():
+            h.lists[(z, o)] = OrderedDict.fromkeys(heads[pos:pos + n].tolist())
+            h.free_pages += n << o
+            pos += n
+        h.offlined_list = dict.fromkeys(np.asarray(a["offlined"]).tolist())
+        h.broken_list = dict.fromkeys(np.asarray(a["broken"]).tolist())
         return h

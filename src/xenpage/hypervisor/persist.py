@@ -93,6 +93,8 @@ def save(host: "Host", path: Path) -> None:
             _encode(k, a, arrays)
         else:
             arrays[k] = a
+    for k, a in host.heap.to_arrays().items():
+        arrays[f"heap.{k}"] = a
     for domid, p in host.p2m.items():
         arrays[f"p2m.{domid}"] = p
     for k, a in host.extra_arrays().items():
@@ -105,7 +107,7 @@ def save(host: "Host", path: Path) -> None:
         "e820": host.e820.to_state(),
         "nr_pcpus": host.nr_pcpus,
         "quirks": host.quirks.to_state(),
-        "heap": host.heap.to_state(),
+        "heap": "frames.npz",  # heap.* arrays
         "domains": [d.to_state() for d in host.domains.values()],
         "xenstore": host.xenstore.to_state(),
         "next_domid": host.next_domid,
@@ -186,8 +188,12 @@ def load(cls, path: Path) -> "Host":
                     arrs[k] = z[k]
             p2m = {int(k.split(".", 1)[1]): np.array(z[k]) for k in z.files if k.startswith("p2m.")}
             extra_arrays = {k[2:]: np.array(z[k]) for k in z.files if k.startswith("x.")}
+            heap_arrays = {k[5:]: z[k] for k in z.files if k.startswith("heap.")}
         host.ft = FrameTable.from_arrays(n, arrs)
-        host.heap = Heap.from_state(host.ft, header["heap"])
+        if isinstance(header["heap"], dict):  # format 1: the lists in the header
+            host.heap = Heap.from_state(host.ft, header["heap"])
+        else:
+            host.heap = Heap.from_arrays(host.ft, heap_arrays)
         host.domains = {d["domid"]: Domain.from_state(d) for d in header["domains"]}
         host.p2m = p2m
         host.xenstore = Xenstore.from_state(header["xenstore"])
