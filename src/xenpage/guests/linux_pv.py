@@ -1,17 +1,36 @@
 """A Linux 6.1-like x86-64 PV guest kernel, acting on the simulated host only through
 hypercalls, xenstore and writes to its own memory.
 
-What it builds at boot, as Linux does on Xen PV (arch/x86/xen/mmu_pv.c, p2m.c):
+What it builds at boot, as Linux does on Xen PV (arch/x86/xen/mmu_pv.c, p2m.c, grant-table.c),
+for a guest of N pages (P = ceil(N/512) P2M pages, K kernel-image pages):
 
-* a direct map of all its RAM through L1 tables (no superpages in PV) at
+==========  ==========================================================  =====================
+level       tables                                                      pinned by the guest
+==========  ==========================================================  =====================
+L4          ``init_top_pgt`` (swapper_pg_dir); per process a kernel      all (MMUEXT_PIN_L4)
+            and a user pgd (``xen_pgd_alloc``)
+L3          direct map ceil(N/2^27) (``level3_ident_pgt``);              none
+            ``level3_kernel_pgt``; vmalloc 1; ``level3_user_vsyscall``
+            (slot 511 of every user pgd); per process 1
+L2          direct map ceil(N/2^18); ``level2_kernel_pgt``;               none
+            ``level2_fixmap_pgt``; vmalloc 1; per process 1
+L1          direct map ceil(N/512) and vmalloc ceil((P+1+G)/512)          direct map, vmalloc and
+            (``xen_alloc_pte_init`` / ``xen_alloc_ptpage`` pin each);    user L1s (MMUEXT_PIN_L1);
+            kernel image ceil(K/512) and ``level1_fixmap_pgt`` x2       not the image/fixmap
+            (from the domain builder / .bss); per process the user L1s   ones
+==========  ==========================================================  =====================
+
+* the direct map of all its RAM through L1 tables (no superpages in PV) at
   ``0xffff888000000000`` (L4 slot 273); frames used as page tables are mapped read-only,
   everything else read-write and NX;
-* the kernel image mapped a second time at ``0xffffffff80000000`` (L4 slot 511);
+* the kernel image mapped a second time at ``0xffffffff80000000`` (L4 slot 511, L3 slot
+  510), the fixmap at L3 slot 511 (L2 slots 506-507), holding the read-write mapping of
+  shared_info (``FIX_PARAVIRT_BOOTMAP``);
 * the P2M list in its own frames (plus the 3-level frame list that the toolstack follows
-  from shared_info), also mapped virtually (vmalloc area, L4 slot 402);
-* ``swapper_pg_dir`` and, per process, a kernel and a user L4, all pinned; vCPU0's CR3 and
-  user CR3 point at the current process's pair;
-* processes with private, shared and read-only user pages;
+  from shared_info), also mapped virtually (vmalloc area, L4 slot 402), and the G grant-table
+  frames mapped read-write after it (``arch_gnttab_map_shared``);
+* processes with private, shared and read-only user pages; vCPU0's CR3 and user CR3 point
+  at the first process's pair;
 * ring pages granted to dom0 and mapped by its backends; granted-but-unmapped buffers; the
   xenstore and console rings mapped by dom0's daemons (foreign mappings).
 
@@ -45,6 +64,10 @@ DIRECT_L4 = 273
 VMALLOC_L4 = 402
 KERNEL_L4 = 511
 KERNEL_L3 = 510
+FIXMAP_L3 = 511            # level3_kernel_pgt[511] -> level2_fixmap_pgt
+FIXMAP_L2 = (506, 507)     # level2_fixmap_pgt[506..507] -> level1_fixmap_pgt[0..1]
+FIX_SHARED_INFO = 0x1E0    # FIX_PARAVIRT_BOOTMAP, an entry of level1_fixmap_pgt[0]
+VSYSCALL_L4 = 511          # user pgd slot of level3_user_vsyscall
 USER_BASE_L2 = 2  # user pages from 4 MiB
 
 KERNEL_RW = P._PAGE_PRESENT | P._PAGE_RW | P._PAGE_ACCESSED | P._PAGE_DIRTY | P._PAGE_NX
@@ -153,6 +176,7 @@ class LinuxPV:
             cursor[0] += k
             return a
 
+        from ..hypervisor.grant_table import DEFAULT_FRAMES
         ktext_n = max(8, min(4096, n // 16))
         ktext = take(ktext_n, KTEXT)
         nl1 = (n + 511) // 512
@@ -164,10 +188,13 @@ class LinuxPV:
         p2m_pfns, fl_pfns, fll_pfn = take(np2m, P2M), take(nfl, P2M_FL), take(1, P2M_FLL)
         k_l3, k_l2 = take(1, L3T), take(1, L2T)
         k_l1 = take((ktext_n + 511) // 512, L1T)
+        fix_l2, fix_l1 = take(1, L2T), take(len(FIXMAP_L2), L1T)
         v_l3, v_l2 = take(1, L3T), take(1, L2T)
-        v_l1 = take((np2m + 511) // 512, L1T)
+        # the P2M list, a guard page, then the grant frames (arch_gnttab_map_shared)
+        gnt_vslot = np2m + 1
+        v_l1 = take((gnt_vslot + DEFAULT_FRAMES + 511) // 512, L1T)
         swapper = take(1, L4T)
-        swapper_user = take(1, L4T)
+        vsyscall_l3 = take(1, L3T)
         procs_pt = []
         for _ in range(lay.nr_procs):
             nul1 = 1 + (lay.user_pages + lay.shared_pages + lay.ro_pages) // 512
@@ -218,10 +245,15 @@ class LinuxPV:
         self._fill_l1s(mfn, d_l1, mfn, kflags)
         self._fill_upper(mfn, d_l2, mfn[d_l1])
         self._fill_upper(mfn, d_l3, mfn[d_l2])
-        # Kernel image mapping (text read-only, executable).
+        # Kernel image mapping (text read-only, executable) and the fixmap beside it.
         self._fill_l1s(mfn, k_l1, mfn[ktext], np.full(ktext.size, _U(KERNEL_TEXT)))
         self._fill_upper(mfn, k_l2, mfn[k_l1])
         self._set(mfn, k_l3[0], KERNEL_L3, int(mfn[k_l2[0]]), TABLE_LINK)
+        self._set(mfn, k_l3[0], FIXMAP_L3, int(mfn[fix_l2[0]]), TABLE_LINK)
+        for slot, l1pf in zip(FIXMAP_L2, fix_l1.tolist()):
+            self._set(mfn, fix_l2[0], slot, int(mfn[l1pf]), TABLE_LINK)
+        shared_info = d.xenheap_pages[0]  # xen_start_info->shared_info
+        self._set(mfn, fix_l1[0], FIX_SHARED_INFO, shared_info, KERNEL_RW)
         # The P2M list mapped in the vmalloc area.
         self._fill_l1s(mfn, v_l1, mfn[p2m_pfns], np.full(np2m, _U(KERNEL_RW)))
         self._fill_upper(mfn, v_l2, mfn[v_l1])
@@ -234,7 +266,6 @@ class LinuxPV:
             self._set(mfn, pf, KERNEL_L4, int(mfn[k_l3[0]]), TABLE_LINK)
 
         kernel_l4(int(swapper[0]))
-        ft.write_page(int(mfn[swapper_user[0]]), np.zeros(512, dtype=np.uint64))
 
         # Processes.
         procs: list[Process] = []
@@ -248,6 +279,8 @@ class LinuxPV:
             self._set(mfn, ul3, 0, int(mfn[ul2]), TABLE_LINK)
             for pgd in (kpgd, upgd):
                 self._set(mfn, pgd, 0, int(mfn[ul3]), TABLE_LINK)
+            # xen_pgd_alloc: the user pgd reaches the vsyscall page through a shared L3
+            self._set(mfn, upgd, VSYSCALL_L4, int(mfn[vsyscall_l3[0]]), TABLE_LINK)
             pr = Process(pid, kpgd, upgd, ul3, ul2, list(ul1))
             vp = 0
             for pf in user_pfns[upos:upos + lay.user_pages].tolist():
@@ -268,23 +301,28 @@ class LinuxPV:
         self.role, self.expect, self.kflags, self.procs = role, expect, kflags, procs
         self.tables = {"direct_l1": d_l1.tolist(), "direct_l2": d_l2.tolist(),
                        "direct_l3": d_l3.tolist(), "ktext": [int(ktext[0]), int(ktext.size)],
-                       "swapper": int(swapper[0]), "swapper_user": int(swapper_user[0]),
+                       "kernel_l3": int(k_l3[0]), "kernel_l2": int(k_l2[0]),
+                       "kernel_l1": k_l1.tolist(), "fixmap_l2": int(fix_l2[0]),
+                       "fixmap_l1": fix_l1.tolist(), "vmalloc_l3": int(v_l3[0]),
+                       "vmalloc_l2": int(v_l2[0]), "vmalloc_l1": v_l1.tolist(),
+                       "vsyscall_l3": int(vsyscall_l3[0]), "gnt_vslot": int(gnt_vslot),
+                       "swapper": int(swapper[0]),
                        "p2m": p2m_pfns.tolist(), "fl": fl_pfns.tolist(), "fll": int(fll_pfn[0])}
         self.free = free_pfns.tolist()
 
-        # Pin every top-level table (validating the trees), then load CR3 of process 0.
-        pins = [int(mfn[swapper[0]]), int(mfn[swapper_user[0]])]
+        # Pin as Linux does: every L1 of the direct map and of the vmalloc area
+        # (xen_alloc_pte_init / xen_alloc_ptpage with split PTE locks) and the user L1s
+        # (xen_pgd_pin), then the L4s (which validates the rest of each tree); finally load
+        # CR3 of process 0.
+        l1_pins = np.concatenate([d_l1, v_l1] + [np.array(pr.ul1, dtype=np.int64) for pr in procs])
+        pins = [(X.MMUEXT_PIN_L1_TABLE, int(m)) for m in mfn[l1_pins].tolist()]
+        l4s = [int(mfn[swapper[0]])]
         for pr in procs:
-            pins += [int(mfn[pr.kpgd]), int(mfn[pr.upgd])]
-        rc, done = self.hc.mmuext_op([(X.MMUEXT_PIN_L4_TABLE, m) for m in pins])
+            l4s += [int(mfn[pr.kpgd]), int(mfn[pr.upgd])]
+        pins += [(X.MMUEXT_PIN_L4_TABLE, m) for m in l4s]
+        rc, done = self.hc.mmuext_op(pins)
         if rc:
-            raise GuestError(f"pinning the kernel's L4 tables failed ({rc}) after {done}")
-        # Page-table pages allocated for an already pinned mm are pinned as L1s
-        # (Linux's xen_alloc_pte -> MMUEXT_PIN_L1_TABLE).
-        l1pins = [int(mfn[pf]) for pr in procs for pf in pr.ul1]
-        rc, done = self.hc.mmuext_op([(X.MMUEXT_PIN_L1_TABLE, m) for m in l1pins])
-        if rc:
-            raise GuestError(f"pinning user L1 tables failed ({rc}) after {done}")
+            raise GuestError(f"pinning the kernel's page tables failed ({rc}) after {done}")
         cur = procs[0] if procs else None
         if cur is not None:
             for cmd, pf in ((X.MMUEXT_NEW_BASEPTR, cur.kpgd), (X.MMUEXT_NEW_USER_BASEPTR, cur.upgd)):
@@ -295,8 +333,14 @@ class LinuxPV:
         # The builder's P2M is no longer the truth: the guest's own frames are.
         h.p2m.pop(self.domid, None)
 
-        # Grants: rings to dom0's backends (mapped), buffers granted but not mapped.
-        grant_table.setup_table(h, self.domid)
+        # Grants: the grant frames mapped in the vmalloc area; rings to dom0's backends
+        # (mapped), buffers granted but not mapped.
+        gframes = grant_table.setup_table(h, self.domid)
+        reqs = [[(int(mfn[v_l1[(gnt_vslot + i) // 512]]) << 12) | (((gnt_vslot + i) % 512) * 8),
+                 P.make_pte(g, KERNEL_RW)] for i, g in enumerate(gframes)]
+        rc, done = self.hc.mmu_update(np.array(reqs, dtype=np.uint64))
+        if rc:
+            raise GuestError(f"mapping the grant table failed ({rc}) after {done}")
         ref = 8  # the first refs are reserved, as in Linux
         for pf in ring_pfns.tolist():
             grant_table.write_entry(h, self.domid, ref, G.GTF_permit_access, 0, int(mfn[pf]))
