@@ -166,10 +166,14 @@ MAX_RANGE = 1 << 20
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def mem_offline_cmd(obj: Ctx, args):
-    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json]: offline the
-    frames; owned frames of PV guests are exchanged under one suspend per guest."""
+    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force]:
+    offline the frames; owned frames of PV guests are exchanged under one suspend per guest.
+    ``--force``: go ahead on a single-pCPU host (risking Xen 4.17's PoD-lock hang)."""
     from ..toolstack.offline import mem_offline
+    from ..toolstack.pcpu import allow_single_pcpu
     rest, as_json = _hptool_args(args)
+    force = "--force" in rest
+    rest = [a for a in rest if a != "--force"]
     if not rest:
         sys.stderr.write(hptool.HELP)
         sys.exit(1)
@@ -179,7 +183,7 @@ def mem_offline_cmd(obj: Ctx, args):
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
     try:
-        with obj.hypervisor() as hv:
+        with obj.hypervisor() as hv, allow_single_pcpu(force):
             res = mem_offline(hv, mfns)
     except SinglePcpuHost as e:
         sys.stderr.write(f"xenpage: {e}\n")

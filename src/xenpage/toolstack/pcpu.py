@@ -11,6 +11,7 @@ pinned away from pCPU 0, and their affinity is restored afterwards
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Iterator
 
 from .hypervisor import Hypervisor
@@ -20,16 +21,31 @@ class SinglePcpuHost(Exception):
     """The host has one physical CPU: an owned-frame offline cannot avoid pCPU 0."""
 
 
+_FORCED: ContextVar[bool] = ContextVar("xenpage_single_pcpu_forced", default=False)
+
+
+@contextmanager
+def allow_single_pcpu(allow: bool = True) -> Iterator[None]:
+    """Within this block, offlines on a single-pCPU host go ahead (from pCPU 0) instead of
+    raising :class:`SinglePcpuHost` (``xenpage mem-offline --force``)."""
+    tok = _FORCED.set(allow)
+    try:
+        yield
+    finally:
+        _FORCED.reset(tok)
+
+
 @contextmanager
 def off_pcpu0(hv: Hypervisor, force: bool = False) -> Iterator[list[int]]:
     """Pin every dom0 vCPU to the physical CPUs other than 0 for the duration."""
     n = hv.physinfo().nr_cpus
     if n < 2:
-        if not force:
+        if not (force or _FORCED.get()):
             raise SinglePcpuHost(
                 "this host has a single physical CPU: on Xen 4.17 offlining a frame owned by a "
                 "PV domain from pCPU 0 corrupts that domain's PoD lock and the next offline or "
-                "its destruction hangs the host; use --force to offline anyway")
+                "its destruction hangs the host; nothing done (use 'mem-offline --force' to "
+                "offline anyway)")
         yield []
         return
     d0 = hv.domain_info(0)
