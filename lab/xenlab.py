@@ -516,14 +516,15 @@ class SerialParser:
 # --------------------------------------------------------------------------------------------
 
 def scenario_options(path: Path) -> dict:
-    """A scenario may declare its defaults in a comment line:  # lab-options: vcpus=2 timeout=1800"""
+    """A scenario may declare its defaults in a comment line, e.g.
+    # lab-options: vcpus=2 timeout=1800 mem=4096 dom0_mem=3072      (mem, dom0_mem in MiB)"""
     opts = {}
     for line in path.read_text(errors="replace").splitlines()[:15]:
         m = re.match(r"#\s*lab-options:\s*(.*)$", line)
         if m:
             for kv in m.group(1).split():
                 k, _, v = kv.partition("=")
-                opts[k] = float(v) if k == "timeout" else int(v) if k == "vcpus" else v
+                opts[k] = float(v) if k == "timeout" else int(v) if k in ("vcpus", "mem", "dom0_mem") else v
     return opts
 
 
@@ -564,7 +565,8 @@ def qemu_rss_kib(pid: int) -> int:
 
 
 def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: int | None = None,
-        extra_args: dict | None = None, boot_timeout: float = BOOT_TIMEOUT) -> dict:
+        extra_args: dict | None = None, boot_timeout: float = BOOT_TIMEOUT,
+        mem: int | None = None, dom0_mem: int | None = None) -> dict:
     cache = cache_dir()
     xen = cache / "xen-4.17.elf"
     img = cache / "dom0.cpio"
@@ -575,6 +577,10 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
     opts = scenario_options(scenario)
     timeout = timeout or opts.get("timeout", 600)
     vcpus = vcpus or opts.get("vcpus", 1)
+    mem = mem or opts.get("mem", 2048)
+    dom0_mem = dom0_mem or opts.get("dom0_mem", 1024)
+    if dom0_mem > mem - 256:
+        raise LabError(f"run: dom0_mem {dom0_mem} MiB does not fit in {mem} MiB")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if results is None:
         results = cache / "results" / f"{scenario_name}-{stamp}"
@@ -603,10 +609,10 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
     serial.unlink(missing_ok=True)
     serial.touch()
     xen_args = ("console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
-                f"dom0_mem=1024M,max:1024M dom0_max_vcpus={vcpus} smap=0")
+                f"dom0_mem={dom0_mem}M,max:{dom0_mem}M dom0_max_vcpus={vcpus} smap=0")
     # No commas allowed in a module command line (',' separates -initrd modules).
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit={DOM0_INIT} loglevel=6"
-    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "2048",
+    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", str(mem),
            "-display", "none", "-nodefaults", "-no-reboot", "-serial", f"file:{serial}",
            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
            "-kernel", str(xen), "-append", xen_args,
@@ -702,7 +708,7 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
         "milestones_s": parser.milestones, "dom0_uptime_at_init": parser.init,
         "done": parser.done, "steps": [parser.steps[n] for n in parser.order],
         "files": files, "notes": parser.notes, "results_dir": str(results),
-        "vcpus": vcpus, "args": extra_args or {},
+        "vcpus": vcpus, "mem_mib": mem, "dom0_mem_mib": dom0_mem, "args": extra_args or {},
     }
     (results / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     latest = cache / "results" / f"{scenario_name}-latest"
@@ -781,6 +787,8 @@ def main(argv=None) -> int:
     r.add_argument("--results", type=Path)
     r.add_argument("--vcpus", type=int, help="dom0_max_vcpus, 1 or 2 (default: the scenario's "
                    "lab-options, else 1)")
+    r.add_argument("--mem", type=int, help="QEMU memory in MiB (default 2048)")
+    r.add_argument("--dom0-mem", type=int, help="dom0_mem in MiB (default 1024)")
     r.add_argument("--arg", action="append", metavar="KEY=VALUE",
                    help="exported to the scenario's environment")
     t = sub.add_parser("test", help="build + run the default scenarios")
@@ -804,7 +812,8 @@ def main(argv=None) -> int:
                 print(f"{p.stem:12s} {first.lstrip('# ')}")
             return 0
         if a.cmd == "run":
-            s = run(a.scenario, a.timeout, a.results, a.vcpus, parse_kv(a.arg), a.boot_timeout)
+            s = run(a.scenario, a.timeout, a.results, a.vcpus, parse_kv(a.arg), a.boot_timeout,
+                    a.mem, a.dom0_mem)
             return 0 if s["ok"] else 1
         if a.cmd == "test":
             build()
