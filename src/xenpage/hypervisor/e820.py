@@ -53,7 +53,8 @@ class E820Map:
         window at 0xfd00000000."""
         if mem_bytes < 64 * MiB or mem_bytes % (2 * MiB):
             raise ValueError("memory size must be a multiple of 2 MiB and at least 64 MiB")
-        low = mem_bytes if mem_bytes <= 0xE0000000 else 0xC0000000
+        # pc_init1: RAM of 3.5 GiB or more is split at 3 GiB (gigabyte_align); less stays low.
+        low = mem_bytes if mem_bytes < 0xE0000000 else 0xC0000000
         high = mem_bytes - low
         ents = [
             E820Entry(0x0, 0x9FC00, E820_RAM),
