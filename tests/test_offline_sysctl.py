@@ -622,6 +622,13 @@ def test_range_only_the_control_domain_may_call(host):
     assert sysctl.page_offline_op(host, 1, QUERY, 0x100, 0x100) == (EPERM, None)
 
 
+def test_range_too_large_for_the_status_array_is_enomem(host):
+    # 2^32 status words (16 GiB) cannot be allocated on a 2 GiB machine: -ENOMEM, nothing done
+    snap = snapshot(host)
+    assert op(host, OFFLINE, 0, 0xFFFFFFFF) == (-12, None)
+    assert_unchanged(host, snap)
+
+
 def test_range_fields_are_32_bit(host):
     with pytest.raises(ValueError):
         sysctl.page_offline_op(host, 0, QUERY, 1 << 32, 1 << 32)
