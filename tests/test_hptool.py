@@ -10,6 +10,7 @@ is tested through the CLI in test_cli.py.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from xenpage.abi import sysctl as S
@@ -310,3 +311,38 @@ def test_report_json_carries_raw_status(hv):
     r = hptool.mem_status(hv, 0xA0)
     assert r.to_json()["status"]["untouched"] is True
     assert S.decode(0x12, S.sysctl_query_page_offline)["flags"] == ["OFFLINED", "BROKEN"]
+
+
+# -- many frames at once: range calls answer exactly what single calls answer ----------------------
+
+def test_mark_offline_many_equals_one_frame_at_a_time(host):
+    import copy
+    img = host.xen_image[0]
+    f = free_frame(host)
+    d1 = dom_frame(host, 1)
+    mfns = (list(range(0x9A, 0xA4))                       # DOMID_IO, then non-RAM
+            + list(range(img - 3, img + 2))               # anonymous, then Xen's image
+            + list(range(f, f + 40)) + [f + 5, f + 5]     # free, then again (offlined)
+            + [d1, d1 + 1, dom_frame(host, 0), 0x7FFDE]
+            + list(range(host.max_page - 2, host.max_page + 3))  # top of RAM, then invalid
+            + [0xFFFFFFFF, 0x100])
+    seq_host = copy.deepcopy(host)
+    seq_hv = SimHypervisor(seq_host)
+    want = [hptool.mem_offline_mark(seq_hv, m) for m in mfns]
+    got = hptool.mem_offline_marks(SimHypervisor(host), mfns)
+    assert [(rc, st) for _, rc, st in got] == [(rc, st) for _, rc, st in want]
+    assert [streams(r) for r, _, _ in got] == [streams(r) for r, _, _ in want]
+    assert np.array_equal(host.ft.count_info, seq_host.ft.count_info)
+    assert host.domains[0].affinity == [[0, 1]]
+
+
+def test_mark_offline_many_uses_few_calls(host):
+    hv = SimHypervisor(host)
+    calls = []
+    real = hv.page_offline_op
+    hv.page_offline_op = lambda *a: calls.append(a) or real(*a)
+    f = free_frame(host)
+    out = hptool.mark_offline_many(hv, list(range(f, f + 1000)) + list(range(0x9E, 0xA2)))
+    assert out[:1000] == [(0, 0x2)] * 1000
+    assert out[1000:] == [(0, 0x7FF11004), (-22, 0x808), (-22, 0x808), (-22, 0x808)]
+    assert [(c[1], c[2]) for c in calls] == [(f, f + 999), (0x9E, 0xA1), (0xA0, 0xA1), (0xA1, 0xA1)]

@@ -138,9 +138,15 @@ def mem_offline_mark(hv: Hypervisor, mfn: int) -> tuple[Report, int, int]:
     """The part of ``mem-offline`` before any owner handling: mark the frame and print what
     xen-hptool prints for every status except PENDING|OWNED.  Returns (report, rc, status);
     the caller handles the owned case."""
+    rc, status = _sysctl(hv, S.sysctl_page_offline, mfn)
+    return offline_report(mfn, rc, status), rc, status
+
+
+def offline_report(mfn: int, rc: int, status: int) -> Report:
+    """xen-hptool's lines for ``xc_mark_page_offline(mfn, mfn)`` answering (rc, status),
+    up to the owner handling."""
     r = Report()
     r.out(f"Prepare to offline MEMORY mfn {mfn:x}")
-    rc, status = _sysctl(hv, S.sysctl_page_offline, mfn)
     r.data = _base("mem-offline", mfn, rc, status, S.sysctl_page_offline)
     if rc < 0:
         r.err(f"Offlining page mfn {mfn:x} failed, error {-rc:x}")
@@ -150,7 +156,7 @@ def mem_offline_mark(hv: Hypervisor, mfn: int) -> tuple[Report, int, int]:
         elif status & (S.PG_OFFLINE_FAILED | S.PG_OFFLINE_NOT_CONV_RAM):
             r.err("RESERVED RAM is not permitted to be offlined")
         r.exit_code = 1
-        return r, rc, status
+        return r
     low = status & S.PG_OFFLINE_STATUS_MASK
     if low == S.PG_OFFLINE_OFFLINED:
         r.out(f"Memory mfn {mfn:x} offlined successfully, current state is [PG_OFFLINE_OFFLINED]")
@@ -165,7 +171,65 @@ def mem_offline_mark(hv: Hypervisor, mfn: int) -> tuple[Report, int, int]:
         r.err(f"Memory mfn {mfn:x} offlined succssefully,this page is xen page, current state is"
               " [PG_OFFLINE_PENDING, PG_OFFLINE_XENPAGE]")
         r.exit_code = 1
-    return r, rc, status
+    return r
+
+
+#: Status words with which ``offline_page`` refuses a frame (and stops a range walk):
+#: not conventional RAM, and a frame of Xen's image.  (An invalid MFN leaves its slot
+#: untouched.)  No successful offline answers either.
+_REFUSAL_WORDS = (S.PG_OFFLINE_FAILED | S.PG_OFFLINE_NOT_CONV_RAM,
+                  S.PG_OFFLINE_XENPAGE | S.PG_OFFLINE_FAILED | (0x7FF2 << S.PG_OFFLINE_OWNER_SHIFT))
+
+#: Frames per range call (status array of 4 MiB).
+MAX_RANGE_CALL = 1 << 20
+
+
+def _runs(mfns: list[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive increasing MFNs, as (first, last)."""
+    out: list[tuple[int, int]] = []
+    for m in mfns:
+        if out and m == out[-1][1] + 1 and m - out[-1][0] < MAX_RANGE_CALL:
+            out[-1] = (out[-1][0], m)
+        else:
+            out.append((m, m))
+    return out
+
+
+def mark_offline_many(hv: Hypervisor, mfns: list[int]) -> list[tuple[int, int]]:
+    """``(rc, status)`` per MFN, exactly as ``xc_mark_page_offline(mfn, mfn)`` one frame at a
+    time would answer, but issued as range calls over runs of consecutive MFNs (the sysctl
+    walks a range frame by frame and stops at the first refusal; the walk resumes after it),
+    with dom0 kept off pCPU 0 once for the whole batch."""
+    out: list[tuple[int, int]] = []
+    with off_pcpu0(hv):
+        for first, last in _runs(list(mfns)):
+            cur = first
+            while cur <= last:
+                rc, st = hv.page_offline_op(S.sysctl_page_offline, cur, last)
+                if st is None:  # refused as a whole (e.g. -ENOMEM): one frame at a time
+                    for m in range(cur, last + 1):
+                        r1, s1 = hv.page_offline_op(S.sysctl_page_offline, m, m)
+                        out.append((r1, int(s1[0]) if s1 is not None else S.STATUS_UNTOUCHED))
+                    break
+                words = st.tolist()
+                if rc == 0:
+                    out.extend((0, w) for w in words)
+                    break
+                # The walk stopped at a refused frame: either the first untouched slot (an
+                # invalid MFN) or the last written one (its refusal word).
+                u = next((i for i, w in enumerate(words) if w == S.STATUS_UNTOUCHED), len(words))
+                k = u - 1 if u > 0 and (u == len(words) or words[u - 1] in _REFUSAL_WORDS) else u
+                out.extend((0, w) for w in words[:k])
+                out.append((rc, words[k]))
+                cur += k + 1
+    return out
+
+
+def mem_offline_marks(hv: Hypervisor, mfns: list[int]) -> list[tuple[Report, int, int]]:
+    """:func:`mem_offline_mark` for many frames at once (range calls; see
+    :func:`mark_offline_many`): the same reports, in the same order."""
+    return [(offline_report(m, rc, st), rc, st)
+            for m, (rc, st) in zip(mfns, mark_offline_many(hv, mfns))]
 
 
 def is_owned_pending(rc: int, status: int) -> bool:
