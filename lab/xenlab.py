@@ -389,6 +389,29 @@ def build_domu_initrd(work: Path) -> bytes:
     return path.read_bytes()
 
 
+def add_entry_points(c: Cpio) -> None:
+    """Make the project look installed in dom0 (there is no pip there): a console script in
+    /usr/local/bin for each [project.scripts] entry and a minimal .dist-info on PYTHONPATH."""
+    try:
+        import tomllib
+        proj = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    except (ImportError, OSError, KeyError, ValueError):
+        return
+    name, version = proj.get("name", "xenpage"), proj.get("version", "0")
+    scripts = proj.get("scripts", {})
+    for cmd, target in scripts.items():
+        mod, _, func = target.partition(":")
+        c.add_bytes(f"usr/local/bin/{cmd}", (
+            "#!/usr/bin/python3\nimport sys\n"
+            f"from {mod} import {func.split('.')[0]} as _main\n"
+            f"sys.exit(_main{('.' + func.split('.', 1)[1]) if '.' in func else ''}())\n").encode(), 0o755)
+    di = f"xenpage/src/{name.replace('-', '_')}-{version}.dist-info"
+    c.add_bytes(f"{di}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode())
+    if scripts:
+        c.add_bytes(f"{di}/entry_points.txt", ("[console_scripts]\n" + "".join(
+            f"{k} = {v}\n" for k, v in scripts.items())).encode())
+
+
 def build_payload(work: Path, scenario: Path, run_env: dict) -> Path:
     path = work / "payload.cpio"
     with open(path, "wb") as f:
@@ -401,6 +424,7 @@ def build_payload(work: Path, scenario: Path, run_env: dict) -> Path:
                 c.add_file(f"xenpage/{name}", REPO / name)
         for name in ("dom0", "guest", "scenarios"):
             c.add_tree(f"xenpage/lab/{name}", LAB_DIR / name)
+        add_entry_points(c)
         c.add_bytes("xenpage/domu-initrd.cpio", build_domu_initrd(work))
         env = "".join(f"{k}='{v}'\n" for k, v in run_env.items())
         c.add_bytes("xenpage/run.env", env.encode())
@@ -483,7 +507,7 @@ class SerialParser:
             if "sha256" not in f:
                 info["error"] = "no FILE BEGIN line"
             else:
-                missing = [i for i in range(f["nchunks"]) if i not in f["chunks"]]
+                missing = [i for i in range(f["nchunks"]) if i not in f.get("chunks", {})]
                 if missing:
                     info["error"] = f"{len(missing)} of {f['nchunks']} chunks missing/corrupt"
                 else:
@@ -732,22 +756,26 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
 # CLI
 # --------------------------------------------------------------------------------------------
 
-def save_verbatim(results: Path | None) -> Path:
-    """Copy a successful hptool run into lab/results/lab-verbatim.json (committed: the
-    simulator's fidelity tests compare against it)."""
+VERBATIM = {"hptool": ("hptool.json", "lab-verbatim.json"), "sysctl": ("sysctl.json", "lab-sysctl.json")}
+
+
+def save_verbatim(results: Path | None, scenario: str = "hptool") -> Path:
+    """Copy a successful hptool (sysctl) run into lab/results/lab-verbatim.json
+    (lab-sysctl.json), committed: the simulator's fidelity tests compare against them."""
+    src, dst = VERBATIM[scenario]
     if results is None:
-        results = cache_dir() / "results" / "hptool-latest"
+        results = cache_dir() / "results" / f"{scenario}-latest"
     results = results.resolve()
     summary = read_json(results / "summary.json")
-    data = read_json(results / "hptool.json")
+    data = read_json(results / src)
     if not summary or not data:
-        raise LabError(f"save-verbatim: no summary.json/hptool.json in {results}")
+        raise LabError(f"save-verbatim: no summary.json/{src} in {results}")
     if not summary.get("ok"):
         raise LabError(f"save-verbatim: the run in {results} failed: {summary.get('failures')}")
     build_info = read_json(cache_dir() / "build-info.json") or {}
     data["lab"] = {
-        "what": "stock xen-hptool etc. on real Xen 4.17 (Debian bookworm) under QEMU/TCG; "
-                "recorded by lab/scenarios/hptool.py, see lab/README.md",
+        "what": f"real Xen 4.17 (Debian bookworm) under QEMU/TCG, recorded by "
+                f"lab/scenarios/{scenario}.py, see lab/README.md",
         "run_id": results.name,
         "qemu_cmdline": re.sub("(?:/boot/|" + re.escape(str(cache_dir())) + ")[^\\s,]*/", "", (results / "qemu-cmdline.txt").read_text().strip()),
         "host_packages": {p: pkg_version(p) for p in ("xen-hypervisor-4.17-amd64", "qemu-system-x86",
@@ -758,7 +786,7 @@ def save_verbatim(results: Path | None) -> Path:
         "steps": [{k: st.get(k) for k in ("name", "status", "reason", "t_begin", "t_end")}
                   for st in summary["steps"]],
     }
-    out = LAB_DIR / "results" / "lab-verbatim.json"
+    out = LAB_DIR / "results" / dst
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(data, indent=1) + "\n")
     log(f"wrote {out} from {results}")
@@ -798,13 +826,14 @@ def main(argv=None) -> int:
     sub.add_parser("list", help="list scenarios")
     v = sub.add_parser("save-verbatim", help="copy a successful hptool run to lab/results/lab-verbatim.json")
     v.add_argument("results", nargs="?", type=Path)
+    v.add_argument("--scenario", choices=sorted(VERBATIM), default="hptool")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
             build()
             return 0
         if a.cmd == "save-verbatim":
-            save_verbatim(a.results)
+            save_verbatim(a.results, a.scenario)
             return 0
         if a.cmd == "list":
             for p in sorted((LAB_DIR / "scenarios").glob("*.*")):

@@ -113,7 +113,7 @@ class Step:
 def export_bytes(name: str, data: bytes) -> None:
     name = _clean(name).replace("/", "_").replace(":", "_")
     b64 = base64.b64encode(data).decode()
-    chunks = [b64[i:i + CHUNK] for i in range(0, len(b64), CHUNK)] or [""]
+    chunks = [b64[i:i + CHUNK] for i in range(0, len(b64), CHUNK)]      # none for an empty file
     emit(f"{MARK} FILE {name} BEGIN size={len(data)} sha256={hashlib.sha256(data).hexdigest()} "
          f"chunks={len(chunks)}")
     for i, c in enumerate(chunks):

@@ -150,3 +150,23 @@ def test_verbatim_file_is_complete():
     for c in d["commands"]:
         assert {"argv", "stdout", "stderr", "exit"} <= c.keys()
     assert all(ch["ok"] for ch in d["checks"])
+
+
+def test_empty_file_roundtrip(tmp_path, monkeypatch):
+    lines = serial_lines(tmp_path, monkeypatch, lambda: labproto.export_bytes("empty.xml", b""))
+    p = xenlab.SerialParser()
+    for ln in lines:
+        p.feed(ln, 0)
+    res = p.decode_files(tmp_path)
+    assert res["empty.xml"]["ok"] and (tmp_path / "empty.xml").read_bytes() == b""
+
+
+def test_payload_makes_the_project_look_installed():
+    buf = io.BytesIO()
+    c = xenlab.Cpio(buf)
+    xenlab.add_entry_points(c)
+    c.close()
+    ents = read_cpio(buf.getvalue())
+    script = ents["usr/local/bin/xenpage"]
+    assert script[0] & 0o111 and b"from xenpage.cli.main import main" in script[3]
+    assert any(n.endswith(".dist-info/entry_points.txt") for n in ents)
