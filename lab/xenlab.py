@@ -48,7 +48,7 @@ DOM0_IMPORT_CHECK = "import numpy, click, rich, pytest, hypothesis, xdist"
 SUITE = "bookworm"
 XEN_GZ = Path("/boot/xen-4.17-amd64.gz")
 SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
-DEFAULT_SCENARIOS = ["hptool", "pytest"]
+DEFAULT_SCENARIOS = ["hptool", "sysctl", "pytest"]
 
 # Paths inside dom0 (the payload cpio is unpacked at /xenpage).
 GUEST_ROOT = "/xenpage"

@@ -10,7 +10,7 @@ args=${LAB_PYTEST_ARGS:-tests}
 lab_begin dom0-pytest
 # shellcheck disable=SC2086
 # progress dots also go to the console (the serial log shows a live, if slow, run)
-{ python3 -m pytest -q -p no:cacheprovider --junitxml="$LAB_OUT/junit.xml" $args 2>&1; echo $? > /tmp/pytest.rc; } \
+{ PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider --junitxml="$LAB_OUT/junit.xml" $args 2>&1; echo $? > /tmp/pytest.rc; } \
   | tee "$LAB_OUT/pytest.log" > "$LAB_CONSOLE"
 rc=$(cat /tmp/pytest.rc)
 [ $rc -eq 137 ] && dmesg | grep -iE "killed process|out of memory" | tail -n 3 > "$LAB_OUT/oom.txt"
