@@ -9,6 +9,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ..abi import errno as E
@@ -81,10 +82,17 @@ def _sysctl(hv: Hypervisor, cmd: int, mfn: int) -> tuple[int, int]:
     return rc, status
 
 
+@functools.lru_cache(maxsize=4096)
+def _decoded(status: int, sysctl_cmd: int) -> tuple:
+    return tuple(S.decode(status, sysctl_cmd).items())
+
+
 def _base(cmd: str, mfn: int, rc: int, status: int, sysctl_cmd: int) -> dict:
+    # a batch answers with few distinct words: decode each once (a fresh dict every time)
     return {"command": cmd, "mfn": mfn, "mfn_hex": f"{mfn:x}", "rc": rc,
             "errno": -rc if rc < 0 else 0, "errno_name": E.name(rc) if rc < 0 else None,
-            "status": S.decode(status, sysctl_cmd)}
+            "status": {k: list(v) if isinstance(v, list) else v
+                       for k, v in _decoded(status, sysctl_cmd)}}
 
 
 def mem_status(hv: Hypervisor, mfn: int) -> Report:
