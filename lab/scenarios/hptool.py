@@ -308,7 +308,10 @@ def domu_part(lay: dict) -> None:
                    f"{guest_log()[-300:]!r}")
             return
         s.detail = f"first heartbeat {m.group(0)!r}"
-    domid = int(run("domu.domid", ["xl", "domid", GUEST_NAME])["stdout"].strip())
+    r = run("domu.domid", ["xl", "domid", GUEST_NAME])
+    if r["exit"] != 0 or not r["stdout"].strip().isdigit():
+        raise RuntimeError(f"xl domid {GUEST_NAME}: exit {r['exit']} {r['stderr'].strip()!r}")
+    domid = int(r["stdout"].strip())
     run("domu.list", ["xl", "list"])
     pfns = {int(i): int(p, 16) for i, p in re.findall(r"^MEMTEST PFN (\d+) ([0-9a-f]+)", guest_log(), re.M)}
     with lab.Step("domu-p2m") as s:
@@ -372,6 +375,19 @@ def domu_part(lay: dict) -> None:
 # ------------------------------------------------------------------------------------------------
 
 def main() -> int:
+    try:
+        return scenario()
+    finally:
+        # whatever happened, leave the record (hptool.jsonl has been streamed anyway)
+        import json
+        RESULT["meta"]["elapsed_s"] = round(time.time() - T0, 1)
+        RESULT["meta"]["failed_checks"] = lab.Step.failed
+        with open(os.path.join(OUT, "hptool.json"), "w") as f:
+            json.dump(RESULT, f, indent=1)
+            f.write("\n")
+
+
+def scenario() -> int:
     meta = RESULT["meta"]
     meta["kernel"] = os.uname().release
     meta["lab_run_id"] = os.environ.get("LAB_RUN_ID")
@@ -469,19 +485,14 @@ def main() -> int:
         expect("xen-image-last-offline", cmd("xen_image_last.offline"), exit=1,
                stderr=f"Offlining page mfn {last:x} failed, error 1")
 
-    domu_part(lay)
+    with lab.Step("domu"):
+        domu_part(lay)
 
     run("xl-list-end", ["xl", "list"])
     dm = run("xl-dmesg-end", ["xl", "dmesg"], quiet=True)
     with open(os.path.join(OUT, "xl-dmesg-end.txt"), "w") as f:
         f.write(dm["stdout_full"])
     RESULT["commands"] = [c for c in RESULT["commands"] if not c["id"].startswith("xl-dmesg")]
-    RESULT["meta"]["elapsed_s"] = round(time.time() - T0, 1)
-    RESULT["meta"]["failed_checks"] = lab.Step.failed
-    import json
-    with open(os.path.join(OUT, "hptool.json"), "w") as f:
-        json.dump(RESULT, f, indent=1)
-        f.write("\n")
     return 1 if lab.Step.failed else 0
 
 
