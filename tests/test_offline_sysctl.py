@@ -663,6 +663,9 @@ def test_domain_info_flags(host, pv, hvm_dom):
         assert not i.hvm
     assert h.flags & domctl.XEN_DOMINF_hvm_guest and h.flags & domctl.XEN_DOMINF_hap and h.hvm
     for i in (d0, p, h):
+        # Xen 4.17's getdomaininfo ORs in d->shutdown_code << 16 unconditionally; a domain
+        # that is not shut down holds SHUTDOWN_CODE_INVALID (~0u): bits 16-31 all set
+        assert i.flags >> 16 == 0xFFFF and i.flags < 1 << 32
         assert i.flags & domctl.XEN_DOMINF_running
         assert not i.flags & (domctl.XEN_DOMINF_shutdown | domctl.XEN_DOMINF_paused
                               | domctl.XEN_DOMINF_dying)
@@ -677,4 +680,12 @@ def test_domain_info_flags(host, pv, hvm_dom):
     host.crash(pv.domid, "test")
     i = hv.domain_info(pv.domid)
     assert i.shutdown and i.shutdown_reason == SHUTDOWN_crash and i.state_letters()[4] == "c"
-    assert (i.flags >> 16) & 0xFF == SHUTDOWN_crash
+    assert i.flags >> 16 == SHUTDOWN_crash
+    assert i.state_letters() == "----c-"
+    # a suspended guest, then resumed: the code is invalid again
+    hvm_info = hv.domain_info(hvm_dom.domid)
+    host.shutdown(hvm_dom.domid, 2)
+    i = hv.domain_info(hvm_dom.domid)
+    assert i.shutdown_reason == 2 and i.flags >> 16 == 2 and i.state_letters() == "---s--"
+    assert hv.resume(hvm_dom.domid) == 0
+    assert hv.domain_info(hvm_dom.domid).flags == hvm_info.flags

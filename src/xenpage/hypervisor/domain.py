@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from ..abi import domctl
 from ..abi.xen import DOMID_IO, DOMID_XEN, SHUTDOWN_suspend
 
+#: ``d->shutdown_code`` of a domain that is not shut down (xen/include/xen/sched.h).
+SHUTDOWN_CODE_INVALID = 0xFFFFFFFF
+
 #: State of a PV domain's never-initialised PoD lock (see :mod:`.quirks`).
 POD_LOCK_PRISTINE = "pristine"
 POD_LOCK_SANE = "sane"
@@ -62,6 +65,10 @@ class Domain:
         if self.is_shutting_down:
             f |= domctl.XEN_DOMINF_shutdown
             f |= (self.shutdown_code & domctl.XEN_DOMINF_shutdownmask) << domctl.XEN_DOMINF_shutdownshift
+        else:
+            # getdomaininfo ORs in ``d->shutdown_code << 16`` unconditionally, and a domain
+            # that is not shut down holds SHUTDOWN_CODE_INVALID (~0u): bits 16-31 all set.
+            f |= (SHUTDOWN_CODE_INVALID << domctl.XEN_DOMINF_shutdownshift) & 0xFFFFFFFF
         if self.pause_count:
             f |= domctl.XEN_DOMINF_paused
         if not (self.pause_count or self.is_shutting_down or self.dying):
