@@ -312,3 +312,22 @@ def test_state_dir_option_and_environment(tmp_path, xenpage_cli, saved_default_h
     assert Host.load(host_path(b)).ft.state(0x20000) == 2
     assert Host.load(host_path(a)).ft.state(0x20000) == 3
     assert not os.path.exists(tmp_path / "state")
+
+
+def test_concurrent_commands_do_not_lose_updates(cli_state, xenpage_cli):
+    """Each command locks the state directory: parallel offlines all land."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    h = Host.load(host_path(cli_state))
+    head, order = max(h.heap.chunks(), key=lambda c: c[1])
+    frames = [head + 64 * i + 1 for i in range(4)]
+    exe = Path(sys.executable).with_name("xenpage")
+    env = dict(os.environ, XENPAGE_STATE_DIR=str(cli_state), XENPAGE_BACKEND="sim")
+    procs = [subprocess.Popen([str(exe), "mem-offline", f"{m:x}"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for m in frames]
+    assert [p.wait(timeout=120) for p in procs] == [0] * len(frames)
+    after = Host.load(host_path(cli_state))
+    assert [after.ft.state(m) for m in frames] == [2] * len(frames)
+    assert set(after.heap.offlined_list) == set(frames)
+    assert invariants.check(after) == []
