@@ -13,6 +13,13 @@ XEN_DOMINF_hap = 1 << 8
 XEN_DOMINF_shutdownshift = 16
 XEN_DOMINF_shutdownmask = 0xFF
 
+# XEN_DOMCTL_setvcpuaffinity / getvcpuaffinity flags.
+XEN_VCPUAFFINITY_HARD = 1 << 0
+XEN_VCPUAFFINITY_SOFT = 1 << 1
+
+#: getpageframeinfo3 takes at most this many frames per call.
+GETPAGEFRAMEINFO3_MAX = 1024
+
 # getpageframeinfo3 page types (XEN_DOMCTL_PFINFO_*).
 XEN_DOMCTL_PFINFO_LTAB_SHIFT = 28
 XEN_DOMCTL_PFINFO_NOTAB = 0x0 << 28

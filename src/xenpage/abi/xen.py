@@ -57,6 +57,9 @@ INVALID_MFN = 0xFFFFFFFFFFFFFFFF
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
+#: vcpu_info slots in shared_info (``XEN_LEGACY_MAX_VCPUS``, x86).
+XEN_LEGACY_MAX_VCPUS = 32
+
 
 def foreigndom(pg_owner: int, pt_owner: int | None = None) -> int:
     """The ``foreigndom`` argument of mmu_update: bits 15..0 name the owner of the data frames

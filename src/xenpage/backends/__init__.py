@@ -22,3 +22,23 @@ def default_state_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(base) / "xenpage"
+
+
+def choose_backend(kind: str = "auto") -> str:
+    """``auto`` -> ``xen`` in a Xen control domain, ``sim`` elsewhere; ``sim``/``xen`` as
+    given (``$XENPAGE_BACKEND`` is read by the CLI)."""
+    if kind not in ("auto", "sim", "xen"):
+        raise ValueError(f"unknown backend {kind!r} (auto, sim or xen)")
+    if kind == "auto":
+        return "xen" if is_xen_control_domain() else "sim"
+    return kind
+
+
+def open_backend(kind: str = "auto", state_dir: Path | None = None, save: bool = True):
+    """A context manager yielding a ``Hypervisor``: the real host (locked) or the saved
+    simulated host in ``state_dir``."""
+    if choose_backend(kind) == "xen":
+        from .xen import open_xen
+        return open_xen()
+    from .sim import open_host
+    return open_host(state_dir, save=save)

@@ -43,7 +43,11 @@ class Ctx:
             kind = "xen" if is_xen_control_domain() else "sim"
         if kind == "xen":
             from ..backends import xen as xenbackend  # noqa: F401  (real-Xen backend)
-            with xenbackend.open_xen() as hv:
+            with ExitStack() as stack:
+                try:
+                    hv = stack.enter_context(xenbackend.open_xen())
+                except xenbackend.XenBackendError as e:
+                    host_file_error(e)  # "xenpage: <why>", exit 2
                 yield hv
             return
         from ..backends.sim import open_host
