@@ -305,7 +305,7 @@ def _prepare(host: Host, seed: int) -> None:
         sysctl.machine_check_offline(host, m)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(seed=st.integers(0, 2**16), cmd=st.sampled_from([1, 2, 3]),
        start_frac=st.floats(0, 1), length=st.integers(1, 300))
 def test_range_equals_frame_by_frame(seed, cmd, start_frac, length):
