@@ -32,11 +32,21 @@ class SimHypervisor:
     """dom0's privileged interface to a simulated :class:`Host`."""
 
     kind = "sim"
+    #: set by :func:`open_host`: the state directory (the journal lives there) and the host
+    state_dir: Path | None = None
+    path: Path | None = None
 
     def __init__(self, host: Host, caller: int = 0):
         self.host = host
         self.caller = caller
         self.dirty = False
+
+    def checkpoint(self) -> None:
+        """Save the host now: what a crash of the toolstack at this point leaves behind (a
+        real machine keeps its state by itself; the write-ahead journal calls this before
+        each record)."""
+        if self.path is not None:
+            self.host.save(self.path)
 
     # -- host -------------------------------------------------------------------------------
     def physinfo(self) -> PhysInfo:
@@ -306,6 +316,7 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         else:
             raise HostFileError(f"no saved host in {sd} (create one with 'xenpage host create')")
         hv = SimHypervisor(host)
+        hv.state_dir, hv.path = sd, path
         yield hv
         if save and (hv.dirty or created):
             host.save(path)

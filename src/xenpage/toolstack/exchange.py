@@ -39,6 +39,7 @@ from ..abi import pte as P
 from ..abi import sysctl as S
 from ..abi import xen as X
 from .hypervisor import Hypervisor
+from . import rollforward
 from .outcomes import Kind, Outcome, Reason
 
 _U = np.uint64
@@ -140,11 +141,11 @@ def _reqs(refs: list[PteRef], values: list[int]) -> np.ndarray:
 def _restore(hv: Hypervisor, domid: int, refs: list[PteRef]) -> int:
     """Put entries back exactly as they were (upper levels last, so tables revalidate with
     their own entries already in place)."""
-    order = sorted(refs, key=lambda r: r.level)
-    if not order:
-        return 0
-    rc, done = hv.mmu_update(_reqs(order, [r.value for r in order]), X.foreigndom(domid, domid))
-    return rc
+    try:  # read-compare-write, retried: idempotent
+        rollforward.roll_back(hv, domid, [(r.table, r.index, r.value, r.level) for r in refs], [])
+    except rollforward.Incomplete as e:
+        return e.errno or -E.EFAULT
+    return 0
 
 
 def _status(hv: Hypervisor, mfn: int) -> int:
@@ -256,6 +257,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     hook("scanned", refs=refs)
     # Clear (upper levels first, so a table frame is devalidated before its mappings go).
     clear = sorted(refs, key=lambda r: -r.level)
+    hook("clearing", refs=clear, grp=grp)  # before: the write-ahead journal records them
     rc, done = (0, 0)
     if clear:
         rc, done = hv.mmu_update(_reqs(clear, [0] * len(clear)), fd)
@@ -268,6 +270,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     hook("cleared", refs=clear)
     pinned = {m for m, g, lvl in grp if lvl and int(view.types[g]) & D.XEN_DOMCTL_PFINFO_LPINTAB}
     unpinned = []
+    hook("unpinning", mfns=sorted(pinned), grp=grp)
     for m in sorted(pinned):
         rc, _ = hv.mmuext_op([(X.MMUEXT_UNPIN_TABLE, m)], domid)
         if rc == 0:
@@ -276,12 +279,15 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     # Snapshot the contents as late as possible, just before the exchange.
     snap = hv.map_foreign(domid, targets, False)
     if isinstance(snap, int):
-        _undo(hv, domid, clear, unpinned, grp)
-        return [Outcome(m, Kind.ROLLED_BACK, Reason.EXCHANGE_FAILED, f"cannot map the frame ({E.name(snap)})",
+        urc = _undo(hv, domid, clear, unpinned, grp)
+        return [Outcome(m, Kind.FAILED if urc else Kind.ROLLED_BACK,
+                        Reason.RESTORE_FAILED if urc else Reason.EXCHANGE_FAILED,
+                        f"cannot map the frame ({E.name(snap)})",
                         domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
     content = {int(m): snap.array[i].copy() for i, m in enumerate(targets.tolist())}
     snap.unmap()
-    hook("snapshot")
+    hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
+         fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
     results: dict[int, Outcome] = {}
     pending = list(grp)
     exchanged: list[tuple[int, int, int, int]] = []  # (old, gpfn, level, new)
@@ -297,7 +303,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
             mine = by_target[m]
             rrc = _restore(hv, domid, mine)
             if m in unpinned:
-                rrc = rrc or hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lvl - 1, m)], domid)[0]
+                rrc = rrc or _undo(hv, domid, [], [m], [(m, g, lvl)])
             reason = Reason.REFERENCED if rc == -E.EINVAL else Reason.EXCHANGE_FAILED
             why = ("still referenced by another domain or by Xen (steal_page refused: mapped by "
                    "another domain, a foreign mapping, or a vCPU)" if rc == -E.EINVAL else
@@ -311,76 +317,31 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     hook("exchanged", exchanged=exchanged)
     if not exchanged:
         return [results[m] for m, g, _ in grp]
-    # Content into the new frames.
-    news = np.array([e[3] for e in exchanged], dtype=np.int64)
-    wm = hv.map_foreign(domid, news, True)
-    if isinstance(wm, int):
-        for old, g, lvl, new in exchanged:
-            results[old] = Outcome(old, Kind.FAILED, Reason.RESTORE_FAILED,
-                                   f"exchanged into {new:#x} but cannot map it ({E.name(wm)})", domid=domid,
-                                   gpfn=g, new_mfn=new)
-        return [results[m] for m, g, _ in grp]
-    for i, (old, g, lvl, new) in enumerate(exchanged):
-        wm.array[i] = content[old]
-    wm.flush()
-    wm.unmap()
-    hook("copied")
-    # A P2M frame that moved: the frame list must name its new home.
-    pos = {int(m): i for i, m in enumerate(view.p2m_frames.tolist())}
-    moved = [(pos[old], new) for old, g, lvl, new in exchanged if old in pos]
-    if moved:
-        for i, new in moved:
-            view.p2m_frames[i] = new
-        fl_idx = sorted({i // 512 for i, _ in moved})
-        fm = hv.map_foreign(domid, view.fl_frames[fl_idx], True)
-        if not isinstance(fm, int):
-            row = {f: k for k, f in enumerate(fl_idx)}
-            for i, new in moved:
-                fm.array[row[i // 512], i % 512] = _U(new)
-            fm.flush()
-            fm.unmap()
-    # P2M (writable mapping of the P2M frames that change).
-    pf_idx = sorted({g // 512 for _, g, _, _ in exchanged})
-    pm = hv.map_foreign(domid, view.p2m_frames[pf_idx], True)
-    if not isinstance(pm, int):
-        row = {p: i for i, p in enumerate(pf_idx)}
-        for old, g, lvl, new in exchanged:
-            pm.array[row[g // 512], g % 512] = _U(new)
-            view.p2m[g] = new
-        pm.flush()
-        pm.unmap()
-    hook("p2m")
-    # M2P: Xen set it from the GPFNs we passed; make sure.
-    m2p = hv.m2p(news)
-    fix = [(new, g) for (old, g, lvl, new), v in zip(exchanged, m2p.tolist()) if v != g]
-    if fix:
-        reqs = np.array([[(new << 12) | X.MMU_MACHPHYS_UPDATE, g] for new, g in fix], dtype=np.uint64)
-        hv.mmu_update(reqs, domid)
-    # Re-point every cleared entry, lower levels first, flags as they were.
-    newof = {old: new for old, g, lvl, new in exchanged}
-    rep: list[PteRef] = []
-    vals: list[int] = []
-    for old in newof:
-        for r in by_target[old]:
-            # an entry that lived in a table frame which itself moved is now in the new frame
-            rep.append(PteRef(newof.get(r.table, r.table), r.index, r.value, r.level))
-            vals.append((r.value & ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF) | (newof[old] << 12))
-    order = sorted(range(len(rep)), key=lambda i: rep[i].level)
+    # From here on there is no way back (the old frames are gone): complete, retrying each
+    # idempotent step; if one keeps failing the journal keeps what ``xenpage recover`` needs.
+    refs_by = {old: [(r.table, r.index, r.value, r.level) for r in by_target[old]]
+               for old, g, lvl, new in exchanged}
     rrc = 0
-    if rep:
-        rrc, done = hv.mmu_update(_reqs([rep[i] for i in order], [vals[i] for i in order]), fd)
-    for old, g, lvl, new in exchanged:
-        if old in unpinned:
-            prc, _ = hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lvl - 1, new)], domid)
-            rrc = rrc or prc
-    hook("repointed")
+    fix: list[tuple[int, int]] = []
+    try:
+        frames, fixed = rollforward.complete(hv, domid, exchanged, content, refs_by, unpinned,
+                                             view.p2m_frames, view.fl_frames, hook)
+        view.p2m_frames[:] = frames
+        for old, g, lvl, new in exchanged:
+            view.p2m[g] = new
+        fix = [(n, 0) for n in fixed]
+    except rollforward.Incomplete as e:
+        rrc = e.errno or -E.EFAULT
+        failed_step = e.step
+    hook("repointed", complete=not rrc)
     total_s = time.perf_counter() - t0
     for old, g, lvl, new in exchanged:
         st = _status(hv, old)
         if rrc:
             results[old] = Outcome(old, Kind.FAILED, Reason.RESTORE_FAILED,
-                                   f"exchanged into {new:#x} but re-pointing the guest's entries failed "
-                                   f"({E.name(rrc)})", domid=domid, gpfn=g, new_mfn=new, status=st)
+                                   f"exchanged into {new:#x} but completing it failed at the {failed_step} "
+                                   f"step ({E.name(rrc)}): run 'xenpage recover'", domid=domid, gpfn=g,
+                                   new_mfn=new, status=st)
         else:
             results[old] = Outcome(old, Kind.EXCHANGED, Reason.NONE,
                                    f"exchanged: gpfn {g:#x} now at mfn {new:#x}", domid=domid, gpfn=g,
@@ -391,8 +352,11 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     return [results[m] for m, g, _ in grp]
 
 
-def _undo(hv: Hypervisor, domid: int, cleared: list[PteRef], unpinned: list[int], grp) -> None:
-    _restore(hv, domid, cleared)
+def _undo(hv: Hypervisor, domid: int, cleared: list[PteRef], unpinned: list[int], grp) -> int:
     lv = {m: lvl for m, g, lvl in grp}
-    for m in unpinned:
-        hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lv[m] - 1, m)], domid)
+    try:
+        rollforward.roll_back(hv, domid, [(r.table, r.index, r.value, r.level) for r in cleared],
+                              [(m, lv[m]) for m in unpinned])
+    except rollforward.Incomplete as e:
+        return e.errno or -E.EFAULT
+    return 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from ..abi import sysctl as S
 from ..abi import xen as X
-from . import hptool
+from . import hptool, journal
 from .exchange import exchange_pages
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
@@ -53,26 +53,44 @@ def suspend_guest(hv: Hypervisor, domid: int, timeout: float = SUSPEND_TIMEOUT) 
     if rc:
         return False, False, f"cannot write {path} ({rc})"
     deadline = time.monotonic() + timeout
+    misses = 0
     while True:
         hv.wait(POLL)
         info = hv.domain_info(domid)
         if info is not None and info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend:
             return True, True, ""
-        if time.monotonic() > deadline or info is None:
+        misses = misses + 1 if info is None else 0  # one failed getdomaininfo is no answer
+        if time.monotonic() > deadline or misses >= 3:
             hv.xs_write(path, "")
+            info = hv.domain_info(domid)
+            if info is not None and info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend:
+                return True, True, ""  # it did suspend: carry on (and resume it)
             return False, False, (f"d{domid} did not suspend within {timeout:g} s "
                                   "(no answer to control/shutdown)")
 
 
-def resume_guest(hv: Hypervisor, domid: int) -> int:
-    rc = hv.resume(domid, fast=True)
+def resume_guest(hv: Hypervisor, domid: int, tries: int = 4) -> int:
+    for _ in range(tries):  # a guest must not stay suspended because one call failed
+        rc = hv.resume(domid, fast=True)
+        if rc == 0:
+            break
+        info = hv.domain_info(domid)
+        if info is not None and not (info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend):
+            break
     hv.wait(0)
     return rc
 
 
 def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
-                hook=None) -> OfflineResult:
+                hook=None, journal_dir=None) -> OfflineResult:
+    """``journal_dir`` (default: the backend's ``state_dir``, if it has one) holds the
+    write-ahead journal of each exchange; an interrupted one found there is recovered first
+    (:mod:`.journal`)."""
     t_start = time.perf_counter()
+    jdir = journal_dir if journal_dir is not None else getattr(hv, "state_dir", None)
+    recovered = None
+    if jdir is not None and journal.journal_path(jdir).exists():
+        recovered = journal.recover(hv, jdir)
     per: dict[int, tuple[Report, int, int]] = {}
     outcomes: dict[int, Outcome] = {}
     owned: dict[int, list[int]] = {}
@@ -81,7 +99,13 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if mfn in per:
             continue
         order.append(mfn)
-        r, rc, st = hptool.mem_offline_mark(hv, mfn)
+        try:
+            r, rc, st = hptool.mem_offline_mark(hv, mfn)
+        except OSError as e:  # dom0 could not be kept off pCPU 0: not marked
+            r, rc, st = Report(), -(e.errno or 1), S.STATUS_UNTOUCHED
+            r.out(f"Prepare to offline MEMORY mfn {mfn:x}")
+            r.err(f"xenpage: {e.strerror or e}; mfn {mfn:x} not offlined")
+            r.exit_code = 1
         per[mfn] = (r, rc, st)
         outcomes[mfn] = _classify(mfn, rc, st)
         if hptool.is_owned_pending(rc, st):
@@ -94,15 +118,31 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
                 outcomes[m] = _not_exchangeable(m, domid, info)
             continue
         t0 = time.perf_counter()
+        jn = journal.Journal(hv, jdir) if jdir is not None else None
+        was = bool(info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend)
+        if jn:
+            jn.begin(domid, group, was)
         ok, ours, msg = suspend_guest(hv, domid, suspend_timeout)
         t1 = time.perf_counter()
         if not ok:
             for m in group:
                 outcomes[m] = Outcome(m, Kind.PENDING, Reason.SUSPEND_FAILED, msg, domid=domid)
+            if jn:
+                jn.end()
             continue
-        res = exchange_pages(hv, domid, group, hook=hook)
+        if jn:
+            jn.step("suspended")
+        step_hook = _hooks(hook, jn.hook if jn else None)
+        res = exchange_pages(hv, domid, group, hook=step_hook)
         t2 = time.perf_counter()
-        rrc = resume_guest(hv, domid) if ours else 0
+        broken = any(o.kind == Kind.FAILED for o in res)
+        # an exchange that could not be completed leaves the guest suspended (its memory is
+        # not whole): 'xenpage recover' finishes it from the journal and resumes it
+        rrc = resume_guest(hv, domid) if ours and not broken else 0
+        if jn and not broken:
+            jn.step("resumed")
+            if rrc == 0:
+                jn.end()
         t3 = time.perf_counter()
         for o in res:
             outcomes[o.mfn] = o
@@ -112,6 +152,9 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
                                     "resume_rc": rrc}
     timings["total_s"] = time.perf_counter() - t_start
     report = Report()
+    if recovered is not None:
+        for line in recovered.lines():
+            report.err(line)
     for mfn in order:
         r, rc, st = per[mfn]
         o = outcomes[mfn]
@@ -203,3 +246,14 @@ def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
     r.err(f"Memory mfn {mfn:x} offlined successfully , this page is DOM{domid} page yet failed to be "
           "exchanged. current state is [PG_OFFLINE_PENDING, PG_OFFLINE_OWNED]")
     r.err(f"xenpage: mfn {mfn:x}: {o.kind.value} ({o.reason.value}): {o.detail}")
+
+
+def _hooks(*hooks):
+    hs = [h for h in hooks if h is not None]
+    if not hs:
+        return None
+
+    def hook(step, **info):
+        for h in hs:
+            h(step, **info)
+    return hook

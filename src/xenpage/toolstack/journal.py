@@ -1,0 +1,306 @@
+"""The write-ahead journal of an exchange, and ``xenpage recover``.
+
+A process that dies in the middle of an exchange (killed, OOM, power cut of dom0's
+toolstack) leaves a guest suspended with page-table entries cleared, tables unpinned, or
+frames exchanged but not yet copied or re-pointed.  Before each irreversible step
+:func:`~xenpage.toolstack.exchange.exchange_pages` takes, the journal appends one JSON line to
+``<state dir>/exchange.journal`` and fsyncs it:
+
+==============  ==============================================================================
+``begin``       the guest, the frames, and whether the guest was already suspended
+``clearing``    the group (mfn, gpfn, level) and every entry about to be cleared
+                (table, index, original value, level)
+``unpinning``   the tables about to be unpinned (and their levels)
+``snapshot``    the content of every frame and the P2M frames, just before XENMEM_exchange
+``exchanged``   the result (old, gpfn, level, new), before the copy / P2M / M2P / re-point
+``done``        the group is complete (or was rolled back)
+==============  ==============================================================================
+
+:func:`recover` reads it back: a group whose frames were exchanged is *completed* (content,
+P2M frame list, P2M, M2P, entries re-pointed with their flags, tables re-pinned -- every step
+idempotent, see :mod:`.rollforward`); a group whose frames were not is *rolled back* (entries
+and pins restored bit for bit).  If the process died between XENMEM_exchange and the
+``exchanged`` record, the frames' ownership and the M2P say which were exchanged and where
+to.  Then the guest is resumed if xenpage suspended it, and the journal is removed.
+
+On the simulator, each record first asks the backend to ``checkpoint()`` (save the host to
+its state directory): what a real machine keeps by itself across the death of a dom0
+process.  ``XENPAGE_CRASH_AT=<record>`` (or ``<record>+``) kills the process with SIGKILL just
+before (after) that record is made durable -- the crash tests use it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..abi import domctl as D
+from ..abi import pte as P
+from ..abi import xen as X
+from . import rollforward
+from .hypervisor import Hypervisor
+
+JOURNAL_NAME = "exchange.journal"
+CRASH_ENV = "XENPAGE_CRASH_AT"
+#: every point at which XENPAGE_CRASH_AT can kill the process, in the order they happen
+CRASH_POINTS = ("begin", "begin+", "suspended", "clearing", "clearing+", "cleared", "unpinning",
+                "unpinning+", "unpinned", "snapshot", "snapshot+", "exchanged", "exchanged+",
+                "copied", "p2m", "done", "done+", "resumed", "end")
+
+
+def crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def journal_path(state_dir) -> Path:
+    return Path(state_dir) / JOURNAL_NAME
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(a, dtype="<u8").tobytes()).decode()
+
+
+def _unb64(s: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(s), dtype="<u8").astype(np.uint64)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """The journal of one mem-offline run in ``state_dir`` (one guest at a time)."""
+
+    def __init__(self, hv: Hypervisor, state_dir):
+        self.hv = hv
+        self.dir = Path(state_dir)
+        self.path = journal_path(state_dir)
+        self.records = 0
+
+    def _checkpoint(self) -> None:
+        cp = getattr(self.hv, "checkpoint", None)
+        if cp is not None:
+            cp()
+
+    def write(self, op: str, truncate: bool = False, **data) -> None:
+        self._checkpoint()
+        crash_point(op)
+        new = truncate or not self.path.exists()
+        with open(self.path, "w" if truncate else "a") as f:
+            f.write(json.dumps({"op": op, **data}, separators=(",", ":")) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            _fsync_dir(self.dir)
+        self.records += 1
+        crash_point(op + "+")
+
+    def begin(self, domid: int, mfns: list[int], was_suspended: bool) -> None:
+        self.write("begin", truncate=True, domid=domid, mfns=[int(m) for m in mfns],
+                   was_suspended=bool(was_suspended))
+
+    def step(self, name: str) -> None:
+        """A point between two steps that needs no record (the host is checkpointed)."""
+        self._checkpoint()
+        crash_point(name)
+
+    def hook(self, step: str, **info) -> None:
+        """``exchange_pages``'s hook."""
+        if step == "clearing":
+            grp = [[int(m), int(g), int(l)] for m, g, l in info["grp"]]
+            refs = [[r.table, r.index, r.value, r.level] for r in info["refs"]]
+            self.write("clearing", grp=grp, refs=refs)
+        elif step == "unpinning":
+            lv = {int(m): int(l) for m, g, l in info["grp"]}
+            self.write("unpinning", pins=[[int(m), lv[int(m)]] for m in info["mfns"]])
+        elif step == "snapshot":
+            self.write("snapshot", content={str(m): _b64(a) for m, a in info["content"].items()},
+                       p2m_frames=[int(x) for x in info["p2m_frames"]],
+                       fl_frames=[int(x) for x in info["fl_frames"]])
+        elif step == "exchanged":
+            self.write("exchanged", exchanged=[[int(x) for x in e] for e in info["exchanged"]])
+        elif step == "repointed":
+            if info.get("complete", True):
+                self.write("done")
+            else:
+                self.write("incomplete")
+        elif step in ("cleared", "unpinned", "copied", "p2m"):
+            self.step(step)
+
+    def end(self) -> None:
+        """The guest is resumed: nothing left to recover."""
+        self._checkpoint()
+        crash_point("end")
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        _fsync_dir(self.dir)
+
+
+def read(state_dir) -> list[dict]:
+    """The journal's records; a torn last line (the process died while writing it) is
+    ignored -- it was never durable, so the step it announced never started."""
+    p = journal_path(state_dir)
+    if not p.exists():
+        return []
+    out = []
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(rec, dict) or "op" not in rec:
+            break
+        out.append(rec)
+    return out
+
+
+@dataclass
+class Recovery:
+    journal: bool = False
+    domid: int | None = None
+    completed: list[dict] = field(default_factory=list)     # {mfn, gpfn, new_mfn}
+    rolled_back: list[int] = field(default_factory=list)    # mfns left in place
+    resumed: bool = False
+    errors: list[str] = field(default_factory=list)
+    records: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict:
+        return {"journal": self.journal, "domid": self.domid, "records": self.records,
+                "completed": self.completed, "rolled_back": self.rolled_back,
+                "resumed": self.resumed, "errors": self.errors, "ok": self.ok}
+
+    def lines(self) -> list[str]:
+        if not self.journal:
+            return ["xenpage: no interrupted exchange to recover"]
+        out = [f"xenpage: recovering an interrupted exchange of d{self.domid} "
+               f"({self.records} journal records)"]
+        for c in self.completed:
+            out.append(f"xenpage: completed: d{self.domid} gpfn {c['gpfn']:#x} moved from mfn "
+                       f"{c['mfn']:#x} to mfn {c['new_mfn']:#x}")
+        for m in self.rolled_back:
+            out.append(f"xenpage: rolled back: mfn {m:#x} stays in place (offline-pending)")
+        if self.resumed:
+            out.append(f"xenpage: d{self.domid} resumed")
+        for e in self.errors:
+            out.append(f"xenpage: error: {e}")
+        return out
+
+
+def _groups(recs: list[dict]) -> list[list[dict]]:
+    """Groups of the last ``begin`` still open: the last one unless it is ``done``, and any
+    earlier one that ended ``incomplete``."""
+    groups: list[list[dict]] = []
+    for r in recs:
+        if r["op"] == "clearing":
+            groups.append([r])
+        elif groups:
+            groups[-1].append(r)
+    open_ = [g for g in groups[:-1] if any(r["op"] == "incomplete" for r in g)]
+    if groups and groups[-1][-1]["op"] != "done":
+        open_.append(groups[-1])
+    return open_
+
+
+def _recover_group(hv: Hypervisor, domid: int, g: list[dict], res: Recovery) -> None:
+    by_op = {r["op"]: r for r in g}
+    grp = [tuple(x) for x in by_op["clearing"]["grp"]]
+    refs = [tuple(x) for x in by_op["clearing"]["refs"]]
+    pins = [tuple(x) for x in by_op.get("unpinning", {}).get("pins", [])]
+    exchanged: list[tuple[int, int, int, int]] = []
+    if "exchanged" in by_op:
+        exchanged = [tuple(x) for x in by_op["exchanged"]["exchanged"]]
+    elif "snapshot" in by_op:
+        # died between XENMEM_exchange and its record: ownership and the M2P tell
+        olds = np.array([m for m, _, _ in grp], dtype=np.int64)
+        rc, t = hv.page_types(domid, olds)
+        if rc:
+            raise rollforward.Incomplete("page types", rc)
+        for (m, gp, lvl), ty in zip(grp, t.tolist()):
+            if ty == D.XEN_DOMCTL_PFINFO_XTAB:
+                new = rollforward.find_new_frame(hv, domid, m, gp)
+                if new is None:
+                    res.errors.append(f"mfn {m:#x} left d{domid} but no frame holds gpfn {gp:#x}")
+                    continue
+                exchanged.append((m, gp, lvl, new))
+    done = {e[0] for e in exchanged}
+    if exchanged:
+        snap = by_op["snapshot"]
+        content = {int(k): _unb64(v) for k, v in snap["content"].items()}
+        by_target: dict[int, list] = {}
+        for r in refs:
+            by_target.setdefault(P.pte_frame(r[2]), []).append(r)
+        rollforward.complete(hv, domid, exchanged, content, by_target,
+                             [m for m, _ in pins if m in done],
+                             np.array(snap["p2m_frames"], dtype=np.int64),
+                             np.array(snap["fl_frames"], dtype=np.int64))
+        res.completed += [{"mfn": o, "gpfn": gp, "new_mfn": n} for o, gp, _, n in exchanged]
+    back = [r for r in refs if P.pte_frame(r[2]) not in done]
+    rollforward.roll_back(hv, domid, back, [(m, l) for m, l in pins if m not in done])
+    res.rolled_back += [m for m, _, _ in grp if m not in done]
+
+
+def recover(hv: Hypervisor, state_dir) -> Recovery:
+    """Complete or roll back the exchange the journal in ``state_dir`` describes, resume the
+    guest if xenpage suspended it, and remove the journal (kept if something failed)."""
+    recs = read(state_dir)
+    res = Recovery(journal=bool(recs), records=len(recs))
+    p = journal_path(state_dir)
+    begins = [i for i, r in enumerate(recs) if r["op"] == "begin"]
+    if not begins:
+        if p.exists():
+            p.unlink()
+        return res
+    recs = recs[begins[-1]:]
+    b = recs[0]
+    domid = int(b["domid"])
+    res.domid = domid
+    info = hv.domain_info(domid)
+    if info is None:
+        # the guest is gone (destroyed): its memory went with it, nothing to complete
+        p.unlink()
+        _fsync_dir(Path(state_dir))
+        return res
+    for g in _groups(recs):
+        try:
+            _recover_group(hv, domid, g, res)
+        except rollforward.Incomplete as e:
+            res.errors.append(str(e))
+    if res.errors:
+        return res  # keep the journal and the guest suspended: try again later
+    path = f"/local/domain/{domid}/control/shutdown"
+    if not b.get("was_suspended") and hv.xs_read(path) == "suspend":
+        hv.xs_write(path, "")  # died while asking: withdraw the request
+    info = hv.domain_info(domid)
+    if info is not None and info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend \
+            and not b.get("was_suspended"):
+        for _ in range(rollforward.RETRIES):
+            if hv.resume(domid, fast=True) == 0:
+                res.resumed = True
+                break
+        hv.wait(0)
+        if not res.resumed:
+            res.errors.append(f"cannot resume d{domid}")
+            return res
+    p.unlink()
+    _fsync_dir(Path(state_dir))
+    return res

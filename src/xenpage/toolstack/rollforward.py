@@ -1,0 +1,210 @@
+"""Idempotent completion and undo of an exchange group.
+
+Once ``XENMEM_exchange`` has moved a frame there is no way back: the old frame is gone (it
+was offline-pending, so it is now offlined).  Everything after it -- copy the content, fix the
+P2M frame list, the P2M and the M2P, re-point the cleared entries, re-pin -- must therefore be
+*completed*, whatever fails on the way.  Each step here reads what is there first and only
+writes what differs, so it can be retried after a transient failure (a failed hypercall) and
+run again from the write-ahead journal after the process died (``xenpage recover``).
+
+:func:`roll_back` is the same for a group whose frames were *not* exchanged: entries that
+differ from their journaled values are put back (lower levels first), unpinned tables are
+pinned again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..abi import domctl as D
+from ..abi import errno as E
+from ..abi import pte as P
+from ..abi import xen as X
+from .hypervisor import Hypervisor
+
+_U = np.uint64
+RETRIES = 4
+
+
+class Incomplete(Exception):
+    """A step kept failing: ``errno`` is its last error; the journal stays for recovery."""
+
+    def __init__(self, step: str, rc: int):
+        super().__init__(f"{step} failed ({E.name(rc)})")
+        self.step = step
+        self.errno = rc
+
+
+def _retry(step: str, fn):
+    rc = 0
+    for _ in range(RETRIES):
+        rc = fn()
+        if rc == 0:
+            return
+    raise Incomplete(step, rc)
+
+
+def _read(hv: Hypervisor, domid: int, mfns) -> np.ndarray | int:
+    m = hv.map_foreign(domid, np.asarray(mfns, dtype=np.int64), False)
+    if isinstance(m, int):
+        return m
+    a = m.array.copy()
+    m.unmap()
+    return a
+
+
+def _write_rows(hv: Hypervisor, domid: int, mfns: list[int], rows: list[np.ndarray]) -> int:
+    """Write whole frames whose content differs from ``rows``."""
+    if not mfns:
+        return 0
+    cur = _read(hv, domid, mfns)
+    if isinstance(cur, int):
+        return cur
+    need = [i for i in range(len(mfns)) if not np.array_equal(cur[i], rows[i])]
+    if not need:
+        return 0
+    wm = hv.map_foreign(domid, [mfns[i] for i in need], True)
+    if isinstance(wm, int):
+        return wm
+    for k, i in enumerate(need):
+        wm.array[k] = rows[i]
+    wm.flush()
+    wm.unmap()
+    return 0
+
+
+def _write_words(hv: Hypervisor, domid: int, frames: list[int], writes: list[tuple[int, int, int]]) -> int:
+    """``writes`` = (row in ``frames``, word index, value): a read-modify-write of the frames
+    holding a word that differs."""
+    if not writes:
+        return 0
+    cur = _read(hv, domid, frames)
+    if isinstance(cur, int):
+        return cur
+    rows = cur.copy()
+    for r, i, v in writes:
+        rows[r, i] = _U(v)
+    return _write_rows(hv, domid, frames, list(rows))
+
+
+def _set_entries(hv: Hypervisor, domid: int, ents: list[tuple[int, int, int, int]]) -> int:
+    """``ents`` = (table mfn, index, value, level of the table): write those that differ,
+    lower levels first (a table is revalidated with its own entries already in place)."""
+    if not ents:
+        return 0
+    tabs = sorted({t for t, _, _, _ in ents})
+    cur = _read(hv, domid, tabs)
+    if isinstance(cur, int):
+        return cur
+    row = {t: i for i, t in enumerate(tabs)}
+    todo = sorted((e for e in ents if int(cur[row[e[0]], e[1]]) != e[2]), key=lambda e: e[3])
+    if not todo:
+        return 0
+    reqs = np.array([[(t << 12) | (i * 8) | X.MMU_PT_UPDATE_PRESERVE_AD, v] for t, i, v, _ in todo],
+                    dtype=np.uint64)
+    rc, _ = hv.mmu_update(reqs, X.foreigndom(domid, domid))
+    return rc
+
+
+def _pin(hv: Hypervisor, domid: int, pins: list[tuple[int, int]]) -> int:
+    """Pin each (mfn, level) that is not pinned yet."""
+    if not pins:
+        return 0
+    rc, t = hv.page_types(domid, np.array([m for m, _ in pins], dtype=np.int64))
+    if rc:
+        return rc
+    for (m, lvl), ty in zip(pins, t.tolist()):
+        if ty & D.XEN_DOMCTL_PFINFO_LPINTAB:
+            continue
+        prc, _ = hv.mmuext_op([(X.MMUEXT_PIN_L1_TABLE + lvl - 1, m)], domid)
+        if prc:
+            return prc
+    return 0
+
+
+def repoint_values(exchanged, refs_by_target) -> list[tuple[int, int, int, int]]:
+    """Every cleared entry of an exchanged frame, in its (possibly moved) table, naming the
+    new frame with its original flags."""
+    newof = {old: new for old, g, lvl, new in exchanged}
+    out = []
+    for old, g, lvl, new in exchanged:
+        for t, i, v, level in refs_by_target.get(old, []):
+            val = (v & ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF) | (new << 12)
+            out.append((newof.get(t, t), i, val, level))
+    return out
+
+
+def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_target: dict,
+             unpinned: list[int], p2m_frames: np.ndarray, fl_frames: np.ndarray,
+             hook=None) -> tuple[np.ndarray, list[int]]:
+    """Finish an exchange group: ``exchanged`` = [(old, gpfn, level, new)], ``content`` =
+    {old: uint64[512]} as snapshotted before the exchange, ``refs_by_target`` =
+    {old: [(table, index, value, level)]} the entries cleared, ``unpinned`` the old frames
+    that were unpinned.  Returns (updated P2M frame list, new frames whose M2P was fixed).
+    Raises :class:`Incomplete` when a step keeps failing."""
+    hook = hook or (lambda step, **kw: None)
+    news = [new for _, _, _, new in exchanged]
+    _retry("copy", lambda: _write_rows(hv, domid, news, [np.asarray(content[old], dtype=np.uint64)
+                                                          for old, _, _, _ in exchanged]))
+    hook("copied")
+    p2m_frames = np.array(p2m_frames, dtype=np.int64)
+    pos = {int(m): i for i, m in enumerate(p2m_frames.tolist())}
+    moved = [(pos[old], new) for old, _, _, new in exchanged if old in pos]
+    for i, new in moved:
+        p2m_frames[i] = new
+    if moved:
+        fl_idx = sorted({i // 512 for i, _ in moved})
+        row = {f: k for k, f in enumerate(fl_idx)}
+        fls = [int(fl_frames[f]) for f in fl_idx]
+        _retry("P2M frame list", lambda: _write_words(hv, domid, fls,
+                                                      [(row[i // 512], i % 512, new) for i, new in moved]))
+    pf_idx = sorted({g // 512 for _, g, _, _ in exchanged})
+    prow = {p: k for k, p in enumerate(pf_idx)}
+    pfs = [int(p2m_frames[p]) for p in pf_idx]
+    _retry("P2M", lambda: _write_words(hv, domid, pfs,
+                                       [(prow[g // 512], g % 512, new) for _, g, _, new in exchanged]))
+    hook("p2m")
+    fixed: list[int] = []
+
+    def m2p() -> int:
+        cur = hv.m2p(np.array(news, dtype=np.int64))
+        fix = [(new, g) for (_, g, _, new), v in zip(exchanged, cur.tolist()) if v != g]
+        if not fix:
+            return 0
+        reqs = np.array([[(new << 12) | X.MMU_MACHPHYS_UPDATE, g] for new, g in fix], dtype=np.uint64)
+        rc, _ = hv.mmu_update(reqs, domid)
+        if rc == 0:
+            fixed.extend(n for n, _ in fix)
+        return rc
+    _retry("M2P", m2p)
+    ents = repoint_values(exchanged, refs_by_target)
+    _retry("re-point", lambda: _set_entries(hv, domid, ents))
+    lv = {old: (new, lvl) for old, _, lvl, new in exchanged}
+    pins = [lv[old] for old in unpinned if old in lv]
+    _retry("re-pin", lambda: _pin(hv, domid, pins))
+    return p2m_frames, fixed
+
+
+def roll_back(hv: Hypervisor, domid: int, refs: list[tuple[int, int, int, int]],
+              unpinned: list[tuple[int, int]]) -> None:
+    """Put ``refs`` (table, index, original value, level) back and re-pin ``unpinned``
+    (mfn, level).  Raises :class:`Incomplete`."""
+    _retry("restore", lambda: _set_entries(hv, domid, list(refs)))
+    _retry("re-pin", lambda: _pin(hv, domid, list(unpinned)))
+
+
+def find_new_frame(hv: Hypervisor, domid: int, old: int, gpfn: int) -> int | None:
+    """After an exchange whose result was never recorded: the frame of ``domid`` that the
+    M2P names ``gpfn`` (Xen set it from the GPFN passed to XENMEM_exchange)."""
+    n = hv.max_mfn()
+    for s in range(0, n, 1 << 20):
+        mf = np.arange(s, min(n, s + (1 << 20)), dtype=np.int64)
+        hit = mf[hv.m2p(mf) == _U(gpfn)]
+        hit = hit[hit != old]
+        if hit.size:
+            rc, t = hv.page_types(domid, hit)
+            if rc == 0:
+                mine = hit[t != np.uint32(D.XEN_DOMCTL_PFINFO_XTAB)]
+                if mine.size:
+                    return int(mine[0])
+    return None
