@@ -625,10 +625,28 @@ def test_range_only_the_control_domain_may_call(host):
 
 
 def test_range_too_large_for_the_status_array_is_enomem(host):
-    # 2^32 status words (16 GiB) cannot be allocated on a 2 GiB machine: -ENOMEM, nothing done
+    # 2^32 - 1 status words (16 GiB) cannot be allocated: -ENOMEM, nothing done.
+    # (Not 0..0xffffffff: there Xen's 32-bit "end - start + 1" wraps to 0 -- a zero-length
+    # array that the walk then overruns; not modelled.)
     snap = snapshot(host)
-    assert op(host, OFFLINE, 0, 0xFFFFFFFF) == (-12, None)
+    assert op(host, OFFLINE, 0, 0xFFFFFFFE) == (-12, None)
     assert_unchanged(host, snap)
+
+
+def test_status_array_needs_one_contiguous_buddy(small_host):
+    """From a page up the array is xmalloc_whole_pages: one free chunk of the right order."""
+    h = small_host()
+    # fragment the heap: offline every free frame at a multiple of 8
+    free = np.flatnonzero(h.ft.states(0, h.nframes) == mm.STATE_FREE)
+    xs, xe = h.xen_image
+    for m in free[(free % 8 == 0) & ((free < xs) | (free >= xe))].tolist():
+        one(h, OFFLINE, m)
+    top = max(k for (z, k), lst in h.heap.lists.items() if lst)
+    n = 1024 << (top + 1)  # status words filling a chunk one order larger than any left
+    assert h.heap.free_pages * 4096 > 4 * n  # plenty of memory, not enough of it contiguous
+    assert op(h, QUERY, 0x100, 0x100 + n - 1) == (-12, None)
+    assert op(h, QUERY, 0x100, 0x100 + n // 2 - 1)[0] in (0, -22)  # fits: the walk runs
+    assert op(h, QUERY, 0x100, 0x100 + 1023)[0] == 0  # one page of words
 
 
 def test_range_fields_are_32_bit(host):

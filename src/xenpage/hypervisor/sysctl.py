@@ -35,8 +35,7 @@ def page_offline_op(host: "Host", caller: int, cmd: int, start: int, end: int,
     if end < start:
         return -E.EINVAL, None
     n = end - start + 1
-    # xmalloc_array of the status words comes from the Xen heap.
-    if n * 4 > host.heap.free_pages * 4096:
+    if not _status_array_fits(host, n):
         return -E.ENOMEM, None
     if cmd == S.sysctl_page_offline:
         return offline_range(host, start, end, broken=False, pcpu=pcpu)
@@ -45,6 +44,18 @@ def page_offline_op(host: "Host", caller: int, cmd: int, start: int, end: int,
     if cmd == S.sysctl_query_page_offline:
         return query_range(host, start, end)
     return -E.EINVAL, np.full(n, S.STATUS_UNTOUCHED, dtype=np.uint32)
+
+
+def _status_array_fits(host: "Host", n: int) -> bool:
+    """``xzalloc_array(uint32_t, n)``: below a page from the xmalloc pool; from a page up,
+    ``xmalloc_whole_pages`` -- one contiguous buddy of order ``get_order_from_bytes``."""
+    nbytes = 4 * n
+    if nbytes < 4096:
+        return True
+    order = ((nbytes + 4095) // 4096 - 1).bit_length()
+    if order > host.heap.max_order:
+        return False
+    return any(lst for (z, o), lst in host.heap.lists.items() if o >= order)
 
 
 def machine_check_offline(host: "Host", mfn: int) -> tuple[int, int]:
