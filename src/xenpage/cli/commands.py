@@ -154,3 +154,4 @@ def demo_cmd(obj: Ctx, as_json, keep):
     """Retire pages of each kind on a fresh simulated host and report what happened."""
     from .demo import run_demo
     sys.exit(run_demo(obj.state_dir or default_state_dir(), as_json=as_json, keep=keep))
+from . import reliability  # noqa: E402,F401  (registers recover)

@@ -54,8 +54,18 @@ CRASH_POINTS = ("begin", "begin+", "suspended", "clearing", "clearing+", "cleare
                 "copied", "p2m", "done", "done+", "resumed", "end")
 
 
+_SEEN: dict[str, int] = {}
+
+
 def crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
+    """Kill this process if ``XENPAGE_CRASH_AT`` names this point (``name`` or ``name:k``
+    for its k-th occurrence, e.g. ``clearing:2`` in the second exchange group)."""
+    want = os.environ.get(CRASH_ENV)
+    if not want:
+        return
+    _SEEN[name] = _SEEN.get(name, 0) + 1
+    point, _, k = want.partition(":")
+    if point == name and _SEEN[name] == (int(k) if k.isdigit() else 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
