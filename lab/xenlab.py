@@ -416,7 +416,7 @@ def build_payload(work: Path, scenario: Path, run_env: dict) -> Path:
     path = work / "payload.cpio"
     with open(path, "wb") as f:
         c = Cpio(f)
-        for name in ("src", "tests", "bench"):
+        for name in ("src", "tests", "tests_xen", "bench"):
             if (REPO / name).is_dir():
                 c.add_tree(f"xenpage/{name}", REPO / name)
         for name in ("pyproject.toml", "README.md"):
