@@ -238,7 +238,23 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
             nv, err = load_guest(hv, domid)
             if nv is not None:
                 view = nv
+    if any(o.kind in (Kind.FAILED, Kind.ROLLED_BACK) for o in out.values()) \
+            and hv.domain_info(domid) is None:
+        out = {m: _domain_gone(hv, o, domid) for m, o in out.items()}
     return [out[m] for m in mfns]
+
+
+def _domain_gone(hv: Hypervisor, o: Outcome, domid: int) -> Outcome:
+    """The guest was destroyed while we worked on it: its memory went with it (nothing left
+    to complete or restore) and its offline-pending frames were offlined as they were freed."""
+    if o.kind not in (Kind.FAILED, Kind.ROLLED_BACK):
+        return o
+    st = _status(hv, o.mfn)
+    off = st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINED)
+    return Outcome(o.mfn, Kind.OFFLINED if off else Kind.PENDING, Reason.NO_DOMAIN,
+                   f"d{domid} was destroyed meanwhile: its memory was released"
+                   + (" and this frame offlined" if off else ""), domid=domid, gpfn=o.gpfn,
+                   status=st if st >= 0 else None)
 
 
 def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, int]], hook) -> list[Outcome]:
