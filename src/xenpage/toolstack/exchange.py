@@ -181,8 +181,10 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     hook("loaded", view=view)
     out: dict[int, Outcome] = {}
     m2p = hv.m2p(np.array(mfns, dtype=np.int64))
-    rc, grants = hv.grant_entries(domid)
-    if rc:
+    # Without the grant table no frame can be shown ungranted: a failed read must not
+    # read as "no grants" (an exchanged granted frame leaves the grantee a dangling grant).
+    grc, grants = hv.grant_entries(domid)
+    if grc:
         grants = np.zeros(0, dtype=np.uint64)
     g_live = (grants & _U(G.GTF_type_mask)) != 0
     g_frame = (grants >> _U(32)).astype(np.int64)
@@ -202,6 +204,11 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
                                f"M2P names gpfn {g:#x}, whose P2M entry does not name this frame "
                                f"(not a frame of d{domid})", domid=domid, status=st)
             continue
+        if grc:
+            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.GRANTED,
+                               f"cannot read d{domid}'s grant table ({E.name(grc)}): a grant of the "
+                               "frame cannot be ruled out", domid=domid, gpfn=g, status=st, errno=-grc)
+            continue
         refs = np.flatnonzero(g_live & (g_frame == mfn))
         if refs.size:
             w = int(grants[refs[0]])
@@ -211,7 +218,7 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
             continue
         t = int(view.types[g])
         lvl = (t & D.XEN_DOMCTL_PFINFO_LTABTYPE_MASK) >> 28
-        if t in (D.XEN_DOMCTL_PFINFO_XTAB, D.XEN_DOMCTL_PFINFO_BROKEN):
+        if t in (D.XEN_DOMCTL_PFINFO_XTAB, D.XEN_DOMCTL_PFINFO_BROKEN, D.XEN_DOMCTL_PFINFO_XALLOC):
             out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH, f"page type {D.pfinfo_name(t)}",
                                domid=domid, gpfn=g, status=st)
             continue
