@@ -1,0 +1,520 @@
+"""The page-retirement service: machine-check records in; thresholds, decisions, actions
+through the toolstack, outcomes -- all recorded; pending frames retried with backoff; the
+retired-page list replayed when the service starts.
+
+Every frame's story is told in Xen's own terms: the state the page-offline query reports
+before and after each action -- ``online`` (in use or free), ``offlining`` (offline-pending:
+``PGC_state_offlining``), ``offlined`` (``PGC_state_offlined``), each ``+broken`` when
+``PGC_broken`` is set -- one log line per transition.
+
+Rules that keep the service from doing harm:
+
+* a frame Xen already marked broken and that still has an owner is never offlined again:
+  ``offline_page`` answers ``PG_OFFLINE_AGAIN`` and crashes the owner (xen-semantics 1.5);
+  the service only waits (queries) until the owner frees it;
+* ``hard`` (mark broken) goes through Xen's machine-check path, which crashes a PV owner --
+  it is only done when the policy says so (``hard``, or ``soft-then-hard`` once soft failed);
+* an uncorrected error is acted on by Xen itself before dom0 hears of it; the service records
+  what Xen did and follows the frame until it is offlined.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time as _time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from ..abi import sysctl as S
+from ..abi.mca import McRecord
+from ..toolstack.offline import mem_offline
+from ..toolstack.outcomes import Kind, Reason
+from .policy import Accountant, Trigger
+from .store import Frame, Store
+from .thresholds import Action, Policy
+
+#: reasons of a pending outcome that no retry of the exchange can change soon
+_WAIT_ONLY = {Reason.DOM0.value, Reason.SYSTEM_DOMAIN.value, Reason.XEN_HEAP.value,
+              Reason.ANONYMOUS.value, Reason.OWNER_CRASHED.value}
+
+
+def xen_state(rc: int, status: int | None) -> str:
+    """The page-offline query's answer in Xen's state names."""
+    if rc < 0 or status is None or status == S.STATUS_UNTOUCHED:
+        return "invalid"
+    if status & S.PG_OFFLINE_STATUS_OFFLINED:
+        s = "offlined"
+    elif status & S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
+        s = "offlining"
+    else:
+        s = "online"
+    if status & S.PG_OFFLINE_STATUS_BROKEN:
+        s += "+broken"
+    return s
+
+
+def query(hv, mfn: int) -> tuple[int, int | None]:
+    rc, st = hv.page_offline_op(S.sysctl_query_page_offline, mfn, mfn)
+    return rc, (int(st[0]) if st is not None else None)
+
+
+def parse_badpage_value(value: str) -> set[int]:
+    """The frames of a ``badpage=`` value this service wrote (``0x..`` and ``0x..-0x..``)."""
+    out: set[int] = set()
+    for item in filter(None, (value or "").split(",")):
+        a, _, b = item.partition("-")
+        try:
+            lo = int(a, 0)
+            hi = int(b, 0) if b else lo
+        except ValueError:
+            continue
+        out.update(range(lo, max(lo, hi) + 1))
+    return out
+
+
+# -- logging --------------------------------------------------------------------------------
+
+_PRIO = {"error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
+
+
+class Log:
+    """Structured log lines: ``key=value`` text (with ``<N>`` syslog priorities when stdout
+    goes to the journal) or one JSON object per line."""
+
+    def __init__(self, stream=None, as_json: bool = False, journal: bool | None = None,
+                 clock: Callable[[], float] = _time.time, verbose: bool = False):
+        self.stream = stream if stream is not None else sys.stdout
+        self.as_json = as_json
+        self.journal = bool(os.environ.get("JOURNAL_STREAM")) if journal is None else journal
+        self.clock = clock
+        self.verbose = verbose
+        self.lines: list[dict] = []
+        self.keep = False
+
+    def __call__(self, event: str, level: str = "info", **kv) -> None:
+        if level == "debug" and not self.verbose:
+            return
+        rec = {"time": round(self.clock(), 3), "level": level, "event": event, **kv}
+        if self.keep:
+            self.lines.append(rec)
+        if self.stream is False:
+            return
+        if self.as_json:
+            line = json.dumps(rec, default=str, sort_keys=False)
+        else:
+            parts = [f"xenpage-retired: {event}"]
+            for k, v in kv.items():
+                if v is None or v == "":
+                    continue
+                v = str(v)
+                parts.append(f"{k}={json.dumps(v) if (' ' in v or '=' in v or not v) else v}")
+            line = " ".join(parts)
+            if self.journal:
+                line = f"<{_PRIO.get(level, 6)}>" + line
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (``Type=notify``) how the service is doing; no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError:
+        return False
+
+
+# -- the service ----------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    events: int = 0
+    corrected: int = 0
+    uncorrected: int = 0
+    other: int = 0
+    on_retired: int = 0
+    thresholds: int = 0
+    actions: dict = field(default_factory=dict)
+    transitions: int = 0
+    suspended_s: float = 0.0
+    suspends: int = 0
+    errors: int = 0
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+class RetireService:
+    """Decides and acts for one host.  ``hard(hv, mfn) -> dict`` marks a frame broken (Xen's
+    machine-check path); ``expand(unit, record) -> [mfn]`` lists the frames of a DRAM row or
+    bank when the address map is known; ``clock`` gives the time of decisions and retries
+    (records carry their own time for the buckets)."""
+
+    def __init__(self, store: Store, policy: Policy, clock: Callable[[], float] = _time.time,
+                 hard: Callable | None = None, log: Log | None = None, expand=None,
+                 offline: Callable = mem_offline):
+        self.store = store
+        self.policy = policy
+        self.clock = clock
+        self.hard = hard
+        self.log = log or Log(stream=False)
+        self.offline = offline
+        buckets, unit_frames = store.load_buckets()
+        self.acct = Accountant(policy, buckets, unit_frames, expand=expand)
+        self.stats = Stats()
+        self._excluded = parse_badpage_value(store.last_boot_option())
+        #: frames known retired, for the fast path of errors on retired frames
+        self._retired = {f.mfn for f in store.frames(("retired",))}
+
+    # -- switches -----------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.policy.enabled and self.store.switch()
+
+    def retired_mfns(self) -> set[int]:
+        return set(self._retired)
+
+    # -- records ------------------------------------------------------------------------
+    def process(self, hv, records: Iterable[McRecord]) -> None:
+        """Handle records, then retry what is due; one transaction."""
+        with self.store.batch():
+            for rec in records:
+                self.handle(hv, rec)
+            self.retry_due(hv)
+            self.store.save_buckets(self.acct.buckets, self.acct.unit_frames, self.acct.dirty)
+
+    def handle(self, hv, rec: McRecord) -> None:
+        now = self.clock()
+        t = rec.time if rec.time is not None else now
+        eid = self.store.add_event(rec, now)
+        self.stats.events += 1
+        kind = rec.kind()
+        if kind == "other":
+            self.stats.other += 1
+            self.log("event-ignored", "debug", source=rec.source, reason="no valid address",
+                     status=f"{rec.status:#x}")
+            return
+        mfn = rec.mfn
+        fr = self.store.frame(mfn)
+        if fr is not None:
+            fr.last_time = t
+            if kind == "uc":
+                fr.uncorrected += 1
+            else:
+                fr.errors += 1
+            self.store.put_frame(fr)
+        if kind == "uc":
+            self.stats.uncorrected += 1
+            self._uncorrected(hv, rec, fr, eid, t)
+            return
+        self.stats.corrected += 1
+        if mfn in self._retired:
+            self.stats.on_retired += 1
+        if not self.enabled:
+            return
+        for trig in self.acct.account_ce(rec, t):
+            self.stats.thresholds += 1
+            self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
+                     action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
+                     source=rec.source)
+            for m in trig.mfns:
+                f = self.store.frame(m)
+                if f is not None and f.state in ("retired", "pending", "failed"):
+                    continue
+                self.decide(hv, m, trig.action, trig.unit, trig.reason, eid, rec if m == mfn else None)
+
+    def _uncorrected(self, hv, rec: McRecord, fr: Frame | None, eid: int, t: float) -> None:
+        mfn = rec.mfn
+        if not self.enabled:
+            self.store.add_decision(self.clock(), mfn, "none", "uncorrected", "page retirement is off", eid)
+            return
+        rc, st = query(hv, mfn)
+        xs = xen_state(rc, st)
+        if rc == 0 and st is not None and st & S.PG_OFFLINE_STATUS_BROKEN:
+            did = self.store.add_decision(self.clock(), mfn, "hard", "xen-mce",
+                                          "uncorrected error: Xen's machine-check handler marked "
+                                          "the frame broken", eid)
+            f = fr or self._new_frame(mfn, rec, eid)
+            f.uncorrected = max(f.uncorrected, 1)
+            f.action, f.decided_time = "hard", self.clock()
+            f.reason = "uncorrected error: marked broken by Xen's machine-check handler"
+            self._settle(hv, f, "hard", did, xs, xs, None, "xen-mce", "uncorrected error "
+                         "(handled by Xen's machine-check handler)")
+            return
+        if fr is not None and fr.state in ("retired", "pending"):
+            return
+        action = Action.SOFT if self.policy.page_action.acts else Action.ACCOUNT
+        self.decide(hv, mfn, action, "uncorrected",
+                    f"uncorrected error, and Xen reports the frame {xs}", eid, rec)
+
+    # -- decisions ------------------------------------------------------------------------
+    def _new_frame(self, mfn: int, rec: McRecord | None, eid: int | None) -> Frame:
+        t = rec.time if rec is not None and rec.time is not None else self.clock()
+        loc = rec.location() if rec is not None else {}
+        return Frame(mfn, state="pending", first_time=t, last_time=t,
+                     errors=1 if rec is not None and not rec.uncorrected else 0,
+                     uncorrected=1 if rec is not None and rec.uncorrected else 0,
+                     location=loc, event_id=eid, source=rec.source if rec is not None else "")
+
+    def decide(self, hv, mfn: int, action: Action, trigger: str, reason: str,
+               eid: int | None, rec: McRecord | None = None) -> Frame:
+        now = self.clock()
+        f = self.store.frame(mfn)
+        before = f.state if f is not None else None
+        if f is None:
+            f = self._new_frame(mfn, rec, eid)
+            if rec is None:
+                f.errors = 0
+        did = self.store.add_decision(now, mfn, action.value, trigger, reason, eid)
+        f.action, f.reason, f.decided_time = action.value, reason, now
+        if action == Action.ACCOUNT or action == Action.OFF:
+            f.state = "accounted"
+            f.detail = f"action = {action.value}: threshold crossed, nothing done"
+            self.store.put_frame(f)
+            self.store.add_outcome(now, mfn, did, action.value, "accounted", "", f.detail, "", "",
+                                   before, "accounted", None)
+            self.log("accounted", "notice", mfn=f"{mfn:#x}", reason=reason)
+            return f
+        cap = self.policy.max_retired
+        if cap and before not in ("retired", "pending"):
+            n = sum(self.store.counts()["frames"][s] for s in ("retired", "pending"))
+            if n >= cap:
+                f.state, f.detail = "accounted", f"max-retired = {cap} reached: not retired"
+                self.store.put_frame(f)
+                self.store.add_outcome(now, mfn, did, action.value, "limit", "max-retired",
+                                       f.detail, "", "", before, "accounted", None)
+                self.log("limit", "warning", mfn=f"{mfn:#x}", max_retired=cap)
+                return f
+        f.state = before or "pending"
+        self.act(hv, f, action, did, before)
+        return f
+
+    def act(self, hv, f: Frame, action: Action, did: int | None, before: str | None,
+            trigger: str = "") -> None:
+        """Carry out ``action`` on a frame and record the outcome."""
+        mfn = f.mfn
+        rc, st = query(hv, mfn)
+        xb = xen_state(rc, st)
+        if rc < 0:
+            self._settle(hv, f, action.value, did, xb, xb, None, "refused",
+                         "not a frame Xen can query (not RAM, or beyond the frame table)",
+                         kind="refused", forced_state="failed")
+            return
+        if st & S.PG_OFFLINE_STATUS_OFFLINED:
+            self._settle(hv, f, action.value, did, xb, xb, None, "already-offlined",
+                         "Xen already has it offlined", kind="offlined")
+            return
+        if st & S.PG_OFFLINE_STATUS_BROKEN:
+            self._settle(hv, f, action.value, did, xb, xb, None, "broken",
+                         "broken and still in use: Xen offlines it when its owner frees it "
+                         "(offlining it again would crash the owner)", kind="pending")
+            return
+        if action == Action.HARD:
+            self._hard(hv, f, did, xb, "policy: hard")
+            return
+        outcome = self._soft(hv, f)
+        if outcome is None:
+            return
+        o, data = outcome
+        hard_now = action == Action.SOFT_THEN_HARD and (
+            o.kind in (Kind.ROLLED_BACK, Kind.FAILED)
+            or (o.kind == Kind.REFUSED and o.reason not in (Reason.XEN_IMAGE, Reason.NOT_RAM,
+                                                            Reason.INVALID_MFN))
+            or (o.kind == Kind.PENDING and f.attempts + 1 >= self.policy.soft_attempts
+                and o.reason.value not in _WAIT_ONLY))
+        rc2, st2 = query(hv, mfn)
+        xa = xen_state(rc2, st2)
+        if hard_now and self.hard is not None and not (st2 or 0) & S.PG_OFFLINE_STATUS_OFFLINED:
+            self.store.add_outcome(self.clock(), mfn, did, "soft", o.kind.value, o.reason.value,
+                                   o.detail, xb, xa, before, f.state, o.domid, data)
+            self._hard(hv, f, did, xa, f"soft-then-hard: soft ended {o.kind.value}"
+                       + (f" ({o.reason.value})" if o.reason.value else ""))
+            return
+        state = None
+        if o.kind == Kind.REFUSED and o.reason in (Reason.XEN_IMAGE, Reason.NOT_RAM, Reason.INVALID_MFN):
+            state = "failed"
+        if o.reason == Reason.ANONYMOUS and mfn in self._excluded:
+            state, detail = "retired", "withheld from Xen's heap at boot (badpage=)"
+        else:
+            detail = o.detail
+        self._settle(hv, f, "soft", did, xb, xa, o.domid, o.reason.value or o.kind.value, detail,
+                     kind=o.kind.value, forced_state=state, data=data)
+
+    def _soft(self, hv, f: Frame):
+        try:
+            res = self.offline(hv, [f.mfn])
+        except Exception as e:  # SinglePcpuHost, a hung simulated host, a backend error
+            self.stats.errors += 1
+            self.log("action-failed", "error", mfn=f"{f.mfn:#x}", action="soft",
+                     error=f"{type(e).__name__}: {e}")
+            f.attempts += 1
+            f.detail = f"{type(e).__name__}: {e}"
+            f.next_retry = self.clock() + self._backoff(f.attempts)
+            self.store.put_frame(f)
+            return None
+        o = res.outcomes[0]
+        self.stats.actions["soft"] = self.stats.actions.get("soft", 0) + 1
+        data = {"timings": res.timings}
+        for g in res.timings.get("guests", {}).values():
+            if g.get("suspended_s"):
+                self.stats.suspended_s += g["suspended_s"]
+                self.stats.suspends += 1
+        return o, data
+
+    def _hard(self, hv, f: Frame, did: int | None, xb: str, why: str) -> None:
+        if self.hard is None:
+            self._settle(hv, f, "hard", did, xb, xb, None, "no-hard-action",
+                         "no way to mark frames broken on this backend", kind="refused")
+            return
+        try:
+            res = self.hard(hv, f.mfn) or {}
+        except Exception as e:
+            self.stats.errors += 1
+            res = {"effect": "failed", "error": f"{type(e).__name__}: {e}"}
+        self.stats.actions["hard"] = self.stats.actions.get("hard", 0) + 1
+        rc, st = query(hv, f.mfn)
+        xa = xen_state(rc, st)
+        eff = res.get("effect", "")
+        detail = {"offlined": "marked broken; it was free, so Xen offlined it",
+                  "crashed": f"marked broken; its PV owner d{res.get('owner')} was crashed",
+                  "vmce": f"marked broken; its owner d{res.get('owner')} got a vMCE",
+                  "again": "already broken; Xen crashed its owner",
+                  "failed": f"Xen could not mark it broken {res.get('error', '')}".strip()}.get(
+            eff, f"marked broken ({eff})")
+        self._settle(hv, f, "hard", did, xb, xa, res.get("owner"), why, detail,
+                     kind=eff or "hard", data=res)
+
+    def _backoff(self, attempts: int) -> float:
+        p = self.policy
+        return min(p.retry_max, p.retry_initial * (2 ** max(0, attempts - 1)))
+
+    def _settle(self, hv, f: Frame, action: str, did: int | None, xb: str, xa: str,
+                domid: int | None, reason: str, detail: str, kind: str = "",
+                forced_state: str | None = None, data: dict | None = None) -> None:
+        """Record an outcome and the frame's new state (from Xen's, unless forced)."""
+        now = self.clock()
+        before = f.state if self.store.frame(f.mfn) is not None else None
+        if forced_state:
+            state = forced_state
+        elif xa.startswith("offlined"):
+            state = "retired"
+        elif xa.startswith("offlining") or kind in ("rolled-back", "pending", "exchanged"):
+            state = "pending"
+        elif xa == "invalid":
+            state = "failed"
+        else:
+            state = "failed" if kind in ("refused", "failed") else "pending"
+        f.state, f.xen_state, f.detail, f.outcome = state, xa, detail, reason
+        f.broken = "broken" in xa
+        if domid is not None:
+            f.domid = domid
+        if state == "retired":
+            f.retired_time = f.retired_time or now
+            f.next_retry = None
+            self._retired.add(f.mfn)
+        else:
+            self._retired.discard(f.mfn)
+        if state == "pending":
+            f.attempts += 1
+            f.next_retry = now + self._backoff(f.attempts)
+        self.store.put_frame(f)
+        self.store.add_outcome(now, f.mfn, did, action, kind, reason, detail, xb, xa, before,
+                               state, domid, data)
+        if (before, xb) != (state, xa):
+            self.stats.transitions += 1
+            self.log("transition", "warning" if state == "failed" else "notice",
+                     mfn=f"{f.mfn:#x}", xen=f"{xb}->{xa}", state=f"{before or 'new'}->{state}",
+                     action=action, outcome=kind, reason=reason, domid=domid, detail=detail)
+
+    # -- retries and replay ---------------------------------------------------------------
+    def retry_due(self, hv, now: float | None = None) -> int:
+        """Retry the pending frames whose time has come; returns how many were tried."""
+        now = self.clock() if now is None else now
+        if not self.enabled:
+            return 0
+        due = self.store.due(now)
+        for f in due:
+            self._retry(hv, f)
+        return len(due)
+
+    def _retry(self, hv, f: Frame) -> None:
+        rc, st = query(hv, f.mfn)
+        xs = xen_state(rc, st)
+        if rc < 0:
+            self._settle(hv, f, "retry", None, xs, xs, None, "refused", "the frame cannot be queried",
+                         kind="refused", forced_state="failed")
+            return
+        if st & S.PG_OFFLINE_STATUS_OFFLINED:
+            self._settle(hv, f, "retry", None, xs, xs, None, "freed", "offlined (its owner freed it)",
+                         kind="offlined")
+            return
+        if st & S.PG_OFFLINE_STATUS_BROKEN:
+            self._settle(hv, f, "wait", None, xs, xs, None, "broken",
+                         "broken, still in use: waiting for its owner to free it", kind="pending")
+            return
+        if f.outcome in _WAIT_ONLY and xs == "offlining":
+            # nothing to redo: Xen offlines the frame when its owner frees it
+            self._settle(hv, f, "wait", None, xs, xs, f.domid, f.outcome, f.detail, kind="pending")
+            return
+        action = Action(f.action) if f.action in {a.value for a in Action} else Action.SOFT
+        if not action.acts:
+            action = Action.SOFT
+        self.act(hv, f, action, None, f.state)
+
+    def replay(self, hv) -> dict:
+        """At start: what was retired is retired again (Xen forgets offlined frames at
+        reboot unless ``badpage=`` withheld them); pending frames are retried now."""
+        out = {"checked": 0, "still_offlined": 0, "retired_again": 0, "pending": 0}
+        if not self.enabled:
+            self.log("replay-skipped", "warning", reason="page retirement is off")
+            return out
+        with self.store.batch():
+            now = self.clock()
+            for f in self.store.frames(("retired", "pending")):
+                out["checked"] += 1
+                rc, st = query(hv, f.mfn)
+                if rc == 0 and st is not None and st & S.PG_OFFLINE_STATUS_OFFLINED:
+                    out["still_offlined"] += 1
+                    continue
+                if f.state == "pending":
+                    f.next_retry = now
+                    self.store.put_frame(f)
+                    out["pending"] += 1
+                    continue
+                did = self.store.add_decision(now, f.mfn, "soft", "replay",
+                                              "retired before; Xen reports it "
+                                              f"{xen_state(rc, st)} (restart or reboot)", None)
+                self.act(hv, f, Action.SOFT, did, f.state)
+                out["retired_again"] += 1
+            self.retry_due(hv, now)
+        self.log("replay", "info", **out)
+        return out
+
+    # -- status -------------------------------------------------------------------------------
+    def status(self) -> dict:
+        return status(self.store, self.policy)
+
+
+def status(store: Store, policy: Policy | None = None) -> dict:
+    frames = store.frames()
+    by = {s: [f for f in frames if f.state == s] for s in ("retired", "pending", "failed", "accounted")}
+    return {
+        "enabled": store.switch() and (policy.enabled if policy else True),
+        "switch": "on" if store.switch() else "off",
+        "policy": policy.to_json() if policy else None,
+        "counts": {k: len(v) for k, v in by.items()},
+        "memory_retired_kib": 4 * len(by["retired"]),
+        "frames": [f.to_json() for f in frames],
+        "events": store.counts()["events"],
+        "boot_option": store.last_boot_option(),
+    }

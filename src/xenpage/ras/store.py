@@ -1,0 +1,395 @@
+"""The retired-page list: SQLite in the state directory (``retired.db``).
+
+It keeps every machine-check event the service saw, every decision (with the event and the
+threshold that led to it), every outcome (Xen's state before and after, the toolstack's
+typed outcome), the current state of each frame the service acted on, the leaky buckets and
+the read position in each source -- so a restart forgets nothing, and a reboot (which makes
+Xen forget every offlined frame) is answered by replaying the list.
+
+Frame states:
+
+=========  ==============================================================================
+retired    Xen has the frame offlined (or withheld it at boot: ``badpage=``)
+pending    decided, not yet offlined: offline-pending in Xen (owner still has it), or an
+           exchange to retry; retried with backoff
+failed     cannot be retired (Xen's image, not RAM, ...): the reason says why
+accounted  the threshold was crossed under ``action = account``: recorded, nothing done
+=========  ==============================================================================
+
+``badpage=`` (Xen's command line, ``docs/misc/xen-command-line.pandoc``): "List of
+[ <integer> | <integer>-<integer> ]", read with ``simple_strtoul(p, &p, 0)`` -- so MFNs are
+written in hex *with* ``0x`` (a bare ``3f100`` is not a number to it) -- into a
+``char opt_badpage[100]``: at most 99 characters survive.  :meth:`Store.boot_option` writes
+ranges, widens them over a few good frames when the list would not fit, and names the frames
+it had to leave out.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time as _time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from ..abi.mca import McRecord
+from .policy import Bucket
+
+DB_NAME = "retired.db"
+SCHEMA_VERSION = 1
+#: Xen's opt_badpage[100]
+BADPAGE_MAX_CHARS = 99
+#: good frames a widened badpage= range may swallow, in all (1 MiB)
+BADPAGE_MAX_WASTE = 256
+
+STATES = ("retired", "pending", "failed", "accounted")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS events(
+    id INTEGER PRIMARY KEY, time REAL, logged REAL, source TEXT, kind TEXT, mfn INTEGER,
+    addr INTEGER, status TEXT, count INTEGER, location TEXT, raw TEXT);
+CREATE INDEX IF NOT EXISTS events_mfn ON events(mfn);
+CREATE TABLE IF NOT EXISTS decisions(
+    id INTEGER PRIMARY KEY, time REAL, mfn INTEGER, action TEXT, trigger TEXT, reason TEXT,
+    event_id INTEGER);
+CREATE INDEX IF NOT EXISTS decisions_mfn ON decisions(mfn);
+CREATE TABLE IF NOT EXISTS outcomes(
+    id INTEGER PRIMARY KEY, time REAL, mfn INTEGER, decision_id INTEGER, action TEXT,
+    kind TEXT, reason TEXT, detail TEXT, xen_before TEXT, xen_after TEXT, state_before TEXT,
+    state_after TEXT, domid INTEGER, data TEXT);
+CREATE INDEX IF NOT EXISTS outcomes_mfn ON outcomes(mfn);
+CREATE TABLE IF NOT EXISTS frames(
+    mfn INTEGER PRIMARY KEY, state TEXT, action TEXT, reason TEXT, detail TEXT,
+    xen_state TEXT, broken INTEGER, domid INTEGER, first_time REAL, last_time REAL,
+    decided_time REAL, retired_time REAL, attempts INTEGER, next_retry REAL,
+    errors INTEGER, uncorrected INTEGER, location TEXT, event_id INTEGER, source TEXT,
+    outcome TEXT);
+CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, count INTEGER, excess INTEGER,
+    tstamp REAL, total INTEGER);
+CREATE TABLE IF NOT EXISTS unit_frames(key TEXT, mfn INTEGER, PRIMARY KEY(key, mfn));
+"""
+
+
+@dataclass
+class Frame:
+    mfn: int
+    state: str = "pending"
+    action: str = ""
+    reason: str = ""
+    detail: str = ""
+    xen_state: str = ""
+    broken: bool = False
+    domid: int | None = None
+    first_time: float | None = None
+    last_time: float | None = None
+    decided_time: float | None = None
+    retired_time: float | None = None
+    attempts: int = 0
+    next_retry: float | None = None
+    errors: int = 0
+    uncorrected: int = 0
+    location: dict = field(default_factory=dict)
+    event_id: int | None = None
+    source: str = ""
+    #: the last outcome's reason code (exchanged, dom0, migration-needed, xen-mce, ...)
+    outcome: str = ""
+
+    COLUMNS = ("mfn", "state", "action", "reason", "detail", "xen_state", "broken", "domid",
+               "first_time", "last_time", "decided_time", "retired_time", "attempts",
+               "next_retry", "errors", "uncorrected", "location", "event_id", "source", "outcome")
+
+    def row(self) -> tuple:
+        d = asdict(self)
+        d["location"] = json.dumps(self.location, sort_keys=True)
+        d["broken"] = int(self.broken)
+        return tuple(d[c] for c in self.COLUMNS)
+
+    @classmethod
+    def from_row(cls, r) -> "Frame":
+        d = dict(zip(cls.COLUMNS, r))
+        d["location"] = json.loads(d["location"] or "{}")
+        d["broken"] = bool(d["broken"])
+        return cls(**d)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["mfn_hex"] = f"{self.mfn:x}"
+        return d
+
+
+@dataclass
+class BootOption:
+    value: str
+    frames: int = 0
+    #: good frames inside widened ranges
+    widened: int = 0
+    #: bad frames that did not fit in Xen's 99 characters
+    missing: list[int] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return f"badpage={self.value}" if self.value else ""
+
+    def to_json(self) -> dict:
+        return {"option": self.text, "value": self.value, "chars": len(self.value),
+                "max_chars": BADPAGE_MAX_CHARS, "frames": self.frames, "widened": self.widened,
+                "missing": [f"{m:#x}" for m in self.missing]}
+
+
+def _fmt_run(a: int, b: int) -> str:
+    return f"{a:#x}" if a == b else f"{a:#x}-{b:#x}"
+
+
+def badpage_value(bad: list[int], priority: dict[int, tuple] | None = None,
+                  max_chars: int = BADPAGE_MAX_CHARS,
+                  max_waste: int = BADPAGE_MAX_WASTE) -> BootOption:
+    """A ``badpage=`` value naming every frame of ``bad`` that fits in ``max_chars``:
+    exact ranges first; over the limit, the closest neighbours are merged (swallowing at most
+    ``max_waste`` good frames in all); still over, the least important runs (by
+    ``priority``: larger sorts first) are left out and reported missing."""
+    bad = sorted(set(int(m) for m in bad))
+    runs: list[list[int]] = []
+    for m in bad:
+        if runs and m == runs[-1][1] + 1:
+            runs[-1][1] = m
+        else:
+            runs.append([m, m])
+
+    def length(rs) -> int:
+        return sum(len(_fmt_run(a, b)) for a, b in rs) + max(0, len(rs) - 1)
+
+    waste = 0
+    while length(runs) > max_chars and len(runs) > 1:
+        gaps = [(runs[i + 1][0] - runs[i][1] - 1, i) for i in range(len(runs) - 1)]
+        gap, i = min(gaps)
+        if waste + gap > max_waste:
+            break
+        waste += gap
+        runs[i][1] = runs[i + 1][1]
+        del runs[i + 1]
+    missing: list[int] = []
+    if length(runs) > max_chars:
+        pr = priority or {}
+        bset = set(bad)
+
+        def score(r):
+            ms = [m for m in range(r[0], r[1] + 1) if m in bset]
+            return max((pr.get(m, ()) for m in ms), default=())
+
+        order = sorted(range(len(runs)), key=lambda i: (score(runs[i]), -runs[i][0]))
+        keep = set(range(len(runs)))
+        for i in order:
+            if length([runs[j] for j in sorted(keep)]) <= max_chars:
+                break
+            keep.discard(i)
+            missing += [m for m in range(runs[i][0], runs[i][1] + 1) if m in bset]
+        runs = [runs[j] for j in sorted(keep)]
+    value = ",".join(_fmt_run(a, b) for a, b in runs)
+    covered = sum(1 for m in bad if any(a <= m <= b for a, b in runs))
+    return BootOption(value, covered, waste, sorted(missing))
+
+
+class Store:
+    """The SQLite database of the service (``path`` may be ``":memory:"``)."""
+
+    def __init__(self, path: str | Path = ":memory:"):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        self.db.execute("PRAGMA busy_timeout=30000")
+        if self.path != ":memory:":
+            self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+        if self.meta("schema") is None:
+            self.set_meta("schema", str(SCHEMA_VERSION))
+        self._depth = 0
+
+    @classmethod
+    def in_state_dir(cls, state_dir: str | Path) -> "Store":
+        return cls(Path(state_dir) / DB_NAME)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def batch(self) -> Iterator["Store"]:
+        """One transaction (nested calls join the outer one)."""
+        if self._depth == 0:
+            self.db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield self
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self.db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self.db.execute("COMMIT")
+
+    # -- meta -------------------------------------------------------------------------------
+    def meta(self, key: str, default: str | None = None) -> str | None:
+        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return r[0] if r else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+    def switch(self) -> bool:
+        """The global off switch (persistent; a running service reads it every batch)."""
+        return self.meta("enabled", "1") == "1"
+
+    def set_switch(self, on: bool) -> None:
+        self.set_meta("enabled", "1" if on else "0")
+
+    # -- events, decisions, outcomes ------------------------------------------------------
+    def add_event(self, rec: McRecord, logged: float) -> int:
+        cur = self.db.execute(
+            "INSERT INTO events(time, logged, source, kind, mfn, addr, status, count, location, raw)"
+            " VALUES(?,?,?,?,?,?,?,?,?,?)",
+            (rec.time, logged, rec.source, rec.kind(), rec.mfn, rec.addr, f"{rec.status:#x}",
+             1 + rec.corrected_count,
+             json.dumps(rec.location(), sort_keys=True), rec.raw[:2000] if rec.raw else None))
+        return int(cur.lastrowid)
+
+    def add_decision(self, t: float, mfn: int, action: str, trigger: str, reason: str,
+                     event_id: int | None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO decisions(time, mfn, action, trigger, reason, event_id) VALUES(?,?,?,?,?,?)",
+            (t, mfn, action, trigger, reason, event_id))
+        return int(cur.lastrowid)
+
+    def add_outcome(self, t: float, mfn: int, decision_id: int | None, action: str, kind: str,
+                    reason: str, detail: str, xen_before: str, xen_after: str,
+                    state_before: str | None, state_after: str, domid: int | None,
+                    data: dict | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO outcomes(time, mfn, decision_id, action, kind, reason, detail, xen_before,"
+            " xen_after, state_before, state_after, domid, data) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (t, mfn, decision_id, action, kind, reason, detail, xen_before, xen_after,
+             state_before, state_after, domid, json.dumps(data or {}, default=str)))
+        return int(cur.lastrowid)
+
+    def history(self, mfn: int) -> dict:
+        q = self.db.execute
+        return {
+            "events": [dict(zip(("id", "time", "source", "kind", "count"), r)) for r in
+                       q("SELECT id, time, source, kind, count FROM events WHERE mfn=? ORDER BY id",
+                         (mfn,))],
+            "decisions": [dict(zip(("id", "time", "action", "trigger", "reason", "event_id"), r))
+                          for r in q("SELECT id, time, action, trigger, reason, event_id FROM "
+                                     "decisions WHERE mfn=? ORDER BY id", (mfn,))],
+            "outcomes": [dict(zip(("id", "time", "decision_id", "action", "kind", "reason", "detail",
+                                   "xen_before", "xen_after", "state_before", "state_after"), r))
+                         for r in q("SELECT id, time, decision_id, action, kind, reason, detail, "
+                                    "xen_before, xen_after, state_before, state_after FROM outcomes "
+                                    "WHERE mfn=? ORDER BY id", (mfn,))],
+        }
+
+    def counts(self) -> dict:
+        q = self.db.execute
+        ev = dict(q("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
+        st = dict(q("SELECT state, COUNT(*) FROM frames GROUP BY state").fetchall())
+        return {"events": ev, "frames": {s: st.get(s, 0) for s in STATES},
+                "decisions": q("SELECT COUNT(*) FROM decisions").fetchone()[0]}
+
+    def error_frames(self) -> list[tuple[int, int, int]]:
+        """(mfn, corrected, uncorrected) of every frame with an event."""
+        return [tuple(r) for r in self.db.execute(
+            "SELECT mfn, SUM(kind='ce'), SUM(kind='uc') FROM events WHERE mfn IS NOT NULL "
+            "GROUP BY mfn ORDER BY mfn")]
+
+    # -- frames ---------------------------------------------------------------------------
+    def frame(self, mfn: int) -> Frame | None:
+        r = self.db.execute(f"SELECT {', '.join(Frame.COLUMNS)} FROM frames WHERE mfn=?",
+                            (mfn,)).fetchone()
+        return Frame.from_row(r) if r else None
+
+    def put_frame(self, f: Frame) -> None:
+        self.db.execute(f"INSERT OR REPLACE INTO frames({', '.join(Frame.COLUMNS)}) VALUES("
+                        + ",".join("?" * len(Frame.COLUMNS)) + ")", f.row())
+
+    def frames(self, states: tuple[str, ...] | None = None) -> list[Frame]:
+        sql = f"SELECT {', '.join(Frame.COLUMNS)} FROM frames"
+        args: tuple = ()
+        if states:
+            sql += " WHERE state IN (" + ",".join("?" * len(states)) + ")"
+            args = tuple(states)
+        return [Frame.from_row(r) for r in self.db.execute(sql + " ORDER BY mfn", args)]
+
+    def due(self, now: float) -> list[Frame]:
+        return [Frame.from_row(r) for r in self.db.execute(
+            f"SELECT {', '.join(Frame.COLUMNS)} FROM frames WHERE state='pending' AND "
+            "(next_retry IS NULL OR next_retry <= ?) ORDER BY next_retry, mfn", (now,))]
+
+    def next_due(self) -> float | None:
+        r = self.db.execute("SELECT MIN(next_retry) FROM frames WHERE state='pending'").fetchone()
+        return r[0] if r else None
+
+    def clear(self, mfns: list[int] | None, t: float, reason: str) -> list[int]:
+        """Forget frames (all when ``mfns`` is None): after a DIMM swap.  The history stays;
+        a ``clear`` decision is recorded per frame."""
+        with self.batch():
+            if mfns is None:
+                mfns = [r[0] for r in self.db.execute("SELECT mfn FROM frames ORDER BY mfn")]
+            gone = []
+            for m in mfns:
+                if self.db.execute("DELETE FROM frames WHERE mfn=?", (m,)).rowcount:
+                    gone.append(m)
+                    self.add_decision(t, m, "clear", "operator", reason, None)
+            return gone
+
+    # -- buckets ----------------------------------------------------------------------------
+    def load_buckets(self) -> tuple[dict, dict]:
+        b = {k: Bucket(c, e, ts, tot) for k, c, e, ts, tot in
+             self.db.execute("SELECT key, count, excess, tstamp, total FROM buckets")}
+        uf: dict[str, list[int]] = {}
+        for k, m in self.db.execute("SELECT key, mfn FROM unit_frames ORDER BY rowid"):
+            uf.setdefault(k, []).append(m)
+        return b, uf
+
+    def save_buckets(self, buckets: dict, unit_frames: dict, dirty: set) -> None:
+        for k in dirty:
+            if k.startswith("frames:"):
+                key = k[len("frames:"):]
+                self.db.execute("DELETE FROM unit_frames WHERE key=?", (key,))
+                self.db.executemany("INSERT OR IGNORE INTO unit_frames(key, mfn) VALUES(?,?)",
+                                    [(key, m) for m in unit_frames.get(key, [])])
+                continue
+            b = buckets.get(k)
+            if b is None:
+                self.db.execute("DELETE FROM buckets WHERE key=?", (k,))
+            else:
+                self.db.execute("INSERT OR REPLACE INTO buckets(key, count, excess, tstamp, total)"
+                                " VALUES(?,?,?,?,?)", (k, *b.to_row()))
+        dirty.clear()
+
+    # -- sources ----------------------------------------------------------------------------
+    def source_position(self, name: str) -> dict:
+        v = self.meta("source:" + name)
+        return json.loads(v) if v else {}
+
+    def set_source_position(self, name: str, pos: dict) -> None:
+        self.set_meta("source:" + name, json.dumps(pos, sort_keys=True))
+
+    # -- Xen's command line -----------------------------------------------------------------
+    def bad_frames(self) -> list[Frame]:
+        """Frames Xen should never hand out again: retired and pending ones."""
+        return self.frames(("retired", "pending"))
+
+    def boot_option(self, max_chars: int = BADPAGE_MAX_CHARS) -> BootOption:
+        fr = self.bad_frames()
+        prio = {f.mfn: (int(f.broken), f.uncorrected, f.errors) for f in fr}
+        opt = badpage_value([f.mfn for f in fr], prio, max_chars)
+        self.set_meta("boot_option", json.dumps({"value": opt.value, "time": _time.time()}))
+        return opt
+
+    def last_boot_option(self) -> str:
+        v = self.meta("boot_option")
+        return json.loads(v)["value"] if v else ""
