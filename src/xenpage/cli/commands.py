@@ -155,3 +155,4 @@ def demo_cmd(obj: Ctx, as_json, keep):
     from .demo import run_demo
     sys.exit(run_demo(obj.state_dir or default_state_dir(), as_json=as_json, keep=keep))
 from . import reliability  # noqa: E402,F401  (registers recover)
+from . import ras  # noqa: E402,F401  (registers retired, retire, badpages, retire-switch, mce-inject, year, host reboot)

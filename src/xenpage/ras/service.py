@@ -245,11 +245,11 @@ class RetireService:
                                           "uncorrected error: Xen's machine-check handler marked "
                                           "the frame broken", eid)
             f = fr or self._new_frame(mfn, rec, eid)
-            f.uncorrected = max(f.uncorrected, 1)
             f.action, f.decided_time = "hard", self.clock()
             f.reason = "uncorrected error: marked broken by Xen's machine-check handler"
-            self._settle(hv, f, "hard", did, xs, xs, None, "xen-mce", "uncorrected error "
-                         "(handled by Xen's machine-check handler)")
+            self._settle(hv, f, "hard", did, xs, xs, None, "xen-mce",
+                         "Xen offlines it when its owner frees it" if "offlining" in xs
+                         else "offlined by Xen")
             return
         if fr is not None and fr.state in ("retired", "pending"):
             return
@@ -261,9 +261,8 @@ class RetireService:
     def _new_frame(self, mfn: int, rec: McRecord | None, eid: int | None) -> Frame:
         t = rec.time if rec is not None and rec.time is not None else self.clock()
         loc = rec.location() if rec is not None else {}
-        return Frame(mfn, state="pending", first_time=t, last_time=t,
-                     errors=1 if rec is not None and not rec.uncorrected else 0,
-                     uncorrected=1 if rec is not None and rec.uncorrected else 0,
+        ce, uc = self.store.event_counts(mfn)
+        return Frame(mfn, state="pending", first_time=t, last_time=t, errors=ce, uncorrected=uc,
                      location=loc, event_id=eid, source=rec.source if rec is not None else "")
 
     def decide(self, hv, mfn: int, action: Action, trigger: str, reason: str,
@@ -466,9 +465,9 @@ class RetireService:
             # nothing to redo: Xen offlines the frame when its owner frees it
             self._settle(hv, f, "wait", None, xs, xs, f.domid, f.outcome, f.detail, kind="pending")
             return
-        action = Action(f.action) if f.action in {a.value for a in Action} else Action.SOFT
-        if not action.acts:
-            action = Action.SOFT
+        # Never hard on a retry: the frame may be a different guest's memory by now (after a
+        # reboot).  Only soft-then-hard may still escalate, after its soft attempts.
+        action = Action.SOFT_THEN_HARD if f.action == Action.SOFT_THEN_HARD.value else Action.SOFT
         self.act(hv, f, action, None, f.state)
 
     def replay(self, hv) -> dict:

@@ -299,6 +299,12 @@ class Store:
         return {"events": ev, "frames": {s: st.get(s, 0) for s in STATES},
                 "decisions": q("SELECT COUNT(*) FROM decisions").fetchone()[0]}
 
+    def event_counts(self, mfn: int) -> tuple[int, int]:
+        """(corrected, uncorrected) events recorded for a frame."""
+        r = self.db.execute("SELECT COALESCE(SUM(kind='ce'), 0), COALESCE(SUM(kind='uc'), 0) "
+                            "FROM events WHERE mfn=?", (mfn,)).fetchone()
+        return int(r[0]), int(r[1])
+
     def error_frames(self) -> list[tuple[int, int, int]]:
         """(mfn, corrected, uncorrected) of every frame with an event."""
         return [tuple(r) for r in self.db.execute(

@@ -1,0 +1,548 @@
+"""The page-retirement service's commands:
+
+* ``retired``          the service, in the foreground (systemd-friendly): follows
+                       machine-check logs, retires frames, retries, replays at start
+* ``retire --from F``  one pass over a log (or ``-``: stdin), then exit
+* ``badpages``         retired, pending and failed frames with reasons;
+                       ``--boot-option``: Xen's ``badpage=``; ``badpages clear``: forget
+                       frames after a DIMM swap
+* ``retire-switch``    the global off switch (persistent)
+* ``mce-inject``       (simulator) a corrected or uncorrected memory error, logged as dom0's
+                       mcelog would
+* ``year``             (simulator) a year of field-like errors in seconds, beside published
+                       figures, with a plot
+* ``host reboot``      (simulator) reboot the saved host, with ``badpage=`` from the list
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from ..backends import default_state_dir
+from ..hypervisor.persist import HostFileError
+from .commands import host_group
+from .main import Ctx, cli
+from .output import print_json
+
+CONFIG_NAME = "retired.conf"
+SIM_LOG_NAME = "mcelog"
+XEN_LOG = "/var/log/mcelog"
+
+
+def _state_dir(obj: Ctx) -> Path:
+    return Path(obj.state_dir or default_state_dir())
+
+
+def _store(obj: Ctx):
+    from ..ras.store import Store
+    return Store.in_state_dir(_state_dir(obj))
+
+
+def _backend(obj: Ctx) -> str:
+    from ..backends import choose_backend
+    return choose_backend(obj.backend)
+
+
+def _policy(obj: Ctx, config: str | None, preset: str | None):
+    from ..ras.thresholds import ThresholdError, load_policy
+    path = config
+    if path is None:
+        p = _state_dir(obj) / CONFIG_NAME
+        path = str(p) if p.exists() else None
+    try:
+        return load_policy(path, env=dict(os.environ), preset=preset)
+    except (ThresholdError, OSError) as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+
+
+def _hard_action(kind: str):
+    if kind == "sim":
+        from ..backends.sim_ras import hard_offline
+        return hard_offline
+    from ..ras.actions import xen_mceinj_hard
+    return xen_mceinj_hard
+
+
+class _RowFrames:
+    """Every frame of a DRAM row, from the simulated machine's address map (``unit-scope =
+    all``); on real Xen the map is unknown and only the frames seen with errors count."""
+
+    def __init__(self):
+        self.geometry = None
+
+    def __call__(self, unit: str, rec) -> list[int]:
+        g = self.geometry
+        if g is None or unit != "row" or rec.row is None:
+            return []
+        return [g.encode(rec.socketid, rec.channel, rec.rank, rec.bankgroup, rec.dram_bank,
+                         rec.row, f) for f in range(g.row_frames)]
+
+
+def _default_sources(obj: Ctx, kind: str) -> list[str]:
+    if kind == "sim":
+        return [str(_state_dir(obj) / SIM_LOG_NAME)]
+    return [XEN_LOG]
+
+
+class _Stop:
+    def __init__(self):
+        self.flag = False
+
+    def __call__(self, *_):
+        self.flag = True
+
+
+def _make_service(obj: Ctx, store, policy, log, kind: str, rows: _RowFrames):
+    from ..ras.service import RetireService
+    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows)
+
+
+def _open_sources(names, store, follow: bool):
+    from ..ras.sources import McelogFile
+    out = []
+    for n in names:
+        if n == "-":
+            out.append(_StdinSource(follow))
+        else:
+            out.append(McelogFile(n, store=store, settle=1.0))
+    return out
+
+
+class _StdinSource:
+    """stdin, read by a thread so the service loop never blocks on it."""
+
+    def __init__(self, follow: bool):
+        import queue
+        import threading
+        from ..ras.sources import McelogParser
+        self.q: "queue.Queue" = queue.Queue()
+        self.eof = False
+        self.name = "stdin"
+        self.parser = McelogParser("stdin")
+
+        def pump():
+            for line in sys.stdin:
+                self.q.put(line)
+            self.q.put(None)
+        self.thread = threading.Thread(target=pump, daemon=True)
+        self.thread.start()
+        if not follow:
+            self.thread.join()
+
+    def read(self, final: bool = False):
+        out = []
+        while not self.q.empty():
+            line = self.q.get()
+            if line is None:
+                self.eof = True
+                out += self.parser.finish()
+                break
+            out += self.parser.feed(line)
+        return out
+
+
+def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interval: float,
+         verbose: bool, once: bool = False, max_seconds: float | None = None) -> dict:
+    from ..ras.service import Log, sd_notify, status
+    kind = _backend(obj)
+    store = _store(obj)
+    policy = _policy(obj, config, preset)
+    log = Log(as_json=as_json, verbose=verbose,
+              stream=sys.stdout if not (once and as_json) else False)
+    log.keep = once
+    for m in policy.messages:
+        log("config", "warning", message=m)
+    for line in policy.describe():
+        log("policy", "info", message=line)
+    rows = _RowFrames()
+    svc = _make_service(obj, store, policy, log, kind, rows)
+    names = list(sources) or _default_sources(obj, kind)
+    srcs = _open_sources(names, store, follow)
+    stop = _Stop()
+    if not once:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    read = 0
+    t_end = time.monotonic() + max_seconds if max_seconds else None
+    try:
+        with obj.hypervisor() as hv:
+            if kind == "sim":
+                from ..hypervisor.mce import default_geometry
+                rows.geometry = default_geometry(hv.host)
+            replay = svc.replay(hv)
+        sd_notify("READY=1")
+        log("started", "info", backend=kind, sources=",".join(names), follow=follow,
+            enabled=svc.enabled, replayed=replay.get("checked", 0))
+        while True:
+            recs = []
+            final = once or not follow
+            for s in srcs:
+                recs += s.read(final=final)
+            read += len(recs)
+            due = store.next_due()
+            if recs or (due is not None and due <= time.time()):
+                with obj.hypervisor() as hv:
+                    svc.process(hv, recs)
+                sd_notify(f"STATUS={read} records, {svc.stats.transitions} transitions")
+            if final or stop.flag or (t_end and time.monotonic() >= t_end):
+                break
+            if all(getattr(s, "eof", False) for s in srcs):
+                break
+            slept = 0.0
+            while slept < interval and not stop.flag:
+                time.sleep(min(0.1, interval - slept))
+                slept += 0.1
+    except HostFileError as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    finally:
+        sd_notify("STOPPING=1")
+    st = status(store, policy)
+    if not once:
+        log("stopped", "info", records=read, transitions=svc.stats.transitions)
+    return {"records": read, "replay": replay, "stats": svc.stats.to_json(),
+            "log": log.lines, "status": {k: st[k] for k in ("enabled", "counts", "memory_retired_kib")}}
+
+
+@cli.command("retired")
+@click.option("--from", "sources", multiple=True, metavar="FILE",
+              help="mcelog-format log to follow, or - for stdin (repeatable; default: "
+                   "/var/log/mcelog on Xen, STATE_DIR/mcelog on the simulator)")
+@click.option("--follow/--no-follow", default=True, show_default=True,
+              help="keep following the logs (the service) or stop at their end")
+@click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default STATE_DIR/{CONFIG_NAME})")
+@click.option("--policy", "preset", help="start from a preset: first-error, mcelog, mcelog-default, "
+              "rasdaemon, row, account, off")
+@click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls")
+@click.option("--json", "as_json", is_flag=True, help="log JSON lines")
+@click.option("--verbose", is_flag=True, help="also log every record")
+@click.option("--max-seconds", type=float, default=None, hidden=True)
+@click.pass_obj
+def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, verbose, max_seconds):
+    """The page-retirement service, in the foreground.
+
+    Replays the retired-page list (what was retired is retired again, e.g. after a reboot),
+    then follows machine-check logs: corrected errors are counted in leaky buckets per frame
+    (and per DRAM row or bank), a bucket that overflows retires its frames by the policy;
+    uncorrected errors are followed through what Xen's machine-check handler did.  One log
+    line per state transition (Xen's states: online, offlining, offlined, +broken).  Stops
+    cleanly on SIGTERM; tells systemd READY=1 when Type=notify."""
+    _run(obj, sources, follow, config, preset, as_json, interval, verbose, max_seconds=max_seconds)
+
+
+@cli.command("retire")
+@click.option("--from", "sources", multiple=True, required=True, metavar="FILE",
+              help="mcelog-format log, or - for stdin (repeatable)")
+@click.option("--config", type=click.Path(dir_okay=False))
+@click.option("--policy", "preset")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--verbose", is_flag=True)
+@click.pass_obj
+def retire_cmd(obj: Ctx, sources, config, preset, as_json, verbose):
+    """One pass: read the records of FILE (from where the last pass stopped), decide, act,
+    record, exit."""
+    for s in sources:
+        if s != "-" and not Path(s).exists():
+            click.echo(f"xenpage: {s}: no such file", err=True)
+            sys.exit(1)
+    res = _run(obj, sources, False, config, preset, as_json, 0.0, verbose, once=True)
+    if as_json:
+        res["transitions"] = [l for l in res.pop("log") if l["event"] == "transition"]
+        print_json(res)
+    else:
+        c = res["status"]["counts"]
+        click.echo(f"xenpage: {res['records']} records; {res['stats']['transitions']} transitions; "
+                   f"frames: {c['retired']} retired, {c['pending']} pending, {c['failed']} failed, "
+                   f"{c['accounted']} accounted")
+
+
+# -- status, boot option, clearing ---------------------------------------------------------
+
+def _ago(t: float | None) -> str:
+    if not t:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))
+
+
+@cli.group("badpages", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--boot-option", is_flag=True, help="print Xen's badpage= for its command line")
+@click.option("--history", "history", metavar="MFN", help="every event, decision and outcome of one frame")
+@click.pass_context
+def badpages_group(ctx, as_json, boot_option, history):
+    """The retired-page list: retired, pending, failed and accounted frames with reasons."""
+    if ctx.invoked_subcommand is not None:
+        return
+    obj: Ctx = ctx.obj
+    from ..ras.service import status
+    store = _store(obj)
+    if boot_option:
+        opt = store.boot_option()
+        if as_json:
+            print_json(opt.to_json())
+        else:
+            if opt.text:
+                click.echo(opt.text)
+            else:
+                click.echo("xenpage: no bad frames: no badpage= needed", err=True)
+            if opt.widened:
+                click.echo(f"xenpage: ranges widened over {opt.widened} good frames to fit Xen's "
+                           f"99 characters", err=True)
+            if opt.missing:
+                click.echo(f"xenpage: {len(opt.missing)} bad frames do not fit in Xen's 99 "
+                           "characters: " + ",".join(f"{m:#x}" for m in opt.missing[:16])
+                           + (" ..." if len(opt.missing) > 16 else ""), err=True)
+                sys.exit(1)
+        return
+    if history:
+        from ..toolstack import hptool
+        try:
+            mfn = hptool.parse_mfn(history)
+        except hptool.BadMfn as e:
+            click.echo(f"xenpage: {e}", err=True)
+            sys.exit(1)
+        f = store.frame(mfn)
+        h = {"mfn": f"{mfn:#x}", "frame": f.to_json() if f else None, **store.history(mfn)}
+        if as_json:
+            print_json(h)
+        else:
+            click.echo(f"mfn {mfn:#x}: " + (f"{f.state} ({f.xen_state}) -- {f.detail}" if f else "not in the list"))
+            for d in h["decisions"]:
+                click.echo(f"  {_ago(d['time'])} decision {d['action']} ({d['trigger']}): {d['reason']}")
+            for o in h["outcomes"]:
+                click.echo(f"  {_ago(o['time'])} {o['action']}: {o['kind']} {o['xen_before']} -> "
+                           f"{o['xen_after']} ({o['state_before'] or 'new'} -> {o['state_after']}) {o['detail']}")
+            click.echo(f"  {len(h['events'])} events")
+        return
+    st = status(store)
+    if as_json:
+        print_json(st)
+        return
+    c = st["counts"]
+    click.echo(f"page retirement: {'on' if st['enabled'] else 'OFF'}; {c['retired']} retired "
+               f"({st['memory_retired_kib']} KiB), {c['pending']} pending, {c['failed']} failed, "
+               f"{c['accounted']} accounted")
+    if not st["frames"]:
+        return
+    click.echo(f"{'MFN':>10} {'state':<9} {'Xen':<17} {'action':<8} {'CE':>5} {'UE':>3} {'dom':>4} "
+               f"{'since':<16} reason")
+    for f in st["frames"]:
+        dom = "-" if f["domid"] is None else str(f["domid"])
+        why = f["detail"] if f["state"] != "accounted" else f["reason"]
+        if f["state"] in ("retired", "pending") and f["reason"]:
+            why = f"{f['reason']}; {f['detail']}" if f["detail"] else f["reason"]
+        click.echo(f"{f['mfn']:>#10x} {f['state']:<9} {f['xen_state'] or '-':<17} {f['action'] or '-':<8} "
+                   f"{f['errors']:>5} {f['uncorrected']:>3} {dom:>4} "
+                   f"{_ago(f['retired_time'] or f['decided_time']):<16} {why}")
+
+
+@badpages_group.command("clear")
+@click.argument("frames", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="every frame in the list")
+@click.option("--online", is_flag=True, help="also bring the frames back online in Xen "
+              "(those not marked broken)")
+@click.option("--reason", default="DIMM replaced", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def badpages_clear(obj: Ctx, frames, all_, online, reason, as_json):
+    """Forget frames (MFNs or START-END ranges, hex) after a DIMM swap; print the new
+    badpage= value.  The history is kept."""
+    from .main import parse_mfn_args
+    from ..toolstack import hptool
+    if not frames and not all_:
+        click.echo("xenpage: name the frames to clear (MFN or START-END), or --all", err=True)
+        sys.exit(1)
+    try:
+        mfns = None if all_ else parse_mfn_args(list(frames))
+    except hptool.BadMfn as e:
+        click.echo(f"xenpage: {e}; nothing done", err=True)
+        sys.exit(1)
+    store = _store(obj)
+    gone = store.clear(mfns, time.time(), reason)
+    # counts and row memberships go too: the new DIMM starts clean
+    from ..ras.policy import Accountant
+    from ..ras.thresholds import Policy
+    b, uf = store.load_buckets()
+    acct = Accountant(Policy(), b, uf)
+    acct.forget(gone if mfns is not None or gone else [])
+    with store.batch():
+        store.save_buckets(acct.buckets, acct.unit_frames, acct.dirty)
+    onlined = []
+    if online and gone:
+        try:
+            with obj.hypervisor() as hv:
+                for m in gone:
+                    r = hptool.mem_online(hv, m)
+                    onlined.append({"mfn": f"{m:#x}", "exit": r.exit_code,
+                                    "lines": [l.text for l in r.lines]})
+        except HostFileError as e:
+            click.echo(f"xenpage: {e}", err=True)
+            sys.exit(2)
+    opt = store.boot_option()
+    res = {"cleared": [f"{m:#x}" for m in gone], "onlined": onlined, "boot_option": opt.to_json()}
+    if as_json:
+        print_json(res)
+        return
+    click.echo(f"xenpage: cleared {len(gone)} frames" + (f": {', '.join(res['cleared'][:16])}"
+                                                          if gone else ""))
+    for o in onlined:
+        for line in o["lines"]:
+            click.echo(line)
+    click.echo(f"new Xen command-line option: {opt.text or '(none: remove badpage=)'}")
+
+
+@cli.command("retire-switch")
+@click.argument("state", required=False, type=click.Choice(["on", "off"]))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def retire_switch(obj: Ctx, state, as_json):
+    """Show or set the global off switch: off stops all counting and every action (a
+    running service notices within one poll); events are still recorded."""
+    store = _store(obj)
+    if state:
+        store.set_switch(state == "on")
+    on = store.switch()
+    if as_json:
+        print_json({"switch": "on" if on else "off"})
+    else:
+        click.echo(f"page retirement is {'on' if on else 'off'}")
+
+
+# -- the simulator --------------------------------------------------------------------------
+
+def _need_sim(obj: Ctx, what: str) -> None:
+    if _backend(obj) != "sim":
+        click.echo(f"xenpage: {what} works on the simulated host (--backend sim); on real Xen "
+                   "use xen-mceinj (xen-utils-4.17)", err=True)
+        sys.exit(1)
+
+
+@cli.command("mce-inject")
+@click.argument("frames", nargs=-1, required=True)
+@click.option("--uc", is_flag=True, help="uncorrected (Xen's machine-check handler acts on it)")
+@click.option("--count", type=int, default=1, show_default=True, help="corrected errors per report")
+@click.option("--repeat", type=int, default=1, show_default=True, help="reports per frame")
+@click.option("--scrub", is_flag=True, help="found by the patrol scrubber (else a read)")
+@click.option("--time", "at", type=float, default=None, help="Unix time of the event (default now)")
+@click.option("--interval", type=float, default=60.0, show_default=True,
+              help="seconds between repeated reports")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json):
+    """(simulator) Memory errors on frames (MFNs or ranges, hex), logged to STATE_DIR/mcelog as
+    dom0's mcelog would; the service reads them from there."""
+    from .main import parse_mfn_args
+    from ..toolstack import hptool
+    from ..ras.sources import format_mcelog
+    _need_sim(obj, "mce-inject")
+    try:
+        mfns = parse_mfn_args(list(frames))
+    except hptool.BadMfn as e:
+        click.echo(f"xenpage: {e}; nothing done", err=True)
+        sys.exit(1)
+    from ..backends.sim_ras import SimMachineCheck
+    t0 = time.time() if at is None else at
+    out, texts = [], []
+    try:
+        with obj.hypervisor() as hv:
+            mc = SimMachineCheck(hv)
+            for m in mfns:
+                for k in range(repeat):
+                    try:
+                        inj = mc.inject(m, uncorrected=uc, count=count, time=t0 + k * interval,
+                                        scrub=scrub)
+                    except ValueError as e:
+                        click.echo(f"xenpage: {e}", err=True)
+                        sys.exit(1)
+                    texts.append(format_mcelog(inj.record, len(texts)))
+                    out.append({"record": inj.record.to_json(), "xen": inj.xen.to_json()})
+    except HostFileError as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    logp = _state_dir(obj) / SIM_LOG_NAME
+    logp.parent.mkdir(parents=True, exist_ok=True)
+    with open(logp, "a") as fh:
+        fh.write("".join(texts))
+    if as_json:
+        print_json({"log": str(logp), "injected": out})
+        return
+    for o in out:
+        r, x = o["record"], o["xen"]
+        what = "uncorrected" if uc else f"{count} corrected"
+        line = f"mfn {r['mfn']:#x}: {what} error logged (bank {r['bank']}, status {r['status_hex']})"
+        if uc:
+            line += f"; Xen: {x['effect']}" + (f" (owner d{x['owner']})" if x["owner"] is not None else "")
+        click.echo(line)
+    click.echo(f"xenpage: appended {len(texts)} records to {logp}")
+
+
+@cli.command("year")
+@click.option("--hosts", type=int, default=1, show_default=True, help="host-years (one error trace each)")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--days", type=float, default=365.0, show_default=True)
+@click.option("--policy", "policies", multiple=True,
+              help="policies to compare (default: off, first-error, mcelog, rasdaemon, row)")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
+    """(simulator) A year of field-like memory errors replayed against a simulated host's
+    guests in seconds: errors seen and avoided, frames retired, memory lost, uncorrected
+    errors avoided, guest suspend time -- beside Hwang et al. (ASPLOS 2012) and Meza et al.
+    (DSN 2015).  Uses fresh hosts; the saved host is not touched."""
+    from ..ras import year
+    from ..ras.thresholds import ThresholdError
+    pols = policies or year.DEFAULT_POLICIES
+    try:
+        rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
+    except ThresholdError as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    if plot_path:
+        year.plot(rep, plot_path)
+        rep["plot"] = str(plot_path)
+    if as_json:
+        print_json(rep)
+        return
+    click.echo(year.markdown(rep), nl=False)
+    if plot_path:
+        click.echo(f"plot: {plot_path}")
+
+
+@host_group.command("reboot")
+@click.option("--no-badpage", is_flag=True, help="boot without badpage= (Xen forgets everything)")
+@click.option("--badpage", "badpage_opt", default=None, help="this badpage= value instead of the list's")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
+    """(simulator) Reboot the saved host: guests are rebuilt, Xen forgets every offlined
+    frame except those its badpage= option names (by default the retired-page list's)."""
+    _need_sim(obj, "host reboot")
+    from ..backends import sim_ras
+    from ..backends.sim import host_path
+    from ..hypervisor.persist import HostFileError as HFE
+    value = ""
+    if not no_badpage:
+        value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
+    try:
+        with obj.hypervisor(save=False) as hv:
+            new = sim_ras.reboot(hv.host, value)
+            new.save(host_path(obj.state_dir))
+    except HFE as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    res = {"badpage": value, "withheld": len(getattr(new, "withheld", [])), "domains": [
+        {"domid": d.domid, "name": d.name, "hvm": d.hvm} for d in new.guest_domains()]}
+    if as_json:
+        print_json(res)
+    else:
+        click.echo("rebooted the simulated host" + (f" with badpage={value} ({res['withheld']} "
+                                                    "frames withheld)" if value else " (no badpage=)"))
