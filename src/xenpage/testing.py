@@ -14,7 +14,7 @@ Two images are compared to decide what an interrupted or failed operation did:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,12 +40,17 @@ def small_host(spec: DefaultHostSpec | None = None):
 
 @dataclass(frozen=True)
 class Image:
-    p2m: bytes
+    p2m: bytes = field(repr=False)
     physical: str
     logical: str
+    #: the logical content alone (no counts or types: other parties may map the pages)
+    content: str = ""
 
     def same_memory(self, other: "Image") -> bool:
         return self.logical == other.logical
+
+    def same_content(self, other: "Image") -> bool:
+        return self.content == other.content
 
 
 def image(host, domid: int) -> Image:
@@ -60,12 +65,14 @@ def image(host, domid: int) -> Image:
     mf = np.where(ok, p2m, 0)
     ph = hashlib.blake2b(digest_size=16)
     lo = hashlib.blake2b(digest_size=16)
+    co = _Tee(lo)
     ph.update(p2m.tobytes())
     ci = np.where(ok, ft.count_info[mf] & _STATE_MASK, _U(0))
     ti = np.where(ok, ft.type_info[mf], _U(0))
     for h in (ph, lo):
         h.update(ci.tobytes())
         h.update(ti.tobytes())
+    lo = co
     role = g.role if g is not None else np.zeros(n, dtype=np.int8)
     own = host.ft.owner1.astype(np.int64) - 1
     m2p = ft.m2p_plus1.astype(np.int64) - 1
@@ -98,7 +105,18 @@ def image(host, domid: int) -> Image:
             lo.update(mine.tobytes())
         else:
             lo.update(words.tobytes())
-    return Image(p2m.tobytes(), ph.hexdigest(), lo.hexdigest())
+    return Image(p2m.tobytes(), ph.hexdigest(), lo.a.hexdigest(), lo.b.hexdigest())
+
+
+class _Tee:
+    """Feeds the logical hash (counts and types already in) and the content-only hash."""
+
+    def __init__(self, a):
+        self.a, self.b = a, hashlib.blake2b(digest_size=16)
+
+    def update(self, data) -> None:
+        self.a.update(data)
+        self.b.update(data)
 
 
 def images(host) -> dict[int, Image]:
