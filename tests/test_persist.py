@@ -126,6 +126,14 @@ def test_encodings_round_trip():
             files = property(lambda self: list(self))
         got = persist._decode(name, n, a.dtype, Z(out))
         assert got.dtype == a.dtype and np.array_equal(got, a), name
+    # many runs (the vectorised decode path)
+    many = np.repeat(rng.integers(1, 5, 1 << 13), 8).astype(np.uint64)
+    out = _encoded(many)
+    assert "x.rle_start" in out and out["x.rle_start"].size > 4096
+
+    class Z2(dict):
+        files = property(lambda self: list(self))
+    assert np.array_equal(persist._decode("x", many.size, many.dtype, Z2(out)), many)
     assert any(k.endswith(".rle_start") for k in _encoded(cases["runs"]))
     assert any(k.endswith(".sp_idx") for k in _encoded(cases["sparse"]))
     assert any(k.endswith(".dense") for k in _encoded(cases["dense"]))

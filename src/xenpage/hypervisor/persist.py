@@ -77,6 +77,15 @@ def _decode(name: str, n: int, dtype, z) -> np.ndarray:
     if starts.size == 0 or starts.shape != vals.shape or starts[0] != 0 \
             or (np.diff(starts) <= 0).any() or starts[-1] >= n:
         raise ValueError(f"{name}: run-length data inconsistent")
+    if starts.size <= 4096:
+        # Few runs: fill them in place and leave zero runs alone (untouched pages of an
+        # np.zeros array cost no memory).
+        a = np.zeros(n, dtype=dtype)
+        ends = np.append(starts[1:], n)
+        for s_, e_, v in zip(starts.tolist(), ends.tolist(), vals.tolist()):
+            if v:
+                a[s_:e_] = v
+        return a
     lengths = np.diff(np.append(starts, n))
     return np.repeat(vals.astype(dtype, copy=False), lengths)
 
