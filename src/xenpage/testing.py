@@ -120,14 +120,15 @@ class _Tee:
 
 
 def images(host) -> dict[int, Image]:
-    return {d: image(host, d) for d in sorted(host.guests) if d in host.domains}
+    return {d: image(host, d) for d in sorted(host.guests)
+            if d in host.domains and getattr(host.guests[d], "kind", "") == "linux-pv"}
 
 
 def problems(host) -> list[str]:
     """Invariant violations plus every guest's own memory check."""
     out = list(invariants.check(host))
     for d, g in sorted(host.guests.items()):
-        if d in host.domains:
+        if d in host.domains and hasattr(g, "verify"):
             out += [f"d{d}: {p}" for p in g.verify()]
     return out
 
@@ -167,3 +168,191 @@ def guest_destroyed(domid: int):
             hv.host.destroy_domain(domid)
     act.__name__ = f"destroy(d{domid})"
     return act
+
+
+# -- a random workload over the whole host (the state machine's and the soak's rules) -------
+
+class World:
+    """Rules acting on a small simulated host, each picking its arguments from ``rng``:
+    guests created and destroyed, workload steps, grants mapped and unmapped by dom0's
+    backends, foreign mappings, offline/online/status of frames and ranges (sysctl),
+    machine-check (broken) marking, and the toolstack's mem-offline flow.  ``counts`` says
+    what ran; :meth:`check` is the invariant checker plus every guest's content check."""
+
+    RULES = ("create_guest", "destroy_guest", "workload", "grant_map", "grant_unmap",
+             "foreign_map", "foreign_unmap", "offline", "online", "status", "offline_range",
+             "online_range", "mark_broken", "mem_offline")
+
+    def __init__(self, seed: int = 0, spec: DefaultHostSpec | None = None):
+        from collections import Counter
+        self.host, self.hv = small_host(spec)
+        self.rng = np.random.default_rng(seed)
+        self.counts: Counter = Counter()
+        self.ops = 0
+        self.grant_maps: list[tuple[int, int]] = []   # (domid, handle)
+        self.foreign_maps: list[tuple[int, int]] = []  # (domid, handle)
+        self.next_ref = 100
+        self.outcomes: Counter = Counter()
+
+    # helpers
+    def pv_guests(self) -> list[int]:
+        return [d for d, g in sorted(self.host.guests.items())
+                if d in self.host.domains and getattr(g, "kind", "") == "linux-pv"]
+
+    def _pick(self, seq):
+        return seq[int(self.rng.integers(0, len(seq)))] if len(seq) else None
+
+    def guest_frame(self, domid: int | None = None) -> int | None:
+        ds = self.pv_guests()
+        d = domid if domid is not None else self._pick(ds)
+        if d is None:
+            return None
+        p2m = self.host.pv_p2m(d).astype(np.int64)
+        return int(p2m[int(self.rng.integers(0, p2m.size))])
+
+    def any_frame(self) -> int:
+        r = self.rng.random()
+        if r < 0.6:
+            m = self.guest_frame()
+            if m is not None:
+                return m
+        return int(self.rng.integers(0, self.host.max_page))
+
+    def do(self, rule: str, **kw) -> None:
+        getattr(self, rule)(**kw)
+        self.counts[rule] += 1
+        self.ops += 1
+
+    # rules
+    def create_guest(self, mib: int = 4) -> None:
+        from .guests.linux_pv import LinuxPV
+        if len(self.pv_guests()) >= 4:
+            return
+        try:
+            d = self.host.create_domain(f"g{self.host.next_domid}", mib * 256)
+        except Exception:  # out of memory: Xen says -ENOMEM, nothing changes
+            self.counts["create_guest.enomem"] += 1
+            return
+        LinuxPV.boot(self.host, d.domid, seed=int(self.rng.integers(1, 1 << 30)))
+
+    def destroy_guest(self) -> None:
+        ds = self.pv_guests()
+        if len(ds) <= 1:
+            return
+        d = self._pick(ds)
+        self.host.destroy_domain(d)
+        self.grant_maps = [(g, h) for g, h in self.grant_maps if g != d]
+        self.foreign_maps = [(g, h) for g, h in self.foreign_maps if g != d]
+
+    def workload(self, n: int = 20) -> None:
+        d = self._pick(self.pv_guests())
+        if d is not None:
+            self.host.guests[d].step(n)
+            self.ops += n - 1
+
+    def grant_map(self) -> None:
+        from .guests import linux_pv as L
+        from .hypervisor import grant_table
+        d = self._pick(self.pv_guests())
+        if d is None or self.host.domains[d].is_shutting_down:
+            return
+        g = self.host.guests[d]
+        data = g.pfns_of(L.DATA)
+        pf = int(self._pick(data))
+        ref = 100 + (self.next_ref % 300)
+        self.next_ref += 1
+        if grant_table.read_entry(self.host, d, ref) not in (None,) and \
+                grant_table.read_entry(self.host, d, ref)[0]:
+            return
+        if grant_table.write_entry(self.host, d, ref, G.GTF_permit_access, 0, g.mfn(pf)):
+            st, h = self.host.hypercalls(0).grant_map(d, ref, G.GNTMAP_host_map)
+            if st == G.GNTST_okay:
+                self.grant_maps.append((d, h))
+
+    def grant_unmap(self) -> None:
+        if self.grant_maps:
+            d, h = self.grant_maps.pop(int(self.rng.integers(0, len(self.grant_maps))))
+            self.host.hypercalls(0).grant_unmap(h)
+
+    def foreign_map(self) -> None:
+        d = self._pick(self.pv_guests())
+        if d is None:
+            return
+        m = self.guest_frame(d)
+        rc, h = self.host.hypercalls(0).foreign_map(d, [m], bool(self.rng.integers(0, 2)))
+        if rc == 0:
+            self.foreign_maps.append((d, h))
+
+    def foreign_unmap(self) -> None:
+        if self.foreign_maps:
+            d, h = self.foreign_maps.pop(int(self.rng.integers(0, len(self.foreign_maps))))
+            self.host.hypercalls(0).foreign_unmap(h)
+
+    def _sysctl(self, cmd: int, s: int, e: int):
+        rc, st = self.hv.page_offline_op(cmd, s, e)
+        self.outcomes[f"sysctl{cmd}.rc{rc}"] += 1
+        return rc, st
+
+    def offline(self) -> None:
+        from .toolstack.pcpu import off_pcpu0
+        m = self.any_frame()
+        with off_pcpu0(self.hv):
+            self._sysctl(S.sysctl_page_offline, m, m)
+
+    def online(self) -> None:
+        m = self.any_frame()
+        self._sysctl(S.sysctl_page_online, m, m)
+
+    def status(self) -> None:
+        m = self.any_frame()
+        self._sysctl(S.sysctl_query_page_offline, m, min(m + int(self.rng.integers(0, 64)), 2**32 - 1))
+
+    def offline_range(self) -> None:
+        from .toolstack.pcpu import off_pcpu0
+        m = self.any_frame()
+        with off_pcpu0(self.hv):
+            self._sysctl(S.sysctl_page_offline, m, m + int(self.rng.integers(0, 16)))
+
+    def online_range(self) -> None:
+        m = self.any_frame()
+        self._sysctl(S.sysctl_page_online, max(0, m - 8), m + int(self.rng.integers(0, 16)))
+
+    def mark_broken(self) -> None:
+        """A machine check: Xen marks the frame broken (``offline_page(mfn, 1, ...)``)."""
+        from .hypervisor import offline as O
+        m = self.any_frame()
+        if m < self.host.max_page:
+            O.offline_range(self.host, m, m, broken=True, pcpu=1)
+
+    def mem_offline(self, k: int = 2) -> None:
+        from .toolstack.offline import mem_offline
+        d = self._pick(self.pv_guests())
+        if d is None:
+            return
+        mfns = sorted({self.guest_frame(d) for _ in range(k)})
+        before = image(self.host, d)
+        r = mem_offline(self.hv, mfns)
+        self.host.run_guests(0)
+        for o in r.outcomes:
+            self.outcomes[f"mem_offline.{o.kind.value}.{o.reason.value}"] += 1
+            if o.kind.value == "failed":
+                raise AssertionError(f"mem-offline failed: {o}")
+        if d in self.host.domains:
+            dd = self.host.domains[d]
+            if not dd.is_shutting_down or dd.shutdown_code != 2:  # not left suspended
+                pass
+            assert not (dd.is_shutting_down and self.host.guests.get(d) is not None
+                        and self.host.guests[d].suspended), f"d{d} left suspended"
+            assert image(self.host, d).same_content(before), f"d{d}'s memory changed"
+
+    def random_rule(self) -> str:
+        w = {"workload": 30, "mem_offline": 8, "offline": 6, "online": 6, "status": 6,
+             "offline_range": 3, "online_range": 3, "grant_map": 5, "grant_unmap": 5,
+             "foreign_map": 5, "foreign_unmap": 5, "mark_broken": 1, "create_guest": 2,
+             "destroy_guest": 1}
+        names = list(w)
+        p = np.array([w[n] for n in names], dtype=float)
+        return names[int(self.rng.choice(len(names), p=p / p.sum()))]
+
+    def check(self) -> list[str]:
+        return problems(self.host)
