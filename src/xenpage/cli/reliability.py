@@ -20,7 +20,9 @@ def recover_cmd(obj: Ctx, as_json: bool):
     from ..toolstack.journal import recover
     with obj.hypervisor() as hv:
         sd = getattr(hv, "state_dir", None) or obj.state_dir or default_state_dir()
-        res = recover(hv, sd)
+        from ..toolstack.journal import acquire
+        with acquire(sd):
+            res = recover(hv, sd)
     if as_json:
         print_json(res.to_json())
     else:

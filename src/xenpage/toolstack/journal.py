@@ -69,6 +69,28 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+LOCK_NAME = "mem-offline.lock"
+
+
+def acquire(state_dir):
+    """An exclusive ``flock`` on ``<state dir>/mem-offline.lock`` (xen-hptool's idea of a
+    lock file per operation): two toolstacks never exchange at once, never share a journal.
+    Held until the returned file is closed."""
+    import fcntl
+    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    key = str(Path(state_dir).resolve())
+    old = _HELD.pop(key, None)
+    if old is not None and not old.closed:
+        old.close()  # left by a call of this process that died (an exception): not running
+    f = open(Path(state_dir) / LOCK_NAME, "a")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    _HELD[key] = f
+    return f
+
+
+_HELD: dict = {}
+
+
 def journal_path(state_dir) -> Path:
     return Path(state_dir) / JOURNAL_NAME
 

@@ -89,6 +89,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     t_start = time.perf_counter()
     jdir = journal_dir if journal_dir is not None else getattr(hv, "state_dir", None)
     recovered = None
+    lock = journal.acquire(jdir) if jdir is not None else None  # released when it is closed
     if jdir is not None and journal.journal_path(jdir).exists():
         recovered = journal.recover(hv, jdir)
     per: dict[int, tuple[Report, int, int]] = {}
@@ -164,6 +165,8 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             report.exit_code = 1
     report.data = {"command": "mem-offline", "outcomes": [outcomes[m].to_json() for m in order],
                    "timings": timings}
+    if lock is not None:
+        lock.close()
     return OfflineResult(report, [outcomes[m] for m in order], timings)
 
 
