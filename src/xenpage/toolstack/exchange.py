@@ -148,9 +148,16 @@ def _restore(hv: Hypervisor, domid: int, refs: list[PteRef]) -> int:
     return 0
 
 
-def _status(hv: Hypervisor, mfn: int) -> int:
-    rc, st = hv.page_offline_op(S.sysctl_query_page_offline, mfn, mfn)
-    return -1 if rc or st is None else int(st[0])
+def _status(hv: Hypervisor, mfn: int, tries: int = 3) -> int:
+    """The frame's query status word, -1 if it cannot be read (a query changes nothing, so a
+    failed one is retried: after an exchange it decides whether the outcome says offlined)."""
+    for _ in range(tries):
+        rc, st = hv.page_offline_op(S.sysctl_query_page_offline, mfn, mfn)
+        if rc == 0 and st is not None:
+            return int(st[0])
+        if rc == -E.EINVAL:  # not a valid RAM frame: asking again changes nothing
+            break
+    return -1
 
 
 def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView | None = None,
