@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -93,10 +93,16 @@ class SimHypervisor:
         return 0
 
     def pause(self, domid: int) -> int:
-        return self._domctl(self.host.pause, domid)
+        rc = self._domctl(self.host.pause, domid)
+        if rc == 0:  # simulated time: vcpu_sleep_sync of each vCPU
+            self.host.clock += _costs().hypercall_s + _costs().pause_vcpu_s * self.host.domains[domid].vcpus
+        return rc
 
     def unpause(self, domid: int) -> int:
-        return self._domctl(self.host.unpause, domid)
+        rc = self._domctl(self.host.unpause, domid)
+        if rc == 0:
+            self.host.clock += _costs().hypercall_s + _costs().unpause_s
+        return rc
 
     def resume(self, domid: int, fast: bool = True) -> int:
         """``xc_domain_resume(fast=1)``: only a domain shut down for suspend; the guest's
@@ -231,6 +237,197 @@ class SimHypervisor:
             self.dirty = True
 
 
+    # -- HVM guests and live migration (MigrationHypervisor) --------------------------------
+    def now(self) -> float:
+        return self.host.clock
+
+    def _priv(self) -> bool:
+        d = self.host.domains.get(self.caller)
+        return bool(d and d.privileged)
+
+    def _guest(self, domid: int):
+        d = self.host.domains.get(domid)
+        return None if d is None or d.is_system else d
+
+    def shutdown_domain(self, domid: int, reason: int) -> int:
+        if not self._priv():
+            return -E.EPERM
+        if self._guest(domid) is None:
+            return -E.ESRCH
+        self.host.shutdown(domid, reason)
+        self.host.clock += _costs().hypercall_s + _costs().pause_vcpu_s
+        self.dirty = True
+        return 0
+
+    def maximum_gpfn(self, domid: int) -> int:
+        from ..hypervisor import hvm
+        if self._guest(domid) is None:
+            return -E.ESRCH
+        return hvm.maximum_gpfn(self.host, domid)
+
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0):
+        from ..hypervisor import paging
+        from ..toolstack.hypervisor import LogDirtyStats
+        rc, bm, st = paging.shadow_control(self.host, self.caller, domid, op, pages, mode)
+        self.dirty = True
+        return rc, bm, (LogDirtyStats(st.fault_count, st.dirty_count) if st else None)
+
+    def _frames_to_mfns(self, domid: int, frames) -> tuple[int, np.ndarray]:
+        """What a foreign mapping would check (``foreign.map_frames``), vectorised: gfns of an
+        HVM guest must have a readable frame of the guest; mfns of a PV guest must be its."""
+        from ..abi import hvm as H
+        from ..abi import mm
+        from ..hypervisor import p2m as P
+        d = self._guest(domid)
+        if d is None:
+            return -E.ESRCH, np.zeros(0, dtype=np.int64)
+        if not self._priv():
+            return -E.EPERM, np.zeros(0, dtype=np.int64)
+        f = np.asarray(frames, dtype=np.int64).ravel()
+        h = self.host
+        if d.hvm:
+            p = P.get(h, domid)
+            if p is None or ((f < 0) | (f >= p.size)).any():
+                return -E.EINVAL, np.zeros(0, dtype=np.int64)
+            t = p.type[f]
+            if not np.isin(t, (H.p2m_ram_rw, H.p2m_ram_logdirty, H.p2m_ram_ro)).all():
+                return -E.EINVAL, np.zeros(0, dtype=np.int64)
+            m = p.mfn[f].astype(np.int64)
+        else:
+            m = f
+            if ((m < 0) | (m >= h.nframes)).any():
+                return -E.EPERM, np.zeros(0, dtype=np.int64)
+        own = h.ft.owner1[m].astype(np.int64) - 1
+        cnt = h.ft.count_info[m] & np.uint64(mm.PGC_count_mask)
+        if (own != domid).any() or (cnt == 0).any():
+            return -E.EINVAL if d.hvm else -E.EBUSY, np.zeros(0, dtype=np.int64)
+        return 0, m
+
+    def read_pages(self, domid: int, frames):
+        rc, m = self._frames_to_mfns(domid, frames)
+        if rc:
+            return rc, None
+        from ..hypervisor.hvm import full_pages
+        ft = self.host.ft
+        fp = full_pages(ft, m)
+        full = {int(i): ft.pages[int(m[i])].copy() for i in np.flatnonzero(np.isin(m, fp)).tolist()}
+        return 0, SimPages(ft.content[m].copy(), full)
+
+    def write_pages(self, domid: int, frames, data: "SimPages") -> int:
+        rc, m = self._frames_to_mfns(domid, frames)
+        if rc:
+            return rc
+        if len(data) != m.size:
+            return -E.EINVAL
+        from ..hypervisor.hvm import full_pages
+        ft = self.host.ft
+        for x in full_pages(ft, m).tolist():
+            del ft.pages[x]
+        ft.content[m] = data.fp
+        for i, w in data.full.items():
+            ft.write_page(int(m[i]), w)
+        self.dirty = True
+        return 0
+
+    def domain_create(self, name: str, hvm: bool, max_pages: int, vcpus: int = 1):
+        if not self._priv():
+            return -E.EPERM, -1
+        try:
+            d = self.host.create_domain(name, 0, hvm=hvm, vcpus=vcpus, max_pages=max_pages)
+        except DomainError as e:
+            return (e.errno if e.errno < 0 else -e.errno), -1
+        self.host.pause(d.domid)  # a new domain stays paused until the toolstack unpauses it
+        self.host.clock += _costs().hypercall_s
+        self.dirty = True
+        return 0, d.domid
+
+    def populate_physmap(self, domid: int, gfns):
+        from ..hypervisor import hvm
+        self.dirty = True
+        self.host.clock += _costs().hypercall_s
+        return hvm.populate_physmap(self.host, self.caller, domid, gfns)
+
+    def set_domain_name(self, domid: int, name: str) -> int:
+        d = self._guest(domid)
+        if d is None:
+            return -E.ESRCH
+        d.name = name
+        self.host.xenstore.write(0, f"/local/domain/{domid}/name", name)
+        self.dirty = True
+        return 0
+
+    def hvm_getcontext(self, domid: int):
+        from ..hypervisor import hvm
+        if not self._priv():
+            return -E.EPERM, None
+        return hvm.get_context(self.host, domid)
+
+    def hvm_setcontext(self, domid: int, ctx) -> int:
+        from ..hypervisor import hvm
+        if not self._priv():
+            return -E.EPERM
+        self.dirty = True
+        return hvm.set_context(self.host, domid, ctx)
+
+    def hvm_p2m(self, domid: int, gfns):
+        from ..hypervisor import p2m as P
+        z = np.zeros(0, dtype=np.int64)
+        if not self._priv():
+            return -E.EPERM, z, z, z
+        if self._guest(domid) is None:
+            return -E.ESRCH, z, z, z
+        p = P.get(self.host, domid)
+        if p is None:
+            return -E.EOPNOTSUPP, z, z, z
+        g = np.asarray(gfns, dtype=np.int64)
+        if ((g < 0) | (g >= p.size)).any():
+            return -E.EINVAL, z, z, z
+        return 0, p.mfn[g].copy(), p.type[g].astype(np.int64), p.order[g].astype(np.int64)
+
+    def hvm_exchange_gfn(self, domid: int, gfn: int, old_mfn: int) -> tuple[int, int]:
+        from ..hypervisor.p2m_exchange import exchange_gfn
+        self.dirty = True
+        return exchange_gfn(self.host, self.caller, domid, int(gfn), int(old_mfn))
+
+
+def _costs():
+    from ..hypervisor.p2m_exchange import COSTS
+    return COSTS
+
+
+class SimPages:
+    """Page contents copied out of a simulated guest: a 64-bit fingerprint per page, and the
+    512 words of those pages that are not a fingerprint's expansion (page tables)."""
+
+    def __init__(self, fp: np.ndarray, full: dict[int, np.ndarray] | None = None):
+        self.fp = np.asarray(fp, dtype=np.uint64)
+        self.full = full or {}
+
+    def __len__(self) -> int:
+        return int(self.fp.size)
+
+    def words(self, i: int) -> np.ndarray:
+        from ..hypervisor.frametable import expand_fingerprint
+        w = self.full.get(i)
+        return w.copy() if w is not None else expand_fingerprint(int(self.fp[i]))
+
+    def set_words(self, i: int, words: np.ndarray) -> None:
+        from ..hypervisor.frametable import expand_fingerprint
+        words = np.asarray(words, dtype=np.uint64).reshape(512)
+        fp = int(words[0])
+        if np.array_equal(words, expand_fingerprint(fp)):
+            self.full.pop(i, None)
+            self.fp[i] = fp
+        else:
+            self.full[i] = words.copy()
+            self.fp[i] = fp
+
+    def select(self, idx) -> "SimPages":
+        idx = np.asarray(idx, dtype=np.int64)
+        pos = {int(j): k for k, j in enumerate(idx.tolist())}
+        return SimPages(self.fp[idx].copy(), {pos[i]: w.copy() for i, w in self.full.items() if i in pos})
+
+
 class SimForeignMap:
     """A foreign mapping on the simulated host: ``array`` holds the frames' contents as of
     the mapping (the guest is suspended while the toolstack works); ``flush`` writes a
@@ -278,6 +475,8 @@ class DefaultHostSpec:
     hvm_guests: tuple[tuple[str, int], ...] = (("hvm1", 128),)
     nr_pcpus: int = 2
     seed: int = 1
+    #: the HVM guests' workload (``xenpage.guests.hvm.Workload`` fields); idle by default
+    hvm_workload: dict = field(default_factory=dict)
 
 
 def build_host(spec: DefaultHostSpec | None = None) -> Host:
@@ -288,8 +487,10 @@ def build_host(spec: DefaultHostSpec | None = None) -> Host:
     for i, (name, mib) in enumerate(spec.pv_guests):
         d = host.create_domain(name, mib * 256, hvm=False)
         LinuxPV.boot(host, d.domid, seed=spec.seed + i)
-    for name, mib in spec.hvm_guests:
-        host.create_domain(name, mib * 256, hvm=True)
+    from ..guests.hvm import HvmGuest, Workload
+    for i, (name, mib) in enumerate(spec.hvm_guests):
+        d = host.create_domain(name, mib * 256, hvm=True)
+        HvmGuest.boot(host, d.domid, seed=spec.seed + 100 + i, workload=Workload(**spec.hvm_workload))
     return host
 
 

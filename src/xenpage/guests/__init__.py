@@ -9,4 +9,7 @@ def restore_guest(host, domid: int, state: dict, arrays: dict):
     if kind == "linux-pv":
         from .linux_pv import LinuxPV
         return LinuxPV.from_state(host, domid, state, arrays)
+    if kind == "hvm":
+        from .hvm import HvmGuest
+        return HvmGuest.from_state(host, domid, state, arrays)
     raise ValueError(f"unknown guest kind {kind!r}")

@@ -89,6 +89,10 @@ class Host:
         self.anonymous: list[int] = []
         #: log of notable hypervisor events (domain crashes, ...) as Xen would print them
         self.log: list[str] = []
+        #: HVM guests' p2ms (EPT-like, see :mod:`.p2m`); ``p2m[domid]`` is their mfn array
+        self.ept: dict = {}
+        #: simulated time in seconds (guests run while dom0 waits; operations cost time)
+        self.clock = 0.0
 
     # -- boot ------------------------------------------------------------------------------
     @classmethod
@@ -250,19 +254,35 @@ class Host:
         p2m = np.empty(mem_pages, dtype=np.uint64)
         gpfn = 0
         remaining = mem_pages
+        chunks = []  # (gfn, mfn, order): an HVM guest's p2m maps them as superpages
         while remaining:
-            order = min(9, remaining.bit_length() - 1)
+            # meminit_hvm: 1 GiB pages where it can, else 2 MiB, else 4 KiB
+            order = min(18 if hvm else 9, remaining.bit_length() - 1)
             try:
                 head = self.alloc_domheap_pages(d, order)
             except OutOfMemory:
-                self.destroy_domain(domid)
-                raise DomainError(-12, f"out of memory building d{domid}") from None
+                if hvm and order > 9:
+                    order = 9
+                    try:
+                        head = self.alloc_domheap_pages(d, order)
+                    except OutOfMemory:
+                        head = None
+                else:
+                    head = None
+                if head is None:
+                    self.destroy_domain(domid)
+                    raise DomainError(-12, f"out of memory building d{domid}") from None
             k = 1 << order
             p2m[gpfn:gpfn + k] = np.arange(head, head + k, dtype=np.uint64)
             self.ft.set_m2p(slice(head, head + k), np.arange(gpfn, gpfn + k, dtype=np.uint64))
+            chunks.append((gpfn, head, order))
             gpfn += k
             remaining -= k
-        self.p2m[domid] = p2m
+        if hvm:
+            from . import p2m as p2m_mod
+            p2m_mod.build(self, domid, chunks, max(mem_pages, d.max_pages), vcpus, d.max_pages)
+        else:
+            self.p2m[domid] = p2m
         base = f"/local/domain/{domid}"
         self.xenstore.write(0, base, "")
         self.xenstore.set_perms(base, domid, "n")
@@ -308,6 +328,7 @@ class Host:
         offlined = self.free_domheap_pages(mfns)
         del self.domains[domid]
         self.p2m.pop(domid, None)
+        self.ept.pop(domid, None)
         try:
             self.xenstore.rm(0, f"/local/domain/{domid}")
         except Exception:
@@ -351,6 +372,7 @@ class Host:
 
     def run_guests(self, seconds: float) -> None:
         """Let every running guest kernel react to events (xenstore, resume) for a while."""
+        self.clock += seconds
         for domid, g in list(self.guests.items()):
             if domid in self.domains:
                 g.run(seconds)
@@ -374,7 +396,9 @@ class Host:
     def extra_state(self) -> dict:
         """State of later subsystems (grant tables, foreign maps, guests), JSON-serialisable."""
         return {"grants": self.grants.to_state(), "foreign": self.foreign.to_state(),
-                "guests": {str(k): g.to_state() for k, g in self.guests.items()}}
+                "guests": {str(k): g.to_state() for k, g in self.guests.items()},
+                "ept": {str(k): p.to_state() for k, p in self.ept.items()},
+                "clock": self.clock}
 
     def extra_arrays(self) -> dict[str, np.ndarray]:
         """numpy state of later subsystems (guest kernel models), saved in the .npz."""
@@ -382,12 +406,22 @@ class Host:
         for k, g in self.guests.items():
             for name, a in g.arrays().items():
                 out[f"guest.{k}.{name}"] = a
+        for k, p in self.ept.items():
+            for name, a in p.arrays().items():
+                out[f"ept.{k}.{name}"] = a
         return out
 
     def load_extra_state(self, st: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
         self.grants = GrantTables.from_state(st.get("grants", {}))
         self.foreign = ForeignMaps.from_state(st.get("foreign", {}))
         arrays = arrays or {}
+        self.clock = float(st.get("clock", 0.0))
+        if st.get("ept"):
+            from .p2m import P2M
+            for k, ps in st["ept"].items():
+                pre = f"ept.{k}."
+                arrs = {n[len(pre):]: a for n, a in arrays.items() if n.startswith(pre)}
+                self.ept[int(k)] = P2M.from_state(ps, self.p2m[int(k)], arrs)
         if st.get("guests"):
             from ..guests import restore_guest
             for k, gs in st["guests"].items():

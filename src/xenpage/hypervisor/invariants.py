@@ -225,6 +225,9 @@ def check(host: "Host") -> list[str]:
         bad = g[m2p != g.astype(np.uint64)]
         for pf in bad[:5].tolist():
             problems.append(f"d{d.domid}: M2P[{int(p2m[pf]):#x}] = {ft.m2p(int(p2m[pf])):#x}, P2M says pfn {pf:#x}")
+    # HVM p2ms: superpages, types, HAP pool, log-dirty (see p2m.check)
+    from .p2m import check as p2m_check
+    problems += p2m_check(host)
     return problems
 
 

@@ -176,3 +176,100 @@ class Hypervisor(Protocol):
     def wait(self, seconds: float) -> None:
         """Let time pass (the simulator runs its guests; real Xen just sleeps)."""
         ...
+
+
+# -- HVM guests and live migration ----------------------------------------------------------
+
+class PageData(Protocol):
+    """The contents of a batch of guest pages, copied out of (or into) the guest: opaque to
+    the toolstack except for page-table normalisation, which reads and writes words."""
+
+    def __len__(self) -> int: ...
+
+    def words(self, i: int) -> np.ndarray:
+        """Page ``i`` as 512 uint64 words (a copy)."""
+        ...
+
+    def set_words(self, i: int, words: np.ndarray) -> None: ...
+
+    def select(self, idx: np.ndarray) -> "PageData":
+        """The pages at positions ``idx``, in that order."""
+        ...
+
+
+@dataclass(frozen=True)
+class LogDirtyStats:
+    """``xc_shadow_op_stats_t``: faults taken and pages newly dirtied since the last CLEAN."""
+
+    fault_count: int
+    dirty_count: int
+
+
+@runtime_checkable
+class MigrationHypervisor(Hypervisor, Protocol):
+    """What live migration (``xg_sr_save.c`` / ``xg_sr_restore.c`` driven by libxl) and the
+    HVM retirement paths need on top of :class:`Hypervisor` -- each one a call a dom0 process
+    makes on real Xen, except the two marked as xenpage's own extension."""
+
+    def now(self) -> float:
+        """Seconds on the host's clock (``time.monotonic`` on real Xen; the simulated clock
+        on the simulator, which guests' work and hypervisor operations advance)."""
+        ...
+
+    def shutdown_domain(self, domid: int, reason: int) -> int:
+        """``xc_domain_shutdown`` (``SCHEDOP_remote_shutdown``): how libxl suspends an HVM
+        guest without PV drivers (reason ``SHUTDOWN_suspend``)."""
+        ...
+
+    def maximum_gpfn(self, domid: int) -> int:
+        """``XENMEM_maximum_gpfn``: the highest gfn in the guest's physmap (-errno)."""
+        ...
+
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0
+                         ) -> tuple[int, np.ndarray | None, LogDirtyStats | None]:
+        """``xc_shadow_control`` / ``xc_logdirty_control``: ENABLE_LOGDIRTY, OFF, CLEAN, PEEK.
+        For CLEAN/PEEK the bitmap of ``pages`` gfns (bool array) and the stats."""
+        ...
+
+    def read_pages(self, domid: int, frames) -> "tuple[int, PageData | None]":
+        """Map ``frames`` (gfns of an HVM guest, mfns of a PV guest) read-only, copy them out
+        and unmap (``xenforeignmemory_map`` + memcpy, as ``write_batch`` does)."""
+        ...
+
+    def write_pages(self, domid: int, frames, data: "PageData") -> int:
+        """Map ``frames`` writable, copy ``data`` in, unmap (``process_page_data``)."""
+        ...
+
+    def domain_create(self, name: str, hvm: bool, max_pages: int, vcpus: int = 1
+                      ) -> tuple[int, int]:
+        """``XEN_DOMCTL_createdomain`` + ``XEN_DOMCTL_max_mem`` + libxl's xenstore nodes; the
+        new domain has no memory and stays paused.  ``(rc, domid)``."""
+        ...
+
+    def populate_physmap(self, domid: int, gfns) -> tuple[int, np.ndarray]:
+        """``XENMEM_populate_physmap`` with order-0 extents at the given gfns:
+        ``(done or -errno, mfns)``."""
+        ...
+
+    def set_domain_name(self, domid: int, name: str) -> int:
+        """``libxl_domain_rename``: the name in xenstore."""
+        ...
+
+    def hvm_getcontext(self, domid: int) -> tuple[int, object]:
+        """``XEN_DOMCTL_gethvmcontext``: an opaque blob with an ``nbytes`` size."""
+        ...
+
+    def hvm_setcontext(self, domid: int, ctx: object) -> int:
+        """``XEN_DOMCTL_sethvmcontext``."""
+        ...
+
+    def hvm_p2m(self, domid: int, gfns) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """``(rc, mfns, p2m types, leaf orders)`` of ``gfns``.  **xenpage's own extension**
+        (Xen 4.17 shows a dom0 process no HVM guest's mfns)."""
+        ...
+
+    def hvm_exchange_gfn(self, domid: int, gfn: int, old_mfn: int) -> tuple[int, int]:
+        """Swap ``gfn``'s frame for a fresh one, copying it; the guest must be paused.
+        ``(rc, new_mfn)``.  **xenpage's own extension**, not a Xen 4.17 hypercall
+        (``XEN_DOMCTL_xenpage_exchange_gfn``, see ``xenpage.hypervisor.p2m_exchange``)."""
+        ...
