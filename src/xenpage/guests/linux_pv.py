@@ -143,12 +143,46 @@ class LinuxPV:
         self.faults: list[str] = []
 
     # -- P2M ----------------------------------------------------------------------------
+    def _words(self, mfns) -> np.ndarray:
+        """The concatenated words of some of the guest's own frames (no copies per frame)."""
+        ft = self.host.ft
+        return np.concatenate([ft.pages[m] if m in ft.pages else ft.read_page(m)
+                               for m in (int(x) for x in mfns)])
+
+    def p2m_frames(self) -> np.ndarray:
+        """MFNs of the P2M frames, through the frame-list-list named in shared_info and the
+        frame lists (what the toolstack follows, and may rewrite)."""
+        d = self.host.domains[self.domid]
+        nframes = (d.p2m_max_pfn + 511) // 512
+        nfl = (nframes + 511) // 512
+        fl = self.host.ft.read_page(d.p2m_fll_mfn)[:nfl]
+        return self._words(fl)[:nframes].astype(np.int64)
+
     def p2m(self) -> np.ndarray:
         """The guest's own P2M, read from its P2M frames (what the toolstack may rewrite)."""
-        return self.host.pv_p2m(self.domid).astype(np.int64)
+        n = self.host.domains[self.domid].p2m_max_pfn
+        return self._words(self.p2m_frames())[:n].astype(np.int64)
+
+    def mfns(self, pfns) -> np.ndarray:
+        """P2M entries of a few pfns, reading only the P2M frames that hold them."""
+        pfns = np.asarray(pfns, dtype=np.int64)
+        frames = self.p2m_frames()
+        out = np.empty(pfns.size, dtype=np.int64)
+        for i, pf in enumerate(pfns.tolist()):
+            m = int(frames[pf // 512])
+            p = self.host.ft.pages.get(m)
+            out[i] = int(p[pf % 512]) if p is not None else int(self.host.ft.read_page(m)[pf % 512])
+        return out
 
     def mfn(self, pfn: int) -> int:
-        return int(self.p2m()[pfn])
+        return int(self.mfns([pfn])[0])
+
+    def _data_pfns(self) -> np.ndarray:
+        c = getattr(self, "_data_cache", None)
+        if c is None or c[0] is not self.role:
+            c = (self.role, np.flatnonzero(self.role == DATA))
+            self._data_cache = c
+        return c[1]
 
     # -- boot -----------------------------------------------------------------------------
     @classmethod
@@ -400,8 +434,7 @@ class LinuxPV:
         return 0xFFFF888000000000 + pfn * 4096
 
     def _proc_write(self, pr: Process, vp: int, fp: int) -> None:
-        m2 = self.p2m()
-        res = self.walk(int(m2[pr.upgd]), self.user_va(vp))
+        res = self.walk(self.mfn(pr.upgd), self.user_va(vp))
         if res is None or not res[1] & P._PAGE_RW:
             self.faults.append(f"pid {pr.pid} write fault at {self.user_va(vp):#x}")
             return
@@ -424,7 +457,7 @@ class LinuxPV:
                     vp = rw[int(self.rng.integers(0, len(rw)))]
                     self._proc_write(pr, vp, int(self.rng.integers(1, 2**63)))
             elif op < 7:
-                data = np.flatnonzero(self.role == DATA)
+                data = self._data_pfns()
                 pf = int(data[int(self.rng.integers(0, data.size))])
                 m = self.mfn(pf)
                 fp = int(self.rng.integers(1, 2**63))
@@ -437,12 +470,11 @@ class LinuxPV:
 
     def _map_or_unmap(self) -> None:
         pr = self.procs[int(self.rng.integers(0, len(self.procs)))]
-        m2 = self.p2m()
         mine = [v for v, (pf, fl) in pr.pages.items() if self.role[pf] == FREE]
         if mine and (not self.free or self.rng.integers(0, 2)):
             vp = mine[0]
             pf, _ = pr.pages[vp]
-            ptr = (int(m2[pr.ul1[vp // 512]]) << 12) | ((vp % 512) * 8)
+            ptr = (self.mfn(pr.ul1[vp // 512]) << 12) | ((vp % 512) * 8)
             rc, _ = self.hc.mmu_update(np.array([[ptr, 0]], dtype=np.uint64))
             if rc:
                 self.faults.append(f"unmap failed {rc}")
@@ -456,8 +488,9 @@ class LinuxPV:
         if vp >= 512 * len(pr.ul1):
             return
         pf = self.free.pop(0)
-        ptr = (int(m2[pr.ul1[vp // 512]]) << 12) | ((vp % 512) * 8)
-        rc, _ = self.hc.mmu_update(np.array([[ptr, P.make_pte(int(m2[pf]), USER_RW)]], dtype=np.uint64))
+        l1m, pm = self.mfns([pr.ul1[vp // 512], pf]).tolist()
+        ptr = (l1m << 12) | ((vp % 512) * 8)
+        rc, _ = self.hc.mmu_update(np.array([[ptr, P.make_pte(pm, USER_RW)]], dtype=np.uint64))
         if rc:
             self.faults.append(f"map failed {rc}")
             self.free.insert(0, pf)
