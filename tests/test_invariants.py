@@ -44,7 +44,8 @@ def test_default_host_is_clean():
     h = build_host()
     assert invariants.check(h) == []
     for g in h.guests.values():
-        g.step(200)
+        if hasattr(g, "step"):
+            g.step(200)
     assert invariants.check(h) == []
     invariants.assert_ok(h)
 
