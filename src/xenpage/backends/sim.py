@@ -511,6 +511,9 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         created = False
         if (path / "host.json").exists():
             host = Host.load(path)
+        elif path.is_dir() and any(path.iterdir()):
+            # the rest of a saved host is there: it was damaged, not never created
+            raise HostFileError(f"{path}: host.json is missing; the saved host is damaged")
         elif create:
             host = build_host(spec)
             created = True

@@ -20,9 +20,13 @@ def recover_cmd(obj: Ctx, as_json: bool):
     from ..toolstack.journal import recover
     with obj.hypervisor() as hv:
         sd = getattr(hv, "state_dir", None) or obj.state_dir or default_state_dir()
-        from ..toolstack.journal import acquire
+        from ..toolstack.journal import JournalError, acquire
         with acquire(sd):
-            res = recover(hv, sd)
+            try:
+                res = recover(hv, sd)
+            except JournalError as e:
+                sys.stderr.write(f"xenpage: {e}\n")
+                sys.exit(2)
     if as_json:
         print_json(res.to_json())
     else:

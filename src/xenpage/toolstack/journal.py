@@ -184,21 +184,44 @@ class Journal:
         _fsync_dir(self.dir)
 
 
+class JournalError(Exception):
+    """A journal that is damaged other than by a torn last line: nothing is done."""
+
+
+_NEEDS = {"begin": ("domid",), "clearing": ("grp", "refs"), "unpinning": ("pins",),
+          "snapshot": ("content", "p2m_frames", "fl_frames"), "exchanged": ("exchanged",),
+          "done": (), "incomplete": ()}
+
+
 def read(state_dir) -> list[dict]:
-    """The journal's records; a torn last line (the process died while writing it) is
-    ignored -- it was never durable, so the step it announced never started."""
+    """The journal's records.  A torn last line (the process died while writing it) is
+    ignored -- it was never durable, so the step it announced never started; any other
+    damage raises :class:`JournalError` (recovering from a guess could lose data)."""
     p = journal_path(state_dir)
     if not p.exists():
         return []
+    raw = p.read_bytes()
+    lines = raw.split(b"\n")
+    torn_ok = not raw.endswith(b"\n")  # only an unterminated last line can be torn
     out = []
-    for line in p.read_text(errors="replace").splitlines():
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        last = i == len(lines) - 1
         try:
             rec = json.loads(line)
+            ok = isinstance(rec, dict) and rec.get("op") in _NEEDS \
+                and all(k in rec for k in _NEEDS[rec["op"]])
         except ValueError:
-            break
-        if not isinstance(rec, dict) or "op" not in rec:
-            break
+            ok = False
+        if not ok:
+            if last and torn_ok:
+                break
+            raise JournalError(f"{p}: record {i + 1} is damaged; nothing done "
+                               "(inspect the journal, then remove it to proceed)")
         out.append(rec)
+    if out and out[0]["op"] != "begin":
+        raise JournalError(f"{p}: does not start with a 'begin' record; nothing done")
     return out
 
 

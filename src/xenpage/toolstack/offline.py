@@ -91,7 +91,17 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     recovered = None
     lock = journal.acquire(jdir) if jdir is not None else None  # released when it is closed
     if jdir is not None and journal.journal_path(jdir).exists():
-        recovered = journal.recover(hv, jdir)
+        try:
+            recovered = journal.recover(hv, jdir)
+        except journal.JournalError as e:  # never guess: touch nothing
+            lock.close()
+            report = Report(exit_code=2)
+            report.err(f"xenpage: {e}")
+            outs = [Outcome(m, Kind.REFUSED, Reason.NONE, "an interrupted exchange's journal is "
+                            "damaged", errno=0) for m in mfns]
+            report.data = {"command": "mem-offline", "outcomes": [o.to_json() for o in outs],
+                           "error": str(e)}
+            return OfflineResult(report, outs, {})
     per: dict[int, tuple[Report, int, int]] = {}
     outcomes: dict[int, Outcome] = {}
     owned: dict[int, list[int]] = {}
