@@ -71,10 +71,11 @@ class GuestView:
     stats: dict = field(default_factory=dict)
 
     def table_mfns(self) -> tuple[np.ndarray, np.ndarray]:
-        lvl = (self.types & np.uint32(D.XEN_DOMCTL_PFINFO_LTABTYPE_MASK)) >> np.uint32(28)
-        is_tab = (lvl >= 1) & (lvl <= 4) & (self.types != np.uint32(D.XEN_DOMCTL_PFINFO_XTAB)) \
-            & (self.types != np.uint32(D.XEN_DOMCTL_PFINFO_BROKEN))
-        idx = np.flatnonzero(is_tab & (self.p2m >= 0))
+        """MFNs and levels of the guest's L1-L4 tables (pinned or validated).  XTAB, BROKEN
+        and XALLOC have level bits 7, 5 and 6, and every invalid P2M entry was typed XTAB,
+        so "level in 1..4" is the whole test (one unsigned compare: 0 - 1 wraps)."""
+        lvl = (self.types >> np.uint32(28)) & np.uint32(7)
+        idx = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
         return self.p2m[idx], lvl[idx].astype(np.int64)
 
 
@@ -88,17 +89,19 @@ def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | 
     if isinstance(m, int):
         return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot map d{domid}'s P2M ({E.name(m)})",
                              domid=domid, errno=-m)
-    p2m = m.array.ravel()[:n].copy()
+    # INVALID_MFN (2^64 - 1) read as a signed 64-bit number is -1: no pass needed
+    p2m = m.array.reshape(-1)[:n].view(np.int64).copy()
     m.unmap()
-    p2m = np.where(p2m == _U(X.INVALID_MFN), -1, p2m.astype(np.int64))
     rc, fl, fll = hv.pv_p2m_frame_lists(domid)
     if rc:
         return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot read d{domid}'s P2M frame list",
                              domid=domid, errno=-rc)
     types = np.full(n, D.XEN_DOMCTL_PFINFO_XTAB, dtype=np.uint32)
-    ok = np.flatnonzero(p2m >= 0)
-    for s in range(0, ok.size, 1 << 20):
-        part = ok[s:s + (1 << 20)]
+    valid = p2m >= 0
+    ok = slice(None) if valid.all() else np.flatnonzero(valid)  # usually every pfn is backed
+    todo = n if isinstance(ok, slice) else ok.size
+    for s in range(0, todo, 1 << 20):
+        part = slice(s, s + (1 << 20)) if isinstance(ok, slice) else ok[s:s + (1 << 20)]
         rc, t = hv.page_types(domid, p2m[part])
         if rc:
             return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"getpageframeinfo3 failed ({E.name(rc)})",
@@ -109,25 +112,31 @@ def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | 
 
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
     """One pass over every table frame of the guest: each present entry whose frame field
-    names a target (vectorised ``np.isin`` over the stacked tables)."""
+    names a target (vectorised over the stacked tables, read in place: only the few hits are
+    copied out before the mapping goes)."""
     tabs, lvls = view.table_mfns()
-    if tabs.size == 0:
+    tu = np.asarray(targets, dtype=np.uint64).ravel()
+    if tabs.size == 0 or tu.size == 0:
         return 0, []
     m = hv.map_foreign(view.domid, tabs, False)
     if isinstance(m, int):
         return m, []
-    ents = m.array.copy()
+    ents = m.array
+    frames = ents >> _U(12)
+    frames &= _U(P.MFN_MASK_X86)
+    hit = (frames == tu[0]) if tu.size == 1 else np.isin(frames, tu, kind="table")
+    flat = np.flatnonzero(hit)
+    vals = ents.reshape(-1)[flat]
     m.unmap()
-    is_l4 = lvls == 4
-    masked = ents.copy()
-    masked[np.ix_(np.flatnonzero(is_l4), np.arange(256, 272))] = 0
-    pres = (masked & _U(P._PAGE_PRESENT)) != 0
-    frames = ((masked >> _U(12)) & _U(P.MFN_MASK_X86)).astype(np.int64)
-    hit = pres & np.isin(frames, targets)
-    rows, cols = np.nonzero(hit)
-    view.stats["scanned_bytes"] = int(ents.nbytes)
+    rows, cols = np.divmod(flat, ents.shape[1])
+    # present entries only; Xen's private L4 slots are not the guest's
+    keep = ((vals & _U(P._PAGE_PRESENT)) != 0) & \
+        ~((lvls[rows] == 4) & (cols >= L4_XEN_SLOTS.start) & (cols < L4_XEN_SLOTS.stop))
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
+    view.stats["scanned_bytes"] = int(tabs.size) * 4096
     view.stats["scanned_tables"] = int(tabs.size)
-    return 0, [PteRef(int(tabs[r]), int(c), int(ents[r, c]), int(lvls[r])) for r, c in zip(rows.tolist(), cols.tolist())]
+    return 0, [PteRef(t, c, v, lv) for t, c, v, lv in
+               zip(tabs[rows].tolist(), cols.tolist(), vals.tolist(), lvls[rows].tolist())]
 
 
 def _reqs(refs: list[PteRef], values: list[int]) -> np.ndarray:
