@@ -172,12 +172,20 @@ MAX_RANGE = 1 << 20
 def mem_offline_cmd(obj: Ctx, args):
     """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force]:
     offline the frames; owned frames of PV guests are exchanged under one suspend per guest.
-    ``--force``: go ahead on a single-pCPU host (risking Xen 4.17's PoD-lock hang)."""
+    ``--force``: go ahead on a single-pCPU host (risking Xen 4.17's PoD-lock hang).
+    ``--hvm=migrate|exchange|none``, ``--fallback=migrate``, ``--migrate-to=DIR``,
+    ``--link=MBITS[:MS]``: see :mod:`xenpage.cli.retire_opts`."""
     from ..toolstack.offline import mem_offline
     from ..toolstack.pcpu import allow_single_pcpu
+    from .retire_opts import retire_options
     rest, as_json = _hptool_args(args)
     force = "--force" in rest
     rest = [a for a in rest if a != "--force"]
+    try:
+        rest, retire_args = retire_options(rest)
+    except ValueError as e:
+        sys.stderr.write(f"xenpage: {e}; nothing done\n")
+        sys.exit(1)
     if not rest:
         sys.stderr.write(hptool.HELP)
         sys.exit(1)
@@ -187,8 +195,11 @@ def mem_offline_cmd(obj: Ctx, args):
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
     try:
-        with obj.hypervisor() as hv, allow_single_pcpu(force):
-            res = mem_offline(hv, mfns)
+        with obj.hypervisor() as hv, allow_single_pcpu(force), retire_args.open(hv) as retire:
+            res = mem_offline(hv, mfns, retire=retire)
+    except ValueError as e:  # --migrate-to on real Xen
+        sys.stderr.write(f"xenpage: {e}; nothing done\n")
+        sys.exit(1)
     except SinglePcpuHost as e:
         sys.stderr.write(f"xenpage: {e}\n")
         sys.exit(1)

@@ -9,7 +9,10 @@ the way a Linux PV guest can actually be handled).
    suspended through xenstore ``control/shutdown`` (what Linux PV guests answer -- they
    publish no suspend event channel), all its frames are exchanged under that one suspend
    with one scan of its page tables, and it is fast-resumed.
-4. dom0's frames stay pending (dom0 is never suspended); HVM guests' frames need migration.
+4. dom0's frames stay pending (dom0 is never suspended).
+5. An HVM guest's frames are retired by live-migrating the guest (by default to the same
+   host) or, on request, by xenpage's in-place HVM exchange; PV frames left pending because
+   they are granted or mapped elsewhere can fall back to migration (:mod:`.retire`).
 
 Output keeps xen-hptool's lines for a frame and adds ``xenpage:`` lines where it is silent.
 """
@@ -26,6 +29,7 @@ from .exchange import exchange_pages
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
 from .report import Report
+from .retire import RetireOptions, fallback_pv, retire_hvm
 
 SUSPEND_TIMEOUT = 10.0
 POLL = 0.05
@@ -82,10 +86,11 @@ def resume_guest(hv: Hypervisor, domid: int, tries: int = 4) -> int:
 
 
 def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
-                hook=None, journal_dir=None) -> OfflineResult:
+                hook=None, journal_dir=None, retire: RetireOptions | None = None) -> OfflineResult:
     """``journal_dir`` (default: the backend's ``state_dir``, if it has one) holds the
     write-ahead journal of each exchange; an interrupted one found there is recovered first
-    (:mod:`.journal`)."""
+    (:mod:`.journal`).  ``retire``: how HVM guests' frames are retired and whether PV frames
+    left pending fall back to migration (default: migrate HVM guests to the same host)."""
     t_start = time.perf_counter()
     jdir = journal_dir if journal_dir is not None else getattr(hv, "state_dir", None)
     recovered = None
@@ -124,6 +129,14 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     timings: dict = {"mark_s": time.perf_counter() - t_start, "guests": {}}
     for domid, group in owned.items():
         info = hv.domain_info(domid)
+        if info is not None and info.hvm and 0 < domid < X.DOMID_FIRST_RESERVED:
+            # HVM: live migration or in-place exchange (retire.py)
+            t0 = time.perf_counter()
+            for o in retire_hvm(hv, domid, group, retire):
+                outcomes[o.mfn] = o
+            timings.setdefault("hvm", {})[domid] = {"pages": len(group),
+                                                    "toolstack_s": time.perf_counter() - t0}
+            continue
         if domid == 0 or domid >= X.DOMID_FIRST_RESERVED or info is None or info.hvm:
             for m in group:
                 outcomes[m] = _not_exchangeable(m, domid, info)
@@ -161,6 +174,8 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
                                     "toolstack_s": t2 - t1, "resume_s": t3 - t2,
                                     "suspended_s": (t3 - t0) if ours else None,
                                     "resume_rc": rrc}
+    for o in fallback_pv(hv, outcomes, retire):  # --fallback=migrate (retire.py)
+        outcomes[o.mfn] = o
     timings["total_s"] = time.perf_counter() - t_start
     report = Report()
     if recovered is not None:
@@ -229,7 +244,7 @@ def _exit_ok(rc: int, st: int, o: Outcome) -> bool:
     if low == S.PG_OFFLINE_FAILED or st & S.PG_OFFLINE_XENPAGE:
         return False
     if low == S.PG_OFFLINE_PENDING and st & S.PG_OFFLINE_OWNED:
-        return o.kind == Kind.EXCHANGED
+        return o.kind in (Kind.EXCHANGED, Kind.MIGRATED)
     return True
 
 
@@ -250,11 +265,18 @@ def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
         r.err(f"Failed to suspend guest {domid} for mfn {mfn:x}")
         r.err(f"xenpage: {o.detail}")
         return
-    if o.kind == Kind.EXCHANGED:
+    if o.kind in (Kind.EXCHANGED, Kind.MIGRATED):
         r.out(f"Memory mfn {mfn:x} offlined successfully, this page is DOM{domid} page and being swapped "
               "successfully, current state is [PG_OFFLINE_OFFLINED, PG_OFFLINE_OWNED]")
-        r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x}; "
-              f"{o.ptes} page-table entries re-pointed with their flags; old frame offlined")
+        if o.kind == Kind.MIGRATED:  # retire.py
+            r.out(f"xenpage: mfn {mfn:x}: {o.detail}")
+        elif "p2m_type" in o.extra:  # an HVM guest's, exchanged in place (hvm_exchange.py)
+            r.out(f"xenpage: d{domid} gfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x} "
+                  f"in place (p2m entry swapped, guest paused {o.extra['downtime_s'] * 1e6:.0f} us "
+                  "simulated); old frame offlined")
+        else:
+            r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x}; "
+                  f"{o.ptes} page-table entries re-pointed with their flags; old frame offlined")
         return
     r.err(f"Memory mfn {mfn:x} offlined successfully , this page is DOM{domid} page yet failed to be "
           "exchanged. current state is [PG_OFFLINE_PENDING, PG_OFFLINE_OWNED]")

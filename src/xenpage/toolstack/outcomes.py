@@ -11,6 +11,8 @@ class Kind(str, Enum):
     OFFLINED = "offlined"
     #: a guest's frame was exchanged in place and the old frame is now offlined
     EXCHANGED = "exchanged"
+    #: the guest was live-migrated off the frame, which is now offlined
+    MIGRATED = "migrated"
     #: the frame is offline-pending and stays so (it will be offlined when freed)
     PENDING = "pending"
     #: nothing was changed: the frame cannot be offlined or exchanged this way
@@ -77,4 +79,4 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.kind in (Kind.OFFLINED, Kind.EXCHANGED)
+        return self.kind in (Kind.OFFLINED, Kind.EXCHANGED, Kind.MIGRATED)

@@ -1,0 +1,82 @@
+"""``mem-offline``'s options for frames the PV exchange cannot retire:
+
+* ``--hvm=migrate|exchange|none`` -- an HVM guest's frames: live-migrate the guest (default),
+  exchange them in place (xenpage's own p2m-exchange), or leave them pending as xen-hptool;
+* ``--fallback=migrate`` -- PV frames left pending because they are granted or mapped
+  elsewhere: live-migrate their guest (and, with ``--hvm=exchange``, an HVM frame the device
+  model maps);
+* ``--migrate-to=DIR`` -- migrate to the simulated host saved in DIR (default: the same
+  host, when it has room);
+* ``--link=MBITS[:LATENCY_MS]`` -- the simulated link (default: 1 Gbit/s to another host,
+  loopback to the same host).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..toolstack.retire import FALLBACKS, HVM_METHODS, RetireOptions
+
+
+@dataclass
+class RetireArgs:
+    hvm: str = "migrate"
+    fallback: str | None = None
+    migrate_to: Path | None = None
+    link: tuple[float, float] | None = None
+
+    @contextmanager
+    def open(self, hv):
+        """The :class:`RetireOptions`, with the destination host opened (and saved back)."""
+        from ..toolstack.migrate import Link
+        link = None
+        if self.link:
+            link = Link(self.link[0] * 1e6, self.link[1] / 1e3, f"{self.link[0]:g} Mbit/s")
+        if self.migrate_to is None:
+            yield RetireOptions(self.hvm, self.fallback, None, link)
+            return
+        if getattr(hv, "kind", "") != "sim":
+            raise ValueError("--migrate-to names a simulated host; on real Xen use xl migrate")
+        from ..backends.sim import open_host
+        if Path(self.migrate_to).resolve() == Path(getattr(hv, "state_dir", "") or "/nonexistent").resolve():
+            yield RetireOptions(self.hvm, self.fallback, None, link)
+            return
+        with open_host(Path(self.migrate_to)) as dst:
+            yield RetireOptions(self.hvm, self.fallback, dst, link)
+
+
+def retire_options(args: list[str]) -> tuple[list[str], RetireArgs]:
+    """Take the options out of ``args`` (``--opt=value`` or ``--opt value``)."""
+    out = RetireArgs()
+    rest: list[str] = []
+    it = iter(args)
+    for a in it:
+        name, eq, val = a.partition("=")
+        if name not in ("--hvm", "--fallback", "--migrate-to", "--link"):
+            rest.append(a)
+            continue
+        if not eq:
+            val = next(it, None)
+            if val is None:
+                raise ValueError(f"{name} needs a value")
+        if name == "--hvm":
+            if val not in HVM_METHODS:
+                raise ValueError(f"--hvm takes one of {', '.join(HVM_METHODS)}")
+            out.hvm = val
+        elif name == "--fallback":
+            if val not in [f for f in FALLBACKS if f]:
+                raise ValueError("--fallback takes 'migrate'")
+            out.fallback = val
+        elif name == "--migrate-to":
+            out.migrate_to = Path(val)
+        else:
+            try:
+                bw, _, lat = val.partition(":")
+                out.link = (float(bw), float(lat) if lat else 0.1)
+                if out.link[0] <= 0 or out.link[1] < 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError("--link takes MBITS[:LATENCY_MS], e.g. 1000:0.1") from None
+    return rest, out
