@@ -304,3 +304,36 @@ def test_page_types_broken_and_devalidated(linux):
     assert int(dom0.getpageframeinfo3(u.id, [u.f[1]])[1][0]) == NOTAB
     assert dom0.getpageframeinfo3(77, [1])[0] == ESRCH
     assert u.hc.getpageframeinfo3(g.domid, [m])[0] == EPERM
+
+
+# -- pages Xen maps for itself --------------------------------------------------------------------
+
+def test_pages_registered_with_xen_hold_a_writable_reference(env):
+    """VCPUOP_register_vcpu_info / EVTCHNOP_init_control / EVTCHNOP_expand_array: Xen maps
+    the guest's page itself (general + writable type reference) until the domain dies;
+    nobody else can drop it, and the page cannot be stolen by XENMEM_exchange."""
+    from xenpage.hypervisor.memory import Reservation
+    h, u, v, dom0 = env
+    vi, ctl, arr = u.f[40], u.f[41], u.f[42]
+    assert u.hc.register_vcpu_info(vi) == 0
+    assert u.hc.evtchn_init_control(ctl) == 0
+    assert u.hc.evtchn_expand_array(arr) == 0
+    for m in (vi, ctl, arr):
+        assert gen(h, m) == 2 and int(h.ft.type_info[m]) == WRT | VALID | 1
+    ok(h)
+    assert u.hc.register_vcpu_info(u.f[43]) == EINVAL          # already registered
+    assert u.hc.evtchn_init_control(u.f[43]) == EINVAL
+    assert u.hc.evtchn_expand_array(v.f[1]) == EINVAL          # not its frame
+    t1 = u.f[20]
+    write(h, t1, {})
+    u.hc.mmuext_op([(PIN_L1, t1)])
+    assert u.hc.evtchn_expand_array(t1) == EINVAL              # a page table
+    handles = [hd for hd, m in h.foreign.maps.items() if m.mapper == DOMID_XEN]
+    assert len(handles) == 3
+    assert dom0.foreign_unmap(handles[0]) == EINVAL             # not dom0's mapping
+    r = dom0.memory_exchange(Reservation([vi], 0, u.id), Reservation([40], 0, u.id))
+    assert (r.rc, r.nr_exchanged) == (EINVAL, 0)
+    ok(h)
+    h.destroy_domain(u.id)
+    assert not h.foreign.maps
+    ok(h)

@@ -234,7 +234,8 @@ class HostMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.alive)
     @rule(i=st.integers(0, 10**6))
     def offline_guest_frame(self, i):
-        pf = self.pfn(i, (L.DATA, L.KTEXT, L.L1T, L.L2T, L.L3T, L.L4T, L.P2M, L.FREE, L.RING))
+        pf = self.pfn(i, (L.DATA, L.KTEXT, L.L1T, L.L2T, L.L3T, L.L4T, L.P2M, L.FREE, L.RING,
+                          L.XEN_MAPPED))
         m = self.g.mfn(pf)
         rc, s = sysctl.page_offline_op(self.h, 0, 1, m, m, pcpu=1)
         xs, xe = self.h.xen_image

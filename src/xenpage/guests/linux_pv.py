@@ -32,7 +32,10 @@ L1          direct map ceil(N/512) and vmalloc ceil((P+1+G)/512)          direct
 * processes with private, shared and read-only user pages; vCPU0's CR3 and user CR3 point
   at the first process's pair;
 * ring pages granted to dom0 and mapped by its backends; granted-but-unmapped buffers; the
-  xenstore and console rings mapped by dom0's daemons (foreign mappings).
+  xenstore and console rings mapped by dom0's daemons (foreign mappings);
+* vcpu_info placement (``VCPUOP_register_vcpu_info``) and the FIFO event-channel control
+  block and first event-array page (``EVTCHNOP_init_control`` / ``expand_array``): pages
+  Xen maps for itself, holding a general and a writable type reference each.
 
 Every data frame's content is a 64-bit fingerprint; the guest knows what each page should
 hold (``expect``) and can verify all of it at any time.  It answers the xenstore suspend
@@ -55,9 +58,13 @@ from ..hypervisor.memory import Reservation
 _U = np.uint64
 
 # Page roles
-DATA, KTEXT, L1T, L2T, L3T, L4T, P2M, P2M_FL, P2M_FLL, RING, XS_RING, CONS_RING, FREE = range(13)
+DATA, KTEXT, L1T, L2T, L3T, L4T, P2M, P2M_FL, P2M_FLL, RING, XS_RING, CONS_RING, FREE, XEN_MAPPED = range(14)
 ROLE_NAMES = ["data", "kernel-text", "L1", "L2", "L3", "L4", "p2m", "p2m-frame-list",
-              "p2m-frame-list-list", "grant-ring", "xenstore-ring", "console-ring", "free"]
+              "p2m-frame-list-list", "grant-ring", "xenstore-ring", "console-ring", "free",
+              "xen-mapped"]
+#: pages registered with Xen, which maps them itself: vcpu_info (xen_vcpu_setup), the FIFO
+#: event-channel control block and first event-array page (evtchn_fifo_init)
+XEN_MAPPED_PAGES = ("vcpu_info", "evtchn_fifo_control", "evtchn_fifo_array")
 TABLE_ROLES = (L1T, L2T, L3T, L4T)
 
 DIRECT_L4 = 273
@@ -237,6 +244,7 @@ class LinuxPV:
         xs_ring, cons_ring = int(take(1, XS_RING)[0]), int(take(1, CONS_RING)[0])
         ring_pfns = take(lay.rings, RING)
         granted_pfns = take(lay.granted_unmapped, DATA)
+        xen_pfns = take(len(XEN_MAPPED_PAGES), XEN_MAPPED)
         user_pfns = take(lay.nr_procs * lay.user_pages, DATA)
         shared_pfns = take(lay.shared_pages, DATA)
         ro_pfns = take(lay.ro_pages, DATA)
@@ -250,7 +258,7 @@ class LinuxPV:
             ft.table(int(mfn[pf]))
         # Content: a fingerprint for every data-like page.
         fp = self.rng.integers(1, 2**63, size=n, dtype=np.int64).astype(np.uint64)
-        datalike = np.isin(role, (DATA, KTEXT, RING, XS_RING, CONS_RING, FREE))
+        datalike = np.isin(role, (DATA, KTEXT, RING, XS_RING, CONS_RING, FREE, XEN_MAPPED))
         ft.set_fingerprint(mfn[datalike], fp[datalike])
         expect = np.where(datalike, fp, _U(0))
 
@@ -393,6 +401,13 @@ class LinuxPV:
             if rc:
                 raise GuestError(f"{what} could not map the ring ({rc})")
             self.daemon_maps.append({"pfn": pf, "handle": handle, "what": what})
+        # vcpu_info placement and the FIFO event-channel ABI: Xen maps those pages itself
+        regs = (self.hc.register_vcpu_info, self.hc.evtchn_init_control, self.hc.evtchn_expand_array)
+        for what, reg, pf in zip(XEN_MAPPED_PAGES, regs, xen_pfns.tolist()):
+            rc = reg(int(mfn[pf]))
+            if rc:
+                raise GuestError(f"registering {what} with Xen failed ({rc})")
+        self.tables["xen_mapped"] = dict(zip(XEN_MAPPED_PAGES, xen_pfns.tolist()))
         h.xenstore.watch(self.domid, f"/local/domain/{self.domid}/control/shutdown", "shutdown")
         self.log.append(f"booted: {n} pages, {int(is_table.sum())} page-table frames, "
                         f"{len(procs)} processes")

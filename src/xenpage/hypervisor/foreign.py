@@ -15,6 +15,7 @@ import numpy as np
 
 from ..abi import errno as E
 from ..abi import mm
+from ..abi.xen import DOMID_XEN
 from .mm import get_page, get_page_type, put_page, put_page_type, refcounted
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +29,8 @@ class ForeignMapping:
     mfns: list[int]
     writable: bool
     typed: bool  # whether writable type references were taken (not for HVM frames)
+    #: for Xen's own mappings of a guest's pages (mapper DOMID_XEN): what they are
+    what: str = ""
 
 
 @dataclass
@@ -36,7 +39,7 @@ class ForeignMaps:
     next_handle: int = 1
 
     def to_state(self) -> dict:
-        return {"maps": {str(h): [m.mapper, m.domid, m.mfns, m.writable, m.typed]
+        return {"maps": {str(h): [m.mapper, m.domid, m.mfns, m.writable, m.typed, m.what]
                          for h, m in self.maps.items()}, "next_handle": self.next_handle}
 
     @classmethod
@@ -102,12 +105,43 @@ def map_frames(host: "Host", mapper: int, domid: int, frames, writable: bool) ->
     return 0, h
 
 
-def unmap(host: "Host", handle: int) -> int:
-    m = host.foreign.maps.pop(handle, None)
-    if m is None:
+def unmap(host: "Host", handle: int, mapper: int | None = None) -> int:
+    """Drop a mapping's references; with ``mapper`` given, only that domain's mapping."""
+    m = host.foreign.maps.get(handle)
+    if m is None or (mapper is not None and m.mapper != mapper):
         return -E.EINVAL
+    del host.foreign.maps[handle]
     for f in m.mfns:
         if m.typed:
             put_page_type(host, f)
         put_page(host, f)
+    return 0
+
+
+#: Xen's own mappings of guest pages a PV guest registers (``xen/common/domain.c``
+#: ``map_vcpu_info``, ``xen/common/event_fifo.c`` via ``map_guest_page``)
+XEN_MAPPED_KINDS = ("vcpu_info", "evtchn_fifo_control", "evtchn_fifo_array")
+
+
+def map_guest_page(host: "Host", domid: int, mfn: int, what: str) -> int:
+    """Xen maps one of the guest's own frames for itself, e.g. ``VCPUOP_register_vcpu_info``
+    or ``EVTCHNOP_init_control`` / ``EVTCHNOP_expand_array``: a general and a writable type
+    reference (``get_page_from_gfn`` + ``get_page_type(PGT_writable_page)``), held until the
+    domain is destroyed.  -EINVAL if the frame is not the guest's or cannot be writable (a
+    page table); -EINVAL for a second vcpu_info or control block of the domain (vCPU 0)."""
+    d = host.domains.get(domid)
+    if d is None or d.hvm:
+        return -E.EINVAL
+    if what != "evtchn_fifo_array" and any(
+            m.mapper == DOMID_XEN and m.domid == domid and m.what == what
+            for m in host.foreign.maps.values()):
+        return -E.EINVAL  # already registered
+    if not get_page(host, mfn, domid):
+        return -E.EINVAL
+    if get_page_type(host, mfn, mm.PGT_writable_page):
+        put_page(host, mfn)
+        return -E.EINVAL
+    h = host.foreign.next_handle
+    host.foreign.next_handle += 1
+    host.foreign.maps[h] = ForeignMapping(DOMID_XEN, domid, [mfn], True, True, what)
     return 0

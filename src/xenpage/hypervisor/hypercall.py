@@ -52,6 +52,19 @@ class Hypercalls:
     def grant_unmap(self, handle: int) -> int:
         return grant_table.unmap_grant_ref(self.host, self.caller, handle)
 
+    # pages the guest registers with Xen (Xen maps them for itself)
+    def register_vcpu_info(self, mfn: int) -> int:
+        """``VCPUOP_register_vcpu_info`` (vCPU 0)."""
+        return foreign.map_guest_page(self.host, self.caller, mfn, "vcpu_info")
+
+    def evtchn_init_control(self, mfn: int) -> int:
+        """``EVTCHNOP_init_control`` (FIFO ABI, vCPU 0's control block)."""
+        return foreign.map_guest_page(self.host, self.caller, mfn, "evtchn_fifo_control")
+
+    def evtchn_expand_array(self, mfn: int) -> int:
+        """``EVTCHNOP_expand_array``: one more page of the FIFO event array."""
+        return foreign.map_guest_page(self.host, self.caller, mfn, "evtchn_fifo_array")
+
     # scheduling
     def sched_shutdown(self, reason: int) -> int:
         """``SCHEDOP_shutdown``: the calling domain shuts itself down with a reason."""
@@ -67,7 +80,7 @@ class Hypercalls:
         return foreign.map_frames(self.host, self.caller, domid, frames, writable)
 
     def foreign_unmap(self, handle: int) -> int:
-        return foreign.unmap(self.host, handle)
+        return foreign.unmap(self.host, handle, self.caller)
 
     def getpageframeinfo3(self, domid: int, gfns) -> tuple[int, np.ndarray]:
         """``XEN_DOMCTL_getpageframeinfo3``: page type of each frame of ``domid``."""
