@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE.parent / "src"))
 OUT = HERE / "out"
 HOSTS = 10
 SEED = 1
-POLICIES = ("off", "first-error", "mcelog", "rasdaemon", "row")
+POLICIES = ("off", "first-error", "first-error+hvm-exchange", "mcelog", "mcelog+hvm-exchange",
+            "rasdaemon", "row")
 #: "a year in seconds": one host-year under one policy, wall-clock
 TARGET_HOST_YEAR_S = 10.0
 
@@ -49,7 +50,9 @@ def run(hosts: int = HOSTS, seed: int = SEED, out: Path = OUT) -> tuple[str, dic
             f"in {wall:.0f} s; policies: first-error = retire at the first corrected error, "
             "mcelog = `memory-ce-threshold = 2 / 24h`, rasdaemon = `PAGE_CE_THRESHOLD=50` / 24h, "
             "row = 2 / 24h per frame plus every frame of a DRAM row with 2 errors in 24h; all "
-            "`soft` (exchange in place; offline at once when free).", "",
+            "`soft`: a PV guest's frame exchanged in place, a free frame offlined at once, an HVM "
+            "guest live-migrated (no room on this full host: its frames stay pending) or, with "
+            "`+hvm-exchange`, its frame exchanged in place (xenpage's hypervisor extension).", "",
             year.markdown(rep)]
     if "first-error" in by and "off" in by:
         fe, off = by["first-error"], by["off"]

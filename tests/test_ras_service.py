@@ -108,19 +108,53 @@ def test_threshold_retires_by_owner(w):
     assert w.state(f["pv"]) == ("retired", "offlined")   # exchanged in place
     assert w.state(f["free"]) == ("retired", "offlined")
     assert w.state(f["dom0"]) == ("pending", "offlining")
-    assert w.state(f["hvm"]) == ("pending", "offlining")
+    assert w.state(f["hvm"]) == ("retired", "offlined")       # the guest was live-migrated
     assert w.state(f["xen"])[0] == "failed"
     assert w.store.frame(f["pv"]).outcome == "exchanged" and w.store.frame(f["pv"]).domid == 1
     assert w.store.frame(f["dom0"]).outcome == "dom0"
-    assert w.store.frame(f["hvm"]).outcome == "migration-needed"
+    assert w.store.frame(f["hvm"]).outcome == "migrated" and w.svc.stats.migrations == 1
     assert w.store.frame(f["xen"]).outcome == "xen-image"
     text = "\n".join(w.lines())
     assert f"transition mfn={f['pv']:#x} xen=online->offlined state=new->retired action=soft " \
            "outcome=exchanged" in text
     assert f"mfn={f['dom0']:#x} xen=online->offlining state=new->pending" in text
+    assert f"mfn={f['hvm']:#x} xen=online->offlined state=new->retired action=soft outcome=migrated" in text
     assert w.svc.stats.suspends == 1 and w.svc.stats.suspended_s > 0
     w.healthy()
     assert w.store.boot_option().value.count(",") == 3   # retired and pending, not failed
+
+
+@pytest.mark.parametrize("method,state,outcome", [
+    ("none", ("pending", "offlining"), "migration-needed"),
+    ("exchange", ("retired", "offlined"), "exchanged"),
+    ("migrate", ("retired", "offlined"), "migrated"),
+])
+def test_hvm_methods(method, state, outcome):
+    w = World(Policy(hvm=method))
+    m = frames(w.host)["hvm"]
+    w.ce(m, 2)
+    assert w.state(m) == state and w.store.frame(m).outcome == outcome
+    assert (w.svc.stats.migrations == 1) == (method != "none")
+    if method == "exchange":
+        assert w.svc.stats.downtime_s < 0.01 and 2 in w.host.domains   # same guest, paused briefly
+    w.healthy()
+
+
+def test_policy_reaches_the_toolstack():
+    from xenpage.toolstack.offline import mem_offline
+    seen = []
+
+    def spy(hv, mfns, **kw):
+        seen.append(kw["retire"])
+        return mem_offline(hv, mfns, **kw)
+    w = World(Policy(fallback="migrate", hvm="exchange"))
+    w.svc.offline = spy
+    m = frames(w.host)["granted"]
+    w.ce(m, 2)
+    assert (seen[0].hvm, seen[0].fallback) == ("exchange", "migrate")
+    # whatever the PV fallback could do, the frame is retired or still pending, never lost
+    assert w.store.frame(m).state in ("retired", "pending")
+    assert invariants.check(w.host) == []
 
 
 def test_errors_on_retired_frames_are_counted_not_acted_on(w):
@@ -337,7 +371,7 @@ def test_replay_when_still_offlined_does_nothing(w):
 def test_action_exception_is_logged_and_retried(w):
     m = frames(w.host)["free"]
 
-    def boom(hv, mfns):
+    def boom(hv, mfns, **kw):
         raise RuntimeError("backend went away")
     w.svc.offline = boom
     w.ce(m, 2)

@@ -129,6 +129,8 @@ retry-initial = 30s
 retry-max = 6h
 soft-attempts = 5
 max-retired = 1000
+hvm = exchange
+pv-fallback = migrate
 """
 
 
@@ -138,6 +140,7 @@ def test_config_file_mcelog_and_xenpage_keys():
     assert p.row == Rate(5, 86400, "d") and p.row_action == Action.ACCOUNT
     assert p.unit_scope == "all" and p.retry_initial == 30 and p.retry_max == 6 * 3600
     assert p.soft_attempts == 5 and p.max_retired == 1000 and p.enabled
+    assert p.hvm == "exchange" and p.fallback == "migrate"
     assert p.origin["memory-ce-threshold"] == "retired.conf:4"
     assert any("memory-ce-trigger" in m for m in p.messages)
 
@@ -161,6 +164,14 @@ def test_config_global_off_switch():
 def test_config_errors_name_the_line(text, where):
     with pytest.raises(ThresholdError, match=where):
         parse_config(text, name="cfg")
+
+
+def test_preset_modifiers():
+    p = Policy.named("first-error+hvm-exchange+pv-migrate")
+    assert (p.page.capacity, p.hvm, p.fallback) == (1, "exchange", "migrate")
+    assert Policy.named("mcelog+hvm-none").hvm == "none"
+    with pytest.raises(ThresholdError):
+        Policy.named("mcelog+warp-drive")
 
 
 def test_load_policy_presets_and_file(tmp_path):

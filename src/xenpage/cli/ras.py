@@ -167,9 +167,10 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     names = list(sources) or _default_sources(obj, kind)
     srcs = _open_sources(names, store, follow)
     stop = _Stop()
+    saved = {}
     if not once:
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            saved[sig] = signal.signal(sig, stop)
     read = 0
     t_end = time.monotonic() + max_seconds if max_seconds else None
     try:
@@ -205,6 +206,8 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
         sys.exit(2)
     finally:
         sd_notify("STOPPING=1")
+        for sig, h in saved.items():
+            signal.signal(sig, h)
     st = status(store, policy)
     if not once:
         log("stopped", "info", records=read, transitions=svc.stats.transitions)
@@ -220,7 +223,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
               help="keep following the logs (the service) or stop at their end")
 @click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default STATE_DIR/{CONFIG_NAME})")
 @click.option("--policy", "preset", help="start from a preset: first-error, mcelog, mcelog-default, "
-              "rasdaemon, row, account, off")
+              "rasdaemon, row, account, off; +hvm-exchange, +hvm-none, +pv-migrate modify it")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls")
 @click.option("--json", "as_json", is_flag=True, help="log JSON lines")
 @click.option("--verbose", is_flag=True, help="also log every record")
@@ -489,7 +492,8 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--days", type=float, default=365.0, show_default=True)
 @click.option("--policy", "policies", multiple=True,
-              help="policies to compare (default: off, first-error, mcelog, rasdaemon, row)")
+              help="policies to compare, presets with +modifiers (default: off, first-error, "
+                   "first-error+hvm-exchange, mcelog, rasdaemon, row)")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj

@@ -32,6 +32,7 @@ from ..abi import sysctl as S
 from ..abi.mca import McRecord
 from ..toolstack.offline import mem_offline
 from ..toolstack.outcomes import Kind, Reason
+from ..toolstack.retire import RetireOptions
 from .policy import Accountant, Trigger
 from .store import Frame, Store
 from .thresholds import Action, Policy
@@ -148,6 +149,9 @@ class Stats:
     transitions: int = 0
     suspended_s: float = 0.0
     suspends: int = 0
+    #: guests paused by live migration / in-place HVM exchange (the toolstack's simulated downtime)
+    downtime_s: float = 0.0
+    migrations: int = 0
     errors: int = 0
 
     def to_json(self) -> dict:
@@ -350,8 +354,10 @@ class RetireService:
                      kind=o.kind.value, forced_state=state, data=data)
 
     def _soft(self, hv, f: Frame):
+        p = self.policy
         try:
-            res = self.offline(hv, [f.mfn])
+            res = self.offline(hv, [f.mfn], retire=RetireOptions(
+                hvm=p.hvm, fallback="migrate" if p.fallback == "migrate" else None))
         except Exception as e:  # SinglePcpuHost, a hung simulated host, a backend error
             self.stats.errors += 1
             self.log("action-failed", "error", mfn=f"{f.mfn:#x}", action="soft",
@@ -368,6 +374,10 @@ class RetireService:
             if g.get("suspended_s"):
                 self.stats.suspended_s += g["suspended_s"]
                 self.stats.suspends += 1
+        down = (o.extra or {}).get("downtime_s")
+        if down is not None:  # a live migration or an in-place HVM exchange
+            self.stats.downtime_s += down
+            self.stats.migrations += 1
         return o, data
 
     def _hard(self, hv, f: Frame, did: int | None, xb: str, why: str) -> None:

@@ -27,9 +27,12 @@
       unit-scope = seen                 # row/bank overflow retires the frames seen with
                                         # errors there (as rasdaemon) or `all` of the unit
       retry-initial = 60s   retry-max = 1d   soft-attempts = 3   max-retired = 0
+      hvm = migrate                     # HVM frames: live migration | exchange (in place) | none
+      pv-fallback = none                # PV frames left pending: none | migrate (the guest)
 
-Mapped to Xen: ``soft`` is ``mem-offline`` (the frame is exchanged in a PV guest, migrated
-away from an HVM guest once migration exists, offlined at once if free, pending otherwise);
+Mapped to Xen: ``soft`` is ``mem-offline`` (the frame is exchanged in a PV guest, an HVM guest is live-migrated off
+it -- or its frame exchanged in place, ``hvm = exchange`` --, a free frame is offlined at once,
+anything else stays pending);
 ``hard`` marks the frame broken through Xen's machine-check path (its PV owner is crashed,
 dom0 or an HVM owner gets a vMCE); ``soft-then-hard`` tries soft first; ``account`` only
 records that the threshold was crossed; ``off`` does not count.
@@ -255,6 +258,12 @@ class Policy:
     soft_attempts: int = 3
     #: stop retiring (and say so) beyond this many frames; 0 = no limit
     max_retired: int = 0
+    #: how soft retires an HVM guest's frame: live migration ("migrate", the toolstack's
+    #: default), xenpage's in-place HVM exchange ("exchange"), or not at all ("none")
+    hvm: str = "migrate"
+    #: a PV frame left pending (granted, referenced elsewhere): live-migrate its guest
+    #: ("migrate") or wait ("none")
+    fallback: str = "none"
     #: where each setting came from, and rasdaemon/mcelog-style messages from parsing
     origin: dict = field(default_factory=dict)
     messages: list = field(default_factory=list)
@@ -280,14 +289,18 @@ class Policy:
                 "bank": self.bank.to_json(), "unit_scope": self.unit_scope,
                 "retry_initial_s": self.retry_initial, "retry_max_s": self.retry_max,
                 "soft_attempts": self.soft_attempts, "max_retired": self.max_retired,
+                "hvm": self.hvm, "fallback": self.fallback,
                 "origin": dict(self.origin), "messages": list(self.messages)}
 
     @classmethod
     def named(cls, name: str) -> "Policy":
-        """Ready-made policies: ``first-error`` (retire on the first corrected error),
+        """Ready-made policies, optionally with ``+`` modifiers (``first-error+hvm-exchange``,
+        ``mcelog+pv-migrate``; ``hvm-migrate``, ``hvm-exchange``, ``hvm-none``,
+        ``pv-migrate``, ``pv-wait``): ``first-error`` (retire on the first corrected error),
         ``mcelog`` (2 / 24h, the mcelog example), ``mcelog-default`` (10 / 24h),
         ``rasdaemon`` (50 / 24h), ``row`` (2 / 24h per frame, and every frame of a DRAM row
         with 2 errors in 24h), ``account`` (count only), ``off``."""
+        base, *mods = name.split("+")
         p = cls()
         presets = {
             "first-error": dict(page=Rate(1, 86400, "h")),
@@ -299,10 +312,21 @@ class Policy:
             "account": dict(page_action=Action.ACCOUNT),
             "off": dict(enabled=False),
         }
-        if name not in presets:
+        if base not in presets:
             raise ThresholdError(f"unknown policy {name!r} ({', '.join(presets)})")
-        return replace(p, **presets[name], origin={"preset": name})
+        p = replace(p, **presets[base], origin={"preset": name})
+        for m in mods:
+            if m.startswith("hvm-") and m[4:] in HVM_METHODS:
+                p.hvm = m[4:]
+            elif m in ("pv-migrate", "pv-wait"):
+                p.fallback = "migrate" if m == "pv-migrate" else "none"
+            else:
+                raise ThresholdError(f"unknown policy modifier {m!r} (hvm-migrate, hvm-exchange, "
+                                     "hvm-none, pv-migrate, pv-wait)")
+        return p
 
+
+HVM_METHODS = ("migrate", "exchange", "none")
 
 _BOOL = {"yes": True, "on": True, "true": True, "1": True, "enable": True, "enabled": True,
          "no": False, "off": False, "false": False, "0": False, "disable": False, "disabled": False}
@@ -375,6 +399,14 @@ def _apply(p: Policy, section: str, key: str, value: str, where: str) -> None:
         p.unit_scope = value
     elif section == "xenpage" and key in ("retry-initial", "retry-max"):
         setattr(p, key.replace("-", "_"), parse_duration(value))
+    elif section == "xenpage" and key == "hvm":
+        if value not in HVM_METHODS:
+            raise ThresholdError(f"hvm = {value!r}: migrate, exchange or none")
+        p.hvm = value
+    elif section == "xenpage" and key == "pv-fallback":
+        if value not in ("migrate", "none"):
+            raise ThresholdError(f"pv-fallback = {value!r}: migrate or none")
+        p.fallback = value
     elif section == "xenpage" and key in ("soft-attempts", "max-retired"):
         if not value.isdigit():
             raise ThresholdError(f"{key} = {value!r}: a whole number")

@@ -17,7 +17,9 @@ Reported beside published figures:
   (pages that could not be offlined -- in use by the kernel and the like -- are the gap).
 
 The simulated host's counterpart of the gap: dom0's frames are never exchanged (dom0 is not
-suspended) and an HVM guest's frames wait for migration, so their errors keep coming.
+suspended), and an HVM guest's frames wait for a live migration that a full host has no room
+for (``+hvm-exchange``: xenpage's in-place HVM exchange, a hypervisor extension, retires them
+without one) -- so their errors keep coming.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ HWANG_2012 = {"figure": 0.96, "what": "errors avoided by retiring a page after i
 MEZA_2015 = {"figure": 0.67, "what": "reduction of the memory error rate by page offlining "
              "in production", "cite": "Meza et al., DSN 2015"}
 
-DEFAULT_POLICIES = ("off", "first-error", "mcelog", "rasdaemon", "row")
+DEFAULT_POLICIES = ("off", "first-error", "first-error+hvm-exchange", "mcelog", "rasdaemon", "row")
 
 
 class SimClock:
@@ -73,9 +75,12 @@ class YearResult:
     #: errors delivered, by who had the frame then: dom0, pv, hvm, xen, free
     seen_by_owner: dict = field(default_factory=dict)
     guest_crashes: int = 0
+    restart_failures: list = field(default_factory=list)
     vmces: int = 0
     suspended_s: float = 0.0
     suspends: int = 0
+    downtime_s: float = 0.0
+    migrations: int = 0
     soft_actions: int = 0
     hard_actions: int = 0
     wall_s: float = 0.0
@@ -197,6 +202,7 @@ def run_year(policy: Policy, name: str = "", trace=None, spec=None, seed: int = 
     for f in store.frames(("pending",)):
         res.pending_by_reason[f.outcome or "?"] = res.pending_by_reason.get(f.outcome or "?", 0) + 1
     res.suspended_s, res.suspends = svc.stats.suspended_s, svc.stats.suspends
+    res.downtime_s, res.migrations = svc.stats.downtime_s, svc.stats.migrations
     res.soft_actions = svc.stats.actions.get("soft", 0)
     res.hard_actions = svc.stats.actions.get("hard", 0)
     res.timeline = {k: v.tolist() for k, v in tl.items()}
@@ -222,7 +228,10 @@ def _restart_crashed(host, res: YearResult) -> None:
     for d in list(host.guest_domains()):
         if d.domid and d.is_shutting_down and d.shutdown_code == SHUTDOWN_crash:
             res.guest_crashes += 1
-            sim_ras.restart_domain(host, d.domid, seed=res.guest_crashes + 100)
+            try:
+                sim_ras.restart_domain(host, d.domid, seed=res.guest_crashes + 100)
+            except Exception as e:  # e.g. no memory left for it: the guest stays down
+                res.restart_failures.append(f"{d.name}: {type(e).__name__}: {e}")
 
 
 def oracle_first_error(traces) -> float:
@@ -236,7 +245,7 @@ def oracle_first_error(traces) -> float:
 
 _SUM = ("errors", "uncorrected", "seen", "seen_uncorrected", "avoided", "avoided_uncorrected",
         "frames_with_errors", "retired", "pending", "failed", "guest_crashes", "vmces",
-        "suspended_s", "suspends", "soft_actions", "hard_actions", "wall_s")
+        "suspended_s", "suspends", "downtime_s", "migrations", "soft_actions", "hard_actions", "wall_s")
 
 
 def _aggregate(name: str, rs: list[YearResult]) -> YearResult:
@@ -246,6 +255,7 @@ def _aggregate(name: str, rs: list[YearResult]) -> YearResult:
             setattr(agg, k, getattr(agg, k) + getattr(r, k))
         for k, v in r.pending_by_reason.items():
             agg.pending_by_reason[k] = agg.pending_by_reason.get(k, 0) + v
+        agg.restart_failures += r.restart_failures
         for k, v in r.seen_by_owner.items():
             agg.seen_by_owner[k] = agg.seen_by_owner.get(k, 0) + v
         for k, v in r.timeline.items():
@@ -343,8 +353,9 @@ def markdown(report: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in sorted(tr["fault_modes"].items())) + ").",
         "",
         "| policy | errors seen (whose frame) | avoided | UE seen | UE avoided | frames retired | "
-        "memory lost | pending (why) | guest crashes | vMCEs | suspend time | wall |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "memory lost | pending (why) | guest crashes | vMCEs | PV suspended (n) | HVM downtime (n) "
+        "| wall |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rs:
         why = ", ".join(f"{k} {v}" for k, v in sorted(r["pending_by_reason"].items())) or "-"
@@ -354,7 +365,8 @@ def markdown(report: dict) -> str:
             f"| {r['name']} | {r['seen']} ({owners}) | {r['avoided']} ({100 * r['avoided_fraction']:.1f}%) | "
             f"{r['seen_uncorrected']} | {r['avoided_uncorrected']} | {r['retired']} | "
             f"{r['memory_lost_kib']} KiB | {r['pending']} ({why}) | {r['guest_crashes']} | "
-            f"{r['vmces']} | {r['suspended_s'] * 1000:.0f} ms ({r['suspends']}) | {r['wall_s']:.1f} s |")
+            f"{r['vmces']} | {r['suspended_s'] * 1000:.0f} ms ({r['suspends']}) | "
+            f"{r['downtime_s'] * 1000:.0f} ms ({r['migrations']}) | {r['wall_s']:.1f} s |")
     first = next((r for r in rs if r["name"] == "first-error"), None)
     lines += ["",
               f"Published: retire-after-first-error avoids up to ~{HWANG_2012['figure']:.0%} of errors "
@@ -363,6 +375,10 @@ def markdown(report: dict) -> str:
               f"This trace's bound for retire-after-first-error (every frame retirable): "
               f"{report['oracle_first_error']:.1%}."]
     if first:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(first["pending_by_reason"].items())) or "none"
         lines.append(f"xenpage, first-error on the simulated host: {first['avoided_fraction']:.1%} "
-                     "avoided (dom0's and the HVM guest's frames stay offline-pending).")
+                     f"avoided; frames left offline-pending at the end: {why}.")
+    lines.append("PV suspended: wall-clock time the simulator kept PV guests suspended for "
+                 "exchanges; HVM downtime: the toolstack's modelled pause of live migrations / "
+                 "in-place HVM exchanges.")
     return "\n".join(lines) + "\n"
