@@ -1,0 +1,88 @@
+"""``xenpage mem-offline`` on an HVM guest's page, in subprocesses: live migration to the same
+host (the default), in place (``--hvm=exchange``), left pending as xen-hptool does
+(``--hvm=none``), to another saved host (``--migrate-to``), and option errors."""
+
+from __future__ import annotations
+
+import json
+
+from xenpage.backends.sim import host_path
+from xenpage.hypervisor import invariants
+from xenpage.hypervisor.host import Host
+
+SWAPPED = ("Memory mfn {m:x} offlined successfully, this page is DOM{d} page and being swapped "
+           "successfully, current state is [PG_OFFLINE_OFFLINED, PG_OFFLINE_OWNED]")
+
+
+def hvm_mfn(state, gfn: int = 1000, domid: int = 2) -> int:
+    return int(Host.load(host_path(state)).p2m[domid][gfn])
+
+
+def load_ok(state) -> Host:
+    h = Host.load(host_path(state))
+    assert invariants.check(h) == []
+    assert all(g.verify() == [] for g in h.guests.values())
+    return h
+
+
+def test_hvm_page_is_retired_by_live_migration_to_the_same_host(cli_state, xenpage_cli):
+    m = hvm_mfn(cli_state)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}")
+    assert (r.returncode, r.stderr) == (0, "")
+    out = r.stdout.splitlines()
+    assert out[:2] == [f"Prepare to offline MEMORY mfn {m:x}", SWAPPED.format(m=m, d=2)]
+    assert out[2].startswith(f"xenpage: mfn {m:x}: live-migrated d2 to d3 on the same host")
+    assert "downtime" in out[2] and out[2].endswith("old frame offlined")
+    r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+    assert r.stdout.splitlines()[-1] == "Memory Status 2: [ PAGE_OFFLINED ]"
+    h = load_ok(cli_state)
+    assert 2 not in h.domains and h.domains[3].name == "hvm1" and h.domains[3].hvm
+    r = xenpage_cli(cli_state, "list")
+    assert any(line.split()[:3] == ["hvm1", "3", "HVM"] for line in r.stdout.splitlines())
+
+
+def test_hvm_page_exchanged_in_place(cli_state, xenpage_cli):
+    m = hvm_mfn(cli_state, 4321)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", "--hvm=exchange", "--json")
+    assert r.returncode == 0
+    data = json.loads(r.stdout)
+    o = data["outcomes"][0]
+    assert (o["kind"], o["domid"], o["gpfn"]) == ("exchanged", 2, 4321)
+    assert o["extra"]["offlined"] and o["extra"]["downtime_s"] < 1e-3
+    assert data["stdout"][1] == SWAPPED.format(m=m, d=2)
+    assert "in place (p2m entry swapped" in data["stdout"][2]
+    h = load_ok(cli_state)
+    assert 2 in h.domains and int(h.p2m[2][4321]) == o["new_mfn"]
+
+
+def test_hvm_none_answers_as_xen_hptool(cli_state, xenpage_cli):
+    m = hvm_mfn(cli_state, 77)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", "--hvm", "none")
+    assert r.returncode == 1
+    assert r.stdout == f"Prepare to offline MEMORY mfn {m:x}\n"
+    assert r.stderr.splitlines()[:2] == ["DOM2: No suspend port, try live migration",
+                                         f"Failed to suspend guest 2 for mfn {m:x}"]
+    r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+    assert r.stdout.splitlines()[-1] == "Memory Status 8: [ PAGE_OFFLINE_PENDING  PAGE_ONLINED ]"
+
+
+def test_migrate_to_another_saved_host(cli_state, xenpage_cli, tmp_path):
+    other = tmp_path / "other"
+    r = xenpage_cli(other, "host", "create", "--mem", "512", "--dom0", "128", "--no-guests")
+    assert r.returncode == 0
+    m = hvm_mfn(cli_state, 20000)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", f"--migrate-to={other}", "--link=1000:0.2")
+    assert r.returncode == 0, r.stderr
+    assert "live-migrated d2 to d1 on the destination host" in r.stdout
+    src, dst = load_ok(cli_state), load_ok(other)
+    assert 2 not in src.domains and dst.domains[1].name == "hvm1"
+    assert src.ft.state(m) == 2 and m in src.heap.offlined_list
+
+
+def test_option_errors_change_nothing(cli_state, xenpage_cli):
+    m = hvm_mfn(cli_state)
+    for bad in (["--hvm=teleport"], ["--fallback=pray"], ["--link=fast"], ["--hvm"]):
+        r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", *bad)
+        assert r.returncode == 1 and "nothing done" in r.stderr, bad
+    r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+    assert r.stdout.splitlines()[-1] == "Memory Status 0: [ PAGE_ONLINED ]"
