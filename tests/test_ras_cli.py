@@ -108,8 +108,18 @@ def test_clear_after_dimm_swap(cli_state, run):
     assert res["cleared"] == ["0x4e8"] and res["boot_option"]["option"] == "badpage=0x4ea"
     assert res["onlined"][0]["exit"] == 0
     assert "PAGE_ONLINED" in run(cli_state, "mem-status", FREE).stdout
+    run(cli_state, "mce-inject", "4ec", "--repeat", "2")
+    run(cli_state, "retire", "--from", cli_state / "mcelog")
+    loc = js(run(cli_state, "badpages", "--json"))["frames"]
+    where = {f["mfn_hex"]: f["location"] for f in loc}
+    d = where["4ec"]
+    res = js(run(cli_state, "badpages", "clear", "--dimm", f"{d['socketid']}:{d['channel']}:{d['dimm']}",
+                 "--json"))
+    assert "0x4ec" in res["cleared"] and all(
+        (where[m[2:]]["channel"], where[m[2:]]["dimm"]) == (d["channel"], d["dimm"]) for m in res["cleared"])
+    assert run(cli_state, "badpages", "clear", "--dimm", "x").returncode == 1
     p = run(cli_state, "badpages", "clear", "--all")
-    assert "cleared 1 frames" in p.stdout and "remove badpage=" in p.stdout
+    assert "cleared" in p.stdout and "remove badpage=" in p.stdout
     p = run(cli_state, "badpages", "clear")
     assert p.returncode == 1
     p = run(cli_state, "badpages", "--boot-option")

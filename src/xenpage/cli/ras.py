@@ -350,18 +350,21 @@ def badpages_group(ctx, as_json, boot_option, history):
 @badpages_group.command("clear")
 @click.argument("frames", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="every frame in the list")
+@click.option("--dimm", "dimm", metavar="S:C:D", help="every frame whose errors came from this "
+              "DIMM (socket:channel:dimm as mcelog locates it; S:C for a whole channel)")
 @click.option("--online", is_flag=True, help="also bring the frames back online in Xen "
               "(those not marked broken)")
 @click.option("--reason", default="DIMM replaced", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def badpages_clear(obj: Ctx, frames, all_, online, reason, as_json):
-    """Forget frames (MFNs or START-END ranges, hex) after a DIMM swap; print the new
-    badpage= value.  The history is kept."""
+def badpages_clear(obj: Ctx, frames, all_, dimm, online, reason, as_json):
+    """Forget frames (MFNs or START-END ranges, hex; or --dimm; or --all) after a DIMM swap;
+    print the new badpage= value.  The history is kept."""
     from .main import parse_mfn_args
     from ..toolstack import hptool
-    if not frames and not all_:
-        click.echo("xenpage: name the frames to clear (MFN or START-END), or --all", err=True)
+    if not frames and not all_ and not dimm:
+        click.echo("xenpage: name the frames to clear (MFN or START-END), --dimm S:C:D or --all",
+                   err=True)
         sys.exit(1)
     try:
         mfns = None if all_ else parse_mfn_args(list(frames))
@@ -369,6 +372,14 @@ def badpages_clear(obj: Ctx, frames, all_, online, reason, as_json):
         click.echo(f"xenpage: {e}; nothing done", err=True)
         sys.exit(1)
     store = _store(obj)
+    if dimm and not all_:
+        parts = dimm.split(":")
+        if len(parts) not in (2, 3) or not all(x.isdigit() for x in parts):
+            click.echo(f"xenpage: --dimm {dimm!r}: socket:channel[:dimm]", err=True)
+            sys.exit(1)
+        want = dict(zip(("socketid", "channel", "dimm"), map(int, parts)))
+        mfns = sorted(set(mfns or []) | {f.mfn for f in store.frames()
+                                         if all(f.location.get(k) == v for k, v in want.items())})
     gone = store.clear(mfns, time.time(), reason)
     # counts and row memberships go too: the new DIMM starts clean
     from ..ras.policy import Accountant

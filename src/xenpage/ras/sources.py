@@ -319,7 +319,7 @@ class McelogFile:
     def __init__(self, path: str | os.PathLike, store=None, settle: float = 1.0,
                  clock=_time.monotonic):
         self.path = Path(path)
-        self.name = str(self.path.resolve()) if self.path.exists() else str(self.path)
+        self.name = os.path.abspath(self.path)
         self.store = store
         self.settle = settle
         self.clock = clock
