@@ -718,3 +718,107 @@ def test_property_random_pending_frames_in_one_batch(data, warmup):
     assert g.verify() == []
     g.step(50)
     assert g.verify() == [] and invariants.check(w.h) == []
+
+
+# -- a survey taken while the guest ran (mem-offline types every pfn before suspending it) ------------------
+
+class CountingTypes(SimHypervisor):
+    """Counts how many frames getpageframeinfo3 is asked about."""
+
+    def __init__(self, host):
+        super().__init__(host)
+        self.typed = 0
+
+    def page_types(self, domid, mfns):
+        self.typed += len(mfns)
+        return super().page_types(domid, mfns)
+
+
+def test_a_survey_types_only_the_page_tables_under_the_suspend(world):
+    """With a survey the suspended guest's frames are not all typed again: only its page
+    tables and the targets; the result is the same as with a full view."""
+    from xenpage.toolstack.exchange import load_guest
+    w = world
+    pfns = [KINDS[k][0](w.g) for k in ("kernel-data", "user-shared", "user-l1", "p2m", "direct-l2")]
+    survey, err = load_guest(w.hv, 1)
+    assert err is None
+    b = before(w, pfns)
+    w.mark(b.mfns)
+    w.suspend()
+    hv = CountingTypes(w.h)
+    outs = exchange_pages(hv, 1, b.mfns, survey=survey)
+    assert_exchanged(w, b, outs)
+    n = survey.p2m.size
+    ntab = survey.table_mfns()[0].size
+    # the survey refreshed (tables + targets), and again after each of the 2 table groups
+    assert hv.typed <= 3 * (ntab + len(pfns)) + 3 * 2 < n
+    w.resume()
+    assert w.g.verify() == []
+
+
+def _guest_makes_an_l1(w: World, maps_pfn: int) -> int:
+    """The guest turns a free page into a pinned L1 mapping ``maps_pfn`` (as Linux does:
+    zero it, map it read-only, pin it) -- a page table the survey has never seen."""
+    g = w.g
+    pf = g.free.pop(0)
+    m = w.mfn(pf)
+    words = np.zeros(512, dtype=np.uint64)
+    words[7] = P.make_pte(w.mfn(maps_pfn), L.KERNEL_RO)
+    w.h.ft.write_page(m, words)  # the guest writes its own (still writable) page
+    l1 = w.mfn(g.tables["direct_l1"][pf // 512])
+    rc, _ = g.hc.mmu_update(np.array([[(l1 << 12) | (pf % 512) * 8, P.make_pte(m, L.KERNEL_RO)]], dtype=np.uint64))
+    assert rc == 0
+    rc, _ = g.hc.mmuext_op([(X.MMUEXT_PIN_L1_TABLE, m)])
+    assert rc == 0
+    g.role[pf], g.expect[pf], g.kflags[pf] = L.L1T, 0, L.KERNEL_RO  # what the guest now knows
+    return pf
+
+
+def test_a_table_made_after_the_survey_is_found_by_a_second_full_look(world):
+    """The new L1 holds a reference the survey cannot know: XENMEM_exchange refuses the frame,
+    it is rolled back, and retried with a full view -- which finds the new entry."""
+    from xenpage.toolstack.exchange import load_guest
+    w = world
+    target = w.g.kernel_only_pages()[40]
+    survey, _ = load_guest(w.hv, 1)
+    new_l1 = _guest_makes_an_l1(w, target)
+    assert invariants.check(w.h) == [] and w.g.verify() == []
+    b = before(w, [target])
+    assert len(b.refs[b.mfns[0]]) == 2 and w.mfn(new_l1) in [t for t, *_ in b.refs[b.mfns[0]]]
+    w.mark(b.mfns)
+    w.suspend()
+    steps = []
+    (o,) = exchange_pages(w.hv, 1, b.mfns, survey=survey, hook=lambda s, **kw: steps.append(s))
+    assert steps.count("loaded") == 2 and steps.count("exchanged") == 2
+    assert_exchanged(w, b, [o])
+    w.resume()
+    assert w.g.verify() == []
+
+
+def test_a_table_dropped_after_the_survey_is_never_written(world):
+    """Process 2 exits after the survey: its L1 is unlinked and unpinned (no longer a table,
+    its stale entries still name the process's pages).  Refreshed, the survey leaves it out,
+    so no "entry" in it is cleared or re-pointed (Xen would write such a frame raw)."""
+    from xenpage.toolstack.exchange import load_guest
+    w = world
+    g = w.g
+    pr = g.procs[2]
+    target = next(pf for pf, fl in pr.pages.values() if pf in g.user_pages("private"))
+    survey, _ = load_guest(w.hv, 1)
+    ul1, ul2 = w.mfn(pr.ul1[0]), w.mfn(pr.ul2)
+    rc, _ = g.hc.mmu_update(np.array([[(ul2 << 12) | L.USER_BASE_L2 * 8, 0]], dtype=np.uint64))
+    assert rc == 0
+    assert g.hc.mmuext_op([(X.MMUEXT_UNPIN_TABLE, ul1)])[0] == 0
+    pr.pages.clear()
+    assert pfinfo(w, ul1) == 0  # NOTAB
+    words = w.h.ft.read_page(ul1)
+    assert any(P.pte_frame(int(x)) == w.mfn(target) for x in words)
+    b = before(w, [target])
+    assert len(b.refs[b.mfns[0]]) == 1  # the direct map only
+    w.mark(b.mfns)
+    w.suspend()
+    (o,) = exchange_pages(w.hv, 1, b.mfns, survey=survey)
+    assert_exchanged(w, b, [o])
+    assert np.array_equal(w.h.ft.read_page(ul1), words)  # untouched
+    w.resume()
+    assert w.g.verify() == []

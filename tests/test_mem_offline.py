@@ -57,6 +57,7 @@ def test_many_pages_of_one_guest_under_one_suspend_and_one_scan():
     assert steps.count("scanned") == 1 and steps.count("exchanged") == 1
     t = res.timings["guests"][1]
     assert t["pages"] == len(pfns) and t["resume_rc"] == 0
+    assert t["survey_s"] > 0  # the guest was surveyed before it was suspended
     assert 0 < t["toolstack_s"] < t["suspended_s"]
     assert t["suspended_s"] == pytest.approx(t["suspend_s"] + t["toolstack_s"] + t["resume_s"])
     assert res.report.exit_code == 0

@@ -110,6 +110,43 @@ def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | 
     return GuestView(domid, p2m, frames, fl, fll, types), None
 
 
+def refresh(hv: Hypervisor, survey: GuestView, mfns) -> GuestView | None:
+    """The view of a suspended guest from a ``survey`` (:func:`load_guest`) taken before it
+    was suspended, without typing every pfn again: the frames that were page tables are
+    typed again now (those no longer tables drop out, so nothing that became data is ever
+    written as a table), the P2M's frame lists and the targets' P2M entries and types are
+    read now.  A table the guest made since the survey is missing from it: an entry there
+    holds a reference, so XENMEM_exchange refuses the frame and it is rolled back (then
+    retried with a full view).  ``None``: take a full view instead."""
+    domid = survey.domid
+    rc, frames, n = hv.pv_p2m_frames(domid)
+    if rc or n != survey.p2m.size:
+        return None
+    rc, fl, fll = hv.pv_p2m_frame_lists(domid)
+    if rc:
+        return None
+    p2m = survey.p2m.copy()
+    g = hv.m2p(np.asarray(mfns, dtype=np.int64)).view(np.int64)
+    g = np.unique(g[(g >= 0) & (g < n)])
+    if g.size:
+        rows = np.unique(g // 512)
+        m = hv.map_foreign(domid, np.asarray(frames, dtype=np.int64)[rows], False)
+        if isinstance(m, int):
+            return None
+        cur = m.array.view(np.int64)
+        p2m[g] = cur[np.searchsorted(rows, g // 512), g % 512]
+        m.unmap()
+    lvl = (survey.types >> np.uint32(28)) & np.uint32(7)
+    idx = np.union1d(np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4)), g)
+    idx = idx[p2m[idx] >= 0]
+    types = np.full(n, D.XEN_DOMCTL_PFINFO_XTAB, dtype=np.uint32)
+    rc, t = hv.page_types(domid, p2m[idx])
+    if rc:
+        return None
+    types[idx] = t
+    return GuestView(domid, p2m, frames, fl, fll, types, stats={"refreshed": int(idx.size)})
+
+
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
     """One pass over every table frame of the guest: each present entry whose frame field
     names a target (vectorised over the stacked tables, read in place: only the few hits are
@@ -170,9 +207,12 @@ def _status(hv: Hypervisor, mfn: int, tries: int = 3) -> int:
 
 
 def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView | None = None,
-                   hook=None) -> list[Outcome]:
+                   hook=None, survey: GuestView | None = None) -> list[Outcome]:
     """Exchange each of ``mfns`` (offline-pending frames of suspended PV guest ``domid``).
-    ``hook(step, **info)`` is called between steps (fault injection, journaling)."""
+    ``hook(step, **info)`` is called between steps (fault injection, journaling).
+    ``view``: the guest as loaded while suspended; ``survey``: as loaded before it was
+    suspended (:func:`refresh` brings it up to date at a fraction of a full load -- the
+    suspended time of a large guest is then not spent typing every pfn)."""
     hook = hook or (lambda step, **kw: None)
     info = hv.domain_info(domid)
     mfns = [int(m) for m in mfns]
@@ -190,6 +230,10 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
         return all_(Kind.REFUSED, Reason.HVM, "HVM guest: its frames are retired by migration")
     if not (info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend):
         return all_(Kind.REFUSED, Reason.NOT_SUSPENDED, f"d{domid} is not suspended")
+    surveyed = False
+    if view is None and survey is not None and survey.domid == domid:
+        view = refresh(hv, survey, mfns)
+        surveyed = view is not None
     if view is None:
         view, err = load_guest(hv, domid)
         if err is not None:
@@ -257,10 +301,20 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
         for o in _exchange_group(hv, view, grp, hook):
             out[o.mfn] = o
         if any(c[2] for c in grp):
-            # types changed (a table frame moved): refresh them for the next group
-            nv, err = load_guest(hv, domid)
+            # types changed (a table frame moved, P2M updated in the view): type the tables
+            # again for the next group
+            nv = refresh(hv, view, [c[0] for g2 in groups for c in g2])
+            if nv is None:
+                nv, err = load_guest(hv, domid)
             if nv is not None:
                 view = nv
+    if surveyed:
+        # a frame still referenced may be mapped from a table made after the survey: once
+        # more with a full view (a rolled-back frame is exactly as it was)
+        again = [m for m in mfns if out[m].kind == Kind.ROLLED_BACK and out[m].reason == Reason.REFERENCED]
+        if again:
+            for o in exchange_pages(hv, domid, list(dict.fromkeys(again)), hook=hook):
+                out[o.mfn] = o
     if any(o.kind in (Kind.FAILED, Kind.ROLLED_BACK) for o in out.values()) \
             and hv.domain_info(domid) is None:
         out = {m: _domain_gone(hv, o, domid) for m, o in out.items()}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..abi import sysctl as S
 from ..abi import xen as X
 from . import hptool, journal
-from .exchange import exchange_pages
+from .exchange import exchange_pages, load_guest
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
 from .report import Report
@@ -141,6 +141,10 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             for m in group:
                 outcomes[m] = _not_exchangeable(m, domid, info)
             continue
+        # survey the guest while it still runs (its P2M and every frame's type): under the
+        # suspend only its page tables are typed again (exchange.refresh)
+        ts = time.perf_counter()
+        survey, _ = load_guest(hv, domid)
         t0 = time.perf_counter()
         jn = journal.Journal(hv, jdir) if jdir is not None else None
         was = bool(info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend)
@@ -157,7 +161,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if jn:
             jn.step("suspended")
         step_hook = _hooks(hook, jn.hook if jn else None)
-        res = exchange_pages(hv, domid, group, hook=step_hook)
+        res = exchange_pages(hv, domid, group, hook=step_hook, survey=survey)
         t2 = time.perf_counter()
         broken = any(o.kind == Kind.FAILED for o in res)
         # an exchange that could not be completed leaves the guest suspended (its memory is
@@ -170,7 +174,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         t3 = time.perf_counter()
         for o in res:
             outcomes[o.mfn] = o
-        timings["guests"][domid] = {"pages": len(group), "suspend_s": t1 - t0,
+        timings["guests"][domid] = {"pages": len(group), "survey_s": t0 - ts, "suspend_s": t1 - t0,
                                     "toolstack_s": t2 - t1, "resume_s": t3 - t2,
                                     "suspended_s": (t3 - t0) if ours else None,
                                     "resume_rc": rrc}
