@@ -37,8 +37,12 @@ def _environment() -> str:
                    if l.startswith("MemTotal:")) * 1024
     except (OSError, StopIteration):
         mem = 0
+    try:
+        load = ", load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = ""
     return (f"Python {platform.python_version()}, numpy {np.__version__}, "
-            f"{os.cpu_count()} CPUs, {mem / (1 << 30):.1f} GiB RAM, {platform.platform()}")
+            f"{os.cpu_count()} CPUs, {mem / (1 << 30):.1f} GiB RAM, {platform.platform()}{load}")
 
 
 def main(argv: list[str] | None = None) -> int:
