@@ -682,10 +682,14 @@ def _pool(g: L.LinuxPV) -> list[int]:
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
           deadline=None)
-@given(data=st.data(), warmup=st.integers(0, 40))
-def test_property_random_pending_frames_in_one_batch(data, warmup):
+@given(data=st.data(), warmup=st.integers(0, 40), surveyed=st.booleans())
+def test_property_random_pending_frames_in_one_batch(data, warmup, surveyed):
+    """``surveyed``: as mem-offline does, the guest is surveyed before it runs ``warmup``
+    workload steps (mapping and unmapping pages) and is suspended."""
+    from xenpage.toolstack.exchange import load_guest
     w = _prop_world()
     g = w.g
+    survey = load_guest(w.hv, 1)[0] if surveyed else None
     n = int(np.asarray(w.h.pv_p2m(1)).size)
     pool = _pool(g)
     pick = st.one_of(st.sampled_from(pool), st.integers(0, n - 1))
@@ -695,7 +699,7 @@ def test_property_random_pending_frames_in_one_batch(data, warmup):
     w.mark(mfns)
     w.suspend()
     p2m0 = np.asarray(w.h.pv_p2m(1)).copy()
-    outs = exchange_pages(w.hv, 1, mfns)
+    outs = exchange_pages(w.hv, 1, mfns, survey=survey)
     assert [o.mfn for o in outs] == mfns
     kinds = {o.kind for o in outs}
     assert kinds <= {Kind.EXCHANGED, Kind.PENDING, Kind.REFUSED, Kind.ROLLED_BACK}, outs

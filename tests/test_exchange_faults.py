@@ -152,20 +152,29 @@ def test_re_pointing_fails_part_way(kind):
 
 # -- by call: every call of a clean run fails in turn ------------------------------------------------------
 
+@pytest.mark.parametrize("surveyed", [False, True], ids=["", "surveyed"])
 @pytest.mark.parametrize("kind", ["kernel-data", "user-l1", "p2m"])
-def test_every_call_fails_in_turn(kind):
-    w, b = prepared(kind)
+def test_every_call_fails_in_turn(kind, surveyed):
+    """``surveyed``: with a survey taken before the suspend (as mem-offline does); a failure
+    while refreshing it falls back to a full view."""
+    from xenpage.toolstack.exchange import load_guest
+
+    def prepared_(kind):
+        w, b = prepared(kind)
+        return w, b, (load_guest(w.hv, 1)[0] if surveyed else None)
+
+    w, b, sv = prepared_(kind)
     fh = FaultyHypervisor(w.hv)
     steps: list[tuple[str, int]] = []
-    exchange_pages(fh, 1, b.mfns, hook=lambda s, **kw: steps.append((s, len(fh.calls))))
+    exchange_pages(fh, 1, b.mfns, hook=lambda s, **kw: steps.append((s, len(fh.calls))), survey=sv)
     first_change = dict(steps)["clearing"]  # calls up to here only read
     calls = [c for c in fh.calls if c[1] in FALLIBLE]
     assert {"mmu_update", "memory_exchange", "map_foreign", "page_offline_op", "grant_entries"} \
         <= {m for _, m, _ in calls}
     for seq, method, nth in calls:
-        w, b = prepared(kind)
+        w, b, sv = prepared_(kind)
         fh = FaultyHypervisor(w.hv, FaultPlan.fail_at(nth, method))
-        (o,) = exchange_pages(fh, 1, b.mfns)
+        (o,) = exchange_pages(fh, 1, b.mfns, survey=sv)
         assert fh.injected == [(seq, method, nth, fh.injected[0][3])], (seq, method)
         check_outcome(w, b, o, allow_refused=seq <= first_change)
 
