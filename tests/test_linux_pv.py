@@ -173,6 +173,20 @@ def test_workload_keeps_content_verified(lin):
     assert (g.expect != before).sum() > 50
 
 
+def test_running_guest_notices_a_changed_page(lin):
+    """The workload re-reads its memory window by window: a page changed behind its back
+    becomes a fault, reported by verify()."""
+    h, g, hv = lin
+    pf = int(np.flatnonzero(g.expect)[100])
+    h.ft.content[g.mfn(pf)] ^= np.uint64(1)
+    assert any(f"pfn {pf:#x}" in p for p in g.verify())
+    for _ in range(2000):
+        g.step(1)
+        if g.faults:
+            break
+    assert g.faults and f"pfn {pf:#x}" in g.faults[0]
+
+
 def test_workload_maps_and_unmaps_user_pages(lin):
     h, g, hv = lin
     free0 = len(g.free)

@@ -147,6 +147,7 @@ class LinuxPV:
         self.resumes = 0
         self.log: list[str] = []
         self.steps = 0
+        self.scrub_pos = 0
         self.faults: list[str] = []
 
     # -- P2M ----------------------------------------------------------------------------
@@ -481,7 +482,29 @@ class LinuxPV:
             elif op < 9 and self.procs:
                 self._map_or_unmap()
             else:
-                self.verify()
+                self._scrub()
+
+    #: pfns the running guest re-reads per scrub step
+    SCRUB_WINDOW = 1 << 16
+
+    def _scrub(self) -> None:
+        """The running kernel reading back a window of its memory (a rotating cursor): any
+        page whose content is not what it wrote becomes a fault that :meth:`verify` reports."""
+        n = self.expect.size
+        if n == 0:
+            return
+        a = self.scrub_pos % n
+        b = min(n, a + self.SCRUB_WINDOW)
+        self.scrub_pos = b % n
+        frames = self.p2m_frames()[a // 512:(b + 511) // 512]
+        m2 = self._words(frames)[a % 512:a % 512 + (b - a)].astype(np.int64)
+        exp = self.expect[a:b]
+        chk = np.flatnonzero(exp != 0)
+        bad = chk[self.host.ft.content[m2[chk]] != exp[chk]]
+        for i in bad[:3].tolist():
+            msg = f"scrub: pfn {a + i:#x} (mfn {int(m2[i]):#x}) content changed"
+            if msg not in self.faults:
+                self.faults.append(msg)
 
     def _map_or_unmap(self) -> None:
         pr = self.procs[int(self.rng.integers(0, len(self.procs)))]
@@ -612,7 +635,7 @@ class LinuxPV:
                 "tables": self.tables, "rings": self.rings, "granted": self.granted,
                 "daemon_maps": self.daemon_maps, "free": self.free, "suspended": self.suspended,
                 "suspends": self.suspends, "resumes": self.resumes, "log": self.log[-200:],
-                "steps": self.steps, "faults": self.faults}
+                "steps": self.steps, "faults": self.faults, "scrub_pos": self.scrub_pos}
 
     @classmethod
     def from_state(cls, host, domid: int, st: dict, arrs: dict) -> "LinuxPV":
@@ -624,6 +647,7 @@ class LinuxPV:
         for k in ("tables", "rings", "granted", "daemon_maps", "free", "suspended", "suspends",
                   "resumes", "log", "steps", "faults"):
             setattr(g, k, st[k])
+        g.scrub_pos = st.get("scrub_pos", 0)
         return g
 
 
