@@ -69,14 +69,23 @@ class GuestView:
     fll: int                   # MFN of the frame-list list (named in shared_info)
     types: np.ndarray          # getpageframeinfo3 type per pfn
     stats: dict = field(default_factory=dict)
+    #: pfns and levels of the page tables (found once; frames the exchange moves keep their
+    #: pfn and level, so ``p2m[pfns]`` stays right)
+    tables: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
-    def table_mfns(self) -> tuple[np.ndarray, np.ndarray]:
-        """MFNs and levels of the guest's L1-L4 tables (pinned or validated).  XTAB, BROKEN
+    def table_pfns(self) -> tuple[np.ndarray, np.ndarray]:
+        """pfns and levels of the guest's L1-L4 tables (pinned or validated).  XTAB, BROKEN
         and XALLOC have level bits 7, 5 and 6, and every invalid P2M entry was typed XTAB,
         so "level in 1..4" is the whole test (one unsigned compare: 0 - 1 wraps)."""
-        lvl = (self.types >> np.uint32(28)) & np.uint32(7)
-        idx = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
-        return self.p2m[idx], lvl[idx].astype(np.int64)
+        if self.tables is None:
+            lvl = (self.types >> np.uint32(28)) & np.uint32(7)
+            idx = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
+            self.tables = (idx, lvl[idx].astype(np.int64))
+        return self.tables
+
+    def table_mfns(self) -> tuple[np.ndarray, np.ndarray]:
+        idx, lvl = self.table_pfns()
+        return self.p2m[idx], lvl
 
 
 def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | None]:
@@ -136,15 +145,17 @@ def refresh(hv: Hypervisor, survey: GuestView, mfns) -> GuestView | None:
         cur = m.array.view(np.int64)
         p2m[g] = cur[np.searchsorted(rows, g // 512), g % 512]
         m.unmap()
-    lvl = (survey.types >> np.uint32(28)) & np.uint32(7)
-    idx = np.union1d(np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4)), g)
+    idx = np.union1d(survey.table_pfns()[0], g)
     idx = idx[p2m[idx] >= 0]
     types = np.full(n, D.XEN_DOMCTL_PFINFO_XTAB, dtype=np.uint32)
     rc, t = hv.page_types(domid, p2m[idx])
     if rc:
         return None
     types[idx] = t
-    return GuestView(domid, p2m, frames, fl, fll, types, stats={"refreshed": int(idx.size)})
+    lvl = (t >> np.uint32(28)) & np.uint32(7)
+    tab = (lvl - np.uint32(1)) < np.uint32(4)
+    return GuestView(domid, p2m, frames, fl, fll, types, stats={"refreshed": int(idx.size)},
+                     tables=(idx[tab], lvl[tab].astype(np.int64)))
 
 
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
@@ -206,6 +217,27 @@ def _status(hv: Hypervisor, mfn: int, tries: int = 3) -> int:
     return -1
 
 
+def _statuses(hv: Hypervisor, mfns) -> dict[int, int]:
+    """Status words of many frames: nearby frames in one range query (a query changes
+    nothing; a range that fails -- a hole in it -- is asked frame by frame)."""
+    ms = sorted({int(m) for m in mfns})
+    out = {m: -1 for m in ms if not 0 <= m <= S.MFN_FIELD_MAX}  # not even a sysctl field
+    ms = [m for m in ms if m not in out]
+    i = 0
+    while i < len(ms):
+        j = i
+        while j + 1 < len(ms) and ms[j + 1] - ms[j] <= 64 and ms[j + 1] - ms[i] < 1000:
+            j += 1
+        s, e = ms[i], ms[j]
+        rc, st = hv.page_offline_op(S.sysctl_query_page_offline, s, e) if j > i else (-1, None)
+        if rc == 0 and st is not None and len(st) == e - s + 1:
+            out.update((m, int(st[m - s])) for m in ms[i:j + 1])
+        else:
+            out.update((m, _status(hv, m)) for m in ms[i:j + 1])
+        i = j + 1
+    return out
+
+
 def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView | None = None,
                    hook=None, survey: GuestView | None = None) -> list[Outcome]:
     """Exchange each of ``mfns`` (offline-pending frames of suspended PV guest ``domid``).
@@ -249,9 +281,13 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     g_live = (grants & _U(G.GTF_type_mask)) != 0
     g_frame = (grants >> _U(32)).astype(np.int64)
     special = set(view.fl_frames.tolist()) | {view.fll}
+    granted: dict[int, list[int]] = {}
+    for ref, fr in zip(np.flatnonzero(g_live).tolist(), g_frame[g_live].tolist()):
+        granted.setdefault(fr, []).append(ref)
+    sts = _statuses(hv, mfns)
     cand: list[tuple[int, int, int]] = []  # (mfn, gpfn, level)
     for mfn, g in zip(mfns, m2p.tolist()):
-        st = _status(hv, mfn)
+        st = sts[mfn]
         if st < 0:
             out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "the frame cannot be queried", domid=domid)
             continue
@@ -269,12 +305,12 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
                                f"cannot read d{domid}'s grant table ({E.name(grc)}): a grant of the "
                                "frame cannot be ruled out", domid=domid, gpfn=g, status=st, errno=-grc)
             continue
-        refs = np.flatnonzero(g_live & (g_frame == mfn))
-        if refs.size:
+        refs = granted.get(mfn)
+        if refs:
             w = int(grants[refs[0]])
             out[mfn] = Outcome(mfn, Kind.PENDING, Reason.GRANTED,
-                               f"granted to d{(w >> 16) & 0xFFFF} (grant ref {int(refs[0])})",
-                               domid=domid, gpfn=g, status=st, extra={"grant_refs": refs.tolist()})
+                               f"granted to d{(w >> 16) & 0xFFFF} (grant ref {refs[0]})",
+                               domid=domid, gpfn=g, status=st, extra={"grant_refs": list(refs)})
             continue
         t = int(view.types[g])
         lvl = (t & D.XEN_DOMCTL_PFINFO_LTABTYPE_MASK) >> 28
@@ -428,8 +464,9 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
         failed_step = e.step
     hook("repointed", complete=not rrc)
     total_s = time.perf_counter() - t0
+    sts = _statuses(hv, [old for old, g, lvl, new in exchanged])
     for old, g, lvl, new in exchanged:
-        st = _status(hv, old)
+        st = sts[old]
         if rrc:
             results[old] = Outcome(old, Kind.FAILED, Reason.RESTORE_FAILED,
                                    f"exchanged into {new:#x} but completing it failed at the {failed_step} "
