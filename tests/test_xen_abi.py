@@ -28,7 +28,8 @@ from xenpage.backends.xen import libs, structs
 
 INCLUDE = Path("/usr/include")
 HEADERS = ["xenctrl.h", "xenguest.h", "xencall.h", "xenforeignmemory.h", "xenstore.h", "xentoollog.h",
-           "xen/grant_table.h", "xen/memory.h", "xen/sched.h", "xen/features.h", "xen/errno.h"]
+           "xen/grant_table.h", "xen/memory.h", "xen/sched.h", "xen/features.h", "xen/errno.h",
+           "xen/version.h"]
 INSTALL = "apt-get install -y --no-install-recommends libxen-dev gcc libc6-dev"
 
 #: Constants of xenpage.abi that are xenpage's own (no C macro of that name exists).

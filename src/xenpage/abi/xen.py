@@ -57,6 +57,10 @@ INVALID_MFN = 0xFFFFFFFFFFFFFFFF
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
+# xen_version sub-commands (version.h).
+XENVER_version = 0
+XENVER_extraversion = 1
+
 #: vcpu_info slots in shared_info (``XEN_LEGACY_MAX_VCPUS``, x86).
 XEN_LEGACY_MAX_VCPUS = 32
 

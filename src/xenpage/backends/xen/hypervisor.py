@@ -50,6 +50,9 @@ _PRESENT, _PSE = 0x1, 0x80
 class XenBackendError(OSError):
     """The real-Xen backend cannot start or a library call failed unexpectedly."""
 
+    def __str__(self) -> str:
+        return self.strerror if self.strerror else super().__str__()
+
 
 def _u64ptr(a: np.ndarray):
     return a.ctypes.data_as(POINTER(c_uint64))
@@ -128,11 +131,18 @@ class XenHypervisor:
             raise XenBackendError(L.errno(), "xc_physinfo failed")
         return pi
 
+    def xen_version(self) -> str:
+        """e.g. ``4.17.7`` (``XENVER_version`` + ``XENVER_extraversion``)."""
+        v = self.L.xc_version(self.xch, X.XENVER_version, None)
+        extra = ctypes.create_string_buffer(16)
+        self.L.xc_version(self.xch, X.XENVER_extraversion, extra)
+        return f"{v >> 16}.{v & 0xFFFF}{extra.value.decode(errors='replace')}" if v >= 0 else ""
+
     def physinfo(self) -> PhysInfo:
         pi = self._physinfo_raw()
         return PhysInfo(nr_cpus=pi.nr_cpus, total_pages=pi.total_pages, free_pages=pi.free_pages,
                         max_mfn=self.max_mfn(), backend="xen",
-                        extra={"max_cpu_id": pi.max_cpu_id, "cpu_khz": pi.cpu_khz,
+                        extra={"xen_version": self.xen_version(), "max_cpu_id": pi.max_cpu_id, "cpu_khz": pi.cpu_khz,
                                "physinfo_max_mfn": pi.max_mfn, "scrub_pages": pi.scrub_pages,
                                "threads_per_core": pi.threads_per_core,
                                "cores_per_socket": pi.cores_per_socket})

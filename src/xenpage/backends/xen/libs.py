@@ -75,6 +75,7 @@ PROTOTYPES: list[Proto] = [
     P("ctrl", "xc_interface_open", c_void_p, [c_void_p, c_void_p, c_uint],
       XCH, ["xentoollog_logger *", "xentoollog_logger *", "unsigned"]),
     P("ctrl", "xc_interface_close", c_int, [c_void_p], "int", [XCH]),
+    P("ctrl", "xc_version", c_int, [c_void_p, c_int, c_void_p], "int", [XCH, "int", "void *"]),
     P("ctrl", "xc_physinfo", c_int, [c_void_p, POINTER(T.XenSysctlPhysinfo)], "int", [XCH, "xc_physinfo_t *"]),
     P("ctrl", "xc_maximum_ram_page", c_int, [c_void_p, c_ulong_p], "int", [XCH, "unsigned long *"]),
     P("ctrl", "xc_domain_getinfolist", c_int, [c_void_p, c_uint32, c_uint, POINTER(T.XenDomctlGetDomainInfo)],

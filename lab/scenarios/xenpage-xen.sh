@@ -1,0 +1,40 @@
+#!/bin/sh
+# xenpage's real-Xen backend: the Hypervisor contract and tests_xen/ (memtest domU) in dom0.
+# Needs tests_xen/ in the payload: run it with  python3 tests_xen/run_lab.py  (adds tests_xen/
+# and the stock-exchange shim), or add "tests_xen" to xenlab.py's payload list.
+# --arg LAB_XEN_PYTEST_ARGS="tests_xen -k memtest" selects tests.
+# lab-options: vcpus=2 timeout=2400
+. /xenpage/lab/dom0/lablib.sh
+cd /xenpage || exit 1
+if [ ! -f tests_xen/conftest.py ]; then
+  lab_fail xenpage-xen "tests_xen/ is not in the payload (use tests_xen/run_lab.py)"
+  exit 1
+fi
+lab_begin memtest-domu
+sed 's/^name *=.*/name = "memtest"/' lab/guest/memtest.cfg > /tmp/memtest.cfg
+if xl create /tmp/memtest.cfg > "$LAB_OUT/memtest-create.log" 2>&1; then
+  i=0
+  while [ $i -lt 240 ] && ! grep -q '^MEMTEST OK' /var/log/xen/console/guest-memtest.log 2>/dev/null; do
+    sleep 1; i=$((i + 1))
+  done
+  if grep -q '^MEMTEST OK' /var/log/xen/console/guest-memtest.log 2>/dev/null; then
+    lab_ok memtest-domu "first heartbeat after ${i}s"
+  else
+    lab_fail memtest-domu "no MEMTEST OK within 240 s: $(tail -n 2 /var/log/xen/console/guest-memtest.log | tr '\n' ' ')"
+  fi
+else
+  lab_fail memtest-domu "xl create: $(tail -n 1 "$LAB_OUT/memtest-create.log")"
+fi
+args=${LAB_XEN_PYTEST_ARGS:-tests/contract tests_xen}
+lab_begin xenpage-xen-pytest
+# shellcheck disable=SC2086
+python3 -m pytest -v -p no:cacheprovider -o addopts= --junitxml="$LAB_OUT/junit-xen.xml" $args > "$LAB_OUT/pytest-xen.log" 2>&1
+rc=$?
+summary=$(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$LAB_OUT/pytest-xen.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
+cp /var/log/xen/console/guest-*.log "$LAB_OUT/" 2>/dev/null
+xl dmesg > "$LAB_OUT/xl-dmesg-xen.txt" 2>&1
+case $rc in
+  0) lab_ok xenpage-xen-pytest "$summary" ;;
+  *) lab_fail xenpage-xen-pytest "pytest exit $rc: ${summary:-$(tail -n 1 "$LAB_OUT/pytest-xen.log")}" ;;
+esac
+exit $rc

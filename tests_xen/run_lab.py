@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Host side: run the lab scenario ``xenpage-xen`` (lab/scenarios/xenpage-xen.sh) with
+``tests_xen/`` and the stock-exchange shim (``pfdshim.so``, compiled here: dom0 has no
+compiler) added to the lab's payload.
+
+    sudo python3 tests_xen/run_lab.py [xenlab.py run options, e.g. --arg LAB_XEN_PYTEST_ARGS="tests_xen -k hang"]
+
+lab/xenlab.py (the lab harness) ships src/, tests/ and bench/; this wrapper appends a second
+newc archive holding tests_xen/ to its payload (Linux unpacks concatenated archives), unless
+the payload already has it.  Results land in ~/.cache/xenpage-lab/results/xenpage-xen-*/
+(xenpage-xen.jsonl: every measurement; pytest-xen.log; junit-xen.xml; guest consoles).
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "lab"))
+xenlab = importlib.import_module("xenlab")
+
+
+def build_shim(work: Path) -> Path:
+    so = work / "pfdshim.so"
+    xenlab.sh(["gcc", "-shared", "-fPIC", "-O2", "-Wall", "-Werror",
+               f"-Wl,--version-script={HERE / 'pfdshim.map'}", "-o", str(so), str(HERE / "pfdshim.c"), "-ldl"],
+              what="payload: gcc pfdshim.c")
+    return so
+
+
+def with_tests_xen(orig):
+    def build_payload(work: Path, scenario: Path, run_env: dict) -> Path:
+        path = orig(work, scenario, run_env)
+        data = path.read_bytes()
+        extra = work / "tests_xen.cpio"
+        with open(extra, "wb") as f:
+            c = xenlab.Cpio(f)
+            if b"xenpage/tests_xen/conftest.py\0" not in data:
+                c.add_tree("xenpage/tests_xen", HERE)
+            c.add_bytes("xenpage/tests_xen/pfdshim.so", build_shim(work).read_bytes(), 0o755)
+            c.close()
+        with open(path, "ab") as f:
+            f.write(extra.read_bytes())
+        return path
+    return build_payload
+
+
+def main(argv: list[str]) -> int:
+    xenlab.build_payload = with_tests_xen(xenlab.build_payload)
+    return xenlab.main(["run", "xenpage-xen", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
