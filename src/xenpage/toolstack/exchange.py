@@ -158,25 +158,35 @@ def refresh(hv: Hypervisor, survey: GuestView, mfns) -> GuestView | None:
                      tables=(idx[tab], lvl[tab].astype(np.int64)))
 
 
+#: page-table frames mapped at a time by the scan (16 MiB: the temporaries stay in cache
+#: and a 64 GiB guest's 33k tables never sit in memory all at once)
+SCAN_CHUNK = 4096
+
+
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
     """One pass over every table frame of the guest: each present entry whose frame field
-    names a target (vectorised over the stacked tables, read in place: only the few hits are
-    copied out before the mapping goes)."""
+    names a target (vectorised over the stacked tables, mapped a chunk at a time and read
+    in place: only the few hits are copied out before a mapping goes)."""
     tabs, lvls = view.table_mfns()
     tu = np.asarray(targets, dtype=np.uint64).ravel()
     if tabs.size == 0 or tu.size == 0:
         return 0, []
-    m = hv.map_foreign(view.domid, tabs, False)
-    if isinstance(m, int):
-        return m, []
-    ents = m.array
-    frames = ents >> _U(12)
-    frames &= _U(P.MFN_MASK_X86)
-    hit = (frames == tu[0]) if tu.size == 1 else np.isin(frames, tu, kind="table")
-    flat = np.flatnonzero(hit)
-    vals = ents.reshape(-1)[flat]
-    m.unmap()
-    rows, cols = np.divmod(flat, ents.shape[1])
+    hits_r: list[np.ndarray] = []
+    hits_v: list[np.ndarray] = []
+    for s0 in range(0, tabs.size, SCAN_CHUNK):
+        m = hv.map_foreign(view.domid, tabs[s0:s0 + SCAN_CHUNK], False)
+        if isinstance(m, int):
+            return m, []
+        ents = m.array
+        frames = ents >> _U(12)
+        frames &= _U(P.MFN_MASK_X86)
+        hit = (frames == tu[0]) if tu.size == 1 else np.isin(frames, tu, kind="table")
+        flat = np.flatnonzero(hit)
+        hits_v.append(ents.reshape(-1)[flat])
+        hits_r.append(flat + s0 * 512)
+        m.unmap()
+    flat, vals = np.concatenate(hits_r), np.concatenate(hits_v)
+    rows, cols = np.divmod(flat, 512)
     # present entries only; Xen's private L4 slots are not the guest's
     keep = ((vals & _U(P._PAGE_PRESENT)) != 0) & \
         ~((lvls[rows] == 4) & (cols >= L4_XEN_SLOTS.start) & (cols < L4_XEN_SLOTS.stop))
