@@ -826,3 +826,31 @@ def test_a_table_dropped_after_the_survey_is_never_written(world):
     assert np.array_equal(w.h.ft.read_page(ul1), words)  # untouched
     w.resume()
     assert w.g.verify() == []
+
+
+def test_the_scan_in_small_chunks_finds_the_same_entries(world, monkeypatch):
+    """The scan maps the tables SCAN_CHUNK at a time: with tiny chunks (entries found in
+    every chunk, L4 rows among them) the result is the same, and a chunk that cannot be
+    mapped refuses the batch with nothing changed."""
+    import xenpage.toolstack.exchange as XC
+    from xenpage.toolstack.faults import FaultPlan, FaultyHypervisor
+    monkeypatch.setattr(XC, "SCAN_CHUNK", 5)
+    w = world
+    pfns = [KINDS[k][0](w.g) for k in ("kernel-data", "user-ro", "kernel-text", "user-l3", "vsyscall-l3")]
+    b = before(w, pfns)
+    w.mark(b.mfns)
+    w.suspend()
+    view, _ = XC.load_guest(w.hv, 1)
+    assert view.table_mfns()[0].size > 10 * XC.SCAN_CHUNK
+    rc, refs = XC.scan(w.hv, view, np.array(b.mfns[:3]))
+    assert rc == 0 and sorted((r.table, r.index, r.value) for r in refs) == \
+        sorted((t, i, v) for m in b.mfns[:3] for t, i, v, _ in b.refs[m])
+    s = snapshot(w)
+    fh = FaultyHypervisor(w.hv, FaultPlan.fail_at(2, "map_foreign"))  # the scan's second chunk
+    outs = exchange_pages(fh, 1, b.mfns[:3], view=view)
+    assert {(o.kind, o.reason) for o in outs} == {(Kind.REFUSED, Reason.CLEAR_FAILED)}
+    assert snap_diff(s, snapshot(w)) == []
+    outs = exchange_pages(w.hv, 1, b.mfns)
+    assert_exchanged(w, b, outs)
+    w.resume()
+    assert w.g.verify() == []
