@@ -347,3 +347,22 @@ def test_a_failed_exchange_hypercall_keeps_the_rest_of_the_batch():
     assert [(t, i, v) for t, i, v, _ in entries_naming(w.h, 1, [m])[m]] == [(t, i, v) for t, i, v, _ in b.refs[m]]
     w.resume()
     assert w.g.verify() == []
+
+
+@pytest.mark.parametrize("kind", ["user-l1", "direct-l3", "user-shared"])
+def test_a_fault_during_the_rollback_itself_is_retried(kind):
+    """XENMEM_exchange fails, then the first restore batch and the first re-pin fail too: the
+    rollback reads what is there and tries again -- still bit-identical."""
+    w, b = prepared(kind)
+    fh = FaultyHypervisor(w.hv)
+    exchange_pages(fh, 1, b.mfns)
+    n_mmu = fh.per_method.get("mmu_update", 0)
+    w, b = prepared(kind)
+    plan = FaultPlan([Fault(1, "memory_exchange", E.ENOMEM),
+                      Fault(2, "mmu_update", E.EINVAL, partial=1),  # the first restore, part-way
+                      Fault(2, "mmuext_op", E.EINVAL)])             # the first re-pin
+    fh = FaultyHypervisor(w.hv, plan)
+    (o,) = exchange_pages(fh, 1, b.mfns)
+    assert (o.kind, o.reason) == (Kind.ROLLED_BACK, Reason.EXCHANGE_FAILED), o
+    assert n_mmu >= 2 and {m for _, m, _, _ in fh.injected} >= {"memory_exchange", "mmu_update"}
+    check_outcome(w, b, o, allow_refused=False)
