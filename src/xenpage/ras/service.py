@@ -33,7 +33,7 @@ from ..abi.mca import McRecord
 from ..toolstack.offline import mem_offline
 from ..toolstack.outcomes import Kind, Reason
 from ..toolstack.retire import RetireOptions
-from .policy import Accountant, Trigger
+from .policy import Accountant
 from .store import Frame, Store
 from .thresholds import Action, Policy
 
