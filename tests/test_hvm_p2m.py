@@ -103,11 +103,27 @@ def test_log_dirty_enable_write_fault_clean_peek_off():
 
 def test_shadow_op_errors():
     h, hv, g = hvm_host(guest_mib=4)
-    pv = h.create_domain("pv", 256)
-    assert paging.shadow_control(h, 0, pv.domid, ENABLE)[0] == -E.EOPNOTSUPP
     assert paging.shadow_control(h, 1, 1, ENABLE)[0] == -E.EPERM      # not the control domain
     assert paging.shadow_control(h, 0, 77, ENABLE)[0] == -E.ESRCH
     assert paging.shadow_control(h, 0, 1, 99)[0] == -E.EINVAL
+
+
+def test_pv_log_dirty_sees_every_changed_page():
+    h, hv, g = hvm_host(guest_mib=4)
+    pv = h.create_domain("pv", 256).domid
+    assert paging.shadow_control(h, 0, pv, ENABLE)[0] == 0
+    assert paging.shadow_control(h, 0, pv, ENABLE)[0] == -E.EINVAL
+    h.ft.set_fingerprint(int(h.p2m[pv][5]), 123)
+    h.ft.write_page(int(h.p2m[pv][9]), np.arange(512, dtype=np.uint64))   # a full page
+    rc, bm, stt = paging.shadow_control(h, 0, pv, PEEK, 256)
+    assert np.flatnonzero(bm).tolist() == [5, 9] and stt.dirty_count == 2
+    rc, bm, stt = paging.shadow_control(h, 0, pv, CLEAN, 256)
+    assert np.flatnonzero(bm).tolist() == [5, 9]
+    assert not paging.shadow_control(h, 0, pv, CLEAN, 256)[1].any()
+    h.ft.table(int(h.p2m[pv][9]))[3] = 7                                  # one word changed
+    assert np.flatnonzero(paging.shadow_control(h, 0, pv, CLEAN, 256)[1]).tolist() == [9]
+    assert paging.shadow_control(h, 0, pv, OFF)[0] == 0
+    assert paging.shadow_control(h, 0, pv, CLEAN, 256)[0] == -E.EINVAL
 
 
 def test_workload_dirties_pages_at_its_rate_and_shape():

@@ -17,6 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from ..abi import errno as E
+from ..abi import sysctl as S
 from ..abi.xen import INVALID_M2P_ENTRY
 from ..hypervisor import sysctl
 from ..hypervisor.e820 import MiB
@@ -64,7 +65,8 @@ class SimHypervisor:
         return min(d.affinity[0]) if d.affinity and d.affinity[0] else 0
 
     def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
-        self.dirty = True
+        if cmd != S.sysctl_query_page_offline:
+            self.dirty = True  # a query changes nothing: no need to save the host
         return sysctl.page_offline_op(self.host, self.caller, cmd, start, end,
                                       pcpu=self._calling_pcpu())
 
@@ -347,6 +349,48 @@ class SimHypervisor:
         self.host.clock += _costs().hypercall_s
         return hvm.populate_physmap(self.host, self.caller, domid, gfns)
 
+    def vcpu_getcontext(self, domid: int):
+        """``XEN_DOMCTL_getvcpucontext`` of a PV guest's vCPU 0: its CR3s (mfns) and, in the
+        simulator, the guest kernel model's own state (see ``hvm.HvmContext``)."""
+        import copy
+        from ..hypervisor.hvm import HvmContext
+        d = self._guest(domid)
+        if d is None:
+            return -E.ESRCH, None
+        if d.hvm:
+            return -E.EINVAL, None
+        g = self.host.guests.get(domid)
+        ctx = HvmContext(d.vcpus, 5168 * d.vcpus,
+                         copy.deepcopy(g.to_state()) if g is not None else None,
+                         {k: np.array(v, copy=True) for k, v in g.arrays().items()} if g is not None else {})
+        ctx.cr3 = d.guest_table[0] if d.guest_table else 0
+        ctx.user_cr3 = d.guest_table_user[0] if d.guest_table_user else 0
+        return 0, ctx
+
+    def vcpu_setcontext(self, domid: int, ctx) -> int:
+        """``XEN_DOMCTL_setvcpucontext``: load the (localised) CR3s -- each takes its L4
+        references -- and the guest kernel model, which resumes on this domain."""
+        import copy
+        from ..hypervisor.mm import new_baseptr
+        d = self._guest(domid)
+        if d is None:
+            return -E.ESRCH
+        if d.hvm or not self._priv():
+            return -E.EINVAL if d.hvm else -E.EPERM
+        for user, m in ((False, getattr(ctx, "cr3", 0)), (True, getattr(ctx, "user_cr3", 0))):
+            if m or not user:
+                rc = new_baseptr(self.host, d, 0, int(m), user=user)
+                if rc:
+                    return rc
+        if ctx.guest is not None:
+            from ..guests import restore_guest
+            g = restore_guest(self.host, domid, copy.deepcopy(ctx.guest),
+                              {k: np.array(v, copy=True) for k, v in ctx.guest_arrays.items()})
+            g.migrated_in = True
+            self.host.guests[domid] = g
+        self.dirty = True
+        return 0
+
     def set_domain_name(self, domid: int, name: str) -> int:
         d = self._guest(domid)
         if d is None:
@@ -477,6 +521,9 @@ class DefaultHostSpec:
     seed: int = 1
     #: the HVM guests' workload (``xenpage.guests.hvm.Workload`` fields); idle by default
     hvm_workload: dict = field(default_factory=dict)
+    #: PV guests that unmap grant frames and shared_info around a suspend and can resume in a
+    #: new domain, so that they can be live-migrated (``guests.linux_pv_migratable``)
+    pv_migratable: bool = False
 
 
 def build_host(spec: DefaultHostSpec | None = None) -> Host:
@@ -484,6 +531,8 @@ def build_host(spec: DefaultHostSpec | None = None) -> Host:
     host = Host.boot(HostConfig(mem_bytes=spec.mem_mib * MiB, nr_pcpus=spec.nr_pcpus),
                      dom0_pages=spec.dom0_mib * 256)
     from ..guests.linux_pv import LinuxPV
+    if spec.pv_migratable:
+        from ..guests.linux_pv_migratable import MigratableLinuxPV as LinuxPV  # noqa: F811
     for i, (name, mib) in enumerate(spec.pv_guests):
         d = host.create_domain(name, mib * 256, hvm=False)
         LinuxPV.boot(host, d.domid, seed=spec.seed + i)

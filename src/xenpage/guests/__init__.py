@@ -9,6 +9,9 @@ def restore_guest(host, domid: int, state: dict, arrays: dict):
     if kind == "linux-pv":
         from .linux_pv import LinuxPV
         return LinuxPV.from_state(host, domid, state, arrays)
+    if kind == "linux-pv-migratable":
+        from .linux_pv_migratable import MigratableLinuxPV
+        return MigratableLinuxPV.from_state(host, domid, state, arrays)
     if kind == "hvm":
         from .hvm import HvmGuest
         return HvmGuest.from_state(host, domid, state, arrays)

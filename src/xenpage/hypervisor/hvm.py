@@ -141,9 +141,11 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
     if caller != domid and not (c and c.privileged):
         return -E.EPERM, np.zeros(0, dtype=np.int64)
     p = P.get(host, domid)
+    gfns = np.asarray(gfns, dtype=np.int64)
+    if p is None and not d.hvm:
+        return _populate_pv(host, d, gfns)
     if p is None:
         return -E.EINVAL, np.zeros(0, dtype=np.int64)
-    gfns = np.asarray(gfns, dtype=np.int64)
     if gfns.size == 0:
         return 0, np.zeros(0, dtype=np.int64)
     if (gfns < 0).any() or np.unique(gfns).size != gfns.size:
@@ -166,13 +168,33 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
     except OutOfMemory:
         return 0, np.zeros(0, dtype=np.int64)
     ft = host.ft
-    keep = ft.count_info[mfns] & _U(mm.PGC_preserved)
-    ft.count_info[mfns] = keep | _U(mm.PGC_allocated | 1)
-    ft.owner1[mfns] = domid + 1
-    d.tot_pages += k
+    _assign(host, d, mfns)
     ft.m2p_plus1[mfns] = gfns.astype(np.uint64) + _U(1)
     p.mfn[gfns] = mfns.astype(np.uint64)
     p.type[gfns] = H.p2m_ram_logdirty if p.logdirty else H.p2m_ram_rw
+    return k, mfns
+
+
+def _assign(host: "Host", d, mfns: np.ndarray) -> None:
+    ft = host.ft
+    keep = ft.count_info[mfns] & _U(mm.PGC_preserved)
+    ft.count_info[mfns] = keep | _U(mm.PGC_allocated | 1)
+    ft.owner1[mfns] = d.domid + 1
+    d.tot_pages += int(mfns.size)
+
+
+def _populate_pv(host: "Host", d, gfns: np.ndarray) -> tuple[int, np.ndarray]:
+    """The PV flavour: frames allocated one extent after the other, ``M2P[new] = gpfn``
+    (a PV guest keeps its own P2M).  Same frames as ``memory.populate_physmap``, vectorised."""
+    k = min(gfns.size, max(0, d.max_pages - d.tot_pages))
+    if k == 0:
+        return 0, np.zeros(0, dtype=np.int64)
+    try:
+        mfns = alloc_order0(host, k)
+    except OutOfMemory:
+        return 0, np.zeros(0, dtype=np.int64)
+    _assign(host, d, mfns)
+    host.ft.m2p_plus1[mfns] = gfns[:k].astype(np.uint64) + _U(1)
     return k, mfns
 
 

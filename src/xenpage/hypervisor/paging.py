@@ -7,6 +7,11 @@ bitmap, counts it, and makes that one entry writable again (``p2m_change_type_on
 splits the superpage around it: log-dirty shatters a guest's superpages).  ``CLEAN`` hands
 the bitmap to the toolstack, clears it and write-protects everything again; ``PEEK`` only
 reads it.  ``OFF`` makes every entry writable.
+
+A PV guest's log-dirty (shadow paging write-protects its pages) is modelled by comparing
+each of its frames with what it held at the last CLEAN: a simulated guest's every write
+changes its page, so the set of pages is the one write faults would give.  That state is not
+saved with the host (a migration runs within one toolstack call).
 """
 
 from __future__ import annotations
@@ -78,6 +83,68 @@ def write_fault(p: P.P2M, gfns: np.ndarray) -> int:
     return 0
 
 
+@dataclass
+class PvLogDirty:
+    """Content of each of the domain's frames at the last CLEAN."""
+
+    mfns: np.ndarray
+    content: np.ndarray
+    full: dict
+    fault_count: int = 0
+
+
+def _pv_snapshot(host: "Host", domid: int) -> PvLogDirty:
+    ft = host.ft
+    m = host.owned_frames(domid)
+    full = {int(x): hash(ft.pages[int(x)].tobytes()) for x in m.tolist() if int(x) in ft.pages} \
+        if ft.pages else {}
+    return PvLogDirty(m, ft.content[m].copy(), full)
+
+
+def _pv_dirty(host: "Host", domid: int, st: PvLogDirty, pages: int) -> np.ndarray:
+    ft = host.ft
+    now = _pv_snapshot(host, domid)
+    pos = np.searchsorted(st.mfns, now.mfns)
+    pos = np.clip(pos, 0, max(st.mfns.size - 1, 0))
+    known = (st.mfns.size > 0) & (st.mfns[pos] == now.mfns) if st.mfns.size else np.zeros(now.mfns.size, bool)
+    changed = ~known
+    changed[known] |= st.content[pos[known]] != now.content[known]
+    for m, hsh in now.full.items():
+        if st.full.get(m) != hsh:
+            changed[np.searchsorted(now.mfns, m)] = True
+    for m in set(st.full) - set(now.full):
+        i = np.searchsorted(now.mfns, m)
+        if i < now.mfns.size and now.mfns[i] == m:
+            changed[i] = True
+    pfn = ft.m2p_array(now.mfns[changed])
+    pfn = pfn[pfn < np.uint64(pages)].astype(np.int64)
+    bm = np.zeros(pages, dtype=bool)
+    bm[pfn] = True
+    return bm
+
+
+def _pv_shadow_control(host: "Host", domid: int, op: int, pages: int):
+    lds = host.__dict__.setdefault("pv_logdirty", {})
+    st = lds.get(domid)
+    if op == H.XEN_DOMCTL_SHADOW_OP_OFF:
+        lds.pop(domid, None)
+        return 0, None, None
+    if op == H.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY:
+        if st is not None:
+            return -E.EINVAL, None, None
+        lds[domid] = _pv_snapshot(host, domid)
+        return 0, None, None
+    if op in (H.XEN_DOMCTL_SHADOW_OP_CLEAN, H.XEN_DOMCTL_SHADOW_OP_PEEK):
+        if st is None:
+            return -E.EINVAL, None, None
+        bm = _pv_dirty(host, domid, st, pages)
+        n = int(bm.sum())
+        if op == H.XEN_DOMCTL_SHADOW_OP_CLEAN:
+            lds[domid] = _pv_snapshot(host, domid)
+        return 0, bm, ShadowStats(n, n)
+    return -E.EINVAL, None, None
+
+
 def shadow_control(host: "Host", caller: int, domid: int, op: int, pages: int = 0,
                    mode: int = 0) -> tuple[int, np.ndarray | None, ShadowStats | None]:
     """``XEN_DOMCTL_shadow_op``: ``(rc, bitmap, stats)``.  The bitmap (for CLEAN/PEEK) is a
@@ -92,8 +159,9 @@ def shadow_control(host: "Host", caller: int, domid: int, op: int, pages: int = 
         return -E.EINVAL, None, None
     p = P.get(host, domid)
     if p is None:
-        # PV log-dirty (shadow paging) is not modelled
-        return -E.EOPNOTSUPP, None, None
+        if d.hvm:
+            return -E.EOPNOTSUPP, None, None
+        return _pv_shadow_control(host, domid, op, pages)
     if op == H.XEN_DOMCTL_SHADOW_OP_OFF:
         return disable(p), None, None
     if op == H.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY:

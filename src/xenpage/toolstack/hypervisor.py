@@ -263,6 +263,15 @@ class MigrationHypervisor(Hypervisor, Protocol):
         """``XEN_DOMCTL_sethvmcontext``."""
         ...
 
+    def vcpu_getcontext(self, domid: int) -> tuple[int, object]:
+        """``XEN_DOMCTL_getvcpucontext`` of a PV guest: an opaque blob with ``cr3`` and
+        ``user_cr3`` (mfns) and an ``nbytes`` size."""
+        ...
+
+    def vcpu_setcontext(self, domid: int, ctx: object) -> int:
+        """``XEN_DOMCTL_setvcpucontext`` (CR3s rewritten to the new domain's mfns)."""
+        ...
+
     def hvm_p2m(self, domid: int, gfns) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """``(rc, mfns, p2m types, leaf orders)`` of ``gfns``.  **xenpage's own extension**
         (Xen 4.17 shows a dom0 process no HVM guest's mfns)."""
