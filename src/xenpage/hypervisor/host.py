@@ -422,6 +422,10 @@ class Host:
                 pre = f"ept.{k}."
                 arrs = {n[len(pre):]: a for n, a in arrays.items() if n.startswith(pre)}
                 self.ept[int(k)] = P2M.from_state(ps, self.p2m[int(k)], arrs)
+        for d in list(self.domains.values()):  # saved before HVM p2ms were modelled
+            if d.hvm and d.domid not in self.ept and d.domid in self.p2m:
+                from .p2m import adopt
+                adopt(self, d.domid)
         if st.get("guests"):
             from ..guests import restore_guest
             for k, gs in st["guests"].items():

@@ -284,6 +284,25 @@ def build(host: "Host", domid: int, chunks: list[tuple[int, int, int]], size: in
     return attach(host, domid, p)
 
 
+def adopt(host: "Host", domid: int) -> P2M:
+    """A p2m for an HVM domain known only by its flat gfn -> mfn array (a host saved before
+    p2ms were modelled): RAM entries, 2 MiB leaves where a block is an aligned run."""
+    arr = np.asarray(host.p2m[domid], dtype=np.uint64)
+    d = host.domains[domid]
+    p = P2M.empty(domid, arr.size, shadow_pool_pages(max(d.max_pages, arr.size), d.vcpus))
+    valid = arr != _INV
+    p.mfn[:] = arr
+    p.type[valid] = H.p2m_ram_rw
+    p.order[:] = O4K
+    for b in range(arr.size // _B2M):
+        s, e = b * _B2M, (b + 1) * _B2M
+        m = arr[s:e].astype(np.int64)
+        if valid[s:e].all() and m[0] % _B2M == 0 and (np.diff(m) == 1).all():
+            p.order[s:e] = O2M
+    p._empty_orders(0, arr.size)
+    return attach(host, domid, p)
+
+
 def teardown(host: "Host", domid: int) -> None:
     """``p2m_teardown``: the tables go back to the pool with the domain."""
     getattr(host, "ept", {}).pop(domid, None)
