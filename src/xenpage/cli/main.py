@@ -26,7 +26,9 @@ xenpage also has (each takes --json):
   host create|show         create or describe the saved simulated host
   demo                     retire pages on a fresh simulated host, with a report
   dump-p2m <domid>         a guest's pfn -> mfn with page types (like xen-mfndump)
-  mem-offline <mfn|a-b>... several frames or ranges; PV guests' frames are exchanged
+  mem-offline <mfn|a-b>... several frames or ranges; PV guests' frames are exchanged,
+                           HVM guests migrated (--hvm=migrate|exchange|none,
+                           --migrate-to=DIR, --link=MBITS[:MS]); --fallback=migrate
 Global options (before the command): --state-dir DIR, --backend sim|xen
 """
 
