@@ -72,9 +72,19 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str) 
     return out
 
 
+def _can_migrate(hv) -> bool:
+    return all(callable(getattr(hv, m, None)) for m in
+               ("maximum_gpfn", "logdirty_control", "read_pages", "domain_create", "now"))
+
+
 def retire_hvm(hv, domid: int, mfns: list[int], opts: RetireOptions | None) -> list[Outcome]:
     """The HVM branch of ``mem-offline``'s owner loop."""
     opts = opts or RetireOptions()
+    if opts.hvm != "none" and not _can_migrate(hv):
+        return [Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
+                        f"d{domid} is an HVM guest and the {getattr(hv, 'kind', '?')} backend cannot "
+                        "migrate it or exchange its frames here (use xl migrate); the frame stays "
+                        "offline-pending", domid=domid) for m in mfns]
     if opts.hvm == "none":
         return [Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
                         f"d{domid} is an HVM guest: its frames are retired by live migration; "
@@ -99,7 +109,7 @@ FALLBACK_REASONS = (Reason.GRANTED, Reason.REFERENCED)
 def fallback_pv(hv, outcomes: dict[int, Outcome], opts: RetireOptions | None) -> list[Outcome]:
     """``--fallback=migrate``: PV frames left pending because they are granted or referenced
     elsewhere are retired by live-migrating their guest (one migration per guest)."""
-    if opts is None or opts.fallback != "migrate":
+    if opts is None or opts.fallback != "migrate" or not _can_migrate(hv):
         return []
     per: dict[int, list[int]] = {}
     for m, o in outcomes.items():
