@@ -110,18 +110,18 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     per: dict[int, tuple[Report, int, int]] = {}
     outcomes: dict[int, Outcome] = {}
     owned: dict[int, list[int]] = {}
-    order: list[int] = []
-    for mfn in mfns:
-        if mfn in per:
-            continue
-        order.append(mfn)
-        try:
-            r, rc, st = hptool.mem_offline_mark(hv, mfn)
-        except OSError as e:  # dom0 could not be kept off pCPU 0: not marked
-            r, rc, st = Report(), -(e.errno or 1), S.STATUS_UNTOUCHED
+    order = list(dict.fromkeys(mfns))
+    try:
+        # range sysctls over consecutive runs, dom0 pinned off pCPU 0 once
+        marks = hptool.mem_offline_marks(hv, order)
+    except OSError as e:  # dom0 could not be kept off pCPU 0: nothing marked
+        marks = []
+        for mfn in order:
+            r = Report(exit_code=1)
             r.out(f"Prepare to offline MEMORY mfn {mfn:x}")
             r.err(f"xenpage: {e.strerror or e}; mfn {mfn:x} not offlined")
-            r.exit_code = 1
+            marks.append((r, -(e.errno or 1), S.STATUS_UNTOUCHED))
+    for mfn, (r, rc, st) in zip(order, marks):
         per[mfn] = (r, rc, st)
         outcomes[mfn] = _classify(mfn, rc, st)
         if hptool.is_owned_pending(rc, st):
