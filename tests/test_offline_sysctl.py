@@ -568,8 +568,8 @@ def test_range_stops_at_xen_image(host):
     img = host.xen_image[0]
     rc, st = op(host, OFFLINE, img - 2, img + 2)
     assert rc == EPERM
-    # img-2, img-1: boot-time allocations below the image (anonymous)
-    assert st.tolist() == [0x7FF40408, 0x7FF40408, 0x7FF20108, UNTOUCHED, UNTOUCHED]
+    # img-2, img-1: dom0's frames right below the image (the lab's dom0 initrd ends there)
+    assert st.tolist() == [0x1004, 0x1004, 0x7FF20108, UNTOUCHED, UNTOUCHED]
 
 
 def test_range_owner_in_bits_16_to_31(host, pv, hvm_dom):
@@ -720,12 +720,9 @@ _LAB_SYSCTL = Path(__file__).resolve().parents[1] / "lab" / "results" / "lab-sys
 _LAB_CALLS = json.loads(_LAB_SYSCTL.read_text())["calls"] if _LAB_SYSCTL.exists() else []
 _LAB_TAGS = list(dict.fromkeys(c["tag"] for c in _LAB_CALLS))
 _OPS = {"offline": OFFLINE, "online": ONLINE, "query": QUERY}
-_KNOWN_DIFFERENCES = {
-    # The lab's dom0 initrd ends at 0x7f9ff800, right below Xen's image: frames 0x7f9fe-0x7f9ff
-    # answer 0x1004 (dom0's).  The simulated host keeps [xen_phys_start, image) as Xen's
-    # anonymous boot allocations (0x7ff40408) -- hypervisor/host.py's boot layout.
-    "into-xen-image": "frames just below Xen's image are dom0's (initrd) in the lab, anonymous here",
-}
+#: Lab calls whose answers the simulated host does not reproduce (none left: the frames just
+#: below Xen's image are dom0's on both, as the end of dom0's initrd is in the lab).
+_KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
 @pytest.mark.skipif(not _LAB_CALLS, reason="no lab/results/lab-sysctl.json")

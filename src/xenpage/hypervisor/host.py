@@ -138,12 +138,13 @@ class Host:
         # Everything else that is RAM goes to the heap (init_heap_pages), except the image
         # outside its freed init region and the boot allocations below the image.
         heap = ram & ~io
-        heap[self.xen_phys_start:img] = False  # boot-time page tables etc. (anonymous)
         heap[img:img + XEN_IMAGE_FRAMES] = False
         hidx = np.flatnonzero(heap)
         ft.count_info[hidx] = _U(mm.PGC_state_free)
         self.heap.rebuild(0, n)
-        self.anonymous = list(range(self.xen_phys_start, img))
+        # Frames between the relocation base and the image go back to the heap (in the lab the
+        # end of dom0's initrd lands there); Xen's run-time anonymous allocations follow.
+        self.anonymous = []
         # Xen-heap and anonymous run-time allocations.
         for _ in range(cfg.xenheap_frames):
             self.xenheap_internal.append(self.alloc_xenheap_page())
