@@ -135,18 +135,48 @@ def _scan_figures(host, hv, domid: int, pages: list[int]) -> dict:
         return b
 
     def mapping():
-        mm = hv.map_foreign(domid, tabs, False)
-        mm.unmap()
+        from xenpage.toolstack.exchange import SCAN_CHUNK
+        for s0 in range(0, tabs.size, SCAN_CHUNK):
+            hv.map_foreign(domid, tabs[s0:s0 + SCAN_CHUNK], False).unmap()
     out["map_s"] = best(mapping)
+    pre = _Premapped(hv, tabs, ents)
     for k in (1, 256):
         targets = np.array([g.mfn(p) for p in pages[:k]], dtype=np.int64)
         tu = targets.astype(np.uint64)
-        out[f"scan_{k}_s"] = best(lambda: scan(hv, view, targets))
-        out[f"floor_{k}_s"] = best(lambda: np.isin((ents >> np.uint64(12)) & np.uint64(P.MFN_MASK_X86), tu))
+        for _ in range(3):  # interleaved, best of all: the machine may be busy
+            for key, fn in ((f"scan_{k}_s", lambda: scan(hv, view, targets)),
+                            (f"own_{k}_s", lambda: scan(pre, view, targets)),
+                            (f"floor_{k}_s", lambda: np.isin((ents >> np.uint64(12)) & np.uint64(P.MFN_MASK_X86), tu))):
+                out[key] = min(out.get(key, 1e9), best(fn, 5))
         rc, refs = scan(hv, view, targets)
+        rc2, refs2 = scan(pre, view, targets)
+        if rc or rc2 or refs != refs2:
+            raise RuntimeError("the premapped scan differs")
         out[f"hits_{k}"] = len(refs)
     resume_guest(hv, domid)
     return out
+
+
+class _Premapped:
+    """The hypervisor as the scan sees it when mapping costs nothing (on real Xen a foreign
+    mapping is an mmap of the frames; the simulator copies every frame into a new array):
+    ``map_foreign`` of a run of the guest's tables hands out a view of rows already read."""
+
+    def __init__(self, hv, tabs, ents):
+        self.hv, self.ents = hv, ents
+        self.row = {int(m): i for i, m in enumerate(tabs.tolist())}
+
+    def map_foreign(self, domid, mfns, writable):
+        i = self.row[int(mfns[0])]
+        return _Rows(self.ents[i:i + len(mfns)])
+
+
+class _Rows:
+    def __init__(self, array):
+        self.array = array
+
+    def unmap(self):
+        pass
 
 
 def task_guest(args: dict) -> dict:
@@ -302,33 +332,36 @@ def section_exchange_scan(ctx) -> str:
     """The page-table scan's bytes/s beside a plain numpy pass over the same PTE bytes."""
     runs = _guests(ctx)
     lines = ["## The page-table scan vs the numpy floor", "",
-             "`exchange.scan` over every L1-L4 frame of the suspended guest (mapping them "
-             "included) for 1 and 256 target frames, best of 7; the floor is "
+             "`exchange.scan` over every L1-L4 frame of the suspended guest for 1 and 256 "
+             "target frames, best of 15 (interleaved with the floor); the floor is "
              "`np.isin((ptes >> 12) & MFN_MASK, targets)` over the same stacked `uint64` array, "
-             "already in memory. *map* = the simulator's foreign mapping of the table frames alone.", "",
-             "| guest | tables | bytes | map | scan, 1 target | floor | ratio (without map) | "
-             "scan, 256 targets | floor | ratio (without map) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "already in memory. *scan* includes the simulator's foreign mapping of the tables "
+             "(*map*: it copies each frame into a new array, where real Xen mmaps them); *own "
+             "pass* is the same `scan` handed the rows already read (bytes/s; ratio to the floor "
+             "in parentheses).", "",
+             "| guest | tables | bytes | map | scan, 1 target | own pass | floor | ratio (own) | "
+             "scan, 256 targets | own pass | floor | ratio (own) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     worst = 0.0
     worst_own = 0.0
     for gib in GUEST_GIB:
         r = runs.get(gib, {})
         if "scan" not in r:
-            lines.append(f"| {gib} GiB | could not run ||||||||| ")
+            lines.append(f"| {gib} GiB | could not run |||||||||||")
             continue
         s = r["scan"]
         row = [f"{gib} GiB", f"{s['tables']:,}", f"{s['bytes'] / (1 << 20):.1f} MiB", _ms(s["map_s"])]
         for k in (1, 256):
             ratio = s[f"scan_{k}_s"] / s[f"floor_{k}_s"]
-            own = max(s[f"scan_{k}_s"] - s["map_s"], 1e-9) / s[f"floor_{k}_s"]
+            own = s[f"own_{k}_s"] / s[f"floor_{k}_s"]
             worst, worst_own = max(worst, ratio), max(worst_own, own)
-            row += [f"{s['bytes'] / s[f'scan_{k}_s'] / 1e9:.2f} GB/s", f"{s['bytes'] / s[f'floor_{k}_s'] / 1e9:.2f} GB/s",
-                    f"{ratio:.2f}x ({own:.2f}x)"]
+            row += [f"{s['bytes'] / s[f'scan_{k}_s'] / 1e9:.2f} GB/s", f"{s['bytes'] / s[f'own_{k}_s'] / 1e9:.2f} GB/s",
+                    f"{s['bytes'] / s[f'floor_{k}_s'] / 1e9:.2f} GB/s", f"{ratio:.2f}x ({own:.2f}x)"]
         lines.append("| " + " | ".join(row) + " |")
     good = worst <= TARGETS["scan_floor_ratio"]
     lines += ["", f"Target: the scan within {TARGETS['scan_floor_ratio']:g}x of the numpy floor: worst "
               f"{worst:.2f}x with the simulator's mapping of the tables -> {_ok(good)}; the scan's own "
-              f"pass (scan - map) worst {worst_own:.2f}x -> {_ok(worst_own <= TARGETS['scan_floor_ratio'])}."]
+              f"pass worst {worst_own:.2f}x -> {_ok(worst_own <= TARGETS['scan_floor_ratio'])}."]
     if not good and hasattr(ctx, "failures"):
         ctx.failures.append(f"scan {worst:.2f}x the numpy floor (> 3x)")
     return "\n".join(lines) + "\n"
