@@ -108,6 +108,20 @@ def cli(ctx, state_dir, backend):
         ctx.exit(0)
 
 
+@contextmanager
+def _host_errors():
+    """The refusals every hypervisor-backed command shares: a single-pCPU host (exit 1) and
+    a saved host that cannot be read (exit 2), each as one ``xenpage:`` line."""
+    try:
+        yield
+    except SinglePcpuHost as e:
+        sys.stderr.write(f"xenpage: {e}\n")
+        sys.exit(1)
+    except HostFileError as e:
+        sys.stderr.write(f"xenpage: {e}\n")
+        sys.exit(2)
+
+
 def _hptool_args(args: tuple[str, ...]) -> tuple[list[str], bool]:
     rest = [a for a in args if a != "--json"]
     return rest, len(rest) != len(args)
@@ -129,15 +143,8 @@ def _mem_command(name: str, fn):
         except hptool.BadMfn as e:
             sys.stderr.write(f"xenpage: {e}; nothing done\n")
             sys.exit(1)
-        try:
-            with obj.hypervisor() as hv:
-                report = fn(hv, mfn)
-        except SinglePcpuHost as e:
-            sys.stderr.write(f"xenpage: {e}\n")
-            sys.exit(1)
-        except HostFileError as e:
-            sys.stderr.write(f"xenpage: {e}\n")
-            sys.exit(2)
+        with _host_errors(), obj.hypervisor() as hv:
+            report = fn(hv, mfn)
         sys.exit(emit(report, as_json))
     cmd.__doc__ = f"xen-hptool {name} <mfn> [--json]"
     return cmd
@@ -197,17 +204,12 @@ def mem_offline_cmd(obj: Ctx, args):
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
     try:
-        with obj.hypervisor() as hv, allow_single_pcpu(force), retire_args.open(hv) as retire:
+        with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
+                retire_args.open(hv) as retire:
             res = mem_offline(hv, mfns, retire=retire)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
-    except SinglePcpuHost as e:
-        sys.stderr.write(f"xenpage: {e}\n")
-        sys.exit(1)
-    except HostFileError as e:
-        sys.stderr.write(f"xenpage: {e}\n")
-        sys.exit(2)
     sys.exit(emit(res.report, as_json))
 
 
