@@ -31,8 +31,8 @@ P, RW, US = 0x1, 0x2, 0x4
 EBUSY = -16
 
 
-def small(guest_mib=24, seed=11):
-    h = Host.boot(HostConfig(mem_bytes=256 << 20), dom0_pages=64 * 256)
+def small(guest_mib=16, seed=11):
+    h = Host.boot(HostConfig(mem_bytes=128 << 20), dom0_pages=32 * 256)
     d = h.create_domain("lin", guest_mib * 256)
     g = L.LinuxPV.boot(h, d.domid, seed=seed)
     return h, g
@@ -149,12 +149,12 @@ def test_catches_an_offlined_frame_missing_from_the_lists(sg):
 # -- the state machine ----------------------------------------------------------------------------
 
 class HostMachine(RuleBasedStateMachine):
-    """A 256 MiB host with dom0, a 24 MiB Linux PV guest and an 8 MiB HVM guest; dom0 maps,
+    """A 128 MiB host with dom0, a 16 MiB Linux PV guest and an 8 MiB HVM guest; dom0 maps,
     grants come and go, frames are offlined/onlined and exchanged, the guest may die."""
 
     @initialize(seed=st.integers(1, 1000))
     def boot(self, seed):
-        self.h, self.g = small(24, seed)
+        self.h, self.g = small(16, seed)
         self.hvm = self.h.create_domain("hvm", 8 * 256, hvm=True)
         self.hv = SimHypervisor(self.h)
         self.hv.set_vcpu_affinity(0, 0, [1])
