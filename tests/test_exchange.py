@@ -525,9 +525,10 @@ def test_refused_when_not_offline_pending(world):
     assert (o1.kind, o1.reason) == (Kind.REFUSED, Reason.NOT_PENDING) and "online" in o1.detail
     assert (o2.kind, o2.reason) == (Kind.REFUSED, Reason.NOT_PENDING) and "offlined" in o2.detail
     assert snap_diff(s, snapshot(w)) == []
-    # an MFN beyond the frame table
-    (o,) = exchange_pages(w.hv, 1, [w.h.nframes + 5])
-    assert o.kind == Kind.REFUSED
+    # an MFN beyond the frame table, and one that does not even fit the sysctl's 32-bit field
+    for m in (w.h.nframes + 5, 1 << 33):
+        (o,) = exchange_pages(w.hv, 1, [m])
+        assert o.kind == Kind.REFUSED
     assert snap_diff(s, snapshot(w)) == []
 
 
