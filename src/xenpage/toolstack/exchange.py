@@ -3,6 +3,10 @@
 
 For a batch of frames of one guest, under one suspend and with one scan of its page tables:
 
+0. (``survey``) the guest's P2M and the type of every frame may be read before it is
+   suspended; under the suspend only the frames that were page tables (and the targets) are
+   typed again (:func:`refresh`), so a large guest is not kept suspended while all its pfns
+   are typed;
 1. checks: the guest exists, is PV, is not dom0, is suspended; each frame is offline-pending,
    its M2P entry names a GPFN whose P2M entry names the frame back (patch 1, checked);
 2. the grant check (patch 2): a frame named by a live grant entry stays pending;
