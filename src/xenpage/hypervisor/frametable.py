@@ -90,8 +90,21 @@ class FrameTable:
         self.count_info[mfn] = (self.count_info[mfn] & keep) | np.uint64(state << mm.PGC_state_shift)
 
     # -- content ----------------------------------------------------------------------------
+    def set_m2p_frames(self, chunk_heads: list[int]) -> None:
+        """Name the frames that hold the machine-to-phys table: 2 MiB chunks, each 512 frames
+        of 512 entries (``paging_init`` / ``XENMEM_machphys_mfn_list``)."""
+        self.m2p_frame_pos = {h + i: c * 512 + i for c, h in enumerate(chunk_heads) for i in range(512)}
+
     def read_page(self, mfn: int) -> np.ndarray:
-        """The frame's 512 words (a copy)."""
+        """The frame's 512 words (a copy).  An M2P frame reads as its slice of the M2P."""
+        pos = getattr(self, "m2p_frame_pos", {}).get(mfn)
+        if pos is not None:
+            lo = pos * 512
+            out = np.full(512, np.uint64(INVALID_M2P_ENTRY), dtype=np.uint64)
+            hi = min(lo + 512, self.nframes)
+            if hi > lo:
+                out[:hi - lo] = self.m2p_array(np.arange(lo, hi))
+            return out
         p = self.pages.get(mfn)
         if p is not None:
             return p.copy()

@@ -40,6 +40,8 @@ XEN_IMAGE_OFFSET = 0x200
 XEN_IMAGE_FRAMES = 0x3A7
 XEN_INIT_OFFSET = 0x1B7
 XEN_INIT_FRAMES = 0xA4
+#: First frame of the M2P's 2 MiB chunks (16 MiB).
+M2P_BASE = 0x1000
 #: ``xen_phys_start`` = top of low RAM rounded down to 2 MiB, minus 6 MiB.
 XEN_RELOC_BELOW_TOP = 0x600
 
@@ -86,6 +88,8 @@ class Host:
         self.xen_image = (0, 0)  # [start, end) frames
         self.xen_init = (0, 0)
         self.xenheap_internal: list[int] = []
+        #: heads of the 2 MiB chunks holding the M2P (``XENMEM_machphys_mfn_list``)
+        self.m2p_chunks: list[int] = []
         self.anonymous: list[int] = []
         #: log of notable hypervisor events (domain crashes, ...) as Xen would print them
         self.log: list[str] = []
@@ -139,6 +143,18 @@ class Host:
         # outside its freed init region and the boot allocations below the image.
         heap = ram & ~io
         heap[img:img + XEN_IMAGE_FRAMES] = False
+        # The M2P (``paging_init``): 2 MiB chunks of Xen memory, shared read-only with
+        # privileged guests as DOMID_XEN's (``share_xen_page_with_privileged_guests``).
+        # Placed from 16 MiB up, where the lab machine shows nothing else (Xen's image, dom0's
+        # kernel and initrd sit at the top of low memory); real placement varies by host.
+        nchunks = (self.nframes * 8 + (1 << 21) - 1) >> 21
+        self.m2p_chunks = [M2P_BASE + c * 512 for c in range(nchunks)]
+        m2p_end = M2P_BASE + nchunks * 512
+        heap[M2P_BASE:m2p_end] = False
+        ft.count_info[M2P_BASE:m2p_end] = _U(mm.PGC_allocated | 1)
+        ft.type_info[M2P_BASE:m2p_end] = _U(mm.PGT_none | mm.PGT_validated | 1)
+        ft.set_owner(slice(M2P_BASE, m2p_end), DOMID_XEN)
+        ft.set_m2p_frames(self.m2p_chunks)
         hidx = np.flatnonzero(heap)
         ft.count_info[hidx] = _U(mm.PGC_state_free)
         self.heap.rebuild(0, n)

@@ -42,6 +42,9 @@ class Hypercalls:
     def decrease_reservation(self, res: memory.Reservation) -> int:
         return memory.decrease_reservation(self.host, self.caller, res)
 
+    def machphys_mfn_list(self, max_extents: int) -> list[int]:
+        return memory.machphys_mfn_list(self.host, max_extents)
+
     def maximum_ram_page(self) -> int:
         return self.host.max_page
 

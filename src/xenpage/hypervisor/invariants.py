@@ -107,6 +107,8 @@ def expected_counts(host: "Host") -> tuple[np.ndarray, np.ndarray, np.ndarray, l
         want_type(xh, 7, "Xen-heap share")
     io = np.flatnonzero(ft.owner1 == DOMID_IO + 1)
     typ[io] += 1
+    for h in host.m2p_chunks:  # the M2P, shared read-only as DOMID_XEN's
+        typ[h:h + 512] += 1
     for m in host.grants.maptrack.values():
         gen[m.mfn] += m.refs
         if m.type_refs:

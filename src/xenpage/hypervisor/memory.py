@@ -208,3 +208,9 @@ def decrease_reservation(host: "Host", caller: int, res: Reservation) -> int:
             put_page(host, mfn)
         done += 1
     return done
+
+
+def machphys_mfn_list(host: "Host", max_extents: int) -> list[int]:
+    """``XENMEM_machphys_mfn_list``: the first MFN of each 2 MiB chunk of the M2P, at most
+    ``max_extents`` of them; the tools map them as DOMID_XEN's frames (``xc_map_m2p``)."""
+    return list(host.m2p_chunks[:max_extents])

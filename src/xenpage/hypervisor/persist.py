@@ -124,6 +124,7 @@ def save(host: "Host", path: Path) -> None:
         "xen_image": list(host.xen_image),
         "xen_init": list(host.xen_init),
         "xenheap_internal": host.xenheap_internal,
+        "m2p_chunks": host.m2p_chunks,
         "anonymous": host.anonymous,
         "log": host.log[-1000:],
         "extra": host.extra_state(),
@@ -211,6 +212,8 @@ def load(cls, path: Path) -> "Host":
         host.xen_image = tuple(header["xen_image"])
         host.xen_init = tuple(header["xen_init"])
         host.xenheap_internal = header["xenheap_internal"]
+        host.m2p_chunks = header.get("m2p_chunks", [])
+        host.ft.set_m2p_frames(host.m2p_chunks)
         host.anonymous = header["anonymous"]
         host.log = header["log"]
         host.load_extra_state(header.get("extra", {}), extra_arrays)
