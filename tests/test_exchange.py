@@ -315,6 +315,9 @@ class Before:
     vas: list
     view: dict
     snap: Snap
+    #: the guest's view while it still ran (a guest may change its own tables around a
+    #: suspend -- e.g. unmap its grant frames and shared_info -- and undo that on resume)
+    view0: dict | None = None
 
 
 def before(w: World, pfns) -> Before:
@@ -324,6 +327,19 @@ def before(w: World, pfns) -> Before:
     return Before(pfns, mfns, entries_naming(w.h, w.domid, mfns),
                   {m: w.h.ft.read_page(m) for m in mfns}, {m: pfinfo(w, m) for m in mfns},
                   vas, guest_view(w.g, vas), snapshot(w))
+
+
+def prepare(w: World, pfns) -> Before:
+    """What the guest sees while running; mark the frames, suspend the guest; then what the
+    toolstack will find (the state a rollback must return to)."""
+    pfns = [int(p) for p in pfns]
+    vas = guest_vas(w.g, pfns)
+    view0 = guest_view(w.g, vas)
+    w.mark([w.mfn(p) for p in pfns])
+    w.suspend()
+    b = before(w, pfns)
+    b.view0 = view0
+    return b
 
 
 def assert_exchanged(w: World, b: Before, outs, check_view: bool = True) -> None:
@@ -378,10 +394,7 @@ def assert_exchanged(w: World, b: Before, outs, check_view: bool = True) -> None
 
 
 def exchange_one(w: World, pfn: int):
-    b = before(w, [pfn])
-    w.mark(b.mfns)
-    w.suspend()
-    b.snap = snapshot(w)  # after marking: the state a rollback must return to
+    b = prepare(w, [pfn])
     outs = exchange_pages(w.hv, w.domid, b.mfns)
     assert len(outs) == 1 and outs[0].mfn == b.mfns[0]
     return b, outs[0]
@@ -422,7 +435,7 @@ def test_exchange_each_kind_of_page(world, kind):
     w.resume()
     assert w.g.verify() == []
     # the guest reads the same data at the same addresses with the same permissions ...
-    assert guest_view(w.g, b.vas) == b.view
+    assert guest_view(w.g, b.vas) == b.view0
     # ... writes through them (user pages: through the process's own page tables) ...
     for pr in w.g.procs:
         for vp, (pf, fl) in pr.pages.items():
@@ -455,7 +468,7 @@ def test_pages_that_are_not_exchanged_leave_everything_bit_identical(world, kind
         assert o.errno == 22 and o.ptes == len(b.refs[m]) >= 1  # cleared, then restored
     w.resume()
     assert w.g.verify() == []
-    assert guest_view(w.g, b.vas) == b.view
+    assert guest_view(w.g, b.vas) == b.view0
     w.g.step(100)
     assert w.g.verify() == [] and invariants.check(w.h) == []
 
@@ -571,9 +584,7 @@ def test_refusals_do_not_stop_the_rest_of_a_batch(world):
     ring, l4 = g.rings[0]["pfn"], g.procs[1].upgd
     online = g.kernel_only_pages()[21]
     pfns = [good[0], ring, l4, good[1]]
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     outs = exchange_pages(w.hv, 1, b.mfns[:2] + [w.mfn(online)] + b.mfns[2:])
     assert [o.kind for o in outs] == [Kind.EXCHANGED, Kind.PENDING, Kind.REFUSED, Kind.REFUSED, Kind.EXCHANGED]
     sub = Before([good[0], good[1]], [b.mfns[0], b.mfns[3]], b.refs, b.content, b.types, b.vas, b.view, b.snap)
@@ -589,9 +600,7 @@ def test_every_exchangeable_kind_in_one_batch(world):
     one (upper levels last); every frame ends exchanged and the guest is whole."""
     w = world
     pfns = [KINDS[k][0](w.g) for k in EXCHANGEABLE]
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     steps = []
     outs = exchange_pages(w.hv, 1, b.mfns, hook=lambda step, **kw: steps.append(step))
     assert [o.mfn for o in outs] == b.mfns
@@ -608,9 +617,7 @@ def test_every_exchangeable_kind_in_one_batch(world):
 def test_a_batch_of_data_pages_is_one_scan_and_one_exchange_call(world):
     w = world
     pfns = w.g.kernel_only_pages()[100:164] + w.g.user_pages("private")[:16] + w.g.user_pages("shared")
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     calls = []
 
     class Counting(SimHypervisor):
@@ -655,9 +662,7 @@ def test_a_page_table_and_the_pages_it_maps_in_one_batch(world):
     pr = w.g.procs[1]
     mapped = sorted({pf for pf, _ in pr.pages.values()})[:6]
     pfns = [pr.ul1[0], pr.ul2, pr.ul3] + mapped
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     outs = exchange_pages(w.hv, 1, b.mfns)
     assert_exchanged(w, b, outs)
     w.resume()
@@ -747,9 +752,7 @@ def test_a_survey_types_only_the_page_tables_under_the_suspend(world):
     pfns = [KINDS[k][0](w.g) for k in ("kernel-data", "user-shared", "user-l1", "p2m", "direct-l2")]
     survey, err = load_guest(w.hv, 1)
     assert err is None
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     hv = CountingTypes(w.h)
     outs = exchange_pages(hv, 1, b.mfns, survey=survey)
     assert_exchanged(w, b, outs)
@@ -788,10 +791,8 @@ def test_a_table_made_after_the_survey_is_found_by_a_second_full_look(world):
     survey, _ = load_guest(w.hv, 1)
     new_l1 = _guest_makes_an_l1(w, target)
     assert invariants.check(w.h) == [] and w.g.verify() == []
-    b = before(w, [target])
+    b = prepare(w, [target])
     assert len(b.refs[b.mfns[0]]) == 2 and w.mfn(new_l1) in [t for t, *_ in b.refs[b.mfns[0]]]
-    w.mark(b.mfns)
-    w.suspend()
     steps = []
     (o,) = exchange_pages(w.hv, 1, b.mfns, survey=survey, hook=lambda s, **kw: steps.append(s))
     assert steps.count("loaded") == 2 and steps.count("exchanged") == 2
@@ -818,10 +819,8 @@ def test_a_table_dropped_after_the_survey_is_never_written(world):
     assert pfinfo(w, ul1) == 0  # NOTAB
     words = w.h.ft.read_page(ul1)
     assert any(P.pte_frame(int(x)) == w.mfn(target) for x in words)
-    b = before(w, [target])
+    b = prepare(w, [target])
     assert len(b.refs[b.mfns[0]]) == 1  # the direct map only
-    w.mark(b.mfns)
-    w.suspend()
     (o,) = exchange_pages(w.hv, 1, b.mfns, survey=survey)
     assert_exchanged(w, b, [o])
     assert np.array_equal(w.h.ft.read_page(ul1), words)  # untouched
@@ -838,9 +837,7 @@ def test_the_scan_in_small_chunks_finds_the_same_entries(world, monkeypatch):
     monkeypatch.setattr(XC, "SCAN_CHUNK", 5)
     w = world
     pfns = [KINDS[k][0](w.g) for k in ("kernel-data", "user-ro", "kernel-text", "user-l3", "vsyscall-l3")]
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     view, _ = XC.load_guest(w.hv, 1)
     assert view.table_mfns()[0].size > 10 * XC.SCAN_CHUNK
     rc, refs = XC.scan(w.hv, view, np.array(b.mfns[:3]))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_exchange import (KINDS, SMALL, Before, World, assert_exchanged, before, entries_naming,
+from test_exchange import (KINDS, SMALL, Before, World, assert_exchanged, entries_naming, prepare,
                            new_world, snap_diff, snapshot)
 from xenpage.abi import errno as E
 from xenpage.abi import sysctl as S
@@ -53,10 +53,7 @@ SWEEP_KINDS = ("kernel-data", "user-shared", "user-l1", "direct-l3", "p2m", "xen
 def prepared(kind: str) -> tuple[World, Before]:
     w = new_world(SMALL)
     pfn = KINDS[kind][0](w.g)
-    b = before(w, [pfn])
-    w.mark(b.mfns)
-    w.suspend()
-    b.snap = snapshot(w)
+    b = prepare(w, [pfn])
     return w, b
 
 
@@ -188,10 +185,7 @@ def test_a_batch_with_every_call_failing_in_turn():
         g = w.g
         pfns = g.kernel_only_pages()[40:43] + [g.user_pages("shared")[2], g.daemon_maps[0]["pfn"],
                                                g.procs[2].ul1[0], g.granted[0]["pfn"]]
-        b = before(w, pfns)
-        w.mark(b.mfns)
-        w.suspend()
-        b.snap = snapshot(w)
+        b = prepare(w, pfns)
         return w, b
 
     w, b = setup()
@@ -240,9 +234,7 @@ def test_an_unreadable_grant_table_never_lets_a_granted_page_be_exchanged():
     w = new_world(SMALL)
     g = w.g
     pfns = [g.granted[0]["pfn"], g.rings[1]["pfn"], g.kernel_only_pages()[50]]
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     s = snapshot(w)
     fh = FaultyHypervisor(w.hv, FaultPlan.fail_at(1, "grant_entries", E.EFAULT))
     outs = exchange_pages(fh, 1, b.mfns)
@@ -331,9 +323,7 @@ def test_a_failed_exchange_hypercall_keeps_the_rest_of_the_batch():
     exchanged, the failing one is rolled back, the rest are exchanged by the next call."""
     w = new_world(SMALL)
     pfns = w.g.kernel_only_pages()[60:66]
-    b = before(w, pfns)
-    w.mark(b.mfns)
-    w.suspend()
+    b = prepare(w, pfns)
     fh = FaultyHypervisor(w.hv, FaultPlan.fail_at(1, "memory_exchange", E.ENOMEM, partial=2))
     outs = exchange_pages(fh, 1, b.mfns)
     assert [o.kind for o in outs] == [Kind.EXCHANGED] * 2 + [Kind.ROLLED_BACK] + [Kind.EXCHANGED] * 3
