@@ -53,6 +53,11 @@ def test_mem_offline_retires_memtest_frames(xen, memtest, rec):
     assert len(set(olds)) == PAGES and all(m < xen.max_mfn() for m in olds)
     assert all(status(xen, m) == 0 for m in olds)
     before = pte_refs(xen, g.domid, olds)
+    # Xen 4.17 splits a free buddy around an offlined frame without keeping alignment
+    # (backends/xen/quirks.py): the old frame only merges into a free buddy when its order-0
+    # buddy is free -- record how often the guest itself holds it.
+    rc, bt = xen.page_types(g.domid, [m ^ 1 for m in olds])
+    buddy_held = int((bt != 0xF0000000).sum()) if rc == 0 else None
     assert all(before[m] for m in olds), "every memtest page is mapped"
     start_mark = g.mark()
     hb_start = g.heartbeats()[-1]
@@ -106,7 +111,7 @@ def test_mem_offline_retires_memtest_frames(xen, memtest, rec):
             pte_report.append({"pfn": hex(pfn), "table": hex(key[0]), "index": key[1],
                                "before": hex(v0), "after": hex(v1), "flags": P.flag_names(v1)})
     per_page = [gt["suspended_s"] / gt["pages"] for _, _, gt, _ in runs]
-    rec.add("memtest-result", pages=PAGES, per_suspend=PER_SUSPEND, pairs=[[hex(a) for a in p] for p in pairs],
+    rec.add("memtest-result", pages=PAGES, old_buddy_held_by_guest=buddy_held, per_suspend=PER_SUSPEND, pairs=[[hex(a) for a in p] for p in pairs],
             ptes=len(pte_report), ptes_exactly_equal=exact, pte_sample=pte_report[:12],
             suspended_s=[gt["suspended_s"] for _, _, gt, _ in runs],
             toolstack_s=[gt["toolstack_s"] for _, _, gt, _ in runs],
