@@ -16,7 +16,8 @@ import numpy as np
 from ..abi import errno as E
 from ..abi import mm
 from ..abi.xen import DOMID_XEN
-from .mm import get_page, get_page_type, put_page, put_page_type, refcounted
+from .mm import (_l1_refs_check, _l1_refs_drop, _l1_refs_take, get_page, get_page_type,
+                 put_page, refcounted)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
@@ -83,23 +84,14 @@ def map_frames(host: "Host", mapper: int, domid: int, frames, writable: bool) ->
     if not ref.all():
         return -E.EPERM, -1  # iomem_access_permitted(guest) fails
     typed = writable and not d.hvm
-    done: list[int] = []
-    rc = 0
-    for m in mfns:
-        if not get_page(host, m, domid):
-            rc = -E.EBUSY
-            break
-        if typed and get_page_type(host, m, mm.PGT_writable_page):
-            put_page(host, m)
-            rc = -E.EBUSY
-            break
-        done.append(m)
+    # The references dom0's L1 entries would take (get_page_from_l1e), all or nothing,
+    # vectorised over the batch.
+    arr = np.array(mfns, dtype=np.int64)
+    rw = np.full(arr.size, typed)
+    rc = _l1_refs_check(host, arr, rw, mapper, domid)
     if rc:
-        for m in done:
-            if typed:
-                put_page_type(host, m)
-            put_page(host, m)
         return rc, -1
+    _l1_refs_take(host, arr, rw, mapper)
     h = host.foreign.next_handle
     host.foreign.next_handle += 1
     host.foreign.maps[h] = ForeignMapping(mapper, domid, mfns, writable, typed)
@@ -112,10 +104,8 @@ def unmap(host: "Host", handle: int, mapper: int | None = None) -> int:
     if m is None or (mapper is not None and m.mapper != mapper):
         return -E.EINVAL
     del host.foreign.maps[handle]
-    for f in m.mfns:
-        if m.typed:
-            put_page_type(host, f)
-        put_page(host, f)
+    arr = np.array(m.mfns, dtype=np.int64)
+    _l1_refs_drop(host, arr, np.full(arr.size, m.typed), m.mapper)
     return 0
 
 

@@ -110,6 +110,16 @@ class FrameTable:
             return p.copy()
         return expand_fingerprint(int(self.content[mfn]))
 
+    def read_pages(self, mfns: np.ndarray) -> np.ndarray:
+        """``(n, 512)`` words of many frames at once (compact frames expanded vectorised)."""
+        mfns = np.asarray(mfns, dtype=np.int64).ravel()
+        out = self.content[mfns][:, None] ^ (_IDX * _EXPAND_K)[None, :]
+        special = getattr(self, "m2p_frame_pos", {})
+        for i, m in enumerate(mfns.tolist()):
+            if m in self.pages or m in special:
+                out[i] = self.read_page(m)
+        return out
+
     def write_page(self, mfn: int, words: np.ndarray) -> None:
         """Store 512 words; pages that are the expansion of a fingerprint stay compact."""
         words = np.asarray(words, dtype=np.uint64).reshape(512)
