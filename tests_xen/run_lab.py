@@ -5,6 +5,7 @@ compiler) added to the lab's payload.
 
     sudo python3 tests_xen/run_lab.py                 # every group, one fresh Xen boot each
     sudo python3 tests_xen/run_lab.py --group flagship
+    sudo python3 tests_xen/run_lab.py --save          # ... and keep every record in tests_xen/results/
     sudo python3 tests_xen/run_lab.py --arg LAB_XEN_PYTEST_ARGS="tests_xen -k hang"   # one boot, as given
 
 Groups run on separate boots because Xen 4.17 can corrupt its own heap when an offlined frame
@@ -62,7 +63,29 @@ GROUPS = {
 }
 
 
+def save(runs: dict[str, Path], out: Path = HERE / "results" / "lab-xenpage-xen.json") -> Path:
+    """Every record of the given group runs (one results directory each), with the run's
+    verdict, into one committed JSON file."""
+    import json
+    doc = {"what": "xenpage's real-Xen backend on Xen 4.17 (Debian bookworm) under QEMU/TCG: "
+                   "tests_xen/ and the Hypervisor contract in the lab's dom0 (tests_xen/run_lab.py)",
+           "groups": {}}
+    for g, d in runs.items():
+        summ = json.loads((d / "summary.json").read_text())
+        recs = [json.loads(l) for l in (d / "xenpage-xen.jsonl").read_text().splitlines() if l.strip()]
+        doc["groups"][g] = {"run": d.name, "ok": summ["ok"], "failures": summ["failures"], "wall_s": summ["wall_s"],
+                            "steps": [{k: st.get(k) for k in ("name", "status", "reason")} for st in summ["steps"]],
+                            "records": recs}
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    xenlab.log(f"wrote {out}")
+    return out
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["save"]:       # save GROUP=RESULTS_DIR ...
+        save({a.split("=", 1)[0]: Path(a.split("=", 1)[1]) for a in argv[1:]})
+        return 0
     xenlab.build_payload = with_tests_xen(xenlab.build_payload)
     if any(a.startswith("LAB_XEN_PYTEST_ARGS=") for a in argv):
         return xenlab.main(["run", "xenpage-xen", *argv])
@@ -71,13 +94,18 @@ def main(argv: list[str]) -> int:
         i = argv.index("--group")
         groups = argv[i + 1].split(",")
         argv = argv[:i] + argv[i + 2:]
-    bad = []
+    do_save = "--save" in argv
+    argv = [a for a in argv if a != "--save"]
+    bad, runs = [], {}
     for g in groups:
         xenlab.log(f"group {g}: {GROUPS[g]}")
         rc = xenlab.main(["run", "xenpage-xen", *argv, "--arg", f"LAB_XEN_PYTEST_ARGS={GROUPS[g]}"])
+        runs[g] = (xenlab.cache_dir() / "results" / "xenpage-xen-latest").resolve()
         if rc:
             bad.append(f"{g} (exit {rc})")
     xenlab.log("xenpage-xen groups: " + ("all passed" if not bad else "FAILED: " + ", ".join(bad)))
+    if do_save and not bad:
+        save(runs)
     return 1 if bad else 0
 
 
