@@ -11,7 +11,7 @@ import pytest
 from xenpage.abi import errno as E
 from xenpage.abi import sysctl as S
 from xenpage.backends.sim import DefaultHostSpec, SimHypervisor, build_host, host_path
-from xenpage.guests.linux_pv_migratable import MigratableLinuxPV
+from xenpage.guests.linux_pv import LinuxPV
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.toolstack import hptool
@@ -22,7 +22,7 @@ from xenpage.toolstack.outcomes import Kind, Reason
 from xenpage.toolstack.retire import RetireOptions
 
 
-def pv_host(cls=MigratableLinuxPV, mem_mib=160, guest_mib=16, seed=4):
+def pv_host(cls=LinuxPV, mem_mib=160, guest_mib=16, seed=4):
     h = Host.boot(HostConfig(mem_bytes=mem_mib << 20), dom0_pages=32 * 256)
     d = h.create_domain("pv", guest_mib * 256)
     g = cls.boot(h, d.domid, seed=seed)
@@ -80,12 +80,17 @@ def test_pv_migration_between_two_hosts_and_again():
     ok(b)
 
 
+class KeepsXenHeapMapped(LinuxPV):
+    """A kernel that does not unmap its grant table and shared_info before suspending."""
+
+    def _pre_suspend(self):
+        self.unmapped = []
+
+
 def test_a_guest_that_keeps_xen_heap_frames_mapped_cannot_be_migrated():
-    """Plain LinuxPV does not unmap its grant table and shared_info before suspending: once
-    it is suspended the save finds frames outside its pseudo-physical map (Xen: "Bad mfn for
-    L1", ERANGE) and everything is given back."""
-    from xenpage.guests.linux_pv import LinuxPV
-    h, hv, g = pv_host(cls=LinuxPV)
+    """Once such a guest is suspended the save finds frames outside its pseudo-physical map
+    (Xen: "Bad mfn for L1", ERANGE) and everything is given back."""
+    h, hv, g = pv_host(cls=KeepsXenHeapMapped)
     doms, free = sorted(h.domains), h.heap.free_pages
     r = migrate_pv(hv, 1)
     assert r.rc == -34 and "Bad mfn for L1" in r.error
@@ -112,8 +117,7 @@ def test_a_failure_at_any_step_gives_everything_back(step):
 
 
 def test_mem_offline_fallback_migrates_a_pv_guest_whose_frames_stay_pending():
-    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("pv", 24),), hvm_guests=(),
-                           pv_migratable=True)
+    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("pv", 24),), hvm_guests=())
     h = build_host(spec)
     hv = SimHypervisor(h)
     g = h.guests[1]
@@ -132,8 +136,7 @@ def test_mem_offline_fallback_migrates_a_pv_guest_whose_frames_stay_pending():
 
 
 def test_cli_fallback_migrate(tmp_path, xenpage_cli):
-    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("domu1", 24),), hvm_guests=(),
-                           pv_migratable=True)
+    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("domu1", 24),), hvm_guests=())
     state = tmp_path / "s"
     build_host(spec).save(host_path(state))
     g = Host.load(host_path(state)).guests[1]
@@ -145,4 +148,40 @@ def test_cli_fallback_migrate(tmp_path, xenpage_cli):
     assert "granted to d0" in out[2] and "live-migrated to d2" in out[2]
     h = Host.load(host_path(state))
     assert h.ft.state(ring) == 2 and 1 not in h.domains
+    ok(h)
+
+
+def test_cli_fallback_migrate_on_the_default_host(tmp_path, xenpage_cli):
+    """The default host (created by the command itself): domu1's granted ring is left pending
+    by the exchange, so ``--fallback=migrate`` live-migrates domu1 and the frame is offlined."""
+    state = tmp_path / "s"
+    h = build_host()
+    g = h.guests[1]
+    ring = g.mfn(g.rings[0]["pfn"])
+    r = xenpage_cli(state, "mem-offline", f"{ring:x}", "--fallback=migrate")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert out[1].startswith(f"Memory mfn {ring:x} offlined successfully, this page is DOM1 page")
+    assert "granted to d0" in out[2] and "live-migrated to d" in out[2]
+    h = Host.load(host_path(state))
+    assert h.ft.state(ring) == 2 and 1 not in h.domains
+    new = [d for d, dd in h.domains.items() if dd.name == "domu1"]
+    assert len(new) == 1 and h.guests[new[0]].migrations == 1
+    ok(h)
+
+
+def test_mem_offline_fallback_migrates_domu1_on_the_default_host():
+    h = build_host()
+    hv = SimHypervisor(h)
+    g = h.guests[1]
+    g.step(100)
+    ring = g.mfn(g.rings[0]["pfn"])
+    assert mem_offline(hv, [ring]).outcomes[0].kind == Kind.PENDING
+    res = mem_offline(hv, [ring], retire=RetireOptions(fallback="migrate"))
+    o = res.outcomes[0]
+    assert o.kind == Kind.MIGRATED and res.report.exit_code == 0, o.detail
+    assert status(hv, ring) == S.PG_OFFLINE_STATUS_OFFLINED
+    assert 1 not in h.domains
+    ng = h.guests[o.extra["new_domid"]]
+    assert h.domains[ng.domid].name == "domu1" and ng.migrations == 1 and not ng.suspended
     ok(h)

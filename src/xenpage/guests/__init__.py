@@ -6,12 +6,9 @@ from __future__ import annotations
 
 def restore_guest(host, domid: int, state: dict, arrays: dict):
     kind = state.get("kind")
-    if kind == "linux-pv":
+    if kind in ("linux-pv", "linux-pv-migratable"):  # the latter: hosts saved before the fold
         from .linux_pv import LinuxPV
         return LinuxPV.from_state(host, domid, state, arrays)
-    if kind == "linux-pv-migratable":
-        from .linux_pv_migratable import MigratableLinuxPV
-        return MigratableLinuxPV.from_state(host, domid, state, arrays)
     if kind == "hvm":
         from .hvm import HvmGuest
         return HvmGuest.from_state(host, domid, state, arrays)

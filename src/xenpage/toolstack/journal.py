@@ -356,6 +356,9 @@ def recover(hv: Hypervisor, state_dir) -> Recovery:
         if not res.resumed:
             res.errors.append(f"cannot resume d{domid}")
             return res
+    # the guest runs (one the killed process resumed but never waited for maps its grant
+    # frames and shared_info again)
+    hv.wait(0)
     p.unlink()
     _fsync_dir(Path(state_dir))
     return res

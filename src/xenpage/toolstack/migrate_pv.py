@@ -13,7 +13,7 @@ same pre-copy loop as :mod:`.migrate`, with what a PV guest adds:
 * the restorer populates each pfn, *localises* page tables (pfn -> the new mfn, populating
   what they name), writes the new P2M into the guest's P2M frames, pins every table that was
   pinned, loads the vCPU context (CR3 back to an mfn) and unpauses.  The guest then resumes in
-  the new domain (``xen_post_suspend``): see :mod:`xenpage.guests.linux_pv_migratable`.
+  the new domain (``xen_post_suspend``): see :mod:`xenpage.guests.linux_pv`.
 
 Log-dirty, the policy, the link and the downtime accounting are those of :mod:`.migrate`.
 """
