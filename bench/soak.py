@@ -1,7 +1,8 @@
 """``make soak``: at least a million operations on small simulated hosts -- guest workload,
 grant and foreign mappings, offline/online/status of frames and ranges, machine checks, guests
-created and destroyed, and mem-offline runs, a third of them with a hypercall failing at a
-random point -- with the invariant checker and every guest's content check after every
+created and destroyed, mem-offline runs (a third of them with a hypercall failing at a random
+point), HVM live migrations, in-place HVM exchanges and PV ``--fallback=migrate`` migrations --
+with the invariant checker and every guest's content check after every
 ``--check-every`` rules.  Prints what it covered; exits 1 on the first problem.
 
     .venv/bin/python bench/soak.py [--ops 1000000] [--seed 1] [--check-every 25]

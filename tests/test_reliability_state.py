@@ -1,8 +1,9 @@
 """Stateful property test over the simulated host: guests created and destroyed, workload
 steps, grant and foreign mappings by dom0, offline/online/status of single frames and
-ranges, machine-check (broken) marking and the toolstack's mem-offline flow, in any order --
-with the invariant checker and every guest's content check after every rule.  (Migration is
-added when it exists.)  CI runs 200 examples x 50 steps."""
+ranges, machine-check (broken) marking, the toolstack's mem-offline flow, HVM live migration
+(same host), in-place HVM exchange and the PV ``--fallback=migrate`` migration, in any order --
+with the invariant checker and every guest's content check after every rule.  CI runs 200
+examples x 50 steps."""
 
 from __future__ import annotations
 
@@ -83,6 +84,18 @@ class HostMachine(RuleBasedStateMachine):
     @rule(seed=SEEDS, k=st.integers(1, 4))
     def mem_offline(self, seed, k):
         self._do("mem_offline", seed, k=k)
+
+    @rule(seed=SEEDS)
+    def hvm_migrate(self, seed):
+        self._do("hvm_migrate", seed)
+
+    @rule(seed=SEEDS, k=st.integers(1, 3))
+    def hvm_exchange(self, seed, k):
+        self._do("hvm_exchange", seed, k=k)
+
+    @rule(seed=SEEDS)
+    def pv_fallback_migrate(self, seed):
+        self._do("pv_fallback_migrate", seed)
 
     @invariant()
     def consistent(self):

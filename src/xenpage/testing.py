@@ -176,12 +176,14 @@ class World:
     """Rules acting on a small simulated host, each picking its arguments from ``rng``:
     guests created and destroyed, workload steps, grants mapped and unmapped by dom0's
     backends, foreign mappings, offline/online/status of frames and ranges (sysctl),
-    machine-check (broken) marking, and the toolstack's mem-offline flow.  ``counts`` says
+    machine-check (broken) marking, the toolstack's mem-offline flow, HVM live migration (same
+    host), in-place HVM exchange and the PV ``--fallback=migrate`` migration.  ``counts`` says
     what ran; :meth:`check` is the invariant checker plus every guest's content check."""
 
     RULES = ("create_guest", "destroy_guest", "workload", "grant_map", "grant_unmap",
              "foreign_map", "foreign_unmap", "offline", "online", "status", "offline_range",
-             "online_range", "mark_broken", "mem_offline")
+             "online_range", "mark_broken", "mem_offline", "hvm_migrate", "hvm_exchange",
+             "pv_fallback_migrate")
 
     def __init__(self, seed: int = 0, spec: DefaultHostSpec | None = None):
         from collections import Counter
@@ -198,6 +200,16 @@ class World:
     def pv_guests(self) -> list[int]:
         return [d for d, g in sorted(self.host.guests.items())
                 if d in self.host.domains and getattr(g, "kind", "") == "linux-pv"]
+
+    def hvm_guests(self) -> list[int]:
+        return [d for d, g in sorted(self.host.guests.items())
+                if d in self.host.domains and getattr(g, "kind", "") == "hvm"]
+
+    def _forget(self, domid: int) -> None:
+        """dom0's mappings of a domain that is gone were dropped with it."""
+        if domid not in self.host.domains:
+            self.grant_maps = [(g, h) for g, h in self.grant_maps if g != domid]
+            self.foreign_maps = [(g, h) for g, h in self.foreign_maps if g != domid]
 
     def _pick(self, seq):
         return seq[int(self.rng.integers(0, len(seq)))] if len(seq) else None
@@ -345,11 +357,84 @@ class World:
                         and self.host.guests[d].suspended), f"d{d} left suspended"
             assert image(self.host, d).same_content(before), f"d{d}'s memory changed"
 
+    def _retire(self, mfns: list[int], **opts):
+        from .toolstack.offline import mem_offline
+        from .toolstack.retire import RetireOptions
+        r = mem_offline(self.hv, mfns, retire=RetireOptions(**opts))
+        self.host.run_guests(0)
+        for o in r.outcomes:
+            self.outcomes[f"{self._rule}.{o.kind.value}.{o.reason.value}"] += 1
+            if o.kind.value == "failed":
+                raise AssertionError(f"mem-offline failed: {o}")
+        return r
+
+    def _not_left_suspended(self) -> None:
+        from .abi import xen as X
+        for d, g in self.host.guests.items():
+            dd = self.host.domains.get(d)
+            if dd is None or (dd.is_shutting_down and dd.shutdown_code != X.SHUTDOWN_suspend):
+                continue   # gone, or crashed (e.g. a broken frame offlined again)
+            assert not dd.is_shutting_down and not getattr(g, "suspended", False), f"d{d} left suspended"
+            assert not dd.pause_count, f"d{d} left paused"
+
+    def hvm_migrate(self) -> None:
+        """``xl migrate`` of a random HVM guest to the same host (when there is room)."""
+        from .toolstack.migrate import migrate
+        d = self._pick(self.hvm_guests())
+        if d is None:
+            return
+        res = migrate(self.hv, d)
+        self.host.run_guests(0)
+        self.outcomes[f"hvm_migrate.{'ok' if res.ok else 'rc' + str(res.rc)}"] += 1
+        if res.ok:
+            assert d not in self.host.domains and res.dst_domid in self.host.guests
+        else:
+            assert d in self.host.domains, res.error
+        self._forget(d)
+        self._not_left_suspended()
+
+    def hvm_exchange(self, k: int = 1) -> None:
+        """``mem-offline --hvm=exchange`` of random frames of a random HVM guest: each is
+        marked offline-pending and exchanged in place."""
+        d = self._pick(self.hvm_guests())
+        if d is None:
+            return
+        g = self.host.guests[d]
+        mfns = sorted({g.mfn(int(self.rng.integers(0, g.nr_pages))) for _ in range(k)})
+        self._rule = "hvm_exchange"
+        self._retire(mfns, hvm="exchange")
+        self._not_left_suspended()
+
+    def pv_fallback_migrate(self) -> None:
+        """``mem-offline --fallback=migrate`` of a PV guest's granted ring (or a frame a dom0
+        daemon maps, or any of its frames): what the exchange leaves pending is retired by
+        live-migrating the guest."""
+        from .guests.linux_pv import CONS_RING, RING, XS_RING
+        # A machine-checked frame is not sent (XEN_DOMCTL_PFINFO_BROKEN): its content is lost
+        # in the new domain, and the PV guest model takes no vMCE (it would still expect the
+        # page). Offlining it again crashes the guest (PG_OFFLINE_AGAIN), as Xen does. So
+        # guests with a broken frame are not migrated here.
+        ok = [d for d in self.pv_guests() if not (self.host.ft.count_info[
+            self.host.pv_p2m(d).astype(np.int64)] & _U(mm.PGC_broken)).any()]
+        d = self._pick(ok)
+        if d is None:
+            self.counts["pv_fallback_migrate.skipped_broken"] += 1
+            return
+        self._rule = "pv_fallback_migrate"
+        g = self.host.guests[d]
+        r = self.rng.random()
+        pfns = g.pfns_of(RING) if r < 0.5 else g.pfns_of(XS_RING) if r < 0.7 \
+            else g.pfns_of(CONS_RING) if r < 0.8 else np.arange(g.role.size)
+        m = g.mfn(int(self._pick(pfns)))
+        self._retire([m], fallback="migrate")
+        self._forget(d)
+        self._not_left_suspended()
+
     def random_rule(self) -> str:
         w = {"workload": 30, "mem_offline": 8, "offline": 6, "online": 6, "status": 6,
              "offline_range": 3, "online_range": 3, "grant_map": 5, "grant_unmap": 5,
              "foreign_map": 5, "foreign_unmap": 5, "mark_broken": 1, "create_guest": 2,
-             "destroy_guest": 1}
+             "destroy_guest": 1, "hvm_migrate": 1, "hvm_exchange": 2, "pv_fallback_migrate": 1}
         names = list(w)
         p = np.array([w[n] for n in names], dtype=float)
         return names[int(self.rng.choice(len(names), p=p / p.sum()))]
