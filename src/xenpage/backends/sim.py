@@ -18,7 +18,7 @@ import numpy as np
 
 from ..abi import errno as E
 from ..abi import sysctl as S
-from ..abi.xen import INVALID_M2P_ENTRY
+from ..abi.xen import DOMID_XEN, INVALID_M2P_ENTRY
 from ..hypervisor import sysctl
 from ..hypervisor.e820 import MiB
 from ..hypervisor.host import DomainError, Host, HostConfig
@@ -155,10 +155,21 @@ class SimHypervisor:
         return self.host.hypercalls(self.caller)
 
     def m2p(self, mfns) -> np.ndarray:
-        mfns = np.asarray(mfns, dtype=np.int64)
+        """Read M2P entries as ``xc_map_m2p`` does: ``XENMEM_machphys_mfn_list`` names the
+        2 MiB chunks holding the table, whose frames are mapped read-only as DOMID_XEN's."""
+        mfns = np.asarray(mfns, dtype=np.int64).ravel()
         out = np.full(mfns.size, np.uint64(INVALID_M2P_ENTRY), dtype=np.uint64)
-        ok = (mfns >= 0) & (mfns < self.host.nframes)
-        out[ok] = self.host.ft.m2p_array(mfns[ok])
+        ok = np.flatnonzero((mfns >= 0) & (mfns < self.host.nframes))
+        if ok.size == 0:
+            return out
+        chunks = np.array(self._hc.machphys_mfn_list(1 << 30), dtype=np.int64)
+        frame = mfns[ok] // 512                      # which M2P frame holds the entry
+        need, inv = np.unique(frame, return_inverse=True)
+        m = self.map_foreign(DOMID_XEN, chunks[need // 512] + need % 512, False)
+        if isinstance(m, int):
+            return out
+        out[ok] = m.array[inv, mfns[ok] % 512]
+        m.unmap()
         return out
 
     def pv_p2m_frames(self, domid: int) -> tuple[int, np.ndarray, int]:
@@ -480,8 +491,7 @@ class SimForeignMap:
     def __init__(self, hv: SimHypervisor, handle: int, mfns: np.ndarray, writable: bool):
         self.hv, self.handle, self.mfns, self.writable = hv, handle, mfns, writable
         ft = hv.host.ft
-        self.array = np.stack([ft.read_page(int(m)) for m in mfns.tolist()]) if mfns.size \
-            else np.zeros((0, 512), dtype=np.uint64)
+        self.array = ft.read_pages(mfns) if mfns.size else np.zeros((0, 512), dtype=np.uint64)
         self._orig = self.array.copy() if writable else None
 
     def flush(self) -> None:
