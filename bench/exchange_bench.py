@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import peak_rss as _peak_rss  # noqa: E402
+
 GUEST_GIB = (1, 4, 16, 64)
 BATCHES = (1, 16, 256)
 BATCH_GUEST_GIB = 4
@@ -42,14 +44,6 @@ TARGETS = {
 
 # -- inside the measuring process ---------------------------------------------------------------
 
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _boot(guest_gib: float):

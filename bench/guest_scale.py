@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import peak_rss as _peak_rss  # noqa: E402
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -31,15 +33,6 @@ DOM0_MIB = 1024
 RSS_TARGET_GIB = 4.0
 
 
-def _peak_rss() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class _Clock:

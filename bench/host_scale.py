@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import peak_rss as _peak_rss  # noqa: E402
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -37,15 +39,6 @@ TARGETS = {
 
 # -- inside the measuring process ------------------------------------------------------------------
 
-def _peak_rss() -> int:
-    """Peak resident set size of this process, bytes (VmHWM; ru_maxrss as a fallback)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _dir_bytes(p: Path) -> int:
