@@ -152,7 +152,9 @@ def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_targe
     moved = [(pos[old], new) for old, _, _, new in exchanged if old in pos]
     for i, new in moved:
         p2m_frames[i] = new
-    if moved:
+    # A guest that publishes only the linear P2M (p2m_cr3/p2m_vaddr) has no frame list to
+    # fix: its virtual mapping of the P2M is re-pointed with the other entries.
+    if moved and len(fl_frames):
         fl_idx = sorted({i // 512 for i, _ in moved})
         row = {f: k for k, f in enumerate(fl_idx)}
         fls = [int(fl_frames[f]) for f in fl_idx]
