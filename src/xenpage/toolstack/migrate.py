@@ -201,6 +201,24 @@ class _Stream:
             self.dst.wait(dt)
 
 
+
+def create_incoming(dst, info, same: bool, hvm: bool, res) -> int | None:
+    """Check the destination has room for the guest and create the domain the stream
+    restores into (libxl's ``<name>--incoming``).  Returns its domid, or None with
+    ``res.rc``/``res.error`` set."""
+    free = dst.physinfo().free_pages
+    if free < info.tot_pages:
+        res.rc = -E.ENOMEM
+        res.error = (f"no room for d{info.domid} on the {'same' if same else 'destination'} host: "
+                     f"it needs {info.tot_pages} pages, {free} are free")
+        return None
+    rc, new = dst.domain_create(f"{info.name}--incoming", hvm, info.max_pages, info.nr_vcpus)
+    if rc:
+        res.rc, res.error = rc, f"creating the incoming domain failed ({E.name(rc)})"
+        return None
+    res.dst_domid = new
+    return new
+
 def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | None = None,
             link: Link | None = None, costs: MigrationCosts | None = None,
             policy: Callable[[int, int], int] = simple_precopy_policy,
@@ -229,17 +247,9 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
         res.rc, res.error = (top if top < 0 else -E.EINVAL), f"d{domid} has no memory map"
         return res
     p2m_size = top + 1
-    free = dst.physinfo().free_pages
-    if free < info.tot_pages:
-        res.rc = -E.ENOMEM
-        res.error = (f"no room for d{domid} on the {'same' if same else 'destination'} host: "
-                     f"it needs {info.tot_pages} pages, {free} are free")
+    new = create_incoming(dst, info, same, True, res)
+    if new is None:
         return res
-    rc, new = dst.domain_create(f"{info.name}--incoming", True, info.max_pages, info.nr_vcpus)
-    if rc:
-        res.rc, res.error = rc, f"creating the incoming domain failed ({E.name(rc)})"
-        return res
-    res.dst_domid = new
     stream = _Stream(src, dst, link)
     restore = _Restore(dst, new, p2m_size)
     suspended = False

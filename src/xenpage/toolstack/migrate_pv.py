@@ -30,7 +30,7 @@ from ..abi import errno as E
 from ..abi import hvm as H
 from ..abi import pte as P
 from ..abi import xen as X
-from .migrate import (GIGABIT, LOOPBACK, NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts,
+from .migrate import (GIGABIT, create_incoming, LOOPBACK, NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts,
                       MigrationError, MigrationResult, Round, _enable_logdirty, _Stream,
                       simple_precopy_policy)
 
@@ -176,17 +176,9 @@ def migrate_pv(src, domid: int, dst=None, link: Link | None = None,
     raw = fm.array.ravel()[:n].copy()
     fm.unmap()
     p2m = np.where(raw == _U(X.INVALID_MFN), -1, raw.astype(np.int64))
-    free = dst.physinfo().free_pages
-    if free < info.tot_pages:
-        res.rc = -E.ENOMEM
-        res.error = (f"no room for d{domid} on the {'same' if same else 'destination'} host: "
-                     f"it needs {info.tot_pages} pages, {free} are free")
+    new = create_incoming(dst, info, same, False, res)
+    if new is None:
         return res
-    rc, new = dst.domain_create(f"{info.name}--incoming", False, info.max_pages, info.nr_vcpus)
-    if rc:
-        res.rc, res.error = rc, f"creating the incoming domain failed ({E.name(rc)})"
-        return res
-    res.dst_domid = new
     stream = _Stream(src, dst, link)
     save = _Save(src, domid, p2m)
     restore = _RestorePV(dst, new, n)
