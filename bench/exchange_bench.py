@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from common import peak_rss as _peak_rss  # noqa: E402
+from common import run_task as _run_task  # noqa: E402
 
 GUEST_GIB = (1, 4, 16, 64)
 BATCHES = (1, 16, 256)
@@ -207,17 +208,8 @@ TASKS = {"guest": task_guest}
 # -- running tasks in fresh processes -------------------------------------------------------------
 
 def run_task(task: str, **args) -> dict:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), task, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"bench task {task} {args} failed:\n{p.stderr[-3000:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_wall_s"] = time.perf_counter() - t0
-    return res
+    """Run one task of this module in a fresh interpreter and return its figures."""
+    return _run_task(__file__, task, **args)
 
 
 # -- Markdown ---------------------------------------------------------------------------------------

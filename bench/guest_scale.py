@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from common import peak_rss as _peak_rss  # noqa: E402
+from common import run_task as _run_task  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -89,18 +90,8 @@ TASKS = {"boot": task_boot}
 
 
 def run_task(task: str, **args) -> dict:
-    """Run one task in a fresh interpreter and return its figures."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), task, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
-    if p.returncode != 0:
-        raise RuntimeError(f"bench task {task} failed:\n{p.stderr}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_wall_s"] = time.perf_counter() - t0
-    return res
+    """Run one task of this module in a fresh interpreter and return its figures."""
+    return _run_task(__file__, task, **args)
 
 
 def _gib(b: float) -> str:

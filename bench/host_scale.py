@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from common import peak_rss as _peak_rss  # noqa: E402
+from common import run_task as _run_task  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -138,19 +139,8 @@ TASKS = {"create": task_create, "load": task_load, "sysctl": task_sysctl}
 # -- running tasks in fresh processes --------------------------------------------------------------
 
 def run_task(task: str, **args) -> dict:
-    """Run one task in a fresh interpreter and return its figures."""
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), task, json.dumps(args)],
-                       capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"bench task {task} failed:\n{p.stderr}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_wall_s"] = wall
-    return res
+    """Run one task of this module in a fresh interpreter and return its figures."""
+    return _run_task(__file__, task, **args)
 
 
 # -- Markdown ------------------------------------------------------------------------------------------
