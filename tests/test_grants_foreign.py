@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from xenpage.guests.linux_pv import LinuxPV
-from xenpage.hypervisor import grant_table, invariants, sysctl
+from xenpage.hypervisor import grant_table, sysctl
 from xenpage.hypervisor.host import Host, HostConfig
+
+from page_info import gen, ok  # noqa: E402
 
 ALLOC = 0x8000000000000000
 COUNT = 0x00FFFFFFFFFFFFFF
@@ -30,18 +32,6 @@ NOTAB, L1TAB, L2TAB, L3TAB, L4TAB = 0x0, 0x10000000, 0x20000000, 0x30000000, 0x4
 LPINTAB, XTAB, BROKEN = 0x80000000, 0xF0000000, 0xD0000000
 EPERM, ESRCH, EBUSY, EINVAL = -1, -3, -16, -22
 DOMID_XEN = 0x7FF2
-
-
-def ok(h):
-    assert invariants.check(h) == []
-
-
-def pte(mfn, flags):
-    return (mfn << 12) | flags
-
-
-def gen(h, m):
-    return int(h.ft.count_info[m]) & COUNT
 
 
 def tc(h, m):

@@ -18,6 +18,8 @@ from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.hypervisor.memory import Reservation, steal_page
 from xenpage.hypervisor.page_alloc import OutOfMemory
 
+from page_info import ok, pte  # noqa: E402
+
 ALLOC = 0x8000000000000000
 BROKEN = 0x1000000000000000
 ST_OFFLINING, ST_OFFLINED, ST_FREE = 0x0400000000000000, 0x0800000000000000, 0x0C00000000000000
@@ -28,14 +30,6 @@ DOMID_SELF = 0x7FF0
 INVALID = 0xFFFFFFFFFFFFFFFF
 EPERM, ESRCH, ENOMEM, EINVAL, EOPNOTSUPP = -1, -3, -12, -22, -95
 OFFLINE, QUERY = 1, 3
-
-
-def ok(h):
-    assert invariants.check(h) == []
-
-
-def pte(mfn, flags):
-    return (mfn << 12) | flags
 
 
 def write(h, table, entries):

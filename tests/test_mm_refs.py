@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host, HostConfig
+
+from page_info import gen, ok, pte, tcnt  # noqa: E402
 
 # count_info / type_info fields (xen-semantics.md 2.1, 2.2)
 ALLOC = 0x8000000000000000
@@ -42,22 +43,6 @@ EPERM, ESRCH, EBUSY, EINVAL = -1, -3, -16, -22
 
 def bare(mem_mib: int = 64, dom0_pages: int = 2048) -> Host:
     return Host.boot(HostConfig(mem_bytes=mem_mib << 20), dom0_pages=dom0_pages)
-
-
-def ok(h: Host) -> None:
-    assert invariants.check(h) == []
-
-
-def pte(mfn: int, flags: int) -> int:
-    return (mfn << 12) | flags
-
-
-def gen(h, m) -> int:
-    return int(h.ft.count_info[m]) & COUNT
-
-
-def tcnt(h, m) -> int:
-    return int(h.ft.type_info[m]) & TCOUNT
 
 
 def ttype(h, m) -> int:

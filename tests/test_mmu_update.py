@@ -15,6 +15,8 @@ from xenpage.abi import xen
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host, HostConfig
 
+from page_info import gen, ok, pte  # noqa: E402
+
 ALLOC = 0x8000000000000000
 COUNT = 0x00FFFFFFFFFFFFFF
 TCOUNT = 0x007FFFFFFFFFFFFF
@@ -28,18 +30,6 @@ PIN_L1, PIN_L2, PIN_L3, PIN_L4, UNPIN = 0, 1, 2, 3, 4
 DOMID_SELF, DOMID_IO = 0x7FF0, 0x7FF1
 EPERM, ESRCH, EBUSY, EINVAL, ENOSYS, EOPNOTSUPP = -1, -3, -16, -22, -38, -95
 INVALID_M2P = 0xFFFFFFFFFFFFFFFF
-
-
-def ok(h):
-    assert invariants.check(h) == []
-
-
-def pte(mfn, flags):
-    return (mfn << 12) | flags
-
-
-def gen(h, m):
-    return int(h.ft.count_info[m]) & COUNT
 
 
 def write(h, table, entries):

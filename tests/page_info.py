@@ -1,0 +1,25 @@
+"""Small helpers the hypervisor tests share: reading page_info counts (masks written from
+xen-semantics.md §2.1-2.2, not from xenpage.abi, so they check it) and the invariant check."""
+
+from xenpage.hypervisor import invariants
+
+COUNT = 0x00FFFFFFFFFFFFFF   # PGC_count_mask
+TCOUNT = 0x007FFFFFFFFFFFFF  # PGT_count_mask
+
+
+def ok(h) -> None:
+    assert invariants.check(h) == []
+
+
+def pte(mfn: int, flags: int) -> int:
+    return (mfn << 12) | flags
+
+
+def gen(h, m) -> int:
+    """General reference count of frame ``m``."""
+    return int(h.ft.count_info[m]) & COUNT
+
+
+def tcnt(h, m) -> int:
+    """Type reference count of frame ``m``."""
+    return int(h.ft.type_info[m]) & TCOUNT
