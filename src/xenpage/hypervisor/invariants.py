@@ -204,6 +204,11 @@ def check(host: "Host") -> list[str]:
             listed_chunks[h] = k
             if z != int(h).bit_length():
                 problems.append(f"chunk {h:#x} is on the list of zone {z}")
+    per_zone: dict[int, int] = {}
+    for (z, k), lst in host.heap.lists.items():
+        per_zone[z] = per_zone.get(z, 0) + (len(lst) << k)
+    if {z: v for z, v in per_zone.items() if v} != {z: v for z, v in host.heap.zone_pages.items() if v}:
+        problems.append("heap: per-zone free counts disagree with the free lists")
     if listed_chunks != dict(host.heap.chunks()):
         diff = set(listed_chunks.items()) ^ set(host.heap.chunks())
         problems.append(f"free lists and chunk heads disagree ({len(diff)} chunks, e.g. "

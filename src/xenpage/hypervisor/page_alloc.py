@@ -82,6 +82,8 @@ class Heap:
         self.max_order = max_order
         self.lists: dict[tuple[int, int], OrderedDict[int, None]] = {}
         self.free_pages = 0
+        #: free frames per zone (which zones ``alloc`` need look at)
+        self.zone_pages: dict[int, int] = {}
         self.offlined_list: dict[int, None] = {}   # page_offlined_list
         self.broken_list: dict[int, None] = {}     # page_broken_list
 
@@ -96,11 +98,14 @@ class Heap:
             lst.move_to_end(head, last=False)
         self.ft.buddy_order[head] = order + 1
         self.free_pages += 1 << order
+        self.zone_pages[key[0]] = self.zone_pages.get(key[0], 0) + (1 << order)
 
     def _remove(self, head: int, order: int) -> None:
-        del self.lists[(zone_of(head), order)][head]
+        z = zone_of(head)
+        del self.lists[(z, order)][head]
         self.ft.buddy_order[head] = 0
         self.free_pages -= 1 << order
+        self.zone_pages[z] -= 1 << order
 
     def _list_offlined(self, mfns) -> None:
         """Append offlined frames (in the given order) to the broken or offlined list by
@@ -140,8 +145,7 @@ class Heap:
         from ``order`` up; split the chunk, returning its highest-addressed part and putting
         the lower halves back at the head of their lists.  Marks the frames ``inuse`` with a
         zero count and no owner (the caller assigns them)."""
-        zones = sorted({z for (z, o), lst in self.lists.items() if lst and o >= order},
-                       reverse=True)
+        zones = sorted((z for z, n in self.zone_pages.items() if n >= 1 << order), reverse=True)
         for z in zones:
             for j in range(order, self.max_order + 1):
                 lst = self.lists.get((z, j))
@@ -299,6 +303,7 @@ class Heap:
         for z, o, heads in st["lists"]:
             h.lists[(z, o)] = OrderedDict.fromkeys(heads)
             h.free_pages += len(heads) << o
+            h.zone_pages[z] = h.zone_pages.get(z, 0) + (len(heads) << o)
         h.offlined_list = dict.fromkeys(st["offlined"])
         h.broken_list = dict.fromkeys(st["broken"])
         return h
@@ -330,6 +335,7 @@ class Heap:
         for z, o, n in key.tolist():
             h.lists[(z, o)] = OrderedDict.fromkeys(heads[pos:pos + n].tolist())
             h.free_pages += n << o
+            h.zone_pages[z] = h.zone_pages.get(z, 0) + (n << o)
             pos += n
         h.offlined_list = dict.fromkeys(np.asarray(a["offlined"]).tolist())
         h.broken_list = dict.fromkeys(np.asarray(a["broken"]).tolist())
