@@ -243,3 +243,22 @@ def test_field_model_concentrates_errors():
     counts.sort(reverse=True)
     # heavy tail: the top quarter of host-years carries most errors
     assert sum(counts[:3]) > 0.6 * sum(counts)
+
+
+def test_uncorrected_error_on_hvm_frame_reaches_the_guest():
+    """mc_memerr_dhandler for a HAP guest: the gfn turns p2m_ram_broken and the guest's
+    kernel, told by the vMCE, takes the page out of use; the rest of its memory is intact
+    and it keeps running."""
+    from xenpage.abi import hvm as H
+    from xenpage.hypervisor import p2m as P2M
+    host = build_host(SPEC)
+    hv = SimHypervisor(host)
+    m = frames(host)["hvm"]
+    gfn = host.ft.m2p(m)
+    assert sim_ras.SimMachineCheck(hv).inject(m, uncorrected=True).xen.effect == "vmce"
+    assert int(P2M.get(host, 2).type[gfn]) == H.p2m_ram_broken
+    g = host.guests[2]
+    host.run_guests(1.0)
+    assert gfn in g.poisoned and g.verify() == []
+    assert not host.domains[2].is_shutting_down
+    assert invariants.check(host) == []

@@ -330,10 +330,18 @@ class World:
         self._sysctl(S.sysctl_page_online, max(0, m - 8), m + int(self.rng.integers(0, 16)))
 
     def mark_broken(self) -> None:
-        """A machine check: Xen marks the frame broken (``offline_page(mfn, 1, ...)``)."""
+        """A machine check: Xen marks the frame broken (``offline_page(mfn, 1, ...)``).  A
+        frame of an HVM guest goes the whole ``mc_memerr_dhandler`` way (its gfn turns
+        ``p2m_ram_broken`` and the guest gets a vMCE); a PV guest's frame is only marked (Xen
+        would crash the guest: kept alive here so that its broken frame meets the tools)."""
+        from .hypervisor import hvm as HVM
         from .hypervisor import offline as O
         m = self.any_frame()
-        if m < self.host.max_page:
+        if m >= self.host.max_page:
+            return
+        if self.host.ft.owner(m) in self.host.ept:
+            HVM.machine_check_guest_frame(self.host, m)
+        else:
             O.offline_range(self.host, m, m, broken=True, pcpu=1)
 
     def mem_offline(self, k: int = 2) -> None:

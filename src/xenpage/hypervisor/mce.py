@@ -211,11 +211,24 @@ def mc_memerr_dhandler(host: "Host", mfn: int) -> XenAction:
         d = host.domains.get(domid)
         if domid == DOMID_XEN or domid >= DOMID_FIRST_RESERVED or d is None:
             act.effect = "xen"
-        elif d.privileged or d.hvm:
-            # dom0: "Always trust dom0's MCE handler"; HAP HVM: the gfn turns p2m_ram_broken.
+        elif d.privileged:
+            # dom0: "Always trust dom0's MCE handler"
             act.result, act.effect = A.MCER_RECOVERED, "vmce"
             act.log.append(f"(XEN) MCE: vMCE injected to DOM{domid}")
             d.guest.setdefault("vmce", []).append(mfn)
+        elif d.hvm:
+            # HAP HVM: unmmap_broken_page turns the gfn p2m_ram_broken, then inject_vmce
+            from . import hvm as HVM
+            from . import p2m as P2M
+            gfn = P2M.unmmap_broken_page(host, domid, mfn)
+            if gfn < 0:
+                act.log.append(f"(XEN) Unmap broken memory {mfn:x} for DOM{domid} failed")
+                host.crash(domid, "mc_memerr_dhandler (unmmap_broken_page failed)")
+                act.effect = "crashed"
+            else:
+                HVM.inject_vmce(host, domid, gfn)
+                act.result, act.effect = A.MCER_RECOVERED, "vmce"
+                act.log.append(f"(XEN) MCE: vMCE injected to DOM{domid}")
         else:
             # unmmap_broken_page: !paging_mode_hap -> -EOPNOTSUPP -> vmce_failed
             act.log.append(f"(XEN) Unmap broken memory {mfn:x} for DOM{domid} failed")
