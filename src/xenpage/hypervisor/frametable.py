@@ -113,11 +113,21 @@ class FrameTable:
     def read_pages(self, mfns: np.ndarray) -> np.ndarray:
         """``(n, 512)`` words of many frames at once (compact frames expanded vectorised)."""
         mfns = np.asarray(mfns, dtype=np.int64).ravel()
-        out = self.content[mfns][:, None] ^ (_IDX * _EXPAND_K)[None, :]
         special = getattr(self, "m2p_frame_pos", {})
-        for i, m in enumerate(mfns.tolist()):
-            if m in self.pages or m in special:
-                out[i] = self.read_page(m)
+        lst = mfns.tolist()
+        rows = [self.pages.get(m) for m in lst]
+        real = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
+        if real.all():
+            out = np.concatenate(rows).reshape(-1, 512) if rows else np.zeros((0, 512), dtype=np.uint64)
+        else:
+            out = np.empty((mfns.size, 512), dtype=np.uint64)
+            out[~real] = self.content[mfns[~real]][:, None] ^ (_IDX * _EXPAND_K)[None, :]
+            if real.any():
+                out[real] = np.concatenate([r for r in rows if r is not None]).reshape(-1, 512)
+        if special and not special.keys().isdisjoint(lst):
+            for i, m in enumerate(lst):
+                if m in special:
+                    out[i] = self.read_page(m)
         return out
 
     def write_page(self, mfn: int, words: np.ndarray) -> None:
