@@ -56,3 +56,6 @@ def level_of(type_info: int) -> int:
     """Page-table level (1..4) of a type_info, 0 when not a page-table type."""
     t = (type_info & PGT_type_mask) >> 61
     return t if 1 <= t <= 4 else 0
+
+#: Largest buddy order of Xen's heap on x86 (``MAX_ORDER``, xen/include/asm-x86/config.h).
+MAX_ORDER = 20

@@ -64,6 +64,9 @@ class SimHypervisor:
         d = self.host.domains[self.caller]
         return min(d.affinity[0]) if d.affinity and d.affinity[0] else 0
 
+    def split_misaligns(self) -> bool:
+        return bool(self.host.quirks.reserve_misaligned)
+
     def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
         if cmd != S.sysctl_query_page_offline:
             self.dirty = True  # a query changes nothing: no need to save the host

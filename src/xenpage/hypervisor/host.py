@@ -76,6 +76,7 @@ class Host:
         self.heap = Heap(self.ft)
         self.nr_pcpus = nr_pcpus
         self.quirks = quirks or Quirks()
+        self.heap.quirks = self.quirks
         self.domains: dict[int, Domain] = {}
         self.p2m: dict[int, np.ndarray] = {}
         self.xenstore = Xenstore()

@@ -18,12 +18,12 @@ import numpy as np
 
 from ..abi import mm
 from .frametable import FrameTable
+from .quirks import HostCrash
 
 if TYPE_CHECKING:  # pragma: no cover
     pass
 
-#: Largest buddy order on x86 (``MAX_ORDER``).
-MAX_ORDER = 20
+MAX_ORDER = mm.MAX_ORDER
 
 _FREE = mm.STATE_FREE
 _OFFLINED = mm.STATE_OFFLINED
@@ -65,6 +65,33 @@ def canonical_chunks(free: np.ndarray, base: int, max_order: int) -> list[tuple[
     return out
 
 
+def split_417(offlined: np.ndarray, head: int, order: int) -> list[tuple[int, int]]:
+    """Xen 4.17's ``reserve_offlined_page`` re-split of the buddy [head, head+2^order)
+    (``offlined`` marks its offlined frames): from each frame that is not offlined, grow a
+    piece while the next upper half holds no offlined frame and the doubled piece would end
+    strictly before the buddy's end -- never checking that the piece's start is aligned to
+    its order.  Pieces in address order."""
+    end = 1 << order
+    bad = np.flatnonzero(offlined)
+    out: list[tuple[int, int]] = []
+    cur = 0
+    while cur < end:
+        if offlined[cur]:
+            cur += 1
+            continue
+        k = 0
+        nxt_bad = bad[np.searchsorted(bad, cur)] if bad.size and bad[-1] >= cur else end
+        while k < order:
+            if cur + (1 << (k + 1)) >= end:   # 4.17: ">=" (stops one step early)
+                break
+            if nxt_bad < cur + (1 << (k + 1)):  # an offlined frame in the upper half
+                break
+            k += 1
+        out.append((head + cur, k))
+        cur += 1 << k
+    return out
+
+
 class Heap:
     """Per-(zone, order) free lists over a :class:`FrameTable`.
 
@@ -84,6 +111,10 @@ class Heap:
         self.free_pages = 0
         #: free frames per zone (which zones ``alloc`` need look at)
         self.zone_pages: dict[int, int] = {}
+        #: the host's fidelity switches (``reserve_misaligned``); set by the host
+        self.quirks = None
+        #: chunks on the lists whose head is not aligned to their order (Xen 4.17 defect)
+        self.misaligned = 0
         self.offlined_list: dict[int, None] = {}   # page_offlined_list
         self.broken_list: dict[int, None] = {}     # page_broken_list
 
@@ -99,6 +130,8 @@ class Heap:
         self.ft.buddy_order[head] = order + 1
         self.free_pages += 1 << order
         self.zone_pages[key[0]] = self.zone_pages.get(key[0], 0) + (1 << order)
+        if head & ((1 << order) - 1):
+            self.misaligned += 1
 
     def _remove(self, head: int, order: int) -> None:
         z = zone_of(head)
@@ -106,6 +139,8 @@ class Heap:
         self.ft.buddy_order[head] = 0
         self.free_pages -= 1 << order
         self.zone_pages[z] -= 1 << order
+        if head & ((1 << order) - 1):
+            self.misaligned -= 1
 
     def _list_offlined(self, mfns) -> None:
         """Append offlined frames (in the given order) to the broken or offlined list by
@@ -122,12 +157,22 @@ class Heap:
         self.offlined_list.update(dict.fromkeys(mfns[~br].tolist()))
 
     def chunk_of(self, mfn: int) -> tuple[int, int] | None:
-        """The free chunk (head, order) containing ``mfn``, if any."""
+        """The free chunk (head, order) containing ``mfn``, if any: ``reserve_heap_page``
+        searches the lists of the frame's zone, orders from 0 up, each in list order, for the
+        first chunk that covers it (with misaligned chunks about, that need not be the
+        aligned one)."""
         bo = self.ft.buddy_order
+        if not self.misaligned:
+            for k in range(self.max_order + 1):
+                h = mfn & ~((1 << k) - 1)
+                if h < self.ft.nframes and bo[h] == k + 1:
+                    return h, k
+            return None
+        z = zone_of(mfn)
         for k in range(self.max_order + 1):
-            h = mfn & ~((1 << k) - 1)
-            if h < self.ft.nframes and bo[h] == k + 1:
-                return h, k
+            for h in self.lists.get((z, k), ()):
+                if h <= mfn < h + (1 << k):
+                    return h, k
         return None
 
     def chunks(self) -> list[tuple[int, int]]:
@@ -158,7 +203,11 @@ class Heap:
                         head += 1 << j
                     n = 1 << order
                     st = self.ft.states(head, n)
-                    assert (st == _FREE).all(), "allocator handed out a frame that is not free"
+                    if not (st == _FREE).all():
+                        # alloc_heap_pages: BUG_ON on a frame that is not free
+                        raise HostCrash(f"Xen would crash: the heap handed out mfn "
+                                        f"{head + int(np.flatnonzero(st != _FREE)[0]):#x}, which "
+                                        "is not free (a misaligned buddy merged over frames in use)")
                     sl = slice(head, head + n)
                     self.ft.count_info[sl] = _U(0)  # state inuse, count 0
                     self.ft.type_info[sl] = _U(0)
@@ -208,15 +257,19 @@ class Heap:
 
     def reserve_offlined(self, head: int, order: int, offlined: Iterable[int] | None = None) -> None:
         """``reserve_offlined_page`` on the buddy [head, head+2^order) (not on any list): put
-        its free frames back at the tails of the lists as maximal aligned sub-chunks, in
-        address order, then append its offlined frames to the broken or offlined list.
+        its free frames back at the tails of the lists, in address order, then append its
+        offlined frames to the broken or offlined list.
 
-        (Xen's own re-split grows each piece greedily from an unaligned start and can produce
-        misaligned chunks; the reference model, xen-semantics.md 1.8, and this simulator use
-        the maximal aligned sub-buddies.)"""
+        The pieces are the maximal aligned sub-buddies (what Xen does since the 2026 fixes,
+        and xen-semantics.md 1.8), or with the ``reserve_misaligned`` quirk what Xen 4.17
+        does: :func:`split_417`."""
         n = 1 << order
         states = self.ft.states(head, n)
-        for h, k in canonical_chunks(states == _FREE, head, order):
+        if getattr(self.quirks, "reserve_misaligned", False):
+            pieces = split_417(states == _OFFLINED, head, order)
+        else:
+            pieces = canonical_chunks(states == _FREE, head, order)
+        for h, k in pieces:
             self._add(h, k, tail=True)
         if offlined is None:
             offlined = head + np.flatnonzero(states == _OFFLINED)
@@ -290,6 +343,10 @@ class Heap:
         self.rebuild(int(mfns.min()), int(mfns.max()) + 1)
 
     # -- persistence ------------------------------------------------------------------------
+    def _count_misaligned(self) -> None:
+        self.misaligned = sum(1 for (z, o), lst in self.lists.items() if o
+                              for h in lst if h & ((1 << o) - 1))
+
     def to_state(self) -> dict:
         return {
             "lists": [[z, o, list(lst.keys())] for (z, o), lst in self.lists.items() if lst],
@@ -304,6 +361,7 @@ class Heap:
             h.lists[(z, o)] = OrderedDict.fromkeys(heads)
             h.free_pages += len(heads) << o
             h.zone_pages[z] = h.zone_pages.get(z, 0) + (len(heads) << o)
+        h._count_misaligned()
         h.offlined_list = dict.fromkeys(st["offlined"])
         h.broken_list = dict.fromkeys(st["broken"])
         return h
@@ -337,6 +395,7 @@ class Heap:
             h.free_pages += n << o
             h.zone_pages[z] = h.zone_pages.get(z, 0) + (n << o)
             pos += n
+        h._count_misaligned()
         h.offlined_list = dict.fromkeys(np.asarray(a["offlined"]).tolist())
         h.broken_list = dict.fromkeys(np.asarray(a["broken"]).tolist())
         return h

@@ -204,6 +204,7 @@ def load(cls, path: Path) -> "Host":
             host.heap = Heap.from_state(host.ft, header["heap"])
         else:
             host.heap = Heap.from_arrays(host.ft, heap_arrays)
+        host.heap.quirks = host.quirks
         host.domains = {d["domid"]: Domain.from_state(d) for d in header["domains"]}
         host.p2m = p2m
         host.xenstore = Xenstore.from_state(header["xenstore"])

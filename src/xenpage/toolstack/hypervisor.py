@@ -110,6 +110,11 @@ class Hypervisor(Protocol):
         """``XEN_SYSCTL_page_offline_op`` over [start, end] (32-bit fields): ``(rc, status)``."""
         ...
 
+    def split_misaligns(self) -> bool:
+        """Whether this Xen's ``reserve_offlined_page`` can leave misaligned free buddies
+        (Xen 4.17; see :mod:`xenpage.toolstack.split_guard`)."""
+        ...
+
     # -- domains ----------------------------------------------------------------------------
     def domain_list(self) -> list[DomainInfo]: ...
 

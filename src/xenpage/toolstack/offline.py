@@ -28,8 +28,10 @@ from . import hptool, journal
 from .exchange import exchange_pages, load_guest
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
+from .pcpu import off_pcpu0
 from .report import Report
 from .retire import RetireOptions, fallback_pv, retire_hvm
+from .split_guard import SplitGuard, split_misaligns
 
 SUSPEND_TIMEOUT = 10.0
 POLL = 0.05
@@ -86,11 +88,14 @@ def resume_guest(hv: Hypervisor, domid: int, tries: int = 4) -> int:
 
 
 def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
-                hook=None, journal_dir=None, retire: RetireOptions | None = None) -> OfflineResult:
+                hook=None, journal_dir=None, retire: RetireOptions | None = None,
+                split_guard: bool | None = None) -> OfflineResult:
     """``journal_dir`` (default: the backend's ``state_dir``, if it has one) holds the
     write-ahead journal of each exchange; an interrupted one found there is recovered first
     (:mod:`.journal`).  ``retire``: how HVM guests' frames are retired and whether PV frames
-    left pending fall back to migration (default: migrate HVM guests to the same host)."""
+    left pending fall back to migration (default: migrate HVM guests to the same host).
+    ``split_guard``: guard frames against Xen 4.17's misaligned buddy split (default: when
+    the backend's Xen has that defect; :mod:`.split_guard`)."""
     t_start = time.perf_counter()
     jdir = journal_dir if journal_dir is not None else getattr(hv, "state_dir", None)
     recovered = None
@@ -111,9 +116,17 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     outcomes: dict[int, Outcome] = {}
     owned: dict[int, list[int]] = {}
     order = list(dict.fromkeys(mfns))
+    # Xen 4.17 misaligns free buddies split around an offlined frame: guard frames first,
+    # then the targets from the highest down (split_guard.py); released at the end
+    if split_guard is None:
+        split_guard = split_misaligns(hv)
+    guard = SplitGuard(hv) if split_guard else None
     try:
+        if guard is not None:
+            with off_pcpu0(hv):
+                guard.protect(order)
         # range sysctls over consecutive runs, dom0 pinned off pCPU 0 once
-        marks = hptool.mem_offline_marks(hv, order)
+        marks = hptool.mem_offline_marks(hv, order, highest_first=guard is not None)
     except OSError as e:  # dom0 could not be kept off pCPU 0: nothing marked
         marks = []
         for mfn in order:
@@ -180,6 +193,9 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
                                     "resume_rc": rrc}
     for o in fallback_pv(hv, outcomes, retire):  # --fallback=migrate (retire.py)
         outcomes[o.mfn] = o
+    if guard is not None:
+        guard.release()
+        timings["split_guard"] = guard.summary()
     timings["total_s"] = time.perf_counter() - t_start
     report = Report()
     if recovered is not None:

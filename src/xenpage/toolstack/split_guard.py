@@ -1,0 +1,101 @@
+"""Offline frames without letting Xen 4.17 misalign its free buddies.
+
+When a frame becomes offlined inside a larger free buddy -- a free frame offlined, or an
+offline-pending frame freed by ``XENMEM_exchange`` next to free frames -- Xen 4.17's
+``reserve_offlined_page`` re-splits the buddy growing pieces from the frame after it without
+checking their alignment.  The misaligned chunks later merge over frames in use and Xen
+hands pages out twice or crashes (seen in our lab; fixed upstream in 2026).
+
+The split is safe when the frame is the *last* frame of its buddy: the pieces before it grow
+from the buddy's aligned head and stay aligned.  Buddies are aligned, so the buddy of order
+``j`` around frame X ends at ``X | (2^j - 1)``.  :class:`SplitGuard` first offlines, from
+the highest order down, each such *guard frame* that is free -- each is then itself the last
+frame of its buddy -- so that no free buddy can extend past X any more; then X is offlined
+(or exchanged) safely; then the guard frames are onlined again (``free_heap_pages`` merges
+them back correctly).  Frames of a run are offlined from the highest down for the same
+reason.  A guard frame found in use (its offline answers PENDING) is onlined at once: it
+already keeps buddies from growing past it.
+
+Whether a frame is free cannot be asked of Xen (``query_page_offline`` says 0 for free and
+in use alike), hence the offline attempt.  Frames known to be in use (a guest's own frames)
+are skipped, frames already offlined or pending are left alone, and only frames this guard
+offlined are onlined afterwards.  What it cannot cover: a pending frame freed together with
+its neighbours (its domain destroyed, e.g. after a live migration) -- Xen merges them before
+splitting.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+
+from ..abi import mm
+from ..abi import sysctl as S
+from .hypervisor import Hypervisor
+
+
+def guard_frames(targets: Iterable[int], max_mfn: int, skip: np.ndarray | None = None) -> list[int]:
+    """The guard frames of ``targets``: for each target X and order j = 1..MAX_ORDER the last
+    frame ``X | (2^j - 1)`` of the aligned block of order j holding X, when it is not X, below
+    ``max_mfn``, not itself a target and not in ``skip``; unique, highest first (the order in
+    which offlining them is safe)."""
+    t = np.unique(np.asarray(list(targets), dtype=np.int64))
+    if t.size == 0:
+        return []
+    masks = (np.int64(1) << np.arange(1, mm.MAX_ORDER + 1, dtype=np.int64)) - 1
+    g = np.unique((t[:, None] | masks[None, :]).ravel())
+    g = g[(g < max_mfn) & ~np.isin(g, t)]
+    if skip is not None and len(skip):
+        g = g[~np.isin(g, np.asarray(skip, dtype=np.int64))]
+    return g[::-1].tolist()
+
+
+class SplitGuard:
+    """Guard frames offlined around a set of target frames for as long as it is open.
+
+    ``protect(targets, in_use)`` offlines the free guard frames; ``release()`` onlines the
+    ones it offlined, in reverse order.  The caller keeps dom0 off pCPU 0 (offlining a guard
+    frame that turns out to be a PV domain's takes that domain's PoD lock)."""
+
+    def __init__(self, hv: Hypervisor):
+        self.hv = hv
+        self.held: list[int] = []
+        self.probed = 0
+        self.in_use_found = 0
+
+    def protect(self, targets: Iterable[int], in_use: np.ndarray | None = None) -> None:
+        hv = self.hv
+        for y in guard_frames(targets, hv.max_mfn(), skip=in_use):
+            if y in self.held:
+                continue
+            rc, q = hv.page_offline_op(S.sysctl_query_page_offline, y, y)
+            if rc or q is None or int(q[0]) & (S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_BROKEN
+                                               | S.PG_OFFLINE_STATUS_OFFLINE_PENDING):
+                continue  # not RAM, or offlined / pending / broken already: not ours to touch
+            self.probed += 1
+            rc, st = hv.page_offline_op(S.sysctl_page_offline, y, y)
+            if rc or st is None:
+                continue  # refused (Xen's image, reserved): never free, never in a buddy
+            low = int(st[0]) & S.PG_OFFLINE_STATUS_MASK
+            if low == S.PG_OFFLINE_OFFLINED:
+                self.held.append(y)
+            elif low == S.PG_OFFLINE_PENDING or low == S.PG_OFFLINE_FAILED:
+                # in use: it already stops buddies; give it back to its owner at once
+                self.in_use_found += 1
+                hv.page_offline_op(S.sysctl_page_online, y, y)
+
+    def release(self) -> None:
+        while self.held:
+            y = self.held.pop()
+            self.hv.page_offline_op(S.sysctl_page_online, y, y)
+
+    def summary(self) -> dict:
+        return {"guard_frames_probed": self.probed, "guard_frames_in_use": self.in_use_found}
+
+
+def split_misaligns(hv: Hypervisor) -> bool:
+    """Whether the host's Xen misaligns buddies around offlined frames: every released Xen
+    up to 4.17.7 (the backend may say otherwise; the simulator follows its quirk switch)."""
+    f = getattr(hv, "split_misaligns", None)
+    return bool(f()) if callable(f) else True
