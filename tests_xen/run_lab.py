@@ -60,6 +60,7 @@ GROUPS = {
     "flagship": "tests/contract tests_xen/test_memtest_offline.py tests_xen/test_page_kinds.py",
     "stock": "tests_xen/test_stock_exchange.py",
     "hang": "tests_xen/test_hang_guard.py",
+    "split": "tests_xen/test_split_guard.py",
 }
 
 

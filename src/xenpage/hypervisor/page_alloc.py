@@ -222,6 +222,8 @@ class Heap:
         cleared); the chunk merges with free buddies of equal order and goes to the tail of its
         list; if it held offlined frames the merged chunk is re-split around them
         (``reserve_offlined_page``).  Returns the frames that became offlined."""
+        if order == 0:
+            return self._free_one(head)
         n = 1 << order
         sl = slice(head, head + n)
         ci = self.ft.count_info[sl]
@@ -254,6 +256,42 @@ class Heap:
         else:
             self._add(head, order, tail=True)
         return offlined
+
+    def _free_one(self, head: int) -> list[int]:
+        """:meth:`free` of one frame, with Python integers (the exchange path frees its
+        frames one by one)."""
+        ft = self.ft
+        mfn = head
+        c = int(ft.count_info[head])
+        st = (c & mm.PGC_state) >> mm.PGC_state_shift
+        if st not in (_INUSE, _OFFLINING):
+            raise AssertionError(f"free_heap_pages: mfn {head:#x} is neither inuse nor offlining")
+        if st == _INUSE and c & mm.PGC_broken:
+            raise AssertionError("free_heap_pages: a broken frame in state inuse")
+        offl = st == _OFFLINING
+        ft.count_info[head] = (c & mm.PGC_broken) | (mm.PGC_state_offlined if offl else mm.PGC_state_free)
+        ft.type_info[head] = 0
+        ft.owner1[head] = 0
+        ft.m2p_plus1[head] = 0
+        order = 0
+        bo = ft.buddy_order
+        n = ft.nframes
+        while order < self.max_order:
+            mask = 1 << order
+            buddy = head ^ mask
+            if buddy + mask > n or bo[buddy] != order + 1:
+                break
+            self._remove(buddy, order)
+            head = min(head, buddy)
+            order += 1
+        if offl:
+            if order:
+                self.reserve_offlined(head, order, [mfn])
+            else:
+                self._list_offlined([mfn])
+            return [mfn]
+        self._add(head, order, tail=True)
+        return []
 
     def reserve_offlined(self, head: int, order: int, offlined: Iterable[int] | None = None) -> None:
         """``reserve_offlined_page`` on the buddy [head, head+2^order) (not on any list): put

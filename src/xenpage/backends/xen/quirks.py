@@ -6,12 +6,14 @@ offlined while it sits inside a larger free buddy -- a *free* frame offlined dir
 the old frame of an exchange whose neighbours are free) -- Xen 4.17's
 ``reserve_offlined_page`` splits the buddy around it.  It grows the chunks *after* the
 offlined frame without checking their alignment, so the free lists then hold chunks that
-are not aligned to their order (fixed upstream in 2025: "Do not grow to next_order if
-cur_head is not aligned to it", and the head's order is not reset to 0).  Nothing happens
+are not aligned to their order (fixed upstream in June 2026, commits 71c6a62317 -- an
+alignment check before each growth step -- and 5cb7ff13ee -- the growth stopped one step
+short of the buddy's end; in no 4.17 release).  Nothing happens
 at once; a later allocation or free in that region merges with a stale "buddy" and Xen dies
 (``FATAL PAGE FAULT`` in ``free_heap_pages`` on the lab machine, while destroying a domain
 built from that region).
 
+``xenpage mem-offline`` steps around it with guard frames (toolstack/split_guard.py).
 A free frame is safe to offline when it is the *last* frame of its free buddy: then only
 the chunks before it are split, and those stay aligned.  That holds when the next frame is in
 use -- owned by some domain.  :func:`free_frames_followed_by_owned` finds such frames.
