@@ -190,3 +190,31 @@ def test_kill_between_every_two_hypercalls(tmp_path):
         assert image(host, 1).same_memory(before)
         shutil.rmtree(state)
     assert outcomes["complete"] and outcomes["rolled-back"]
+
+
+def test_kill_while_guard_frames_are_held_then_recover(tmp_path):
+    """On a 4.17-split host mem-offline holds guard frames (toolstack/split_guard.py) before
+    it marks anything; killed there, `xenpage recover` onlines every one of them: the heap
+    is what it was, nothing left offline."""
+    state = tmp_path / "s"
+    host, _ = small_host()
+    host.quirks.reserve_misaligned = True
+    h, k = next((h, k) for h, k in host.heap.chunks() if k >= 8)
+    host.save(host_path(state))
+    free0, offl0 = host.heap.free_pages, dict(host.heap.offlined_list)
+    r = _run(state, "mem-offline", f"{h + 1:x}", f"{h + 9:x}", crash="guarded")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    host = Host.load(host_path(state))
+    assert host.heap.free_pages < free0           # guard frames held when it died
+    rec = _run(state, "recover", "--json")
+    assert rec.returncode == 0, rec.stderr
+    back = json.loads(rec.stdout)["guard_frames_onlined"]
+    host = Host.load(host_path(state))
+    assert back and host.heap.free_pages == free0 and dict(host.heap.offlined_list) == offl0
+    assert problems(host) == [] and host.heap.misaligned == 0
+    # the command again: the two frames offlined, every chunk aligned
+    r = _run(state, "mem-offline", f"{h + 1:x}", f"{h + 9:x}")
+    assert r.returncode == 0, r.stderr
+    host = Host.load(host_path(state))
+    assert sorted(set(host.heap.offlined_list) - set(offl0)) == [h + 1, h + 9]
+    assert problems(host) == [] and host.heap.misaligned == 0

@@ -13,6 +13,10 @@ and the frames come back online at the end.  Runs on its own boot (run_lab.py gr
 
 from __future__ import annotations
 
+import os
+
+import pytest
+
 from helpers import destroy_guest, start_guest, status, xenpage_inproc
 from xenpage.abi import sysctl as S
 
@@ -68,3 +72,32 @@ def test_guarded_offline_of_buddy_heads_survives_domain_churn(xen, rec):
         assert r.rc == 0 and f"Memory mfn {m:x} onlined successfully" in r.stdout
         assert status(xen, m) == 0
     assert abs(_free_pages(xen) - free0) <= SLACK
+
+
+@pytest.mark.skipif(not os.environ.get("XENPAGE_SPLIT_STOCK"),
+                    reason="destructive counterpart, run by hand: run_lab.py --group split "
+                           "--arg XENPAGE_SPLIT_STOCK=1")
+def test_stock_offline_of_buddy_heads_then_domain_churn(xen, rec):
+    """The same frames offlined by stock xen-hptool (one mem-offline each; dom0 kept off
+    pCPU 0 so that only the heap defect is in play), then the same churn."""
+    from helpers import hptool
+    from xenpage.toolstack.pcpu import off_pcpu0
+    maxm = xen.max_mfn()
+    held = []
+    for m in range(0x10000, maxm - STEP, STEP):
+        with off_pcpu0(xen):
+            r = hptool("mem-offline", f"{m:x}")
+        if "current state is [PG_OFFLINE_OFFLINED]" in r.stdout:
+            held.append(m)
+        elif status(xen, m) == S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
+            hptool("mem-online", f"{m:x}")
+    rec.add("split-stock-offline", offlined=[hex(m) for m in held])
+    for rnd in range(2):
+        guests = [start_guest(f"stock-{rnd}-{i}") for i in range(3)]
+        marks = {g.name: g.mark() for g in guests}
+        hbs = {g.name: g.wait_heartbeats(2, after=marks[g.name], timeout=90) for g in guests}
+        bad = {g.name: g.bad_lines(marks[g.name]) for g in guests}
+        rec.add("split-stock-churn", round=rnd, heartbeats={k: v[-1:] for k, v in hbs.items()}, bad=bad)
+        for g in guests:
+            destroy_guest(xen, g)
+        assert not any(bad.values()), bad

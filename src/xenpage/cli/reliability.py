@@ -27,9 +27,19 @@ def recover_cmd(obj: Ctx, as_json: bool):
             except JournalError as e:
                 sys.stderr.write(f"xenpage: {e}\n")
                 sys.exit(2)
+            from ..toolstack import split_guard
+            try:
+                back = split_guard.recover(hv, sd)
+            except ValueError as e:
+                sys.stderr.write(f"xenpage: {e}\n")
+                sys.exit(2)
     if as_json:
-        print_json(res.to_json())
+        print_json(dict(res.to_json(), guard_frames_onlined=back))
     else:
         for line in res.lines():
             click.echo(line, err=bool(res.errors))
+        if back:
+            click.echo(f"split guard: {len(back)} guard frame(s) a killed mem-offline left "
+                       f"offline are online again ({', '.join(f'{m:x}' for m in back[:8])}"
+                       f"{', ...' if len(back) > 8 else ''})")
     sys.exit(0 if res.ok else 1)

@@ -57,15 +57,19 @@ CRASH_POINTS = ("begin", "begin+", "suspended", "clearing", "clearing+", "cleare
 _SEEN: dict[str, int] = {}
 
 
-def crash_point(name: str) -> None:
+def crash_point(name: str, hv=None) -> None:
     """Kill this process if ``XENPAGE_CRASH_AT`` names this point (``name`` or ``name:k``
-    for its k-th occurrence, e.g. ``clearing:2`` in the second exchange group)."""
+    for its k-th occurrence, e.g. ``clearing:2`` in the second exchange group).  ``hv``:
+    a simulated host is saved first (a real one keeps its state by itself)."""
     want = os.environ.get(CRASH_ENV)
     if not want:
         return
     _SEEN[name] = _SEEN.get(name, 0) + 1
     point, _, k = want.partition(":")
     if point == name and _SEEN[name] == (int(k) if k.isdigit() else 1):
+        cp = getattr(hv, "checkpoint", None)
+        if cp is not None:
+            cp()
         os.kill(os.getpid(), signal.SIGKILL)
 
 

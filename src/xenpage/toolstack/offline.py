@@ -120,11 +120,13 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     # then the targets from the highest down (split_guard.py); released at the end
     if split_guard is None:
         split_guard = split_misaligns(hv)
-    guard = SplitGuard(hv) if split_guard else None
+    guard = SplitGuard(hv, jdir) if split_guard else None
+    guard_back = _recover_guard(hv, jdir)
     try:
         if guard is not None:
             with off_pcpu0(hv):
                 guard.protect(order)
+            journal.crash_point("guarded", hv)
         # range sysctls over consecutive runs, dom0 pinned off pCPU 0 once
         marks = hptool.mem_offline_marks(hv, order, highest_first=guard is not None)
     except OSError as e:  # dom0 could not be kept off pCPU 0: nothing marked
@@ -196,6 +198,8 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     if guard is not None:
         guard.release()
         timings["split_guard"] = guard.summary()
+    if guard_back:
+        timings["split_guard_recovered"] = guard_back
     timings["total_s"] = time.perf_counter() - t_start
     report = Report()
     if recovered is not None:
@@ -213,6 +217,17 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     if lock is not None:
         lock.close()
     return OfflineResult(report, [outcomes[m] for m in order], timings)
+
+
+def _recover_guard(hv: Hypervisor, jdir) -> list[int]:
+    """Guard frames a killed mem-offline left offline go back first (split_guard.recover)."""
+    if jdir is None:
+        return []
+    from .split_guard import recover
+    try:
+        return recover(hv, jdir)
+    except ValueError:
+        return []
 
 
 def _classify(mfn: int, rc: int, st: int) -> Outcome:

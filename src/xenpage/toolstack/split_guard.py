@@ -26,6 +26,9 @@ splitting.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -51,28 +54,47 @@ def guard_frames(targets: Iterable[int], max_mfn: int, skip: np.ndarray | None =
     return g[::-1].tolist()
 
 
+#: In the state directory while guard frames may be held: the frames a guard may have taken
+#: (all online when it started), so that ``xenpage recover`` gives back what a killed
+#: ``mem-offline`` left offline.
+RECORD = "split-guard.json"
+
+
 class SplitGuard:
     """Guard frames offlined around a set of target frames for as long as it is open.
 
     ``protect(targets, in_use)`` offlines the free guard frames; ``release()`` onlines the
     ones it offlined, in reverse order.  The caller keeps dom0 off pCPU 0 (offlining a guard
-    frame that turns out to be a PV domain's takes that domain's PoD lock)."""
+    frame that turns out to be a PV domain's takes that domain's PoD lock).  With a
+    ``state_dir`` the frames it is about to touch are recorded there first (fsync'd) and the
+    record is removed once they are back (:func:`recover`)."""
 
-    def __init__(self, hv: Hypervisor):
+    def __init__(self, hv: Hypervisor, state_dir=None):
         self.hv = hv
+        self.record = Path(state_dir) / RECORD if state_dir is not None else None
         self.held: list[int] = []
         self.probed = 0
         self.in_use_found = 0
 
-    def protect(self, targets: Iterable[int], in_use: np.ndarray | None = None) -> None:
-        hv = self.hv
-        for y in guard_frames(targets, hv.max_mfn(), skip=in_use):
+    def _online_now(self, frames: list[int]) -> list[int]:
+        """The frames query_page_offline reports plainly online (not offlined, pending or
+        broken): the only ones a guard may take."""
+        out = []
+        busy = S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_BROKEN | S.PG_OFFLINE_STATUS_OFFLINE_PENDING
+        for y in frames:
             if y in self.held:
                 continue
-            rc, q = hv.page_offline_op(S.sysctl_query_page_offline, y, y)
-            if rc or q is None or int(q[0]) & (S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_BROKEN
-                                               | S.PG_OFFLINE_STATUS_OFFLINE_PENDING):
-                continue  # not RAM, or offlined / pending / broken already: not ours to touch
+            rc, q = self.hv.page_offline_op(S.sysctl_query_page_offline, y, y)
+            if rc == 0 and q is not None and not int(q[0]) & busy:
+                out.append(y)
+        return out
+
+    def protect(self, targets: Iterable[int], in_use: np.ndarray | None = None) -> None:
+        hv = self.hv
+        todo = self._online_now(guard_frames(targets, hv.max_mfn(), skip=in_use))
+        if self.record is not None and todo:
+            _write_record(self.record, self.held + todo)
+        for y in todo:
             self.probed += 1
             rc, st = hv.page_offline_op(S.sysctl_page_offline, y, y)
             if rc or st is None:
@@ -89,9 +111,48 @@ class SplitGuard:
         while self.held:
             y = self.held.pop()
             self.hv.page_offline_op(S.sysctl_page_online, y, y)
+        if self.record is not None and self.record.exists():
+            self.record.unlink()
 
     def summary(self) -> dict:
         return {"guard_frames_probed": self.probed, "guard_frames_in_use": self.in_use_found}
+
+
+def _write_record(path: Path, frames: list[int]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"frames": [int(x) for x in frames]}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(hv: Hypervisor, state_dir) -> list[int]:
+    """After a ``mem-offline`` killed while it held guard frames: online every recorded frame
+    that is now offlined or offline-pending (each was plainly online when the guard took it),
+    then drop the record.  Returns the frames given back."""
+    path = Path(state_dir) / RECORD
+    if not path.exists():
+        return []
+    try:
+        frames = [int(x) for x in json.loads(path.read_text())["frames"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable split-guard record ({e}); nothing onlined") from e
+    back = []
+    for y in frames:
+        rc, q = hv.page_offline_op(S.sysctl_query_page_offline, y, y)
+        if rc == 0 and q is not None and int(q[0]) & (S.PG_OFFLINE_STATUS_OFFLINED
+                                                      | S.PG_OFFLINE_STATUS_OFFLINE_PENDING) \
+                and not int(q[0]) & S.PG_OFFLINE_STATUS_BROKEN:
+            if hv.page_offline_op(S.sysctl_page_online, y, y)[0] == 0:
+                back.append(y)
+    path.unlink()
+    return back
 
 
 def split_misaligns(hv: Hypervisor) -> bool:
