@@ -23,3 +23,13 @@ def gen(h, m) -> int:
 def tcnt(h, m) -> int:
     """Type reference count of frame ``m``."""
     return int(h.ft.type_info[m]) & TCOUNT
+
+
+def write(h, table: int, entries: dict[int, int]) -> None:
+    """Give frame ``table`` these entries (every other word 0) as a live page-table array."""
+    import numpy as np
+    w = np.zeros(512, dtype=np.uint64)
+    for i, v in entries.items():
+        w[i] = np.uint64(v)
+    h.ft.write_page(table, w)
+    h.ft.table(table)

@@ -14,7 +14,7 @@ from xenpage.guests.linux_pv import LinuxPV
 from xenpage.hypervisor import grant_table, sysctl
 from xenpage.hypervisor.host import Host, HostConfig
 
-from page_info import gen, ok  # noqa: E402
+from page_info import gen, ok, write  # noqa: E402
 
 ALLOC = 0x8000000000000000
 COUNT = 0x00FFFFFFFFFFFFFF
@@ -36,14 +36,6 @@ DOMID_XEN = 0x7FF2
 
 def tc(h, m):
     return int(h.ft.type_info[m]) & TCOUNT
-
-
-def write(h, table, entries):
-    w = np.zeros(512, dtype=np.uint64)
-    for i, v in entries.items():
-        w[i] = np.uint64(v)
-    h.ft.write_page(table, w)
-    h.ft.table(table)
 
 
 class Dom:

@@ -18,7 +18,7 @@ from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.hypervisor.memory import Reservation, steal_page
 from xenpage.hypervisor.page_alloc import OutOfMemory
 
-from page_info import ok, pte  # noqa: E402
+from page_info import ok, pte, write  # noqa: E402
 
 ALLOC = 0x8000000000000000
 BROKEN = 0x1000000000000000
@@ -30,14 +30,6 @@ DOMID_SELF = 0x7FF0
 INVALID = 0xFFFFFFFFFFFFFFFF
 EPERM, ESRCH, ENOMEM, EINVAL, EOPNOTSUPP = -1, -3, -12, -22, -95
 OFFLINE, QUERY = 1, 3
-
-
-def write(h, table, entries):
-    w = np.zeros(512, dtype=np.uint64)
-    for i, v in entries.items():
-        w[i] = np.uint64(v)
-    h.ft.write_page(table, w)
-    h.ft.table(table)
 
 
 class Dom:

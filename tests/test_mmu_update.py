@@ -15,7 +15,7 @@ from xenpage.abi import xen
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host, HostConfig
 
-from page_info import gen, ok, pte  # noqa: E402
+from page_info import gen, ok, pte, write  # noqa: E402
 
 ALLOC = 0x8000000000000000
 COUNT = 0x00FFFFFFFFFFFFFF
@@ -30,14 +30,6 @@ PIN_L1, PIN_L2, PIN_L3, PIN_L4, UNPIN = 0, 1, 2, 3, 4
 DOMID_SELF, DOMID_IO = 0x7FF0, 0x7FF1
 EPERM, ESRCH, EBUSY, EINVAL, ENOSYS, EOPNOTSUPP = -1, -3, -16, -22, -38, -95
 INVALID_M2P = 0xFFFFFFFFFFFFFFFF
-
-
-def write(h, table, entries):
-    w = np.zeros(512, dtype=np.uint64)
-    for i, v in entries.items():
-        w[i] = np.uint64(v)
-    h.ft.write_page(table, w)
-    h.ft.table(table)
 
 
 def req(table, idx, val, cmd=NORMAL):

@@ -20,20 +20,12 @@ from xenpage.hypervisor import invariants, mm
 from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.hypervisor.memory import Reservation
 
-from page_info import pte  # noqa: E402
+from page_info import pte, write  # noqa: E402
 
 P, RW, US, PWT, A, D, PSE = 0x1, 0x2, 0x4, 0x8, 0x20, 0x40, 0x80
 LINK = P | RW | US | A | D
 NORMAL, MACHPHYS, PRESERVE_AD = 0, 1, 2
 PIN_L4 = 3
-
-
-def _write(h, table, entries):
-    w = np.zeros(512, dtype=np.uint64)
-    for i, v in entries.items():
-        w[i] = np.uint64(v)
-    h.ft.write_page(table, w)
-    h.ft.table(table)
 
 
 def build():
@@ -46,12 +38,12 @@ def build():
     f = [int(x) for x in h.p2m[u.domid]]
     t4, t3, t2 = f[1:4]
     l1s = f[4:7]
-    _write(h, t4, {0: pte(t3, LINK)})
-    _write(h, t3, {0: pte(t2, LINK)})
-    _write(h, t2, {i: pte(t, LINK) for i, t in enumerate(l1s)})
-    _write(h, l1s[0], {i: pte(f[10 + i], P | RW | US | A | D) for i in range(8)} | {8: pte(f[10], P | US)})
-    _write(h, l1s[1], {i: pte(f[20 + i], P | US | A) for i in range(6)} | {6: pte(f[20], P | RW)})
-    _write(h, l1s[2], {0: pte(f[30], P | US), 1: pte(f[30], P | US), 2: pte(f[35], P | RW)})
+    write(h, t4, {0: pte(t3, LINK)})
+    write(h, t3, {0: pte(t2, LINK)})
+    write(h, t2, {i: pte(t, LINK) for i, t in enumerate(l1s)})
+    write(h, l1s[0], {i: pte(f[10 + i], P | RW | US | A | D) for i in range(8)} | {8: pte(f[10], P | US)})
+    write(h, l1s[1], {i: pte(f[20 + i], P | US | A) for i in range(6)} | {6: pte(f[20], P | RW)})
+    write(h, l1s[2], {0: pte(f[30], P | US), 1: pte(f[30], P | US), 2: pte(f[35], P | RW)})
     hc = h.hypercalls(u.domid)
     assert hc.mmuext_op([(PIN_L4, t4)]) == (0, 1)
     assert abs(f[30] - f[35]) > 1 and f[30] ^ f[35] != 1  # freed apart, never merged
