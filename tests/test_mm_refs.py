@@ -16,7 +16,7 @@ import pytest
 
 from xenpage.hypervisor.host import Host, HostConfig
 
-from page_info import gen, ok, pte, tcnt  # noqa: E402
+from page_info import gen, ok, pte, tcnt, write  # noqa: E402
 
 # count_info / type_info fields (xen-semantics.md 2.1, 2.2)
 ALLOC = 0x8000000000000000
@@ -51,15 +51,6 @@ def ttype(h, m) -> int:
 
 def tflags(h, m) -> int:
     return int(h.ft.type_info[m]) & (PINNED | VALID)
-
-
-def write(h, table: int, entries: dict[int, int]) -> None:
-    """The guest writing a not-yet-typed frame of its own (plain memory writes)."""
-    w = np.zeros(512, dtype=np.uint64)
-    for i, v in entries.items():
-        w[i] = np.uint64(v)
-    h.ft.write_page(table, w)
-    h.ft.table(table)
 
 
 def upd(hc, table: int, idx: int, val: int, cmd: int = NORMAL, fd: int = DOMID_SELF):
