@@ -167,3 +167,24 @@ def test_guard_frames_are_the_block_ends_highest_first():
     assert guard_frames([0x101], 0x1000)[-1] == 0x103       # 0x101 ends its order-1 block
     assert 0x103 not in guard_frames([0x101, 0x103], 0x1000)  # a target is never a guard
     assert guard_frames([5], 0x1000, skip=np.array([7])) == [0xFFF, 0x7FF, 0x3FF, 0x1FF, 0xFF, 0x7F, 0x3F, 0x1F, 0xF]
+
+
+def test_cli_guards_by_default_and_no_split_guard_skips_it(tmp_path):
+    """The command: guarded on a 4.17-split host (aligned heap); ``--no-split-guard`` offlines
+    as stock does (misaligned)."""
+    from click.testing import CliRunner
+
+    from xenpage.backends.sim import host_path
+    from xenpage.cli.main import cli
+    from xenpage.hypervisor.host import Host
+    for flag, misaligned in (([], False), (["--no-split-guard"], True)):
+        state = tmp_path / ("a" if not flag else "b")
+        host, _ = _host()
+        h, k = _big_chunk(host)
+        host.save(host_path(state))
+        r = CliRunner().invoke(cli, ["--state-dir", str(state), "--backend", "sim", "mem-offline",
+                                     f"{h + 1:x}", *flag])
+        assert r.exit_code == 0, r.output
+        assert f"Memory mfn {h + 1:x} offlined successfully, current state is [PG_OFFLINE_OFFLINED]" in r.output
+        host = Host.load(host_path(state))
+        assert (host.heap.misaligned > 0) == misaligned

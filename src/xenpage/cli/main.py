@@ -182,6 +182,8 @@ def mem_offline_cmd(obj: Ctx, args):
     """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force]:
     offline the frames; owned frames of PV guests are exchanged under one suspend per guest.
     ``--force``: go ahead on a single-pCPU host (risking Xen 4.17's PoD-lock hang).
+    ``--no-split-guard``: offline as stock does, without guard frames (only for a Xen that
+    has the 2026 fix of its buddy split; see :mod:`xenpage.toolstack.split_guard`).
     ``--hvm=migrate|exchange|none``, ``--fallback=migrate``, ``--migrate-to=DIR``,
     ``--link=MBITS[:MS]``: see :mod:`xenpage.cli.retire_opts`."""
     from ..toolstack.offline import mem_offline
@@ -189,7 +191,8 @@ def mem_offline_cmd(obj: Ctx, args):
     from .retire_opts import retire_options
     rest, as_json = _hptool_args(args)
     force = "--force" in rest
-    rest = [a for a in rest if a != "--force"]
+    guard = None if "--no-split-guard" not in rest else False
+    rest = [a for a in rest if a not in ("--force", "--no-split-guard")]
     try:
         rest, retire_args = retire_options(rest)
     except ValueError as e:
@@ -206,7 +209,7 @@ def mem_offline_cmd(obj: Ctx, args):
     try:
         with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
                 retire_args.open(hv) as retire:
-            res = mem_offline(hv, mfns, retire=retire)
+            res = mem_offline(hv, mfns, retire=retire, split_guard=guard)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
