@@ -29,6 +29,13 @@ from xenpage.abi import mm
 from xenpage.abi.xen import DOMID_IO
 from xenpage.hypervisor import sysctl
 from xenpage.hypervisor.host import Host, HostConfig
+from xenpage.hypervisor.quirks import Quirks
+
+
+def FIXED_SPLIT() -> Quirks:
+    """The heap of xen-semantics.md 1.8 (maximal aligned pieces), which these tests check
+    frame by frame; Xen 4.17's misaligned split: tests/test_split_guard.py."""
+    return Quirks(reserve_misaligned=False)
 from xenpage.hypervisor.page_alloc import MAX_ORDER, OutOfMemory, zone_of
 
 INUSE, OFFLINING, OFFLINED, FREE = mm.STATE_INUSE, mm.STATE_OFFLINING, mm.STATE_OFFLINED, mm.STATE_FREE
@@ -156,7 +163,7 @@ class HeapMachine(RuleBasedStateMachine):
 
     @initialize()
     def boot(self):
-        self.host = Host.boot(HostConfig(mem_bytes=64 << 20, nr_pcpus=2), dom0_pages=2048)
+        self.host = Host.boot(HostConfig(mem_bytes=64 << 20, nr_pcpus=2, quirks=FIXED_SPLIT()), dom0_pages=2048)
         self.t = self._new_domain()
         self.model = Model(self.host)
         self.allocs: list[tuple[int, int, str]] = []  # (head, order, "anon"|"dom")
@@ -309,7 +316,7 @@ def _prepare(host: Host, seed: int) -> None:
 @given(seed=st.integers(0, 2**16), cmd=st.sampled_from([1, 2, 3]),
        start_frac=st.floats(0, 1), length=st.integers(1, 300))
 def test_range_equals_frame_by_frame(seed, cmd, start_frac, length):
-    base = Host.boot(HostConfig(mem_bytes=64 << 20, nr_pcpus=2), dom0_pages=2048)
+    base = Host.boot(HostConfig(mem_bytes=64 << 20, nr_pcpus=2, quirks=FIXED_SPLIT()), dom0_pages=2048)
     _prepare(base, seed)
     start = int(start_frac * (base.nframes - 1))
     end = min(start + length - 1, base.nframes + 4)

@@ -99,7 +99,13 @@ def test_uncorrected_error_runs_xens_handler(kind, effect, state, crashed):
     assert host.ft.count_info[m] & np.uint64(mm.PGC_broken)
     d1 = host.domains[1]
     assert (d1.is_shutting_down and d1.shutdown_code == SHUTDOWN_crash) == crashed
-    assert invariants.check(host) == []
+    problems = invariants.check(host)
+    if kind == "free":
+        # Xen 4.17's own offline of a free frame inside a buddy misaligns the pieces after
+        # it (reserve_offlined_page); no toolstack stands between a machine check and that
+        assert problems and all("misaligned" in p for p in problems) and host.heap.misaligned
+    else:
+        assert problems == []
 
 
 def test_uncorrected_on_xen_image_fails_to_offline():

@@ -7,6 +7,7 @@ creates the default host on first use, and saves it back when the command succee
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import os
 from contextlib import contextmanager
@@ -534,12 +535,16 @@ class DefaultHostSpec:
     seed: int = 1
     #: the HVM guests' workload (``xenpage.guests.hvm.Workload`` fields); idle by default
     hvm_workload: dict = field(default_factory=dict)
+    #: the simulated Xen's defect switches (``hypervisor.quirks.Quirks``); 4.17's by default
+    quirks: object = None
 
 
 def build_host(spec: DefaultHostSpec | None = None) -> Host:
     spec = spec or DefaultHostSpec()
-    host = Host.boot(HostConfig(mem_bytes=spec.mem_mib * MiB, nr_pcpus=spec.nr_pcpus),
-                     dom0_pages=spec.dom0_mib * 256)
+    cfg = HostConfig(mem_bytes=spec.mem_mib * MiB, nr_pcpus=spec.nr_pcpus)
+    if spec.quirks is not None:
+        cfg.quirks = copy.deepcopy(spec.quirks)  # each host its own switches
+    host = Host.boot(cfg, dom0_pages=spec.dom0_mib * 256)
     from ..guests.linux_pv import LinuxPV
     for i, (name, mib) in enumerate(spec.pv_guests):
         d = host.create_domain(name, mib * 256, hvm=False)
