@@ -616,8 +616,10 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     slot = table * 512 + idx
     if np.unique(slot).size != n:
         return 0
-    old = np.fromiter((ft.pages[t][i] if t in ft.pages else ft.table(t)[i]
-                       for t, i in zip(table.tolist(), idx.tolist())), dtype=np.uint64, count=n)
+    tl = table.tolist()
+    if any(t not in ft.pages for t in set(tl)):
+        return 0  # a table kept as a fingerprint: the one-by-one path materialises it in order
+    old = np.fromiter((ft.pages[t][i] for t, i in zip(tl, idx.tolist())), dtype=np.uint64, count=n)
     new_p, old_p = _present(val), _present(old)
     if (new_p & ((val & _U(l1_disallow(host, pt_owner))) != 0)).any():
         return 0
@@ -638,7 +640,7 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     out = np.where(new_p, adjust_guest_l1e(val), val)
     pres_ad = cmd == _U(X.MMU_PT_UPDATE_PRESERVE_AD)
     out = np.where(pres_ad, out | (old & _U(P._PAGE_ACCESSED | P._PAGE_DIRTY)), out)
-    for t, i, v in zip(table.tolist(), idx.tolist(), out):
+    for t, i, v in zip(tl, idx.tolist(), out):
         ft.pages[t][i] = v
     if df.size:
         # put_page_from_l1e per request; frames freed in the order of their last drop
