@@ -50,7 +50,9 @@ def run(argv: list[str], timeout: float = 300, env: dict | None = None) -> Run:
         p = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, env=e)
         r = Run([str(a) for a in argv], p.returncode, p.stdout, p.stderr, time.perf_counter() - t)
     except subprocess.TimeoutExpired as ex:
-        r = Run([str(a) for a in argv], None, ex.stdout or "", (ex.stderr or "") + f"\n[timeout {timeout}s]",
+        def text(b):  # TimeoutExpired carries bytes even with text=True
+            return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        r = Run([str(a) for a in argv], None, text(ex.stdout), text(ex.stderr) + f"\n[timeout {timeout}s]",
                 time.perf_counter() - t)
     return r
 
