@@ -36,6 +36,26 @@ def destroy_guest(xen, g) -> None:
     assert r.rc == 0, f"xl destroy {g.name}: {r.stderr}"
 
 
+def churn(xen, rec, prefix: str, rounds: int = 2, per_round: int = 3) -> list[dict]:
+    """Build ``per_round`` memtest guests, wait for two heartbeats each, destroy them; again.
+    Asserts that no guest saw corruption; returns a record per round."""
+    out = []
+    for rnd in range(rounds):
+        guests = [start_guest(f"{prefix}-{rnd}-{i}") for i in range(per_round)]
+        marks = {g.name: g.mark() for g in guests}
+        hbs = {g.name: g.wait_heartbeats(2, after=marks[g.name], timeout=90) for g in guests}
+        bad = {g.name: g.bad_lines(marks[g.name]) for g in guests}
+        for g in guests:
+            destroy_guest(xen, g)
+        out.append({"round": rnd, "domids": [g.domid for g in guests],
+                    "heartbeats": {k: v[-1:] for k, v in hbs.items()}, "bad": bad,
+                    "free_pages": _free_pages(xen)})
+        rec.add(f"{prefix}-churn", **out[-1])
+        assert all(len(v) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in v) for v in hbs.values()), hbs
+        assert not any(bad.values()), bad
+    return out
+
+
 def _free_pages(xen) -> int:
     return int(xen.physinfo().free_pages)
 
@@ -62,20 +82,7 @@ def test_guarded_offline_of_buddy_heads_survives_domain_churn(xen, rec):
     assert abs(free1 - (free0 - len(held))) <= SLACK, (free0, free1, len(held))
     assert all(status(xen, m) == S.PG_OFFLINE_STATUS_OFFLINED for m in held)
 
-    churn = []
-    for rnd in range(2):
-        guests = [start_guest(f"split-{rnd}-{i}") for i in range(3)]
-        marks = {g.name: g.mark() for g in guests}
-        hbs = {g.name: g.wait_heartbeats(2, after=marks[g.name], timeout=90) for g in guests}
-        bad = {g.name: g.bad_lines(marks[g.name]) for g in guests}
-        for g in guests:
-            destroy_guest(xen, g)
-        churn.append({"round": rnd, "domids": [g.domid for g in guests],
-                      "heartbeats": {k: v[-1:] for k, v in hbs.items()}, "bad": bad,
-                      "free_pages": _free_pages(xen)})
-        assert all(len(v) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in v) for v in hbs.values()), hbs
-        assert not any(bad.values()), bad
-    rec.add("split-guard-churn", rounds=churn)
+    churn(xen, rec, "split")
     assert all(status(xen, m) == S.PG_OFFLINE_STATUS_OFFLINED for m in held)
     assert abs(_free_pages(xen) - free1) <= SLACK
     for m in held:
@@ -89,15 +96,7 @@ def test_guarded_offline_of_buddy_heads_survives_domain_churn(xen, rec):
                     reason="control run by hand: run_lab.py --arg XENPAGE_SPLIT_CONTROL=1")
 def test_control_domain_churn_without_offlines(xen, rec):
     """The churn alone, nothing offlined: what xl does on this machine by itself."""
-    for rnd in range(2):
-        guests = [start_guest(f"ctl-{rnd}-{i}") for i in range(3)]
-        marks = {g.name: g.mark() for g in guests}
-        hbs = {g.name: g.wait_heartbeats(2, after=marks[g.name], timeout=90) for g in guests}
-        bad = {g.name: g.bad_lines(marks[g.name]) for g in guests}
-        rec.add("split-control-churn", round=rnd, heartbeats={k: v[-1:] for k, v in hbs.items()}, bad=bad)
-        for g in guests:
-            destroy_guest(xen, g)
-        assert not any(bad.values()), bad
+    churn(xen, rec, "ctl")
 
 
 @pytest.mark.skipif(not os.environ.get("XENPAGE_SPLIT_STOCK"),
@@ -118,12 +117,4 @@ def test_stock_offline_of_buddy_heads_then_domain_churn(xen, rec):
         elif status(xen, m) == S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
             hptool("mem-online", f"{m:x}")
     rec.add("split-stock-offline", offlined=[hex(m) for m in held])
-    for rnd in range(2):
-        guests = [start_guest(f"stock-{rnd}-{i}") for i in range(3)]
-        marks = {g.name: g.mark() for g in guests}
-        hbs = {g.name: g.wait_heartbeats(2, after=marks[g.name], timeout=90) for g in guests}
-        bad = {g.name: g.bad_lines(marks[g.name]) for g in guests}
-        rec.add("split-stock-churn", round=rnd, heartbeats={k: v[-1:] for k, v in hbs.items()}, bad=bad)
-        for g in guests:
-            destroy_guest(xen, g)
-        assert not any(bad.values()), bad
+    churn(xen, rec, "stock")
