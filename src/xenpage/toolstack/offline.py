@@ -32,6 +32,7 @@ from .pcpu import off_pcpu0
 from .report import Report
 from .retire import RetireOptions, fallback_pv, retire_hvm
 from .split_guard import SplitGuard, split_misaligns
+from .split_guard import recover as recover_guard
 
 SUSPEND_TIMEOUT = 10.0
 POLL = 0.05
@@ -223,10 +224,9 @@ def _recover_guard(hv: Hypervisor, jdir) -> list[int]:
     """Guard frames a killed mem-offline left offline go back first (split_guard.recover)."""
     if jdir is None:
         return []
-    from .split_guard import recover
     try:
-        return recover(hv, jdir)
-    except ValueError:
+        return recover_guard(hv, jdir)
+    except ValueError:  # an unreadable record is left for 'xenpage recover' to report
         return []
 
 
