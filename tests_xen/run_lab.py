@@ -62,9 +62,9 @@ GROUPS = {
     "hang": "tests_xen/test_hang_guard.py",
 }
 
-#: Groups run only when named (``--group split``): the split-guard churn passed in two runs
-#: and hung the lab machine in a third after its last check had passed (both vCPUs busy, no
-#: Xen message; cause not found yet), so it stays out of ``make test-xen`` until understood.
+#: Groups run only when named (``--group split``): the split-guard churn passed in three
+#: runs of four and hung the lab machine in the other after its last check had passed (both
+#: vCPUs busy, no Xen message; cause not found yet), so it stays out of ``make test-xen``.
 EXTRA_GROUPS = {
     "split": "tests_xen/test_split_guard.py",
 }
