@@ -219,13 +219,10 @@ def create_incoming(dst, info, same: bool, hvm: bool, res) -> int | None:
     res.dst_domid = new
     return new
 
-def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | None = None,
-            link: Link | None = None, costs: MigrationCosts | None = None,
-            policy: Callable[[int, int], int] = simple_precopy_policy,
-            hook: Callable | None = None) -> MigrationResult:
-    """Live-migrate HVM guest ``domid`` from ``src`` to ``dst`` (default: the same host).
-    ``hook(step, **info)`` is called between steps (tests inject faults there)."""
-    wall0 = time.perf_counter()
+def start(src, domid: int, dst, link: Link | None, costs: MigrationCosts | None, hook):
+    """What HVM and PV migration begin with: the destination (default: the same host), the
+    link (loopback to the same host, 1 Gbit/s otherwise), costs, hook, the result and the
+    guest's info (None, with ``res`` saying -ESRCH, when there is no such domain)."""
     same = dst is None or dst is src
     dst = src if dst is None else dst
     link = link or (LOOPBACK if same else GIGABIT)
@@ -235,6 +232,45 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
     info = src.domain_info(domid)
     if info is None:
         res.rc, res.error = -E.ESRCH, f"no domain {domid}"
+    return same, dst, link, costs, hook, res, info
+
+
+def final_dirty(src, domid: int, n: int, res: MigrationResult) -> np.ndarray:
+    """The last ``XEN_DOMCTL_SHADOW_OP_CLEAN`` (LOGDIRTY_FINAL) on the suspended guest: the
+    pfns dirtied since the last live round."""
+    rc, bm, st = src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_CLEAN, n,
+                                      H.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL)
+    if rc:
+        raise MigrationError(rc, f"reading the dirty bitmap failed ({E.name(rc)})")
+    if res.rounds:
+        res.rounds[-1].dirty_after = st.dirty_count
+    return np.flatnonzero(bm)
+
+
+def finish(res: MigrationResult, stream: "_Stream", link: Link, costs: MigrationCosts,
+           t_down: float, final_s: float, ctx_s: float, broken, wall0: float) -> MigrationResult:
+    """The figures of a migration that reached the new guest's unpause."""
+    res.downtime_s = stream.t - t_down
+    res.downtime_parts = {"suspend_s": costs.suspend_s, "last_round_s": final_s,
+                          "context_s": ctx_s, "latency_s": link.latency_s * (1 + 2 * costs.handshake_rtts),
+                          "restore_s": costs.restore_s}
+    res.total_s = stream.t
+    res.bytes_sent = stream.bytes
+    res.pages_sent = sum(r.pages for r in res.rounds)
+    res.broken_pfns = sorted(broken)
+    res.wall_s = time.perf_counter() - wall0
+    return res
+
+
+def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | None = None,
+            link: Link | None = None, costs: MigrationCosts | None = None,
+            policy: Callable[[int, int], int] = simple_precopy_policy,
+            hook: Callable | None = None) -> MigrationResult:
+    """Live-migrate HVM guest ``domid`` from ``src`` to ``dst`` (default: the same host).
+    ``hook(step, **info)`` is called between steps (tests inject faults there)."""
+    wall0 = time.perf_counter()
+    same, dst, link, costs, hook, res, info = start(src, domid, dst, link, costs, hook)
+    if info is None:
         return res
     if not info.hvm:
         res.rc, res.error = -E.EOPNOTSUPP, f"d{domid} is a PV guest (see migrate_pv)"
@@ -258,7 +294,9 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
         _enable_logdirty(src, domid)
         hook("logdirty")
         stream.send(2 * H.REC_HEADER_BYTES + 64)  # image + domain headers, static data
-        _send_memory_live(src, domid, p2m_size, stream, restore, res, policy, hook)
+        send_memory_live(src, domid, p2m_size, res, policy,
+                         lambda pfns, live: _send_dirty_pages(src, domid, pfns, stream, restore, res,
+                                                              live=live, hook=hook))
         # -- stop and copy ---------------------------------------------------------------
         t_down = stream.t
         rc = src.shutdown_domain(domid, X.SHUTDOWN_suspend)
@@ -270,14 +308,9 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
         if i is None or not (i.shutdown and i.shutdown_reason == X.SHUTDOWN_suspend):
             raise MigrationError(-E.EINVAL, f"d{domid} has not been suspended")
         hook("suspended")
-        rc, bm, st = src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_CLEAN, p2m_size,
-                                          H.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL)
-        if rc:
-            raise MigrationError(rc, f"reading the dirty bitmap failed ({E.name(rc)})")
-        if res.rounds:
-            res.rounds[-1].dirty_after = st.dirty_count
+        final = final_dirty(src, domid, p2m_size, res)
         t_final = stream.t
-        _send_dirty_pages(src, domid, np.flatnonzero(bm), stream, restore, res, live=False, hook=hook)
+        _send_dirty_pages(src, domid, final, stream, restore, res, live=False, hook=hook)
         final_s = stream.t - t_final
         # end of checkpoint: HVM context, params, then libxl's device-model record, END
         rc, ctx = src.hvm_getcontext(domid)
@@ -308,18 +341,9 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
         res.wall_s = time.perf_counter() - wall0
         return res
     # the point of no return is behind us: the new guest runs; the old one goes
-    res.downtime_s = stream.t - t_down
-    res.downtime_parts = {"suspend_s": costs.suspend_s, "last_round_s": final_s,
-                          "context_s": ctx_s, "latency_s": link.latency_s * (1 + 2 * costs.handshake_rtts),
-                          "restore_s": costs.restore_s}
     rc = src.destroy(domid)
     hook("destroyed", rc=rc)
-    res.total_s = stream.t
-    res.bytes_sent = stream.bytes
-    res.pages_sent = sum(r.pages for r in res.rounds)
-    res.broken_pfns = sorted(restore.broken)
-    res.wall_s = time.perf_counter() - wall0
-    return res
+    return finish(res, stream, link, costs, t_down, final_s, ctx_s, restore.broken, wall0)
 
 
 def _enable_logdirty(src, domid: int) -> None:
@@ -332,19 +356,20 @@ def _enable_logdirty(src, domid: int) -> None:
             raise MigrationError(rc, f"enabling log-dirty on d{domid} failed ({E.name(rc)})")
 
 
-def _send_memory_live(src, domid: int, p2m_size: int, stream: _Stream, restore: _Restore,
-                      res: MigrationResult, policy, hook) -> None:
-    """``send_memory_live``, step for step (the policy is asked before and after each
-    round; a STOP decision at the top still sends that round's pages live)."""
-    bitmap = np.arange(p2m_size, dtype=np.int64)   # bitmap_set: every pfn
-    shadow_dirty = p2m_size                         # xc_shadow_op_stats_t stats = {0, p2m_size}
-    iteration, dirty_count = 0, p2m_size
+def send_memory_live(src, domid: int, n: int, res: MigrationResult, policy,
+                     send: Callable[[np.ndarray, bool], None]) -> None:
+    """``send_memory_live``, step for step, for any guest: ``send(pfns, live)`` writes a
+    round (HVM or PV pages).  The policy is asked before and after each round; a STOP
+    decision at the top still sends that round's pages live; ABORT fails the migration."""
+    bitmap = np.arange(n, dtype=np.int64)   # bitmap_set: every pfn
+    shadow_dirty = n                        # xc_shadow_op_stats_t stats = {0, p2m_size}
+    iteration, dirty_count = 0, n
     x = 0
     while True:
         decision = policy(iteration, dirty_count)
         x += 1
         if shadow_dirty > 0 and decision != H.XGS_POLICY_ABORT:
-            _send_dirty_pages(src, domid, bitmap, stream, restore, res, live=True, hook=hook)
+            send(bitmap, True)
         if decision != H.XGS_POLICY_CONTINUE_PRECOPY:
             break
         iteration = x
@@ -352,7 +377,7 @@ def _send_memory_live(src, domid: int, p2m_size: int, stream: _Stream, restore: 
         decision = policy(iteration, dirty_count)
         if decision != H.XGS_POLICY_CONTINUE_PRECOPY:
             break
-        rc, bm, st = src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_CLEAN, p2m_size)
+        rc, bm, st = src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_CLEAN, n)
         if rc:
             raise MigrationError(rc, f"reading the dirty bitmap failed ({E.name(rc)})")
         dirty_count = shadow_dirty = st.dirty_count

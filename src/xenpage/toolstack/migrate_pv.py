@@ -30,9 +30,9 @@ from ..abi import errno as E
 from ..abi import hvm as H
 from ..abi import pte as P
 from ..abi import xen as X
-from .migrate import (GIGABIT, create_incoming, LOOPBACK, NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts,
-                      MigrationError, MigrationResult, Round, _enable_logdirty, _Stream,
-                      simple_precopy_policy)
+from .migrate import (NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts, MigrationError, MigrationResult,
+                      Round, _enable_logdirty, _Stream, create_incoming, final_dirty, finish, send_memory_live,
+                      simple_precopy_policy, start)
 
 _U = np.uint64
 ERANGE = 34
@@ -149,15 +149,8 @@ def migrate_pv(src, domid: int, dst=None, link: Link | None = None,
                hook: Callable | None = None) -> MigrationResult:
     """Live-migrate PV guest ``domid`` from ``src`` to ``dst`` (default: the same host)."""
     wall0 = time.perf_counter()
-    same = dst is None or dst is src
-    dst = src if dst is None else dst
-    link = link or (LOOPBACK if same else GIGABIT)
-    costs = costs or MigrationCosts()
-    hook = hook or (lambda step, **kw: None)
-    res = MigrationResult(rc=0, src_domid=domid, same_host=same, link=link.name)
-    info = src.domain_info(domid)
+    same, dst, link, costs, hook, res, info = start(src, domid, dst, link, costs, hook)
     if info is None:
-        res.rc, res.error = -E.ESRCH, f"no domain {domid}"
         return res
     if info.hvm or domid == 0:
         res.rc, res.error = -E.EINVAL, f"d{domid} is not a PV guest that can be migrated"
@@ -187,20 +180,16 @@ def migrate_pv(src, domid: int, dst=None, link: Link | None = None,
         hook("created", new=new)
         _enable_logdirty(src, domid)
         stream.send(2 * H.REC_HEADER_BYTES + 64 + 8 * len(p2m_frames))   # headers, PV_INFO, P2M frames
-        _live(save, restore, stream, res, policy, hook)
+        send_memory_live(src, domid, n, res, policy,
+                         lambda pfns, live: _send(save, restore, pfns, stream, res, live=live, hook=hook))
         t_down = stream.t
         _suspend(src, domid, stream)
         suspended = True
         save.paused = True
         stream.elapse(costs.suspend_s)
         hook("suspended")
-        rc, bm, st = src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_CLEAN, n,
-                                          H.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL)
-        if rc:
-            raise MigrationError(rc, f"reading the dirty bitmap failed ({E.name(rc)})")
-        if res.rounds:
-            res.rounds[-1].dirty_after = st.dirty_count
-        final = np.union1d(np.flatnonzero(bm), np.array(sorted(save.deferred), dtype=np.int64))
+        final = np.union1d(final_dirty(src, domid, n, res),
+                           np.array(sorted(save.deferred), dtype=np.int64))
         save.deferred.clear()
         t_final = stream.t
         _send(save, restore, final, stream, res, live=False, hook=hook)
@@ -239,46 +228,10 @@ def migrate_pv(src, domid: int, dst=None, link: Link | None = None,
         res.rc, res.error = e.rc, str(e)
         res.wall_s = time.perf_counter() - wall0
         return res
-    res.downtime_s = stream.t - t_down
-    res.downtime_parts = {"suspend_s": costs.suspend_s, "last_round_s": final_s, "context_s": ctx_s,
-                          "latency_s": link.latency_s * (1 + 2 * costs.handshake_rtts),
-                          "restore_s": costs.restore_s}
     src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_OFF)
     src.destroy(domid)
     hook("destroyed")
-    res.total_s = stream.t
-    res.bytes_sent = stream.bytes
-    res.pages_sent = sum(r.pages for r in res.rounds)
-    res.broken_pfns = sorted(restore.broken)
-    res.wall_s = time.perf_counter() - wall0
-    return res
-
-
-def _live(save: _Save, restore: _RestorePV, stream: _Stream, res: MigrationResult, policy, hook) -> None:
-    """``send_memory_live`` (see :func:`xenpage.toolstack.migrate._send_memory_live`)."""
-    src, domid, n = save.src, save.domid, save.n
-    bitmap = np.arange(n, dtype=np.int64)
-    shadow_dirty, iteration, dirty_count, x = n, 0, n, 0
-    while True:
-        decision = policy(iteration, dirty_count)
-        x += 1
-        if shadow_dirty > 0 and decision != H.XGS_POLICY_ABORT:
-            _send(save, restore, bitmap, stream, res, live=True, hook=hook)
-        if decision != H.XGS_POLICY_CONTINUE_PRECOPY:
-            break
-        iteration, dirty_count = x, -1
-        decision = policy(iteration, dirty_count)
-        if decision != H.XGS_POLICY_CONTINUE_PRECOPY:
-            break
-        rc, bm, st = src.logdirty_control(domid, H.XEN_DOMCTL_SHADOW_OP_CLEAN, n)
-        if rc:
-            raise MigrationError(rc, f"reading the dirty bitmap failed ({E.name(rc)})")
-        dirty_count = shadow_dirty = st.dirty_count
-        if res.rounds:
-            res.rounds[-1].dirty_after = st.dirty_count
-        bitmap = np.flatnonzero(bm)
-    res.stop_reason = (f"fewer than {H.SPP_TARGET_DIRTY_COUNT} pages dirty"
-                       if 0 <= dirty_count < H.SPP_TARGET_DIRTY_COUNT else f"{H.SPP_MAX_ITERATIONS} rounds")
+    return finish(res, stream, link, costs, t_down, final_s, ctx_s, restore.broken, wall0)
 
 
 def _send(save: _Save, restore: _RestorePV, pfns: np.ndarray, stream: _Stream, res: MigrationResult,
