@@ -44,7 +44,7 @@ from ..abi import sysctl as S
 from ..abi import xen as X
 from .hypervisor import Hypervisor
 from . import rollforward
-from .outcomes import Kind, Outcome, Reason
+from .outcomes import Kind, Outcome, Reason, not_pending
 
 _U = np.uint64
 L4_XEN_SLOTS = slice(256, 272)
@@ -302,12 +302,9 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     cand: list[tuple[int, int, int]] = []  # (mfn, gpfn, level)
     for mfn, g in zip(mfns, m2p.tolist()):
         st = sts[mfn]
-        if st < 0:
-            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "the frame cannot be queried", domid=domid)
-            continue
-        if not st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
-            what = "already offlined" if st & S.PG_OFFLINE_STATUS_OFFLINED else "online (not marked offline)"
-            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.NOT_PENDING, f"frame is {what}", domid=domid, status=st)
+        refusal = not_pending(mfn, st, domid)
+        if refusal is not None:
+            out[mfn] = refusal
             continue
         if g == X.INVALID_M2P_ENTRY or g >= view.p2m.size or view.p2m[g] != mfn:
             out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH,

@@ -31,7 +31,7 @@ from ..abi import hvm as H
 from ..abi import sysctl as S
 from ..abi import xen as X
 from .hypervisor import MigrationHypervisor
-from .outcomes import Kind, Outcome, Reason
+from .outcomes import Kind, Outcome, Reason, not_pending
 
 UNPAUSE_RETRIES = 3
 
@@ -74,12 +74,9 @@ def exchange_hvm_pages(hv: MigrationHypervisor, domid: int, mfns: list[int],
     m2p = hv.m2p(np.array(mfns, dtype=np.int64))
     for mfn, g in zip(mfns, m2p.tolist()):
         st = _status(hv, mfn)
-        if st < 0:
-            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "the frame cannot be queried", domid=domid)
-            continue
-        if not st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
-            what = "already offlined" if st & S.PG_OFFLINE_STATUS_OFFLINED else "online (not marked offline)"
-            out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.NOT_PENDING, f"frame is {what}", domid=domid, status=st)
+        refusal = not_pending(mfn, st, domid)
+        if refusal is not None:
+            out[mfn] = refusal
             continue
         rc, pm, pt, po = (-E.EINVAL, None, None, None) if g == X.INVALID_M2P_ENTRY \
             else hv.hvm_p2m(domid, [g])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from ..abi import sysctl as S
+
 
 class Kind(str, Enum):
     #: the frame was offlined at once (it was free, already offlined, or a PoD cache page)
@@ -80,3 +82,15 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.kind in (Kind.OFFLINED, Kind.EXCHANGED, Kind.MIGRATED)
+
+
+def not_pending(mfn: int, status: int, domid: int) -> Outcome | None:
+    """The refusal for a frame an exchange may not touch, from its ``query_page_offline``
+    answer (negative: the query failed): not queryable, or not offline-pending.  None when
+    the frame is offline-pending."""
+    if status < 0:
+        return Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "the frame cannot be queried", domid=domid)
+    if not status & S.PG_OFFLINE_STATUS_OFFLINE_PENDING:
+        what = "already offlined" if status & S.PG_OFFLINE_STATUS_OFFLINED else "online (not marked offline)"
+        return Outcome(mfn, Kind.REFUSED, Reason.NOT_PENDING, f"frame is {what}", domid=domid, status=status)
+    return None
