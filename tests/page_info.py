@@ -33,3 +33,15 @@ def write(h, table: int, entries: dict[int, int]) -> None:
         w[i] = np.uint64(v)
     h.ft.write_page(table, w)
     h.ft.table(table)
+
+
+class Dom:
+    """A bare domain of ``pages`` frames: ``f[i]`` is the MFN of its pfn i; ``hc`` its
+    hypercalls."""
+
+    def __init__(self, h, pages=64, name="u", **kw):
+        self.h = h
+        self.d = h.create_domain(name, pages, **kw)
+        self.id = self.d.domid
+        self.f = [int(x) for x in h.p2m[self.id]]
+        self.hc = h.hypercalls(self.id)

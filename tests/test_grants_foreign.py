@@ -14,7 +14,7 @@ from xenpage.guests.linux_pv import LinuxPV
 from xenpage.hypervisor import grant_table, sysctl
 from xenpage.hypervisor.host import Host, HostConfig
 
-from page_info import gen, ok, write  # noqa: E402
+from page_info import Dom, gen, ok, write  # noqa: E402
 
 ALLOC = 0x8000000000000000
 COUNT = 0x00FFFFFFFFFFFFFF
@@ -36,14 +36,6 @@ DOMID_XEN = 0x7FF2
 
 def tc(h, m):
     return int(h.ft.type_info[m]) & TCOUNT
-
-
-class Dom:
-    def __init__(self, h, pages=64, name="u", **kw):
-        self.d = h.create_domain(name, pages, **kw)
-        self.id = self.d.domid
-        self.f = [int(x) for x in h.p2m[self.id]]
-        self.hc = h.hypercalls(self.id)
 
 
 class Snap:

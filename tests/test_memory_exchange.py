@@ -18,6 +18,7 @@ from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.hypervisor.memory import Reservation, steal_page
 from xenpage.hypervisor.page_alloc import OutOfMemory
 
+import page_info  # noqa: E402
 from page_info import ok, pte, write  # noqa: E402
 
 ALLOC = 0x8000000000000000
@@ -32,14 +33,7 @@ EPERM, ESRCH, ENOMEM, EINVAL, EOPNOTSUPP = -1, -3, -12, -22, -95
 OFFLINE, QUERY = 1, 3
 
 
-class Dom:
-    def __init__(self, h, pages=64, name="u", **kw):
-        self.h = h
-        self.d = h.create_domain(name, pages, **kw)
-        self.id = self.d.domid
-        self.f = [int(x) for x in h.p2m[self.id]]
-        self.hc = h.hypercalls(self.id)
-
+class Dom(page_info.Dom):
     def set_p2m(self, gpfn, mfn):
         """The guest's own P2M update (its job after an exchange)."""
         self.h.p2m[self.id][gpfn] = np.uint64(mfn)

@@ -16,7 +16,7 @@ import pytest
 
 from xenpage.hypervisor.host import Host, HostConfig
 
-from page_info import gen, ok, pte, tcnt, write  # noqa: E402
+from page_info import Dom, gen, ok, pte, tcnt, write  # noqa: E402
 
 # count_info / type_info fields (xen-semantics.md 2.1, 2.2)
 ALLOC = 0x8000000000000000
@@ -55,17 +55,6 @@ def tflags(h, m) -> int:
 
 def upd(hc, table: int, idx: int, val: int, cmd: int = NORMAL, fd: int = DOMID_SELF):
     return hc.mmu_update(np.array([[(table << 12) | (idx * 8) | cmd, val]], dtype=np.uint64), fd)
-
-
-class Dom:
-    """A domU of ``pages`` frames: ``f[i]`` is the MFN of its pfn i."""
-
-    def __init__(self, h: Host, pages: int = 64, name: str = "u"):
-        self.h = h
-        self.d = h.create_domain(name, pages)
-        self.id = self.d.domid
-        self.f = [int(x) for x in h.p2m[self.id]]
-        self.hc = h.hypercalls(self.id)
 
 
 @pytest.fixture

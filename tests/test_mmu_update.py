@@ -15,7 +15,7 @@ from xenpage.abi import xen
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host, HostConfig
 
-from page_info import gen, ok, pte, write  # noqa: E402
+from page_info import Dom, gen, ok, pte, write  # noqa: E402
 
 ALLOC = 0x8000000000000000
 COUNT = 0x00FFFFFFFFFFFFFF
@@ -56,14 +56,6 @@ class Snap:
                 and np.array_equal(self.m2p, h.ft.m2p_plus1)
                 and self.pages.keys() == h.ft.pages.keys()
                 and all(np.array_equal(v, h.ft.pages[k]) for k, v in self.pages.items()))
-
-
-class Dom:
-    def __init__(self, h, pages=64, name="u", **kw):
-        self.d = h.create_domain(name, pages, **kw)
-        self.id = self.d.domid
-        self.f = [int(x) for x in h.p2m[self.id]]
-        self.hc = h.hypercalls(self.id)
 
 
 @pytest.fixture
