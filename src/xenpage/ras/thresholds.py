@@ -417,6 +417,15 @@ def _apply(p: Policy, section: str, key: str, value: str, where: str) -> None:
     p.origin[key] = where
 
 
+def _rasdaemon_rate(env: dict, what: str, threshold, cycle, msgs: list) -> Rate:
+    """``<what>_CE_THRESHOLD`` per ``<what>_CE_REFRESH_CYCLE`` (defaults and messages of
+    rasdaemon's ``parse_isolation_env``)."""
+    cap, m1 = parse_isolation_value(threshold, env.get(f"{what}_CE_THRESHOLD"))
+    cyc, m2 = parse_isolation_value(cycle, env.get(f"{what}_CE_REFRESH_CYCLE"))
+    msgs += [x for x in (m1, m2) if x]
+    return Rate(cap, cyc, "s")
+
+
 def apply_rasdaemon(p: Policy, env: dict, name: str = "environment") -> Policy:
     """rasdaemon's page (and row) isolation settings, with its defaults and messages."""
     msgs = p.messages
@@ -424,19 +433,13 @@ def apply_rasdaemon(p: Policy, env: dict, name: str = "environment") -> Policy:
     if m:
         msgs.append(m)
     if p.page_action != Action.OFF:
-        cap, m1 = parse_isolation_value(PAGE_CE_THRESHOLD, env.get("PAGE_CE_THRESHOLD"))
-        cyc, m2 = parse_isolation_value(PAGE_CE_REFRESH_CYCLE, env.get("PAGE_CE_REFRESH_CYCLE"))
-        msgs += [x for x in (m1, m2) if x]
-        p.page = Rate(cap, cyc, "s")
+        p.page = _rasdaemon_rate(env, "PAGE", PAGE_CE_THRESHOLD, PAGE_CE_REFRESH_CYCLE, msgs)
     if any(k.startswith("ROW_") for k in env):
         p.row_action, m = _rasdaemon_action(env, "ROW_CE_ACTION", Action.OFF)
         if m:
             msgs.append(m)
         if p.row_action != Action.OFF:
-            cap, m1 = parse_isolation_value(ROW_CE_THRESHOLD, env.get("ROW_CE_THRESHOLD"))
-            cyc, m2 = parse_isolation_value(ROW_CE_REFRESH_CYCLE, env.get("ROW_CE_REFRESH_CYCLE"))
-            msgs += [x for x in (m1, m2) if x]
-            p.row = Rate(cap, cyc, "s")
+            p.row = _rasdaemon_rate(env, "ROW", ROW_CE_THRESHOLD, ROW_CE_REFRESH_CYCLE, msgs)
             msgs.append("row threshold is open, so turn off page threshold")
             p.page_action = Action.OFF
     for k in env:
