@@ -19,10 +19,7 @@ same Markdown.
 from __future__ import annotations
 
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -297,14 +294,16 @@ def section_exchange_batches(ctx) -> str:
              "| pages | toolstack (wall / CPU) | per page | suspended | vs one page |", "|---|---|---|---|---|"]
     if "batch" not in r:
         return "\n".join(lines + [f"| could not run: {r.get('error', 'not run')} |||||"]) + "\n"
-    one = r["batch"]["1"]["toolstack_s"] if "1" in r["batch"] else r["batch"][1]["toolstack_s"]
+    def batch(b: int) -> dict:  # keys are strings once the figures went through JSON
+        return r["batch"][str(b)] if str(b) in r["batch"] else r["batch"][b]
+    x1 = batch(1)
+    one = x1["toolstack_s"]
     for b in BATCHES:
-        x = r["batch"][str(b)] if str(b) in r["batch"] else r["batch"][b]
+        x = batch(b)
         lines.append(f"| {b} | {_ms(x['toolstack_s'])} / {_ms(x['toolstack_cpu_s'])} | "
                      f"{_ms(x['toolstack_s'] / b)} | {_ms(x['suspended_s'])} | {x['toolstack_s'] / one:.2f}x |")
-    x256 = r["batch"]["256"] if "256" in r["batch"] else r["batch"][256]
+    x256 = batch(256)
     ratio = x256["toolstack_s"] / one
-    x1 = r["batch"]["1"] if "1" in r["batch"] else r["batch"][1]
     cratio = x256["toolstack_cpu_s"] / x1["toolstack_cpu_s"]
     good = ratio <= TARGETS["batch_ratio"]
     lines += ["", f"Target: 256 pages <= {TARGETS['batch_ratio']:g}x the time of one: {ratio:.2f}x wall -> "

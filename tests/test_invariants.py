@@ -240,12 +240,15 @@ class HostMachine(RuleBasedStateMachine):
     def offline_guest_frame(self, i):
         pf = self.pfn(i, (L.DATA, L.KTEXT, L.L1T, L.L2T, L.L3T, L.L4T, L.P2M, L.FREE, L.RING,
                           L.XEN_MAPPED))
-        m = self.g.mfn(pf)
+        self._offline_guest_mfn(self.g.mfn(pf))
+
+    def _offline_guest_mfn(self, m):
+        """Offline a frame of the guest: offline-pending and owned, unless the guest got it
+        (by an exchange) from Xen's freed init region, inside the Xen image: never
+        offlinable."""
         rc, s = sysctl.page_offline_op(self.h, 0, 1, m, m, pcpu=1)
         xs, xe = self.h.xen_image
         if xs <= m < xe:
-            # a frame the guest got (by an exchange) from Xen's freed init region: it is
-            # inside the Xen image, never offlinable
             assert (rc, int(s[0])) == (-1, 0x7FF20108)
             return
         assert rc == 0 and int(s[0]) == 0x1004 | (self.g.domid << 16)
@@ -256,14 +259,7 @@ class HostMachine(RuleBasedStateMachine):
     def offline_mapped_frame(self, i):
         """A frame dom0 has mapped goes offline-pending (its exchange must roll back)."""
         mine = [hnd for hnd, d in self.maps if d == self.g.domid]
-        m = self.h.foreign.maps[mine[i % len(mine)]].mfns[0]
-        rc, s = sysctl.page_offline_op(self.h, 0, 1, m, m, pcpu=1)
-        xs, xe = self.h.xen_image
-        if xs <= m < xe:
-            assert (rc, int(s[0])) == (-1, 0x7FF20108)
-            return
-        assert rc == 0 and int(s[0]) == 0x1004 | (self.g.domid << 16)
-        self.pending.add(m)
+        self._offline_guest_mfn(self.h.foreign.maps[mine[i % len(mine)]].mfns[0])
 
     @rule(i=st.integers(0, 10**6))
     def offline_free_frame(self, i):
