@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import peak_rss as _peak_rss  # noqa: E402
 from common import run_task as _run_task  # noqa: E402

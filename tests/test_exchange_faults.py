@@ -27,7 +27,6 @@ failing is reported FAILED, never as rolled back.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from test_exchange import (KINDS, SMALL, Before, World, assert_exchanged, entries_naming, prepare,

@@ -5,7 +5,6 @@ a restore, persistence -- with the invariant checker clean after every operation
 from __future__ import annotations
 
 import numpy as np
-import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -16,7 +15,6 @@ from xenpage.abi import sysctl as S
 from xenpage.abi.xen import INVALID_MFN
 from xenpage.hypervisor import hvm as HV
 from xenpage.hypervisor import invariants, paging
-from xenpage.hypervisor import p2m as P
 from xenpage.hypervisor.host import Host
 
 CLEAN, PEEK = H.XEN_DOMCTL_SHADOW_OP_CLEAN, H.XEN_DOMCTL_SHADOW_OP_PEEK

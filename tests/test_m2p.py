@@ -1,7 +1,6 @@
 """The M2P lives in Xen's frames: XENMEM_machphys_mfn_list names its 2 MiB chunks, dom0 maps
 them read-only as DOMID_XEN's (xc_map_m2p), and they read as the table itself."""
 
-import numpy as np
 
 from xenpage.abi import errno as E
 from xenpage.abi import sysctl as S

@@ -7,7 +7,6 @@ hosts, no room, and a failure at any step giving everything back."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from hvmtools import bare_host, contents, hvm_host

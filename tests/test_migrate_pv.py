@@ -5,7 +5,6 @@ leaves pending."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from xenpage.abi import errno as E

@@ -18,7 +18,6 @@ import pytest
 
 from xenpage.abi import domctl
 from xenpage.abi import mm
-from xenpage.abi import sysctl as S
 from xenpage.abi.xen import INVALID_M2P_ENTRY, SHUTDOWN_crash
 from xenpage.backends.sim import SimHypervisor
 from xenpage.hypervisor import sysctl

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 
 from xenpage.backends.sim import SimHypervisor, host_path
-from xenpage.guests import linux_pv as L
 from xenpage.hypervisor.host import Host
 from xenpage.testing import image, problems, small_host
 from xenpage.toolstack import journal

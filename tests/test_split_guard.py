@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from xenpage.abi import mm
 from xenpage.abi import sysctl as S
 from xenpage.hypervisor import invariants
-from xenpage.hypervisor.memory import Reservation
 from xenpage.hypervisor.page_alloc import canonical_chunks, split_417
 from xenpage.testing import small_host
 from xenpage.toolstack.offline import mem_offline

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import fcntl
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path

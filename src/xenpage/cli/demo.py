@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.panel import Panel
 
-from ..abi import mm
 from ..backends.sim import SimHypervisor, build_host, host_path
 from ..toolstack import hptool
 from ..hypervisor import invariants

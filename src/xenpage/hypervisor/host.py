@@ -12,9 +12,7 @@ Boot (``__start_xen`` / ``arch_init_memory``) lays memory out as on the lab's QE
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
