@@ -306,8 +306,9 @@ def _l1_refs_take(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: i
 
 
 def _l1_refs_drop(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: int) -> None:
-    """``put_page_from_l1e`` for many entries: writable type refs first, then the general
-    references; frames reaching zero are freed."""
+    """``put_page_from_l1e`` for many entries, in the order given: writable type refs first,
+    then the general references; a frame whose count reaches zero is freed where its last
+    entry comes (the order in which one-by-one puts would free them)."""
     keep = refcounted(host, frames)
     frames, rw = frames[keep], rw[keep]
     if frames.size == 0:
@@ -319,15 +320,17 @@ def _l1_refs_drop(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: i
         if ((ti & _U(_TCOUNT)) < n).any():
             raise AssertionError("writable type count underflow")
         host.ft.type_info[uw] = ti - n.astype(np.uint64)
-    uf, n = np.unique(frames, return_counts=True)
+    uf, first, n = np.unique(frames[::-1], return_index=True, return_counts=True)
     ci = host.ft.count_info[uf]
     if ((ci & _U(_COUNT)) < n).any():
         raise AssertionError("general count underflow")
     newc = ci - n.astype(np.uint64)
     host.ft.count_info[uf] = newc
-    zero = uf[(newc & _U(_COUNT)) == 0]
-    for m in zero.tolist():
-        _release_zero(host, m)
+    zero = (newc & _U(_COUNT)) == 0
+    if zero.any():
+        last = frames.size - 1 - first[zero]  # where each freed frame's last entry is
+        for m in uf[zero][np.argsort(last, kind="stable")].tolist():
+            _release_zero(host, m)
 
 
 def _release_zero(host: "Host", mfn: int) -> None:
@@ -643,28 +646,7 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     for t, i, v in zip(tl, idx.tolist(), out):
         ft.pages[t][i] = v
     if df.size:
-        # put_page_from_l1e per request; frames freed in the order of their last drop
-        rw = (old[drop] & _U(P._PAGE_RW)) != 0
-        keep = refcounted(host, df)
-        df, rw = df[keep], rw[keep]
-        w = df[l1_typed(host, df, rw, pt_owner)]
-        if w.size:
-            uw, k = np.unique(w, return_counts=True)
-            wti = ft.type_info[uw]
-            if ((wti & _U(_TCOUNT)) < k).any():
-                raise AssertionError("writable type count underflow")
-            ft.type_info[uw] = wti - k.astype(np.uint64)
-        uf, first, k = np.unique(df[::-1], return_index=True, return_counts=True)
-        dci = ft.count_info[uf]
-        if ((dci & _U(_COUNT)) < k).any():
-            raise AssertionError("general count underflow")
-        newc = dci - k.astype(np.uint64)
-        ft.count_info[uf] = newc
-        zero = (newc & _U(_COUNT)) == 0
-        if zero.any():
-            last = df.size - 1 - first[zero]  # position of the drop that freed each frame
-            for m in uf[zero][np.argsort(last, kind="stable")].tolist():
-                _release_zero(host, m)
+        _l1_refs_drop(host, df, (old[drop] & _U(P._PAGE_RW)) != 0, pt_owner)
     return n
 
 
