@@ -410,17 +410,23 @@ def _send_dirty_pages(src, domid: int, pfns: np.ndarray, stream: _Stream, restor
             if rc:
                 raise MigrationError(rc, f"mapping {int(has.sum())} pages of d{domid} failed "
                                          f"({E.name(rc)})")
-        k = int(has.sum())
-        nbytes = (H.REC_HEADER_BYTES + H.PAGE_DATA_HEADER_BYTES
-                  + H.PAGE_DATA_PFN_BYTES * batch.size + PAGE_BYTES * k)
-        restore.page_data(batch, types, data)
-        r.pfns += int(batch.size)
-        r.pages += k
-        r.broken += int((types == D.XEN_DOMCTL_PFINFO_BROKEN).sum())
-        r.bytes += nbytes
-        stream.send(nbytes)
+        write_batch(stream, restore, r, batch, types, data, int(has.sum()))
         hook("batch", round=r.index, live=live)
     r.seconds = stream.t - t0
+
+
+def write_batch(stream: _Stream, restore, r: Round, batch: np.ndarray, types: np.ndarray, data,
+                k: int) -> None:
+    """``write_batch``'s PAGE_DATA record: a header, a pfn+type per pfn, ``k`` pages of data;
+    the restore side takes it in; the round counts it."""
+    nbytes = (H.REC_HEADER_BYTES + H.PAGE_DATA_HEADER_BYTES
+              + H.PAGE_DATA_PFN_BYTES * batch.size + PAGE_BYTES * k)
+    restore.page_data(batch, types, data)
+    r.pfns += int(batch.size)
+    r.pages += k
+    r.broken += int((types == D.XEN_DOMCTL_PFINFO_BROKEN).sum())
+    r.bytes += nbytes
+    stream.send(nbytes)
 
 
 def _abort(src, dst, domid: int, new: int, suspended: bool, name: str) -> None:

@@ -32,7 +32,7 @@ from ..abi import pte as P
 from ..abi import xen as X
 from .migrate import (NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts, MigrationError, MigrationResult,
                       Round, _enable_logdirty, _Stream, create_incoming, final_dirty, finish, send_memory_live,
-                      simple_precopy_policy, start)
+                      simple_precopy_policy, start, write_batch)
 
 _U = np.uint64
 ERANGE = 34
@@ -273,15 +273,7 @@ def _send(save: _Save, restore: _RestorePV, pfns: np.ndarray, stream: _Stream, r
             if len(keep) < has.size:
                 data = data.select(np.array(keep, dtype=np.int64))
                 has = has[keep]
-        k = int(has.size)
-        nbytes = (H.REC_HEADER_BYTES + H.PAGE_DATA_HEADER_BYTES
-                  + H.PAGE_DATA_PFN_BYTES * batch.size + PAGE_BYTES * k)
-        restore.page_data(batch, types, data)
-        r.pfns += int(batch.size)
-        r.pages += k
-        r.broken += int((types == D.XEN_DOMCTL_PFINFO_BROKEN).sum())
-        r.bytes += nbytes
-        stream.send(nbytes)
+        write_batch(stream, restore, r, batch, types, data, int(has.size))
         hook("batch", round=r.index, live=live)
     r.seconds = stream.t - t0
 
