@@ -201,3 +201,40 @@ def test_stream():
     p = McelogParser("x")
     assert p.feed("CPU 0 BANK 1\n") == [] and p.feed("STATUS 9400000000000090 ADDR 1000\n") == []
     assert [r.mfn for r in p.finish()] == [1]
+
+
+ODD = ["\x0b", "\x0c", "\r", "\u2028", "\x1c", "\x85"]
+
+
+@given(st.lists(st.sampled_from(ODD + ["\xff-bytes"]), min_size=1, max_size=4),
+       st.integers(min_value=1, max_value=4))
+def test_odd_characters_never_stall_or_double_count(odd, restarts):
+    """Lines holding characters str.splitlines() would split on (\\v, \\f, a lone \\r,
+    U+2028 ...) or invalid UTF-8: every record after them is read once, the saved offset is
+    the file's size in bytes, and restarted readers find nothing new (issue 19, item 5)."""
+    import tempfile
+    from pathlib import Path
+    with tempfile.TemporaryDirectory() as d:
+        log = Path(d) / "mcelog"
+        store = Store(Path(d) / "r.db")
+        data = one(0x10).encode()
+        for i, o in enumerate(odd):
+            junk = (b"garbage \xff\xfe\xc3 line\n" if o == "\xff-bytes"
+                    else f"syslog: noise{o}more{o}\n".encode())
+            data += junk + one(0x20 + i, i + 1).encode()
+        log.write_bytes(data)
+        clk = Clock()
+        got = McelogFile(log, store=store, settle=1.0, clock=clk).read(final=True)
+        assert sorted(r.mfn for r in got) == sorted([0x10] + [0x20 + i for i in range(len(odd))])
+        assert store.source_position(str(log))["offset"] == len(data)
+        for _ in range(restarts):
+            clk.t += 10
+            assert McelogFile(log, store=store, settle=1.0, clock=clk).read() == []
+            assert store.source_position(str(log))["offset"] == len(data)
+
+
+def test_stream_cuts_lines_at_newline_only():
+    raw = (one(0x10) + "noise\x0bwith\x0cform\rfeed\n" + one(0x11, 1)).encode() + b"\xff\n"
+    recs = list(read_stream(io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors="replace")))
+    assert [r.mfn for r in recs] == [0x10, 0x11]
+    assert [r.mfn for r in parse_mcelog(raw)] == [0x10, 0x11]

@@ -249,15 +249,33 @@ class McelogParser:
         return rec
 
 
-def parse_mcelog(text: str | Iterable[str], source: str = "") -> list[McRecord]:
-    """Every record in mcelog-style text."""
-    lines = text.splitlines(keepends=True) if isinstance(text, str) else text
+def split_lines(data: bytes) -> list[bytes]:
+    """``data`` cut after every ``\n`` and nowhere else (mcelog and syslog end lines with
+    ``\n`` only: ``\r``, ``\v``, ``\f`` or U+2028 inside a line are part of it, unlike
+    :meth:`str.splitlines`); the last piece has no newline when the data does not end in one."""
+    parts = data.split(b"\n")
+    out = [q + b"\n" for q in parts[:-1]]
+    if parts[-1]:
+        out.append(parts[-1])
+    return out
+
+
+def _decode(line: bytes) -> str:
+    """A log line as text: invalid UTF-8 becomes U+FFFD (its byte span is kept separately)."""
+    return line.decode("utf-8", "replace")
+
+
+def parse_mcelog(text: str | bytes | Iterable[str], source: str = "") -> list[McRecord]:
+    """Every record in mcelog-style text (lines end at ``\n`` only)."""
+    if isinstance(text, str):
+        text = text.encode("utf-8", "surrogatepass")
+    raw = split_lines(text) if isinstance(text, bytes) else [ln.encode("utf-8", "surrogatepass") for ln in text]
     p = McelogParser(source)
     out: list[McRecord] = []
     off = 0
-    for line in lines:
-        out += p.feed(line, off)
-        off += len(line.encode())
+    for line in raw:
+        out += p.feed(_decode(line), off, off + len(line))
+        off += len(line)
     out += p.finish(off)
     return out
 
@@ -352,16 +370,16 @@ class McelogFile:
         with open(self.path, "rb") as fh:
             fh.seek(self.offset)
             data = fh.read()
-        text = data.decode("utf-8", "replace")
+        # offsets are bytes of the file: lines cut at b"\n" only, each decoded on its own
         p = McelogParser(self.name, self.offset, self.line)
         out: list[McRecord] = []
         off = self.offset
         consumed = 0
-        for line in text.splitlines(keepends=True):
-            if not line.endswith("\n") and not final:
+        for line in split_lines(data):
+            if not line.endswith(b"\n") and not final:
                 break  # a line still being written
-            out += p.feed(line, off)
-            off += len(line.encode())
+            out += p.feed(_decode(line), off, off + len(line))
+            off += len(line)
             consumed += 1
         if final or (now - self._last_change) >= self.settle or p.cur is None:
             out += p.finish(off)
@@ -376,9 +394,15 @@ def read_stream(fh: IO[str], source: str = "stdin", follow: bool = False) -> Ite
     """Records from a stream (stdin): as they complete; the last one at end of input."""
     p = McelogParser(source)
     off = 0
-    for line in fh:
-        yield from p.feed(line, off)
-        off += len(line.encode())
+    buf = getattr(fh, "buffer", None)
+    if buf is not None:  # bytes: cut at b"\n" only, invalid UTF-8 replaced line by line
+        for line in iter(buf.readline, b""):
+            yield from p.feed(_decode(line), off, off + len(line))
+            off += len(line)
+    else:
+        for line in fh:
+            yield from p.feed(line, off)
+            off += len(line.encode("utf-8", "surrogatepass"))
     yield from p.finish(off)
 
 
