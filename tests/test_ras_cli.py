@@ -201,3 +201,36 @@ def test_simulator_only_commands_refuse_on_xen(cli_state, run):
     for args in (["mce-inject", FREE], ["host", "reboot"]):
         p = run(cli_state, *args, XENPAGE_BACKEND="xen")
         assert p.returncode == 1 and "simulated host" in p.stderr
+
+
+POISON = [
+    # a 5000-digit SOCKETID: past Python's int() digit limit
+    "Hardware event. This is not a software error.\nMCE 0\nCPU 0 BANK 8\nADDR 3f100000\n"
+    "STATUS 8c00004000010092 MCGSTATUS 0\nMCGCAP 7000c16 APICID 0 SOCKETID " + "9" * 5000 + "\n",
+    # a 5000-digit CPU
+    "Hardware event. This is not a software error.\nMCE 1\nCPU " + "7" * 5000 + " BANK 8\n"
+    "ADDR 3f100000\nSTATUS 8c00004000010092 MCGSTATUS 0\n",
+    # an address >= 2^63 (SQLite's integers stop there)
+    "Hardware event. This is not a software error.\nMCE 2\nCPU 0 BANK 8\nADDR ffffffffffff0000\n"
+    "STATUS 8c00004000010092 MCGSTATUS 0\n",
+]
+
+
+@pytest.mark.parametrize("poison", POISON, ids=["socketid", "cpu", "addr"])
+def test_poison_record_is_quarantined_and_the_rest_retired(cli_state, run, poison):
+    """A record that cannot be parsed or stored is kept in quarantine, counted and reported;
+    the records after it are retired, and a restart neither stops on it nor counts it again
+    (issue 19, item 6)."""
+    assert run(cli_state, "mce-inject", PV, "--repeat", "2").returncode == 0
+    good = (cli_state / "mcelog").read_text()
+    log = cli_state / "poisoned.log"
+    log.write_text(poison + "\n" + good)
+    for _ in range(2):  # the second run is a restart over the same log
+        p = run(cli_state, "retire", "--from", log)
+        assert p.returncode == 0, p.stderr
+    st = js(run(cli_state, "badpages", "--json"))
+    assert st["counts"]["retired"] == 1
+    assert [f["mfn_hex"] for f in st["frames"]] == [PV]
+    assert len(st["quarantined"]) == 1 and "poisoned.log" in st["quarantined"][0]["source"]
+    assert st["quarantined"][0]["reason"]
+    assert "1 records quarantined" in run(cli_state, "badpages").stdout

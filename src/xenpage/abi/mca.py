@@ -7,6 +7,7 @@ codes of the x86 MCA (Intel SDM vol. 3B ch. 16-17, as Xen's ``x86_mca.h`` and mc
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 # -- IA32_MCi_STATUS ----------------------------------------------------------------------
@@ -83,6 +84,21 @@ MCER_CONTINUE = "continue"
 MCER_RESET = "reset"
 
 
+#: ``struct mce`` field widths (Linux's uapi ``asm/mce.h``, what xen-mcelog fills); the DRAM
+#: location fields are decoded values, bounded at 32 bits
+_FIELD_BITS = (("status", 64), ("addr", 64), ("misc", 64), ("mcgstatus", 64), ("mcgcap", 64),
+               ("cpu", 32), ("apicid", 32), ("bank", 8), ("socketid", 8), ("cpufamily", 32),
+               ("cpumodel", 32), ("channel", 32), ("dimm", 32), ("rank", 32), ("bankgroup", 32),
+               ("dram_bank", 32), ("row", 32), ("column", 32))
+#: x86's architectural limit on physical address width (CPUID 0x80000008 MAXPHYADDR)
+MAX_PHYS_ADDR_BITS = 52
+
+
+def _short(v: int) -> str:
+    t = f"{v:#x}"
+    return t if len(t) <= 24 else f"{t[:12]}...({v.bit_length()} bits)"
+
+
 @dataclass
 class McRecord:
     """One machine-check event as dom0 logs it (``struct mce``): bank registers, the CPU,
@@ -149,6 +165,23 @@ class McRecord:
         if not self.has_addr:
             return "other"
         return "uc" if self.uncorrected else "ce"
+
+    def defect(self) -> str | None:
+        """Why this record cannot be a machine check at all, or None: a field wider than
+        ``struct mce`` holds it (MCA registers 64 bits, ``extcpu``/``apicid`` 32, ``bank``
+        and ``socketid`` 8), an address past any x86 physical address (MAXPHYADDR <= 52), a
+        time that is not a finite number of seconds, or a parse error of its text."""
+        if self.extra.get("parse_error"):
+            return str(self.extra["parse_error"])
+        for k, bits in _FIELD_BITS:
+            v = getattr(self, k)
+            if v is not None and not 0 <= v < (1 << bits):
+                return f"{k} {_short(v)} does not fit struct mce's {bits}-bit field"
+        if self.addr is not None and self.addr >> MAX_PHYS_ADDR_BITS:
+            return f"addr {_short(self.addr)} is beyond any physical address (2^{MAX_PHYS_ADDR_BITS})"
+        if self.time is not None and not (math.isfinite(self.time) and 0 <= self.time < 2 ** 63):
+            return f"time {self.time!r} is not a time"
+        return None
 
     def location(self) -> dict:
         return {k: getattr(self, k) for k in ("socketid", "channel", "dimm", "rank", "bankgroup",

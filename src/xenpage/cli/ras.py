@@ -264,6 +264,9 @@ def retire_cmd(obj: Ctx, sources, config, preset, as_json, verbose):
         click.echo(f"xenpage: {res['records']} records; {res['stats']['transitions']} transitions; "
                    f"frames: {c['retired']} retired, {c['pending']} pending, {c['failed']} failed, "
                    f"{c['accounted']} accounted")
+        if res["stats"].get("quarantined"):
+            click.echo(f"xenpage: {res['stats']['quarantined']} records quarantined (not machine "
+                       "checks or not storable: 'xenpage badpages --json' lists them)", err=True)
 
 
 # -- status, boot option, clearing ---------------------------------------------------------
@@ -331,7 +334,8 @@ def badpages_group(ctx, as_json, boot_option, history):
     c = st["counts"]
     click.echo(f"page retirement: {'on' if st['enabled'] else 'OFF'}; {c['retired']} retired "
                f"({st['memory_retired_kib']} KiB), {c['pending']} pending, {c['failed']} failed, "
-               f"{c['accounted']} accounted")
+               f"{c['accounted']} accounted"
+               + (f"; {len(st['quarantined'])} records quarantined" if st["quarantined"] else ""))
     if not st["frames"]:
         return
     click.echo(f"{'MFN':>10} {'state':<9} {'Xen':<17} {'action':<8} {'CE':>5} {'UE':>3} {'dom':>4} "

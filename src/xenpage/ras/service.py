@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import sys
 import time as _time
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ class Stats:
     downtime_s: float = 0.0
     migrations: int = 0
     errors: int = 0
+    #: records that could not be used or stored (kept in the store's quarantine table)
+    quarantined: int = 0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -193,9 +196,28 @@ class RetireService:
         """Handle records, then retry what is due; one transaction."""
         with self.store.batch():
             for rec in records:
-                self.handle(hv, rec)
+                self.handle_safely(hv, rec)
             self.retry_due(hv)
             self.store.save_buckets(self.acct.buckets, self.acct.unit_frames, self.acct.dirty)
+
+    def handle_safely(self, hv, rec: McRecord) -> None:
+        """:meth:`handle`, with a poison record quarantined instead of stopping the service:
+        one that is not a machine check (:meth:`McRecord.defect`) before anything is done,
+        one the store cannot hold (e.g. an integer SQLite cannot) with its writes undone."""
+        why = rec.defect()
+        if why is None:
+            self.store.db.execute("SAVEPOINT record")
+            try:
+                self.handle(hv, rec)
+            except (OverflowError, ValueError, sqlite3.Error) as e:
+                self.store.db.execute("ROLLBACK TO record")
+                why = f"cannot be stored: {type(e).__name__}: {str(e)[:200]}"
+            self.store.db.execute("RELEASE record")
+            if why is None:
+                return
+        self.store.add_quarantined(rec, self.clock(), why)
+        self.stats.quarantined += 1
+        self.log("record-quarantined", "warning", source=rec.source, reason=why)
 
     def handle(self, hv, rec: McRecord) -> None:
         now = self.clock()
@@ -525,5 +547,6 @@ def status(store: Store, policy: Policy | None = None) -> dict:
         "memory_retired_kib": 4 * len(by["retired"]),
         "frames": [f.to_json() for f in frames],
         "events": store.counts()["events"],
+        "quarantined": store.quarantined(),
         "boot_option": store.last_boot_option(),
     }

@@ -117,7 +117,7 @@ class _Partial:
 
     @property
     def has_data(self) -> bool:
-        return "status" in self.fields or "addr" in self.fields
+        return "status" in self.fields or "addr" in self.fields or "parse_error" in self.fields
 
 
 class McelogParser:
@@ -169,6 +169,13 @@ class McelogParser:
         if cur is None:
             cur = self._new(offset)
         cur.lines.append(line.rstrip("\n"))
+        try:
+            self._fields(cur, s, m_ce, m_cpu)
+        except ValueError as e:  # e.g. a decimal field past int()'s digit limit: the record
+            cur.fields.setdefault("parse_error", f"line {self.lineno}: {str(e)[:120]}")  # is poison
+        return self._take()
+
+    def _fields(self, cur: _Partial, s: str, m_ce, m_cpu) -> None:
         f = cur.fields
         if m_ce:
             f["cpu"] = int(m_ce.group(1))
@@ -224,7 +231,6 @@ class McelogParser:
                 f["channel"] = int(m.group(2))
             if m.group(3) != "?":
                 f["dimm"] = int(m.group(3))
-        return self._take()
 
     def finish(self, end: int | None = None) -> list[McRecord]:
         """End of input: the record being read is complete."""
@@ -240,6 +246,8 @@ class McelogParser:
         f = dict(p.fields)
         f.pop("tsc", None)
         rec = McRecord(**{k: v for k, v in f.items() if k in McRecord.__dataclass_fields__})
+        if "parse_error" in f:
+            rec.extra["parse_error"] = f["parse_error"]
         if rec.status and rec.addr is not None and not rec.status & A.MCI_STATUS_ADDRV \
                 and "addr" in f and any(l.lstrip().startswith("(XEN)") for l in p.lines):
             rec.status |= A.MCI_STATUS_ADDRV  # Xen prints the address only when it is valid

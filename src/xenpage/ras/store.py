@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS frames(
 CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, count INTEGER, excess INTEGER,
     tstamp REAL, total INTEGER);
 CREATE TABLE IF NOT EXISTS unit_frames(key TEXT, mfn INTEGER, PRIMARY KEY(key, mfn));
+CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, logged REAL, source TEXT,
+    reason TEXT, raw TEXT);
 """
 
 
@@ -258,6 +260,17 @@ class Store:
              json.dumps(rec.location(), sort_keys=True), rec.raw[:2000] if rec.raw else None))
         return int(cur.lastrowid)
 
+    def add_quarantined(self, rec: McRecord, logged: float, reason: str) -> int:
+        """A record that cannot be used or stored: kept (source, why, its text), never acted on."""
+        raw = rec.raw if rec.raw else repr(rec)
+        cur = self.db.execute("INSERT INTO quarantine(logged, source, reason, raw) VALUES(?,?,?,?)",
+                              (logged, rec.source[:500], reason[:500], raw[:2000]))
+        return int(cur.lastrowid)
+
+    def quarantined(self) -> list[dict]:
+        return [{"id": r[0], "logged": r[1], "source": r[2], "reason": r[3], "raw": r[4]}
+                for r in self.db.execute("SELECT id, logged, source, reason, raw FROM quarantine ORDER BY id")]
+
     def add_decision(self, t: float, mfn: int, action: str, trigger: str, reason: str,
                      event_id: int | None) -> int:
         cur = self.db.execute(
@@ -297,7 +310,8 @@ class Store:
         ev = dict(q("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
         st = dict(q("SELECT state, COUNT(*) FROM frames GROUP BY state").fetchall())
         return {"events": ev, "frames": {s: st.get(s, 0) for s in STATES},
-                "decisions": q("SELECT COUNT(*) FROM decisions").fetchone()[0]}
+                "decisions": q("SELECT COUNT(*) FROM decisions").fetchone()[0],
+                "quarantined": q("SELECT COUNT(*) FROM quarantine").fetchone()[0]}
 
     def event_counts(self, mfn: int) -> tuple[int, int]:
         """(corrected, uncorrected) events recorded for a frame."""
