@@ -234,3 +234,64 @@ def test_poison_record_is_quarantined_and_the_rest_retired(cli_state, run, poiso
     assert len(st["quarantined"]) == 1 and "poisoned.log" in st["quarantined"][0]["source"]
     assert st["quarantined"][0]["reason"]
     assert "1 records quarantined" in run(cli_state, "badpages").stdout
+
+
+def _garbage(db):
+    db.write_bytes(b"this is not a database\n" * 200)
+
+
+def _truncated(db):
+    db.write_bytes(db.read_bytes()[:1500])
+
+
+def _sql(stmt):
+    def damage(db):
+        import sqlite3
+        c = sqlite3.connect(db, isolation_level=None)
+        c.execute(stmt)
+        c.close()
+    return damage
+
+
+DAMAGE = {
+    "garbage": (_garbage, "not a usable retired-page list"),
+    "truncated": (_truncated, "retired.db"),
+    "dropped-table": (_sql("DROP TABLE frames"), "table frames missing"),
+    "bad-json": (_sql("UPDATE frames SET location = '{not json'"), "bad JSON"),
+    "bad-position": (_sql("INSERT OR REPLACE INTO meta VALUES('source:/x', '[[')"), "bad JSON"),
+    "future-schema": (_sql("UPDATE meta SET value = '99' WHERE key = 'schema'"), "newer xenpage"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damaged_list_is_refused_and_left_alone(cli_state, run, kind):
+    """A damaged retired.db (or one from a newer xenpage) is refused with a clear message,
+    exit 2, and left byte for byte as it was (issue 19, item 7)."""
+    assert run(cli_state, "mce-inject", PV, "--repeat", "2").returncode == 0
+    assert run(cli_state, "retire", "--from", cli_state / "mcelog").returncode == 0
+    db = cli_state / "retired.db"
+    import sqlite3
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    damage, words = DAMAGE[kind]
+    damage(db)
+    before = db.read_bytes()
+    for args in (("badpages",), ("badpages", "--json"), ("badpages", "--boot-option"),
+                 ("retire", "--from", cli_state / "mcelog"), ("retire-switch", "off")):
+        p = run(cli_state, *args)
+        assert p.returncode == 2, (args, p.stdout, p.stderr)
+        assert p.stderr.startswith("xenpage: ") and words in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr + p.stdout
+    assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [("--time", "nan"), ("--time", "inf"), ("--time", "-1"),
+                                  ("--interval", "nan"), ("--count", "0"), ("--count", "32769"),
+                                  ("--repeat", "0"), ("--repeat", "-1")])
+def test_mce_inject_refuses_bad_numbers(cli_state, run, args):
+    """Counts below one and times that are not times are refused (exit 2) and nothing is
+    written to the log (issues 15 and 19)."""
+    p = run(cli_state, "mce-inject", PV, *args)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "Invalid value" in p.stderr
+    assert not (cli_state / "mcelog").exists()

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -40,8 +41,12 @@ def _state_dir(obj: Ctx) -> Path:
 
 
 def _store(obj: Ctx):
-    from ..ras.store import Store
-    return Store.in_state_dir(_state_dir(obj))
+    from ..ras.store import Store, StoreError
+    try:
+        return Store.in_state_dir(_state_dir(obj))
+    except StoreError as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
 
 
 def _backend(obj: Ctx) -> str:
@@ -442,15 +447,24 @@ def _need_sim(obj: Ctx, what: str) -> None:
         sys.exit(1)
 
 
+def _seconds(param, v: float | None) -> float | None:
+    """A number of seconds: finite and not negative (click's FloatRange lets NaN through)."""
+    if v is not None and not (math.isfinite(v) and 0 <= v < 2 ** 62):
+        raise click.BadParameter(f"{v!r} is not a number of seconds", param=param)
+    return v
+
+
 @cli.command("mce-inject")
 @click.argument("frames", nargs=-1, required=True)
 @click.option("--uc", is_flag=True, help="uncorrected (Xen's machine-check handler acts on it)")
-@click.option("--count", type=int, default=1, show_default=True, help="corrected errors per report")
-@click.option("--repeat", type=int, default=1, show_default=True, help="reports per frame")
+@click.option("--count", type=click.IntRange(min=1, max=0x8000), default=1, show_default=True,
+              help="corrected errors per report (1 + MCi_STATUS's 15-bit count)")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="reports per frame")
 @click.option("--scrub", is_flag=True, help="found by the patrol scrubber (else a read)")
-@click.option("--time", "at", type=float, default=None, help="Unix time of the event (default now)")
+@click.option("--time", "at", type=float, default=None, callback=lambda c, p, v: _seconds(p, v),
+              help="Unix time of the event (default now)")
 @click.option("--interval", type=float, default=60.0, show_default=True,
-              help="seconds between repeated reports")
+              callback=lambda c, p, v: _seconds(p, v), help="seconds between repeated reports")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json):

@@ -194,22 +194,73 @@ def badpage_value(bad: list[int], priority: dict[int, tuple] | None = None,
     return BootOption(value, covered, waste, sorted(missing))
 
 
+class StoreError(Exception):
+    """The retired-page list cannot be used as it is (damaged, or from a newer xenpage):
+    nothing was changed; the operator decides (``xenpage: <path>: <why>``, exit 2)."""
+
+
+#: the tables every list written by this schema has
+_TABLES = ("meta", "events", "decisions", "outcomes", "frames", "buckets", "unit_frames")
+
+
 class Store:
-    """The SQLite database of the service (``path`` may be ``":memory:"``)."""
+    """The SQLite database of the service (``path`` may be ``":memory:"``).  An existing list
+    is checked before anything is written to it (:meth:`_check`): damaged or newer ones
+    raise :class:`StoreError`."""
 
     def __init__(self, path: str | Path = ":memory:"):
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
-        self.db.execute("PRAGMA busy_timeout=30000")
-        if self.path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
-        if self.meta("schema") is None:
-            self.set_meta("schema", str(SCHEMA_VERSION))
         self._depth = 0
+        try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self.db.execute("PRAGMA busy_timeout=30000")
+            self._check()
+            if self.path != ":memory:":
+                self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+            if self.meta("schema") is None:
+                self.set_meta("schema", str(SCHEMA_VERSION))
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path}: not a usable retired-page list ({e}); nothing was "
+                             "changed -- move it away to start a new list") from None
+        except OSError as e:
+            raise StoreError(f"{self.path}: {e.strerror or e}") from None
+
+    def _check(self) -> None:
+        """An existing list: readable by SQLite, every table there, a schema this xenpage
+        knows, its JSON columns parseable."""
+        names = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not names:
+            return  # a new list
+        ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
+        if ok != "ok":
+            raise StoreError(f"{self.path}: damaged ({ok}); nothing was changed")
+        if "meta" not in names:
+            raise StoreError(f"{self.path}: not a retired-page list (no meta table); nothing was changed")
+        v = self.meta("schema")
+        try:
+            ver = int(v) if v is not None else None
+        except ValueError:
+            ver = -1
+        if ver is None or ver < 1:
+            raise StoreError(f"{self.path}: damaged (schema version {v!r}); nothing was changed")
+        if ver > SCHEMA_VERSION:
+            raise StoreError(f"{self.path}: written by a newer xenpage (schema {ver}; this one "
+                             f"reads {SCHEMA_VERSION}); nothing was changed")
+        missing = [t for t in _TABLES if t not in names]
+        if missing:
+            raise StoreError(f"{self.path}: damaged (table {', '.join(missing)} missing); "
+                             "nothing was changed")
+        bad = self.db.execute("SELECT mfn FROM frames WHERE location IS NOT NULL AND "
+                              "json_valid(location) = 0 LIMIT 1").fetchone()
+        if bad is None:
+            bad = self.db.execute("SELECT key FROM meta WHERE (key LIKE 'source:%' OR "
+                                  "key = 'boot_option') AND json_valid(value) = 0 LIMIT 1").fetchone()
+        if bad is not None:
+            raise StoreError(f"{self.path}: damaged (bad JSON in {bad[0]!r}); nothing was changed")
 
     @classmethod
     def in_state_dir(cls, state_dir: str | Path) -> "Store":
