@@ -105,9 +105,63 @@ def test_save_replaces_atomically_and_leaves_no_debris(host, tmp_path):
     host.save(p)
     sysctl.page_offline_op(host, 0, 1, 0x20000, 0x20000, pcpu=1)
     host.save(p)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["h"]
+    # one link, renamed over by each save, naming the one generation left
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["h", "h.g2"]
+    assert p.is_symlink() and os.readlink(p) == "h.g2"
     assert sorted(x.name for x in p.iterdir()) == ["frames.npz", "host.digest", "host.json"]
     assert Host.load(p).ft.state(0x20000) == 2
+
+
+@pytest.mark.parametrize("dies_at", ["symlink", "replace", "remove"])
+def test_a_save_killed_at_any_step_leaves_one_whole_host(host, tmp_path, monkeypatch, dies_at):
+    """A save that dies before, at or after its one rename leaves the link naming a complete
+    host (the old or the new one); tidy() removes the rest (issue 19, item 2)."""
+    import shutil
+    p = tmp_path / "h"
+    host.save(p)
+    before = host.ft.state(0x20000)
+    sysctl.page_offline_op(host, 0, 1, 0x20000, 0x20000, pcpu=1)
+    after = host.ft.state(0x20000)
+    assert before != after
+
+    class Killed(BaseException):
+        pass
+
+    def die(*a, **k):
+        raise Killed
+    target = {"symlink": (os, "symlink"), "replace": (os, "replace"),
+              "remove": (persist, "_remove_tree")}[dies_at]
+    monkeypatch.setattr(*target, die)
+    with pytest.raises(Killed):
+        host.save(p)
+    monkeypatch.undo()
+    assert persist.leftovers(p)                      # debris beside the link
+    state = Host.load(p).ft.state(0x20000)
+    assert state == (after if dies_at == "remove" else before)  # old before the rename, new after
+    assert persist.tidy(p) is None and persist.leftovers(p) == []
+    assert Host.load(p).ft.state(0x20000) == state
+    shutil.rmtree(tmp_path / os.readlink(p))
+
+
+def test_an_older_format_leftover_is_recovered_never_replaced(host, tmp_path):
+    """What an older xenpage's two-rename save left when killed between its renames (only
+    ``host.tmp<pid>``) is made the saved host again, with a sentence saying so; damaged
+    leftovers alone are refused, and nothing is created in their place."""
+    p = tmp_path / "host"
+    sysctl.page_offline_op(host, 0, 1, 0x20000, 0x20000, pcpu=1)
+    host.save(p)
+    (tmp_path / os.readlink(p)).rename(tmp_path / "host.tmp4242")
+    p.unlink()
+    said = persist.tidy(p)
+    assert said and "host.tmp4242" in said
+    assert Host.load(p).ft.state(0x20000) == host.ft.state(0x20000) and persist.leftovers(p) == []
+    # only a damaged leftover: refused, left alone
+    (tmp_path / os.readlink(p)).rename(tmp_path / "host.tmp77")
+    p.unlink()
+    (tmp_path / "host.tmp77" / "frames.npz").write_bytes(b"truncated")
+    with pytest.raises(persist.HostFileError, match="not a complete host"):
+        persist.tidy(p)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["host.tmp77"]
 
 
 def test_encodings_round_trip():
@@ -341,3 +395,21 @@ def test_concurrent_commands_do_not_lose_updates(cli_state, xenpage_cli):
     assert [after.ft.state(m) for m in frames] == [2] * len(frames)
     assert set(after.heap.offlined_list) == set(frames)
     assert invariants.check(after) == []
+
+
+def test_cli_recovers_a_host_a_killed_save_left_aside(cli_state, xenpage_cli):
+    """Killed between an older save's two renames, only ``host.tmp<pid>`` is left: the next
+    command makes it the saved host again (and says so) instead of building a new default
+    host -- a frame offlined before stays offlined (issue 19, item 2)."""
+    assert xenpage_cli(cli_state, "mem-offline", "20000").returncode == 0
+    hp = host_path(cli_state)
+    if hp.is_symlink():
+        real = cli_state / os.readlink(hp)
+        hp.unlink()
+    else:
+        real = hp
+    real.rename(cli_state / "host.tmp31337")
+    r = xenpage_cli(cli_state, "mem-status", "20000")
+    assert r.returncode == 0 and "PAGE_OFFLINED" in r.stdout, r.stdout + r.stderr
+    assert "recovered the saved host from host.tmp31337" in r.stderr
+    assert not (cli_state / "host.tmp31337").exists()

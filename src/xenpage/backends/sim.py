@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..abi.xen import DOMID_XEN, INVALID_M2P_ENTRY
 from ..hypervisor import sysctl
 from ..hypervisor.e820 import MiB
 from ..hypervisor.host import DomainError, Host, HostConfig
+from ..hypervisor import persist
 from ..hypervisor.persist import HostFileError
 from ..toolstack.hypervisor import DomainInfo, PhysInfo
 from . import default_state_dir
@@ -570,6 +572,9 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         fcntl.flock(lockf, fcntl.LOCK_EX)
         path = sd / HOST_DIRNAME
         created = False
+        said = persist.tidy(path)  # what a killed save left: removed, or recovered
+        if said:
+            sys.stderr.write(f"xenpage: {said}\n")
         if (path / "host.json").exists():
             host = Host.load(path)
         elif path.is_dir() and any(path.iterdir()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import click
@@ -73,8 +72,6 @@ def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, no_guests, pcpus, as_json)
         click.echo(f"xenpage: cannot build that host: {e}", err=True)
         sys.exit(1)
     path = host_path(obj.state_dir)
-    if path.exists():
-        shutil.rmtree(path)
     host.save(path)
     summary = host_summary(host)
     if as_json:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -99,8 +98,6 @@ def run_demo(state_dir: Path, as_json: bool = False, keep: bool = False) -> int:
     ok = all(st["ok"] for st in steps)
     if keep:
         p = host_path(state_dir)
-        if p.exists():
-            shutil.rmtree(p)
         host.save(p)
     if as_json:
         print_json({"ok": ok, "steps": steps})

@@ -90,12 +90,34 @@ def _decode(name: str, n: int, dtype, z) -> np.ndarray:
     return np.repeat(vals.astype(dtype, copy=False), lengths)
 
 
+def _generation(p: Path, name: str) -> int | None:
+    """``<name>.g<N>`` -> N."""
+    rest = p.name[len(name) + 2:] if p.name.startswith(name + ".g") else ""
+    return int(rest) if rest.isdigit() else None
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(host: "Host", path: Path) -> None:
-    """Write atomically: a temporary directory renamed over the old one."""
+    """Write atomically, with one rename: ``path`` is a symbolic link to the current
+    generation ``<path>.g<N>``; the host is written (and fsync'd) into generation N+1, a new
+    link to it is renamed over ``path``, then the old generation is removed.  A kill at any
+    point leaves ``path`` naming a complete host; what it left beside it is cleaned up by
+    :func:`tidy`.  (A host saved by an older xenpage as a plain directory is moved aside to
+    a generation of its own first; :func:`tidy` finds it again if a kill comes in between.)"""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
+    parent, name = path.parent, path.name
+    parent.mkdir(parents=True, exist_ok=True)
+    gens = [g for g in (_generation(p, name) for p in parent.iterdir()) if g is not None]
+    gen = max(gens, default=0) + 1
+    tmp = parent / f"{name}.g{gen}"
+    tmp.mkdir()
     arrays: dict[str, np.ndarray] = {}
     for k, a in host.ft.to_arrays().items():
         if k in host.ft.FIELDS:
@@ -137,24 +159,95 @@ def save(host: "Host", path: Path) -> None:
             os.fsync(f.fileno())
     with open(tmp / "frames.npz", "rb") as f:
         os.fsync(f.fileno())
-    old = path.with_name(path.name + f".old{os.getpid()}")
-    if path.exists():
+    _fsync_dir(tmp)
+    old = Path(os.path.join(parent, os.readlink(path))) if path.is_symlink() else None
+    if path.is_dir() and not path.is_symlink():  # an older xenpage's plain directory
+        old = parent / f"{name}.g{gen - 1 if gen > 1 else 0}"
+        if old.exists():
+            old = parent / f"{name}.legacy"
         os.rename(path, old)
-    os.rename(tmp, path)
-    if old.exists():
-        for p in old.iterdir():
-            p.unlink()
-        old.rmdir()
+    link = parent / f".{name}.link{os.getpid()}"
+    if os.path.lexists(link):
+        link.unlink()
+    os.symlink(tmp.name, link)
+    os.replace(link, path)  # the one rename: readers see the old host or the new one
+    _fsync_dir(parent)
+    if old is not None and old.name != tmp.name:
+        _remove_tree(old)
 
 
-def load(cls, path: Path) -> "Host":
-    from .domain import Domain
-    from .e820 import E820Map
-    from .frametable import FrameTable
-    from .page_alloc import Heap
-    from .quirks import Quirks
-    from .xenstore import Xenstore
+def _remove_tree(d: Path) -> None:
+    import shutil
+    if d.is_symlink() or d.is_file():
+        d.unlink(missing_ok=True)
+    elif d.exists():
+        shutil.rmtree(d, ignore_errors=True)
 
+
+def leftovers(path: Path) -> list[Path]:
+    """What saves of the host at ``path`` left beside it: other generations, temporary
+    directories and links of earlier formats (``host.tmp<pid>``, ``host.old<pid>``)."""
+    path = Path(path)
+    cur = path.resolve() if path.is_symlink() else None
+    out = []
+    if not path.parent.is_dir():
+        return out
+    for p in path.parent.iterdir():
+        n = p.name
+        if p == path or (cur is not None and p.resolve() == cur):
+            continue
+        if (_generation(p, path.name) is not None or n == path.name + ".legacy"
+                or n.startswith(path.name + ".tmp") or n.startswith(path.name + ".old")
+                or n.startswith(f".{path.name}.link")):
+            out.append(p)
+    return sorted(out)
+
+
+def tidy(path: Path) -> str | None:
+    """Before a saved host is used (under its lock): when ``path`` names a host, remove what
+    interrupted saves left beside it; when it names none but a complete host was left beside
+    it, make that one current again (returns a sentence saying so); when only damaged
+    leftovers are there, raise :class:`HostFileError` -- never let a new host silently take
+    the place of one that was saved.  Returns None when there was nothing to recover."""
+    path = Path(path)
+    left = leftovers(path)
+    if os.path.exists(path):  # a link to a generation, or an older xenpage's directory
+        for p in left:
+            _remove_tree(p)
+        return None
+    if not left:
+        return None
+    if os.path.lexists(path):
+        path.unlink()  # a dangling link
+    complete = []
+    for p in left:
+        if p.is_dir() and not p.is_symlink() and (p / "host.json").exists():
+            try:
+                verify(p)
+            except HostFileError:
+                continue
+            complete.append(p)
+    if not complete:
+        raise HostFileError(f"{path} is missing and what an interrupted save left beside it "
+                            f"({', '.join(p.name for p in left)}) is not a complete host: "
+                            "nothing was changed -- move them away to start a new host")
+    best = max(complete, key=lambda p: (p / "host.json").stat().st_mtime_ns)
+    gen = max([g for g in (_generation(p, path.name) for p in left) if g is not None], default=0) + 1
+    target = best if _generation(best, path.name) is not None else best.rename(path.parent / f"{path.name}.g{gen}")
+    link = path.parent / f".{path.name}.link{os.getpid()}"
+    if os.path.lexists(link):
+        link.unlink()
+    os.symlink(target.name, link)
+    os.replace(link, path)
+    _fsync_dir(path.parent)
+    for p in leftovers(path):
+        _remove_tree(p)
+    return f"recovered the saved host from {best.name} (an interrupted save had left it)"
+
+
+def verify(path: Path) -> dict:
+    """The header of the host saved in ``path`` once its format and checksums (host.json
+    and frames.npz) are found right; :class:`HostFileError` saying what is wrong otherwise."""
     path = Path(path)
     try:
         blob = (path / "host.json").read_bytes()
@@ -185,6 +278,19 @@ def load(cls, path: Path) -> "Host":
         if got != header.get("frames_digest"):
             raise HostFileError(f"saved host {path} is corrupt: frames.npz does not match its "
                                 "checksum (truncated or modified)")
+    return header
+
+
+def load(cls, path: Path) -> "Host":
+    from .domain import Domain
+    from .e820 import E820Map
+    from .frametable import FrameTable
+    from .page_alloc import Heap
+    from .quirks import Quirks
+    from .xenstore import Xenstore
+
+    path = Path(path)
+    header = verify(path)
     try:
         e820 = E820Map.from_state(header["e820"])
         host = cls(e820, header["nr_pcpus"], Quirks.from_state(header["quirks"]))
