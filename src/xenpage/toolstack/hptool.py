@@ -52,17 +52,18 @@ def match_command(word: str) -> str | None:
 
 
 def parse_mfn(arg: str) -> int:
-    """Parse like ``sscanf("%lx")`` -- optional blanks, sign and ``0x``, then hex digits up to
-    the first other character -- but refuse what xen-hptool would turn into garbage: no hex
-    digits at all (hptool would use an uninitialised variable), a negative number, or a value
-    that does not fit the sysctl's 32-bit MFN fields (hptool's call would silently truncate it
-    and offline a different frame)."""
+    """An MFN is hex digits with an optional ``0x``, nothing else.  xen-hptool reads it with
+    ``sscanf("%lx")`` -- blanks, a sign, then hex digits up to the first other character -- so
+    a typo (``3f1o0``) acts on another frame (0x3f1); xenpage refuses every such argument, a
+    negative number, and a value that does not fit the sysctl's 32-bit MFN fields (hptool
+    would truncate it and offline a different frame)."""
     m = _HEX.match(arg)
-    if not m:
-        raise BadMfn(f"'{arg}' is not a hexadecimal MFN")
+    if not m or m.end() != len(arg) or m.group(1) == "+" or arg[:1].isspace():
+        read = f" (xen-hptool would read it as {int(m.group(3), 16):x})" if m and m.group(1) != "-" else ""
+        raise BadMfn(f"'{arg}' is not a hexadecimal MFN{read}")
     sign, _, digits = m.groups()
     v = int(digits, 16)
-    if sign == "-" and v:
+    if sign == "-":
         raise BadMfn(f"'{arg}' is negative (xen-hptool would read it as {(-v) & (2**64 - 1):x})")
     if v > S.MFN_FIELD_MAX:
         raise BadMfn(f"mfn {v:x} does not fit the 32-bit MFN fields of XEN_SYSCTL_page_offline_op "
