@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from ..backends import is_xen_control_domain
-from ..hypervisor.persist import HostFileError
+from ..errors import HostFileError
 from ..toolstack import hptool
 from ..toolstack.pcpu import SinglePcpuHost
 from .output import emit
@@ -250,7 +250,7 @@ def _not_memory(name: str):
 for _n in ("cpu-online", "cpu-offline", "smt-enable", "smt-disable"):
     _not_memory(_n)
 
-from . import commands  # noqa: E402,F401  (registers list, host, demo)
+from . import commands  # noqa: E402,F401  (registers list, host, demo, the service's commands)
 
 
 def main(argv: list[str] | None = None) -> None:
