@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[test]'
+	$(VPY) -m pip install --quiet -e '.[test,plot]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,6 +31,7 @@ xen-headers:
 	fi
 
 test: $(STAMP) xen-headers
+	$(VENV)/bin/lint-imports
 	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 test-fast: $(STAMP)
