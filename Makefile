@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv demo test test-fast bench soak test-xen lab-build clean xen-headers
+.PHONY: venv demo test test-fast bench soak test-xen lab-build clean xen-headers man
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: $(STAMP) xen-headers
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -x tests -m "not slow"
+
+# xenpage(1), written from the CLI's command tree; read it with `man -l build/man/xenpage.1`
+man: $(STAMP)
+	$(VPY) -m xenpage.cli.manpage build/man/xenpage.1
+	@echo "build/man/xenpage.1"
 
 bench: $(STAMP)
 	$(VPY) bench/run.py
