@@ -50,6 +50,16 @@ def test_version_from_package_metadata(flag):
     assert r.output == f"xenpage {dist_version('xenpage')}\n"
 
 
+def test_source_tree_version_matches_the_metadata():
+    """``xenpage.__version__`` (what --version says when xenpage runs uninstalled from a
+    source tree) and pyproject's version agree."""
+    import tomllib
+
+    import xenpage
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert xenpage.__version__ == proj["version"] == dist_version("xenpage")
+
+
 def test_version_of_the_installed_script():
     r = subprocess.run([_xenpage(), "-V"], capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (0, f"xenpage {dist_version('xenpage')}\n", "")
