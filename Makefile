@@ -55,4 +55,4 @@ test-xen: $(STAMP)
 	$(PY) tests_xen/run_lab.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .import_linter_cache
