@@ -5,12 +5,12 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 
-.PHONY: venv demo test test-fast bench soak test-xen lab-build clean xen-headers
+.PHONY: venv demo test test-fast bench soak test-xen lab-build clean xen-headers man
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[test]'
+	$(VPY) -m pip install --quiet -e '.[test,plot]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,10 +31,16 @@ xen-headers:
 	fi
 
 test: $(STAMP) xen-headers
+	$(VENV)/bin/lint-imports
 	$(VPY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -x tests -m "not slow"
+
+# xenpage(1), written from the CLI's command tree; read it with `man -l build/man/xenpage.1`
+man: $(STAMP)
+	$(VPY) -m xenpage.cli.manpage build/man/xenpage.1
+	@echo "build/man/xenpage.1"
 
 bench: $(STAMP)
 	$(VPY) bench/run.py
@@ -49,4 +55,4 @@ test-xen: $(STAMP)
 	$(PY) tests_xen/run_lab.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .import_linter_cache

@@ -14,11 +14,14 @@ import argparse
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 
-from xenpage.testing import World
-from xenpage.toolstack.faults import FaultPlan, FaultyHypervisor
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # test support
+
+from simworld import World  # noqa: E402
+from xenpage.toolstack.faults import FaultPlan, FaultyHypervisor  # noqa: E402
 
 
 def main() -> int:

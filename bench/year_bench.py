@@ -30,7 +30,7 @@ TARGET_HOST_YEAR_S = 10.0
 
 
 def run(hosts: int = HOSTS, seed: int = SEED, out: Path = OUT) -> tuple[str, dict, list[str]]:
-    from xenpage.ras import year
+    from xenpage.backends.sim import year
     t0 = time.perf_counter()
     rep = year.compare(POLICIES, seeds=range(seed, seed + hosts))
     wall = time.perf_counter() - t0

@@ -274,7 +274,7 @@ def test_dom0_maps_the_frame_just_before_the_exchange():
 def test_the_guest_grants_the_frame_after_the_grant_check():
     """A grant mapped by dom0 after the check (the guest should be suspended; a buggy or
     hostile one is not): the exchange cannot steal the frame and rolls back."""
-    from xenpage.testing import guest_grants_and_dom0_maps
+    from simworld import guest_grants_and_dom0_maps
     w, b = prepared("kernel-data")
     act = guest_grants_and_dom0_maps(1, b.mfns[0], ref=300)
     (o,) = exchange_pages(w.hv, 1, b.mfns, hook=lambda s, **kw: act(w.hv) if s == "cleared" else None)

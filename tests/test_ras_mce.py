@@ -13,7 +13,8 @@ from xenpage.abi import mca as A
 from xenpage.abi import mm
 from xenpage.abi import sysctl as S
 from xenpage.abi.xen import SHUTDOWN_crash
-from xenpage.backends import sim_ras
+from xenpage.backends.sim import field as F
+from xenpage.backends.sim import ras as sim_ras
 from xenpage.backends.sim import DefaultHostSpec, SimHypervisor, build_host
 from xenpage.hypervisor import invariants, mce
 from xenpage.ras.sources import decode_i10nm
@@ -225,7 +226,7 @@ def test_restart_domain():
 
 def test_field_model_trace():
     host = build_host(SPEC)
-    tr = mce.FieldModel(host, params=mce.FieldParams(days=30, median_errors=200), seed=5).generate()
+    tr = F.FieldModel(host, params=F.FieldParams(days=30, median_errors=200), seed=5).generate()
     assert len(tr) > 0
     assert (np.diff(tr.t) >= 0).all() and tr.t.min() >= 0 and tr.t.max() < 30 * 86400
     ram = host.e820.ram_window(0, host.nframes)
@@ -234,7 +235,7 @@ def test_field_model_trace():
     dimms = tr.geometry.decode_mfns(tr.mfn)["dimm_id"]
     assert set(np.unique(dimms).tolist()) <= {f.dimm for f in tr.faults}
     assert np.unique(tr.mfn).size < len(tr)          # errors repeat on frames
-    again = mce.FieldModel(host, params=mce.FieldParams(days=30, median_errors=200), seed=5).generate()
+    again = F.FieldModel(host, params=F.FieldParams(days=30, median_errors=200), seed=5).generate()
     assert (again.t == tr.t).all() and (again.mfn == tr.mfn).all()
     s = tr.summary()
     assert s["errors"] == len(tr) and sum(s["errors_per_dimm"].values()) == len(tr)
@@ -244,7 +245,7 @@ def test_field_model_concentrates_errors():
     host = build_host(SPEC)
     counts = []
     for seed in range(12):
-        tr = mce.FieldModel(host, params=mce.FieldParams(days=365), seed=seed).generate()
+        tr = F.FieldModel(host, params=F.FieldParams(days=365), seed=seed).generate()
         counts.append(len(tr))
     counts.sort(reverse=True)
     # heavy tail: the top quarter of host-years carries most errors

@@ -14,7 +14,7 @@ import pytest
 from xenpage.abi import mm
 from xenpage.abi import sysctl as S
 from xenpage.abi.xen import SHUTDOWN_crash
-from xenpage.backends import sim_ras
+from xenpage.backends.sim import ras as sim_ras
 from xenpage.backends.sim import DefaultHostSpec, SimHypervisor, build_host
 from xenpage.hypervisor import invariants
 from xenpage.ras.service import Log, RetireService, parse_badpage_value, xen_state

@@ -10,8 +10,8 @@ import pytest
 
 from xenpage.backends.sim import DefaultHostSpec
 from xenpage.hypervisor import invariants
-from xenpage.hypervisor.mce import FieldParams
-from xenpage.ras import year
+from xenpage.backends.sim.field import FieldParams
+from xenpage.backends.sim import year
 from xenpage.ras.thresholds import Policy
 
 SPEC = DefaultHostSpec(mem_mib=512, dom0_mib=64, pv_guests=(("web", 224),), hvm_guests=(("win", 96),))

@@ -15,7 +15,7 @@ import pytest
 from xenpage.abi.mm import STATE_OFFLINED
 from xenpage.backends.sim import host_path
 from xenpage.hypervisor.host import Host
-from xenpage.testing import image, problems, small_host
+from simworld import image, problems, small_host
 from xenpage.toolstack import journal
 
 EXE = Path(sys.executable).with_name("xenpage")

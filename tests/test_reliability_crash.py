@@ -26,7 +26,7 @@ import pytest
 
 from xenpage.backends.sim import SimHypervisor, host_path
 from xenpage.hypervisor.host import Host
-from xenpage.testing import image, problems, small_host
+from simworld import image, problems, small_host
 from xenpage.toolstack import journal
 from xenpage.toolstack.faults import MUTATING, Action, FaultPlan, FaultyHypervisor
 from xenpage.toolstack.offline import mem_offline

@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from xenpage.testing import (dom0_maps, guest_destroyed, guest_grants_and_dom0_maps, images,
+from simworld import (dom0_maps, guest_destroyed, guest_grants_and_dom0_maps, images,
                              other_toolstack_onlines, problems, small_host)
 from xenpage.toolstack.faults import (FALLIBLE, MUTATING, Action, FaultPlan, FaultyHypervisor)
 from xenpage.toolstack.offline import mem_offline

@@ -24,7 +24,7 @@ from xenpage.abi import xen as X
 from xenpage.backends.sim import SimHypervisor, host_path
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.memory import Reservation
-from xenpage.testing import small_host
+from simworld import small_host
 from xenpage.toolstack import journal
 from xenpage.toolstack.exchange import exchange_pages
 from xenpage.toolstack.offline import mem_offline

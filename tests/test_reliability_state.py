@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from xenpage.testing import World
+from simworld import World
 
 CI = bool(os.environ.get("CI"))
 SEEDS = st.integers(0, 2**32 - 1)

@@ -19,7 +19,7 @@ from xenpage.abi import mm
 from xenpage.abi import sysctl as S
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.page_alloc import canonical_chunks, split_417
-from xenpage.testing import small_host
+from simworld import small_host
 from xenpage.toolstack.offline import mem_offline
 from xenpage.toolstack.split_guard import guard_frames
 

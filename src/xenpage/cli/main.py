@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from ..backends import is_xen_control_domain
-from ..hypervisor.persist import HostFileError
+from ..errors import HostFileError
 from ..toolstack import hptool
 from ..toolstack.pcpu import SinglePcpuHost
 from .output import emit
@@ -29,7 +29,7 @@ xenpage also has (each takes --json):
   mem-offline <mfn|a-b>... several frames or ranges; PV guests' frames are exchanged,
                            HVM guests migrated (--hvm=migrate|exchange|none,
                            --migrate-to=DIR, --link=MBITS[:MS]); --fallback=migrate
-Global options (before the command): --state-dir DIR, --backend sim|xen
+Global options (before the command): --state-dir DIR, --backend sim|xen; -V, --version
 """
 
 
@@ -93,8 +93,27 @@ class HptoolGroup(click.Group):
         return name, self.commands[name], args[1:]
 
 
+def version() -> str:
+    """The installed distribution's version (package metadata), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("xenpage")
+    except PackageNotFoundError:
+        from .. import __version__
+        return __version__
+
+
+def _print_version(ctx, _param, value) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"xenpage {version()}")
+        ctx.exit(0)
+
+
 @click.group(cls=HptoolGroup, invoke_without_command=True,
              context_settings={"help_option_names": ["--help"]})
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="print xenpage's version and exit")
 @click.option("--state-dir", type=click.Path(path_type=Path), envvar="XENPAGE_STATE_DIR",
               help="directory of the saved simulated host")
 @click.option("--backend", type=click.Choice(["auto", "sim", "xen"]), default="auto",
@@ -130,7 +149,7 @@ def _hptool_args(args: tuple[str, ...]) -> tuple[list[str], bool]:
 def _mem_command(name: str, fn):
     @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                          "help_option_names": []},
-                 add_help_option=False)
+                 add_help_option=False, help=f"xen-hptool {name} <mfn> [--json]")
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     @click.pass_obj
     def cmd(obj: Ctx, args):
@@ -238,7 +257,7 @@ def help_cmd():
 
 def _not_memory(name: str):
     @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-                 add_help_option=False)
+                 add_help_option=False, help=f"xen-hptool {name} (not handled by xenpage)")
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def cmd(args):
         sys.stderr.write(f"xenpage: '{name}' is an xen-hptool CPU command; xenpage only handles "
@@ -250,7 +269,7 @@ def _not_memory(name: str):
 for _n in ("cpu-online", "cpu-offline", "smt-enable", "smt-disable"):
     _not_memory(_n)
 
-from . import commands  # noqa: E402,F401  (registers list, host, demo)
+from . import commands  # noqa: E402,F401  (registers list, host, demo, the service's commands)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,16 +7,12 @@
                        ``--boot-option``: Xen's ``badpage=``; ``badpages clear``: forget
                        frames after a DIMM swap
 * ``retire-switch``    the global off switch (persistent)
-* ``mce-inject``       (simulator) a corrected or uncorrected memory error, logged as dom0's
-                       mcelog would
-* ``year``             (simulator) a year of field-like errors in seconds, beside published
-                       figures, with a plot
-* ``host reboot``      (simulator) reboot the saved host, with ``badpage=`` from the list
+
+The simulator's side of it (``mce-inject``, ``year``, ``host reboot``) is in :mod:`.sim`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -26,8 +22,7 @@ from pathlib import Path
 import click
 
 from ..backends import default_state_dir
-from ..hypervisor.persist import HostFileError
-from .commands import host_group
+from ..errors import HostFileError
 from .main import Ctx, cli
 from .output import print_json
 
@@ -69,7 +64,7 @@ def _policy(obj: Ctx, config: str | None, preset: str | None):
 
 def _hard_action(kind: str):
     if kind == "sim":
-        from ..backends.sim_ras import hard_offline
+        from ..backends.sim.ras import hard_offline
         return hard_offline
     from ..ras.actions import xen_mceinj_hard
     return xen_mceinj_hard
@@ -180,8 +175,8 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     try:
         with obj.hypervisor() as hv:
             if kind == "sim":
-                from ..hypervisor.mce import default_geometry
-                rows.geometry = default_geometry(hv.host)
+                from ..backends.sim.ras import geometry_of
+                rows.geometry = geometry_of(hv)
             replay = svc.replay(hv)
         sd_notify("READY=1")
         log("started", "info", backend=kind, sources=",".join(names), follow=follow,
@@ -438,143 +433,3 @@ def retire_switch(obj: Ctx, state, as_json):
         click.echo(f"page retirement is {'on' if on else 'off'}")
 
 
-# -- the simulator --------------------------------------------------------------------------
-
-def _need_sim(obj: Ctx, what: str) -> None:
-    if _backend(obj) != "sim":
-        click.echo(f"xenpage: {what} works on the simulated host (--backend sim); on real Xen "
-                   "use xen-mceinj (xen-utils-4.17)", err=True)
-        sys.exit(1)
-
-
-def _seconds(param, v: float | None) -> float | None:
-    """A number of seconds: finite and not negative (click's FloatRange lets NaN through)."""
-    if v is not None and not (math.isfinite(v) and 0 <= v < 2 ** 62):
-        raise click.BadParameter(f"{v!r} is not a number of seconds", param=param)
-    return v
-
-
-@cli.command("mce-inject")
-@click.argument("frames", nargs=-1, required=True)
-@click.option("--uc", is_flag=True, help="uncorrected (Xen's machine-check handler acts on it)")
-@click.option("--count", type=click.IntRange(min=1, max=0x8000), default=1, show_default=True,
-              help="corrected errors per report (1 + MCi_STATUS's 15-bit count)")
-@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="reports per frame")
-@click.option("--scrub", is_flag=True, help="found by the patrol scrubber (else a read)")
-@click.option("--time", "at", type=float, default=None, callback=lambda c, p, v: _seconds(p, v),
-              help="Unix time of the event (default now)")
-@click.option("--interval", type=float, default=60.0, show_default=True,
-              callback=lambda c, p, v: _seconds(p, v), help="seconds between repeated reports")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json):
-    """(simulator) Memory errors on frames (MFNs or ranges, hex), logged to STATE_DIR/mcelog as
-    dom0's mcelog would; the service reads them from there."""
-    from .main import parse_mfn_args
-    from ..toolstack import hptool
-    from ..ras.sources import format_mcelog
-    _need_sim(obj, "mce-inject")
-    try:
-        mfns = parse_mfn_args(list(frames))
-    except hptool.BadMfn as e:
-        click.echo(f"xenpage: {e}; nothing done", err=True)
-        sys.exit(1)
-    from ..backends.sim_ras import SimMachineCheck
-    t0 = time.time() if at is None else at
-    out, texts = [], []
-    try:
-        with obj.hypervisor() as hv:
-            mc = SimMachineCheck(hv)
-            for m in mfns:
-                for k in range(repeat):
-                    try:
-                        inj = mc.inject(m, uncorrected=uc, count=count, time=t0 + k * interval,
-                                        scrub=scrub)
-                    except ValueError as e:
-                        click.echo(f"xenpage: {e}", err=True)
-                        sys.exit(1)
-                    texts.append(format_mcelog(inj.record, len(texts)))
-                    out.append({"record": inj.record.to_json(), "xen": inj.xen.to_json()})
-    except HostFileError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
-    logp = _state_dir(obj) / SIM_LOG_NAME
-    logp.parent.mkdir(parents=True, exist_ok=True)
-    with open(logp, "a") as fh:
-        fh.write("".join(texts))
-    if as_json:
-        print_json({"log": str(logp), "injected": out})
-        return
-    for o in out:
-        r, x = o["record"], o["xen"]
-        what = "uncorrected" if uc else f"{count} corrected"
-        line = f"mfn {r['mfn']:#x}: {what} error logged (bank {r['bank']}, status {r['status_hex']})"
-        if uc:
-            line += f"; Xen: {x['effect']}" + (f" (owner d{x['owner']})" if x["owner"] is not None else "")
-        click.echo(line)
-    click.echo(f"xenpage: appended {len(texts)} records to {logp}")
-
-
-@cli.command("year")
-@click.option("--hosts", type=int, default=1, show_default=True, help="host-years (one error trace each)")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--days", type=float, default=365.0, show_default=True)
-@click.option("--policy", "policies", multiple=True,
-              help="policies to compare, presets with +modifiers (default: off, first-error, "
-                   "first-error+hvm-exchange, mcelog, rasdaemon, row)")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
-    """(simulator) A year of field-like memory errors replayed against a simulated host's
-    guests in seconds: errors seen and avoided, frames retired, memory lost, uncorrected
-    errors avoided, guest suspend time -- beside Hwang et al. (ASPLOS 2012) and Meza et al.
-    (DSN 2015).  Uses fresh hosts; the saved host is not touched."""
-    from ..ras import year
-    from ..ras.thresholds import ThresholdError
-    pols = policies or year.DEFAULT_POLICIES
-    try:
-        rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
-    except ThresholdError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
-    if plot_path:
-        year.plot(rep, plot_path)
-        rep["plot"] = str(plot_path)
-    if as_json:
-        print_json(rep)
-        return
-    click.echo(year.markdown(rep), nl=False)
-    if plot_path:
-        click.echo(f"plot: {plot_path}")
-
-
-@host_group.command("reboot")
-@click.option("--no-badpage", is_flag=True, help="boot without badpage= (Xen forgets everything)")
-@click.option("--badpage", "badpage_opt", default=None, help="this badpage= value instead of the list's")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_obj
-def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
-    """(simulator) Reboot the saved host: guests are rebuilt, Xen forgets every offlined
-    frame except those its badpage= option names (by default the retired-page list's)."""
-    _need_sim(obj, "host reboot")
-    from ..backends import sim_ras
-    from ..backends.sim import host_path
-    from ..hypervisor.persist import HostFileError as HFE
-    value = ""
-    if not no_badpage:
-        value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
-    try:
-        with obj.hypervisor(save=False) as hv:
-            new = sim_ras.reboot(hv.host, value)
-            new.save(host_path(obj.state_dir))
-    except HFE as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
-    res = {"badpage": value, "withheld": len(getattr(new, "withheld", [])), "domains": [
-        {"domid": d.domid, "name": d.name, "hvm": d.hvm} for d in new.guest_domains()]}
-    if as_json:
-        print_json(res)
-    else:
-        click.echo("rebooted the simulated host" + (f" with badpage={value} ({res['withheld']} "
-                                                    "frames withheld)" if value else " (no badpage=)"))

@@ -3,6 +3,8 @@ xenstore and writes to their own memory (``guests -> hypervisor``)."""
 
 from __future__ import annotations
 
+from ..hypervisor import guest_models
+
 
 def restore_guest(host, domid: int, state: dict, arrays: dict):
     kind = state.get("kind")
@@ -13,3 +15,6 @@ def restore_guest(host, domid: int, state: dict, arrays: dict):
         from .hvm import HvmGuest
         return HvmGuest.from_state(host, domid, state, arrays)
     raise ValueError(f"unknown guest kind {kind!r}")
+
+
+guest_models.plug(restore_guest)

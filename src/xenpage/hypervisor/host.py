@@ -448,7 +448,7 @@ class Host:
                 from .p2m import adopt
                 adopt(self, d.domid)
         if st.get("guests"):
-            from ..guests import restore_guest
+            from .guest_models import restore as restore_guest
             for k, gs in st["guests"].items():
                 pre = f"guest.{k}."
                 arrs = {n[len(pre):]: a for n, a in arrays.items() if n.startswith(pre)}

@@ -279,7 +279,7 @@ def set_context(host: "Host", domid: int, ctx: HvmContext) -> int:
     if not d.hvm or not isinstance(ctx, HvmContext) or ctx.vcpus != d.vcpus:
         return -E.EINVAL
     if ctx.guest is not None:
-        from ..guests import restore_guest
+        from .guest_models import restore as restore_guest
         st = copy.deepcopy(ctx.guest)
         arrs = {k: np.array(v, copy=True) for k, v in ctx.guest_arrays.items()}
         host.guests[domid] = restore_guest(host, domid, st, arrs)

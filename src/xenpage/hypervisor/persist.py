@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..errors import HostFileError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
 
@@ -329,7 +331,3 @@ def load(cls, path: Path) -> "Host":
     except Exception as e:  # anything a damaged file can make numpy, zipfile or json raise
         raise HostFileError(f"saved host {path} is corrupt: {e!r}") from e
     return host
-
-
-class HostFileError(Exception):
-    """A saved host that cannot be read (missing, truncated, corrupted)."""

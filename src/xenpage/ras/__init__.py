@@ -6,9 +6,10 @@ survives reboots.
 * :mod:`.policy`     -- leaky buckets per frame / DRAM row / bank, and what to do on overflow
 * :mod:`.store`      -- the retired-page list (SQLite), ``badpage=`` for Xen's command line
 * :mod:`.service`    -- the service: decide, act through the toolstack, record, retry, replay
-* :mod:`.year`       -- a year of field-like errors replayed on a simulated host
 
 It talks to Xen only through the toolstack (``xenpage.toolstack``: the ``Hypervisor``
 protocol, ``mem_offline``); the ``hard`` action (mark a frame broken) and the simulated
-errors are handed in by the caller (``xenpage.backends.sim_ras`` or ``xen-mceinj``).
+errors are handed in by the caller (``xenpage.backends.sim.ras`` or ``xen-mceinj``).  The year
+study that replays field-like errors through it on simulated hosts is the simulator's
+(``xenpage.backends.sim.year``).
 """

@@ -10,11 +10,12 @@ Two implementations exist: :mod:`xenpage.backends.sim` (the simulated host, in-p
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Protocol, runtime_checkable
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..abi import domctl
+
+if TYPE_CHECKING:  # annotations only: the CLI's start-up does not load numpy
+    import numpy as np
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..abi import mca as A
-from ..hypervisor import mce
-from ..hypervisor.e820 import E820Map, MiB
-from ..hypervisor.host import Host, HostConfig
-from .sim import DefaultHostSpec, SimHypervisor
+from ...abi import mca as A
+from ...hypervisor import mce
+from ...hypervisor.e820 import E820Map, MiB
+from ...hypervisor.host import Host, HostConfig
+from .hypervisor import DefaultHostSpec, SimHypervisor
 
 
 @dataclass
@@ -98,7 +98,7 @@ def boot(spec: DefaultHostSpec | None = None, badpage: str = "", quirks=None) ->
 
         def rebuild_without_bad(start: int, end: int) -> None:
             h.heap.rebuild = orig
-            from ..abi import mm
+            from ...abi import mm
             st = (h.ft.count_info >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)
             idx = np.flatnonzero(bad & (st == np.uint64(mm.STATE_FREE)))
             h.ft.count_info[idx] = np.uint64(0)
@@ -112,7 +112,7 @@ def boot(spec: DefaultHostSpec | None = None, badpage: str = "", quirks=None) ->
         h.log.append(f"(XEN) badpage: {len(zapped)} frames withheld from the heap")
     h.create_domain("Domain-0", spec.dom0_mib * 256, domid=0)
     h._free_init_memory()
-    from ..guests.linux_pv import LinuxPV
+    from ...guests.linux_pv import LinuxPV
     for i, (name, mib) in enumerate(spec.pv_guests):
         d = h.create_domain(name, mib * 256, hvm=False)
         LinuxPV.boot(h, d.domid, seed=spec.seed + i)
@@ -135,6 +135,6 @@ def restart_domain(host: Host, domid: int, seed: int = 1) -> int:
     host.destroy_domain(domid)
     nd = host.create_domain(name, pages, hvm=hvm)
     if not hvm:
-        from ..guests.linux_pv import LinuxPV
+        from ...guests.linux_pv import LinuxPV
         LinuxPV.boot(host, nd.domid, seed=seed)
     return nd.domid

@@ -1,4 +1,5 @@
-"""Helpers for the reliability tests and the soak run (simulator only): small hosts, a guest's
+"""Test support for the reliability tests and the soak run (simulator only; not shipped in the
+package): small hosts, a guest's
 *logical image* (what the guest can observe, independent of which machine frames hold it),
 and "world actions" that other parties perform between two hypercalls of the toolstack.
 
@@ -18,13 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .abi import grant as G
-from .abi import mm
-from .abi import pte as P
-from .abi import sysctl as S
-from .backends.sim import DefaultHostSpec, SimHypervisor, build_host
-from .hypervisor import invariants, sysctl
-from .hypervisor.quirks import Quirks
+from xenpage.abi import grant as G
+from xenpage.abi import mm
+from xenpage.abi import pte as P
+from xenpage.abi import sysctl as S
+from xenpage.backends.sim import DefaultHostSpec, SimHypervisor, build_host
+from xenpage.hypervisor import invariants, sysctl
+from xenpage.hypervisor.quirks import Quirks
 
 _U = np.uint64
 _STATE_MASK = _U(~mm.PGC_state & 0xFFFFFFFFFFFFFFFF)
@@ -61,7 +62,7 @@ class Image:
 
 def image(host, domid: int) -> Image:
     """The guest's memory as it can see it (see the module docstring)."""
-    from .guests import linux_pv as L
+    from xenpage.guests import linux_pv as L
     g = host.guests.get(domid)
     p2m = host.pv_p2m(domid)
     p2m = np.asarray(p2m).astype(np.int64)
@@ -151,7 +152,7 @@ def dom0_maps(domid: int, mfn: int, writable: bool = False):
 
 def guest_grants_and_dom0_maps(domid: int, mfn: int, ref: int = 200):
     """The guest grants the frame to dom0 and a backend maps the grant."""
-    from .hypervisor import grant_table
+    from xenpage.hypervisor import grant_table
 
     def act(hv):
         h = hv.host
@@ -243,7 +244,7 @@ class World:
 
     # rules
     def create_guest(self, mib: int = 4) -> None:
-        from .guests.linux_pv import LinuxPV
+        from xenpage.guests.linux_pv import LinuxPV
         if len(self.pv_guests()) >= 4:
             return
         try:
@@ -269,8 +270,8 @@ class World:
             self.ops += n - 1
 
     def grant_map(self) -> None:
-        from .guests import linux_pv as L
-        from .hypervisor import grant_table
+        from xenpage.guests import linux_pv as L
+        from xenpage.hypervisor import grant_table
         d = self._pick(self.pv_guests())
         if d is None or self.host.domains[d].is_shutting_down:
             return
@@ -312,7 +313,7 @@ class World:
         return rc, st
 
     def offline(self) -> None:
-        from .toolstack.pcpu import off_pcpu0
+        from xenpage.toolstack.pcpu import off_pcpu0
         m = self.any_frame()
         with off_pcpu0(self.hv):
             self._sysctl(S.sysctl_page_offline, m, m)
@@ -326,7 +327,7 @@ class World:
         self._sysctl(S.sysctl_query_page_offline, m, min(m + int(self.rng.integers(0, 64)), 2**32 - 1))
 
     def offline_range(self) -> None:
-        from .toolstack.pcpu import off_pcpu0
+        from xenpage.toolstack.pcpu import off_pcpu0
         m = self.any_frame()
         with off_pcpu0(self.hv):
             self._sysctl(S.sysctl_page_offline, m, m + int(self.rng.integers(0, 16)))
@@ -340,8 +341,8 @@ class World:
         frame of an HVM guest goes the whole ``mc_memerr_dhandler`` way (its gfn turns
         ``p2m_ram_broken`` and the guest gets a vMCE); a PV guest's frame is only marked (Xen
         would crash the guest: kept alive here so that its broken frame meets the tools)."""
-        from .hypervisor import hvm as HVM
-        from .hypervisor import offline as O
+        from xenpage.hypervisor import hvm as HVM
+        from xenpage.hypervisor import offline as O
         m = self.any_frame()
         if m >= self.host.max_page:
             return
@@ -351,7 +352,7 @@ class World:
             O.offline_range(self.host, m, m, broken=True, pcpu=1)
 
     def mem_offline(self, k: int = 2) -> None:
-        from .toolstack.offline import mem_offline
+        from xenpage.toolstack.offline import mem_offline
         d = self._pick(self.pv_guests())
         if d is None:
             return
@@ -372,8 +373,8 @@ class World:
             assert image(self.host, d).same_content(before), f"d{d}'s memory changed"
 
     def _retire(self, mfns: list[int], **opts):
-        from .toolstack.offline import mem_offline
-        from .toolstack.retire import RetireOptions
+        from xenpage.toolstack.offline import mem_offline
+        from xenpage.toolstack.retire import RetireOptions
         r = mem_offline(self.hv, mfns, retire=RetireOptions(**opts))
         self.host.run_guests(0)
         for o in r.outcomes:
@@ -383,7 +384,7 @@ class World:
         return r
 
     def _not_left_suspended(self) -> None:
-        from .abi import xen as X
+        from xenpage.abi import xen as X
         for d, g in self.host.guests.items():
             dd = self.host.domains.get(d)
             if dd is None or (dd.is_shutting_down and dd.shutdown_code != X.SHUTDOWN_suspend):
@@ -393,7 +394,7 @@ class World:
 
     def hvm_migrate(self) -> None:
         """``xl migrate`` of a random HVM guest to the same host (when there is room)."""
-        from .toolstack.migrate import migrate
+        from xenpage.toolstack.migrate import migrate
         d = self._pick(self.hvm_guests())
         if d is None:
             return
@@ -423,7 +424,7 @@ class World:
         """``mem-offline --fallback=migrate`` of a PV guest's granted ring (or a frame a dom0
         daemon maps, or any of its frames): what the exchange leaves pending is retired by
         live-migrating the guest."""
-        from .guests.linux_pv import CONS_RING, RING, XS_RING
+        from xenpage.guests.linux_pv import CONS_RING, RING, XS_RING
         # A machine-checked frame is not sent (XEN_DOMCTL_PFINFO_BROKEN): its content is lost
         # in the new domain, and the PV guest model takes no vMCE (it would still expect the
         # page). Offlining it again crashes the guest (PG_OFFLINE_AGAIN), as Xen does. So

@@ -17,16 +17,16 @@ from typing import Iterator
 
 import numpy as np
 
-from ..abi import errno as E
-from ..abi import sysctl as S
-from ..abi.xen import DOMID_XEN, INVALID_M2P_ENTRY
-from ..hypervisor import sysctl
-from ..hypervisor.e820 import MiB
-from ..hypervisor.host import DomainError, Host, HostConfig
-from ..hypervisor import persist
-from ..hypervisor.persist import HostFileError
-from ..toolstack.hypervisor import DomainInfo, PhysInfo
-from . import default_state_dir
+from ...abi import errno as E
+from ...abi import sysctl as S
+from ...abi.xen import DOMID_XEN, INVALID_M2P_ENTRY
+from ...hypervisor import sysctl
+from ...hypervisor.e820 import MiB
+from ...hypervisor.host import DomainError, Host, HostConfig
+from ...hypervisor import persist
+from ...hypervisor.persist import HostFileError
+from ...toolstack.hypervisor import DomainInfo, PhysInfo
+from .. import default_state_dir
 
 HOST_DIRNAME = "host"
 
@@ -226,7 +226,7 @@ class SimHypervisor:
         return self._hc.getpageframeinfo3(domid, mfns)
 
     def grant_entries(self, domid: int) -> tuple[int, np.ndarray]:
-        from ..hypervisor import grant_table
+        from ...hypervisor import grant_table
         d = self.host.domains.get(domid)
         if d is None or d.is_system:
             return -E.ESRCH, np.zeros(0, dtype=np.uint64)
@@ -241,7 +241,7 @@ class SimHypervisor:
         return self._hc.mmuext_op(ops, foreigndom)
 
     def memory_exchange(self, domid: int, in_mfns, out_gpfns) -> tuple[int, int, list[int]]:
-        from ..hypervisor.memory import Reservation
+        from ...hypervisor.memory import Reservation
         self.dirty = True
         r = self._hc.memory_exchange(Reservation([int(m) for m in in_mfns], 0, domid),
                                      Reservation([int(g) for g in out_gpfns], 0, domid))
@@ -278,14 +278,14 @@ class SimHypervisor:
         return 0
 
     def maximum_gpfn(self, domid: int) -> int:
-        from ..hypervisor import hvm
+        from ...hypervisor import hvm
         if self._guest(domid) is None:
             return -E.ESRCH
         return hvm.maximum_gpfn(self.host, domid)
 
     def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0):
-        from ..hypervisor import paging
-        from ..toolstack.hypervisor import LogDirtyStats
+        from ...hypervisor import paging
+        from ...toolstack.hypervisor import LogDirtyStats
         rc, bm, st = paging.shadow_control(self.host, self.caller, domid, op, pages, mode)
         self.dirty = True
         return rc, bm, (LogDirtyStats(st.fault_count, st.dirty_count) if st else None)
@@ -293,9 +293,9 @@ class SimHypervisor:
     def _frames_to_mfns(self, domid: int, frames) -> tuple[int, np.ndarray]:
         """What a foreign mapping would check (``foreign.map_frames``), vectorised: gfns of an
         HVM guest must have a readable frame of the guest; mfns of a PV guest must be its."""
-        from ..abi import hvm as H
-        from ..abi import mm
-        from ..hypervisor import p2m as P
+        from ...abi import hvm as H
+        from ...abi import mm
+        from ...hypervisor import p2m as P
         d = self._guest(domid)
         if d is None:
             return -E.ESRCH, np.zeros(0, dtype=np.int64)
@@ -325,7 +325,7 @@ class SimHypervisor:
         rc, m = self._frames_to_mfns(domid, frames)
         if rc:
             return rc, None
-        from ..hypervisor.hvm import full_pages
+        from ...hypervisor.hvm import full_pages
         ft = self.host.ft
         fp = full_pages(ft, m)
         full = {int(i): ft.pages[int(m[i])].copy() for i in np.flatnonzero(np.isin(m, fp)).tolist()}
@@ -337,7 +337,7 @@ class SimHypervisor:
             return rc
         if len(data) != m.size:
             return -E.EINVAL
-        from ..hypervisor.hvm import full_pages
+        from ...hypervisor.hvm import full_pages
         ft = self.host.ft
         for x in full_pages(ft, m).tolist():
             del ft.pages[x]
@@ -360,7 +360,7 @@ class SimHypervisor:
         return 0, d.domid
 
     def populate_physmap(self, domid: int, gfns):
-        from ..hypervisor import hvm
+        from ...hypervisor import hvm
         self.dirty = True
         self.host.clock += _costs().hypercall_s
         return hvm.populate_physmap(self.host, self.caller, domid, gfns)
@@ -369,7 +369,7 @@ class SimHypervisor:
         """``XEN_DOMCTL_getvcpucontext`` of a PV guest's vCPU 0: its CR3s (mfns) and, in the
         simulator, the guest kernel model's own state (see ``hvm.HvmContext``)."""
         import copy
-        from ..hypervisor.hvm import HvmContext
+        from ...hypervisor.hvm import HvmContext
         d = self._guest(domid)
         if d is None:
             return -E.ESRCH, None
@@ -387,7 +387,7 @@ class SimHypervisor:
         """``XEN_DOMCTL_setvcpucontext``: load the (localised) CR3s -- each takes its L4
         references -- and the guest kernel model, which resumes on this domain."""
         import copy
-        from ..hypervisor.mm import new_baseptr
+        from ...hypervisor.mm import new_baseptr
         d = self._guest(domid)
         if d is None:
             return -E.ESRCH
@@ -399,7 +399,7 @@ class SimHypervisor:
                 if rc:
                     return rc
         if ctx.guest is not None:
-            from ..guests import restore_guest
+            from ...guests import restore_guest
             g = restore_guest(self.host, domid, copy.deepcopy(ctx.guest),
                               {k: np.array(v, copy=True) for k, v in ctx.guest_arrays.items()})
             g.migrated_in = True
@@ -417,20 +417,20 @@ class SimHypervisor:
         return 0
 
     def hvm_getcontext(self, domid: int):
-        from ..hypervisor import hvm
+        from ...hypervisor import hvm
         if not self._priv():
             return -E.EPERM, None
         return hvm.get_context(self.host, domid)
 
     def hvm_setcontext(self, domid: int, ctx) -> int:
-        from ..hypervisor import hvm
+        from ...hypervisor import hvm
         if not self._priv():
             return -E.EPERM
         self.dirty = True
         return hvm.set_context(self.host, domid, ctx)
 
     def hvm_p2m(self, domid: int, gfns):
-        from ..hypervisor import p2m as P
+        from ...hypervisor import p2m as P
         z = np.zeros(0, dtype=np.int64)
         if not self._priv():
             return -E.EPERM, z, z, z
@@ -445,13 +445,13 @@ class SimHypervisor:
         return 0, p.mfn[g].copy(), p.type[g].astype(np.int64), p.order[g].astype(np.int64)
 
     def hvm_exchange_gfn(self, domid: int, gfn: int, old_mfn: int) -> tuple[int, int]:
-        from ..hypervisor.p2m_exchange import exchange_gfn
+        from ...hypervisor.p2m_exchange import exchange_gfn
         self.dirty = True
         return exchange_gfn(self.host, self.caller, domid, int(gfn), int(old_mfn))
 
 
 def _costs():
-    from ..hypervisor.p2m_exchange import COSTS
+    from ...hypervisor.p2m_exchange import COSTS
     return COSTS
 
 
@@ -467,12 +467,12 @@ class SimPages:
         return int(self.fp.size)
 
     def words(self, i: int) -> np.ndarray:
-        from ..hypervisor.frametable import expand_fingerprint
+        from ...hypervisor.frametable import expand_fingerprint
         w = self.full.get(i)
         return w.copy() if w is not None else expand_fingerprint(int(self.fp[i]))
 
     def set_words(self, i: int, words: np.ndarray) -> None:
-        from ..hypervisor.frametable import expand_fingerprint
+        from ...hypervisor.frametable import expand_fingerprint
         words = np.asarray(words, dtype=np.uint64).reshape(512)
         fp = int(words[0])
         if np.array_equal(words, expand_fingerprint(fp)):
@@ -546,11 +546,11 @@ def build_host(spec: DefaultHostSpec | None = None) -> Host:
     if spec.quirks is not None:
         cfg.quirks = copy.deepcopy(spec.quirks)  # each host its own switches
     host = Host.boot(cfg, dom0_pages=spec.dom0_mib * 256)
-    from ..guests.linux_pv import LinuxPV
+    from ...guests.linux_pv import LinuxPV
     for i, (name, mib) in enumerate(spec.pv_guests):
         d = host.create_domain(name, mib * 256, hvm=False)
         LinuxPV.boot(host, d.domid, seed=spec.seed + i)
-    from ..guests.hvm import HvmGuest, Workload
+    from ...guests.hvm import HvmGuest, Workload
     for i, (name, mib) in enumerate(spec.hvm_guests):
         d = host.create_domain(name, mib * 256, hvm=True)
         HvmGuest.boot(host, d.domid, seed=spec.seed + 100 + i, workload=Workload(**spec.hvm_workload))

@@ -1,7 +1,7 @@
 """A year in seconds: field-like memory errors replayed against a simulated host's guests,
 through the service, on simulated time.
 
-One error trace (:class:`xenpage.hypervisor.mce.FieldModel`, fixed seed) is replayed under
+One error trace (:class:`xenpage.backends.sim.field.FieldModel`, fixed seed) is replayed under
 each policy on a fresh copy of the same host.  An error whose frame Xen has offlined by then
 is *avoided* (nothing uses the frame, nothing reads the bad cell); any other error is
 delivered: a corrected one to the service as the record dom0's mcelog would log, an
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..abi import mm
-from ..abi.xen import SHUTDOWN_crash
-from .service import Log, RetireService
-from .store import Store
-from .thresholds import Policy
+from ...abi import mm
+from ...abi.xen import SHUTDOWN_crash
+from ...ras.service import Log, RetireService
+from ...ras.store import Store
+from ...ras.thresholds import Policy
 
 #: 2024-01-01 00:00:00 UTC: the simulated year starts here
 EPOCH = 1704067200.0
@@ -104,31 +104,31 @@ class YearResult:
 
 def year_host_spec():
     """The host of the year: 2 GiB, dom0 384 MiB, two Linux-like PV guests and an HVM guest."""
-    from ..backends.sim import DefaultHostSpec
+    from .hypervisor import DefaultHostSpec
     return DefaultHostSpec(mem_mib=2048, dom0_mib=384,
                            pv_guests=(("web", 512), ("db", 512)), hvm_guests=(("win", 384),))
 
 
 def pristine_host(spec=None):
     """A freshly booted simulated host of ``spec`` (copy it: ``copy.deepcopy``)."""
-    from ..backends import sim_ras
+    from . import ras as sim_ras
     return sim_ras.boot(spec or year_host_spec())
 
 
 def make_trace(spec=None, seed: int = 1, days: float = 365.0, params=None, host=None):
     """The error trace of a year for a host of ``spec``."""
-    from ..hypervisor import mce
+    from . import field as F
     host = host or pristine_host(spec)
-    p = replace(params or mce.FieldParams(), days=days)
-    return mce.FieldModel(host, params=p, seed=seed).generate()
+    p = replace(params or F.FieldParams(), days=days)
+    return F.FieldModel(host, params=p, seed=seed).generate()
 
 
 def run_year(policy: Policy, name: str = "", trace=None, spec=None, seed: int = 1,
              days: float = 365.0, log: Log | None = None, params=None, host=None) -> YearResult:
     """Replay ``trace`` (or a new one) under ``policy`` on ``host`` (a fresh simulated host
     of ``spec`` by default; it is changed)."""
-    from ..backends import sim_ras
-    from ..backends.sim import SimHypervisor
+    from . import ras as sim_ras
+    from .hypervisor import SimHypervisor
     spec = spec or year_host_spec()
     if host is None:
         host = pristine_host(spec)
@@ -224,7 +224,7 @@ def _owner_kind(host, mfn: int) -> str:
 
 
 def _restart_crashed(host, res: YearResult) -> None:
-    from ..backends import sim_ras
+    from . import ras as sim_ras
     for d in list(host.guest_domains()):
         if d.domid and d.is_shutting_down and d.shutdown_code == SHUTDOWN_crash:
             res.guest_crashes += 1

@@ -1,0 +1,307 @@
+"""The simulator's commands (the simulated world only; each says so on real Xen):
+
+* ``host create|show``  create or describe the saved simulated host
+* ``host reboot``       reboot it, with ``badpage=`` from the retired-page list
+* ``demo``              retire pages of each kind on a fresh simulated host
+* ``mce-inject``        a corrected or uncorrected memory error, logged as dom0's mcelog would
+* ``year``              a year of field-like errors in seconds, beside published figures
+
+This module imports only click when the CLI starts: the simulator's wing
+(:mod:`xenpage.backends.sim`), rich and matplotlib are imported by the command that runs.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import click
+
+from ..errors import HostFileError
+from .main import Ctx, cli
+from .output import print_json
+from .ras import SIM_LOG_NAME, _backend, _state_dir, _store
+
+PLOT_EXTRA = "plot"
+
+
+def _need_plotting() -> None:
+    """``year --plot`` needs matplotlib, an optional dependency: say which extra brings it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        click.echo(f"xenpage: --plot needs matplotlib, which is not installed: install xenpage "
+                   f"with its [{PLOT_EXTRA}] extra (pip install 'xenpage[{PLOT_EXTRA}]')", err=True)
+        sys.exit(2)
+
+
+@cli.group("host")
+def host_group():
+    """Create or describe the saved simulated host."""
+
+
+def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], ...]:
+    out = []
+    for v in values:
+        name, _, mib = v.partition(":")
+        if not name or not mib.isdigit() or int(mib) <= 0:
+            raise click.BadParameter(f"{what} guests are NAME:MiB, got {v!r}")
+        out.append((name, int(mib)))
+    return tuple(out)
+
+
+@host_group.command("create")
+@click.option("--mem", "mem_mib", type=int, default=2048, show_default=True, help="host RAM, MiB")
+@click.option("--dom0", "dom0_mib", type=int, default=1024, show_default=True, help="dom0 RAM, MiB")
+@click.option("--pv", multiple=True, help="a PV guest NAME:MiB (repeatable; default domu1:96)")
+@click.option("--hvm", multiple=True, help="an HVM guest NAME:MiB (repeatable; default hvm1:128)")
+@click.option("--no-guests", is_flag=True, help="only dom0")
+@click.option("--pcpus", type=int, default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, no_guests, pcpus, as_json):
+    """Create (or replace) the saved simulated host."""
+    from ..backends.sim import DefaultHostSpec, build_host, host_path
+    spec = DefaultHostSpec(mem_mib=mem_mib, dom0_mib=dom0_mib, nr_pcpus=pcpus)
+    if no_guests:
+        spec.pv_guests, spec.hvm_guests = (), ()
+    else:
+        if pv:
+            spec.pv_guests = _parse_guests(pv, "PV")
+        if hvm:
+            spec.hvm_guests = _parse_guests(hvm, "HVM")
+    if mem_mib % 2 or mem_mib < 64 or pcpus < 1:
+        raise click.BadParameter("--mem must be an even number of MiB >= 64, --pcpus >= 1")
+    try:
+        host = build_host(spec)
+    except Exception as e:
+        click.echo(f"xenpage: cannot build that host: {e}", err=True)
+        sys.exit(1)
+    path = host_path(obj.state_dir)
+    host.save(path)
+    summary = host_summary(host)
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(f"created a {mem_mib} MiB host with {len(host.guest_domains())} domains in {path}")
+
+
+def host_summary(host) -> dict:
+    from ..abi import mm
+    counts = {}
+    ci = host.ft.count_info
+    st = (ci >> mm.PGC_state_shift) & 3
+    for s, name in mm.STATE_NAMES.items():
+        counts[name] = int((st == s).sum())
+    valid = host.e820.valid_window(0, host.nframes)
+    counts["invalid"] = int((~valid).sum())
+    counts["broken"] = int(((ci & mm.PGC_broken) != 0).sum())
+    return {
+        "backend": "sim",
+        "max_mfn": host.max_page,
+        "max_mfn_hex": f"{host.max_page:x}",
+        "nr_pcpus": host.nr_pcpus,
+        "e820": host.e820.to_json(),
+        "xen_image": [f"{host.xen_image[0]:x}", f"{host.xen_image[1] - 1:x}"],
+        "xen_init_freed": [f"{host.xen_init[0]:x}", f"{host.xen_init[1] - 1:x}"],
+        "frames": counts,
+        "free_pages": host.heap.free_pages,
+        "offlined_list": len(host.heap.offlined_list),
+        "broken_list": len(host.heap.broken_list),
+        "domains": [{"domid": d.domid, "name": d.name, "type": "HVM" if d.hvm else "PV",
+                     "tot_pages": d.tot_pages, "flags": f"{d.flags():#x}"}
+                    for d in host.guest_domains()],
+        "quirks": host.quirks.to_state(),
+    }
+
+
+@host_group.command("show")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def host_show(obj: Ctx, as_json):
+    """E820 map, Xen's image, domains and frames per state."""
+    with obj.hypervisor(save=False) as hv:
+        if hv.kind != "sim":
+            raise click.UsageError("host show describes the simulated host (use --backend sim)")
+        s = host_summary(hv.host)
+    if as_json:
+        print_json(s)
+        return
+    from rich.console import Console
+    from rich.table import Table
+    con = Console()
+    t = Table(title=f"E820 (max_mfn {s['max_mfn_hex']})")
+    for c in ("start", "end", "type"):
+        t.add_column(c)
+    for e in s["e820"]:
+        t.add_row(e["start"], e["end"], e["type"])
+    con.print(t)
+    con.print(f"Xen image frames {s['xen_image'][0]}-{s['xen_image'][1]} "
+              f"(init region {s['xen_init_freed'][0]}-{s['xen_init_freed'][1]} freed to the heap)")
+    t = Table(title="frames by state")
+    for k in s["frames"]:
+        t.add_column(k, justify="right")
+    t.add_row(*[str(v) for v in s["frames"].values()])
+    con.print(t)
+    t = Table(title="domains")
+    for c in ("id", "name", "type", "pages", "flags"):
+        t.add_column(c)
+    for d in s["domains"]:
+        t.add_row(str(d["domid"]), d["name"], d["type"], str(d["tot_pages"]), d["flags"])
+    con.print(t)
+
+
+@cli.command("demo")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--keep", is_flag=True, help="keep the demo host in the state directory")
+@click.pass_obj
+def demo_cmd(obj: Ctx, as_json, keep):
+    """Retire pages of each kind on a fresh simulated host and report what happened."""
+    from ..backends import default_state_dir
+    from .sim_demo import run_demo
+    sys.exit(run_demo(obj.state_dir or default_state_dir(), as_json=as_json, keep=keep))
+
+
+# -- the service's view of the simulated machine --------------------------------------------------------------------------
+
+def _need_sim(obj: Ctx, what: str) -> None:
+    if _backend(obj) != "sim":
+        click.echo(f"xenpage: {what} works on the simulated host (--backend sim); on real Xen "
+                   "use xen-mceinj (xen-utils-4.17)", err=True)
+        sys.exit(1)
+
+
+def _seconds(param, v: float | None) -> float | None:
+    """A number of seconds: finite and not negative (click's FloatRange lets NaN through)."""
+    if v is not None and not (math.isfinite(v) and 0 <= v < 2 ** 62):
+        raise click.BadParameter(f"{v!r} is not a number of seconds", param=param)
+    return v
+
+
+@cli.command("mce-inject")
+@click.argument("frames", nargs=-1, required=True)
+@click.option("--uc", is_flag=True, help="uncorrected (Xen's machine-check handler acts on it)")
+@click.option("--count", type=click.IntRange(min=1, max=0x8000), default=1, show_default=True,
+              help="corrected errors per report (1 + MCi_STATUS's 15-bit count)")
+@click.option("--repeat", type=click.IntRange(min=1), default=1, show_default=True, help="reports per frame")
+@click.option("--scrub", is_flag=True, help="found by the patrol scrubber (else a read)")
+@click.option("--time", "at", type=float, default=None, callback=lambda c, p, v: _seconds(p, v),
+              help="Unix time of the event (default now)")
+@click.option("--interval", type=float, default=60.0, show_default=True,
+              callback=lambda c, p, v: _seconds(p, v), help="seconds between repeated reports")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json):
+    """(simulator) Memory errors on frames (MFNs or ranges, hex), logged to STATE_DIR/mcelog as
+    dom0's mcelog would; the service reads them from there."""
+    from .main import parse_mfn_args
+    from ..toolstack import hptool
+    from ..ras.sources import format_mcelog
+    _need_sim(obj, "mce-inject")
+    try:
+        mfns = parse_mfn_args(list(frames))
+    except hptool.BadMfn as e:
+        click.echo(f"xenpage: {e}; nothing done", err=True)
+        sys.exit(1)
+    from ..backends.sim.ras import SimMachineCheck
+    t0 = time.time() if at is None else at
+    out, texts = [], []
+    try:
+        with obj.hypervisor() as hv:
+            mc = SimMachineCheck(hv)
+            for m in mfns:
+                for k in range(repeat):
+                    try:
+                        inj = mc.inject(m, uncorrected=uc, count=count, time=t0 + k * interval,
+                                        scrub=scrub)
+                    except ValueError as e:
+                        click.echo(f"xenpage: {e}", err=True)
+                        sys.exit(1)
+                    texts.append(format_mcelog(inj.record, len(texts)))
+                    out.append({"record": inj.record.to_json(), "xen": inj.xen.to_json()})
+    except HostFileError as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    logp = _state_dir(obj) / SIM_LOG_NAME
+    logp.parent.mkdir(parents=True, exist_ok=True)
+    with open(logp, "a") as fh:
+        fh.write("".join(texts))
+    if as_json:
+        print_json({"log": str(logp), "injected": out})
+        return
+    for o in out:
+        r, x = o["record"], o["xen"]
+        what = "uncorrected" if uc else f"{count} corrected"
+        line = f"mfn {r['mfn']:#x}: {what} error logged (bank {r['bank']}, status {r['status_hex']})"
+        if uc:
+            line += f"; Xen: {x['effect']}" + (f" (owner d{x['owner']})" if x["owner"] is not None else "")
+        click.echo(line)
+    click.echo(f"xenpage: appended {len(texts)} records to {logp}")
+
+
+@cli.command("year")
+@click.option("--hosts", type=int, default=1, show_default=True, help="host-years (one error trace each)")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--days", type=float, default=365.0, show_default=True)
+@click.option("--policy", "policies", multiple=True,
+              help="policies to compare, presets with +modifiers (default: off, first-error, "
+                   "first-error+hvm-exchange, mcelog, rasdaemon, row)")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write a PNG")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
+    """(simulator) A year of field-like memory errors replayed against a simulated host's
+    guests in seconds: errors seen and avoided, frames retired, memory lost, uncorrected
+    errors avoided, guest suspend time -- beside Hwang et al. (ASPLOS 2012) and Meza et al.
+    (DSN 2015).  Uses fresh hosts; the saved host is not touched."""
+    from ..backends.sim import year
+    from ..ras.thresholds import ThresholdError
+    if plot_path:
+        _need_plotting()
+    pols = policies or year.DEFAULT_POLICIES
+    try:
+        rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
+    except ThresholdError as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    if plot_path:
+        year.plot(rep, plot_path)
+        rep["plot"] = str(plot_path)
+    if as_json:
+        print_json(rep)
+        return
+    click.echo(year.markdown(rep), nl=False)
+    if plot_path:
+        click.echo(f"plot: {plot_path}")
+
+
+@host_group.command("reboot")
+@click.option("--no-badpage", is_flag=True, help="boot without badpage= (Xen forgets everything)")
+@click.option("--badpage", "badpage_opt", default=None, help="this badpage= value instead of the list's")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
+    """(simulator) Reboot the saved host: guests are rebuilt, Xen forgets every offlined
+    frame except those its badpage= option names (by default the retired-page list's)."""
+    _need_sim(obj, "host reboot")
+    from ..backends.sim import host_path
+    from ..backends.sim import ras as sim_ras
+    from ..errors import HostFileError as HFE
+    value = ""
+    if not no_badpage:
+        value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
+    try:
+        with obj.hypervisor(save=False) as hv:
+            new = sim_ras.reboot(hv.host, value)
+            new.save(host_path(obj.state_dir))
+    except HFE as e:
+        click.echo(f"xenpage: {e}", err=True)
+        sys.exit(2)
+    res = {"badpage": value, "withheld": len(getattr(new, "withheld", [])), "domains": [
+        {"domid": d.domid, "name": d.name, "hvm": d.hvm} for d in new.guest_domains()]}
+    if as_json:
+        print_json(res)
+    else:
+        click.echo("rebooted the simulated host" + (f" with badpage={value} ({res['withheld']} "
+                                                    "frames withheld)" if value else " (no badpage=)"))
