@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..backends.sim import DefaultHostSpec, build_host, host_path
-from ..backends import default_state_dir
 from .main import Ctx, cli
 from .output import print_json
 
@@ -32,8 +31,10 @@ def list_cmd(obj: Ctx, as_json: bool):
 
 
 @cli.group("host")
-def host_group():
-    """Create or describe the saved simulated host."""
+@click.pass_obj
+def host_group(obj: Ctx):
+    """Create or describe the saved simulated host (simulator only)."""
+    obj.simulator_only("host")
 
 
 def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], ...]:
@@ -72,7 +73,7 @@ def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, no_guests, pcpus, as_json)
     except Exception as e:
         click.echo(f"xenpage: cannot build that host: {e}", err=True)
         sys.exit(1)
-    path = host_path(obj.state_dir)
+    path = host_path(obj.paths.state_dir)
     if path.exists():
         shutil.rmtree(path)
     host.save(path)
@@ -117,9 +118,7 @@ def host_summary(host) -> dict:
 @click.pass_obj
 def host_show(obj: Ctx, as_json):
     """E820 map, Xen's image, domains and frames per state."""
-    with obj.hypervisor(save=False) as hv:
-        if hv.kind != "sim":
-            raise click.UsageError("host show describes the simulated host (use --backend sim)")
+    with obj.simulated_host("host show", save=False) as hv:
         s = host_summary(hv.host)
     if as_json:
         print_json(s)
@@ -152,7 +151,8 @@ def host_show(obj: Ctx, as_json):
 @click.pass_obj
 def demo_cmd(obj: Ctx, as_json, keep):
     """Retire pages of each kind on a fresh simulated host and report what happened."""
+    obj.simulator_only("demo")
     from .demo import run_demo
-    sys.exit(run_demo(obj.state_dir or default_state_dir(), as_json=as_json, keep=keep))
+    sys.exit(run_demo(obj.paths.state_dir, as_json=as_json, keep=keep))
 from . import reliability  # noqa: E402,F401  (registers recover)
 from . import ras  # noqa: E402,F401  (registers retired, retire, badpages, retire-switch, mce-inject, year, host reboot)

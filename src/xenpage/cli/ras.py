@@ -24,19 +24,20 @@ from pathlib import Path
 
 import click
 
-from ..backends import default_state_dir
 from ..hypervisor.persist import HostFileError
+from ..paths import CONFIG_NAME
 from .commands import host_group
 from .main import Ctx, cli
 from .output import print_json
 
-CONFIG_NAME = "retired.conf"
 SIM_LOG_NAME = "mcelog"
 XEN_LOG = "/var/log/mcelog"
 
 
 def _state_dir(obj: Ctx) -> Path:
-    return Path(obj.state_dir or default_state_dir())
+    """The backend's state directory (:mod:`xenpage.paths`): the retired-page list, the
+    switch and the log positions the service, ``badpages`` and ``retire-switch`` share."""
+    return obj.paths.state_dir
 
 
 def _store(obj: Ctx):
@@ -45,15 +46,14 @@ def _store(obj: Ctx):
 
 
 def _backend(obj: Ctx) -> str:
-    from ..backends import choose_backend
-    return choose_backend(obj.backend)
+    return obj.kind
 
 
 def _policy(obj: Ctx, config: str | None, preset: str | None):
     from ..ras.thresholds import ThresholdError, load_policy
     path = config
     if path is None:
-        p = _state_dir(obj) / CONFIG_NAME
+        p = obj.paths.config
         path = str(p) if p.exists() else None
     try:
         return load_policy(path, env=dict(os.environ), preset=preset)
@@ -101,7 +101,8 @@ class _Stop:
 
 def _make_service(obj: Ctx, store, policy, log, kind: str, rows: _RowFrames):
     from ..ras.service import RetireService
-    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows)
+    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows,
+                         journal_dir=obj.paths.journal_dir)
 
 
 def _open_sources(names, store, follow: bool):
@@ -174,9 +175,9 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     t_end = time.monotonic() + max_seconds if max_seconds else None
     try:
         with obj.hypervisor() as hv:
-            if kind == "sim":
-                from ..hypervisor.mce import default_geometry
-                rows.geometry = default_geometry(hv.host)
+            if kind == "sim":  # the simulated machine's DRAM address map
+                from ..backends.sim_ras import geometry_of
+                rows.geometry = geometry_of(hv)
             replay = svc.replay(hv)
         sd_notify("READY=1")
         log("started", "info", backend=kind, sources=",".join(names), follow=follow,
@@ -220,7 +221,8 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
                    "/var/log/mcelog on Xen, STATE_DIR/mcelog on the simulator)")
 @click.option("--follow/--no-follow", default=True, show_default=True,
               help="keep following the logs (the service) or stop at their end")
-@click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default STATE_DIR/{CONFIG_NAME})")
+@click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default /etc/xenpage/{CONFIG_NAME} on real Xen, "
+              f"STATE_DIR/{CONFIG_NAME} on the simulator)")
 @click.option("--policy", "preset", help="start from a preset: first-error, mcelog, mcelog-default, "
               "rasdaemon, row, account, off; +hvm-exchange, +hvm-none, +pv-migrate modify it")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls")
@@ -431,11 +433,8 @@ def retire_switch(obj: Ctx, state, as_json):
 
 # -- the simulator --------------------------------------------------------------------------
 
-def _need_sim(obj: Ctx, what: str) -> None:
-    if _backend(obj) != "sim":
-        click.echo(f"xenpage: {what} works on the simulated host (--backend sim); on real Xen "
-                   "use xen-mceinj (xen-utils-4.17)", err=True)
-        sys.exit(1)
+def _need_sim(obj: Ctx, what: str, hint: str = "") -> None:
+    obj.simulator_only(what, hint)
 
 
 @cli.command("mce-inject")
@@ -455,7 +454,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     from .main import parse_mfn_args
     from ..toolstack import hptool
     from ..ras.sources import format_mcelog
-    _need_sim(obj, "mce-inject")
+    _need_sim(obj, "mce-inject", " (on real Xen: xen-mceinj, xen-utils-4.17)")
     try:
         mfns = parse_mfn_args(list(frames))
     except hptool.BadMfn as e:
@@ -465,7 +464,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     t0 = time.time() if at is None else at
     out, texts = [], []
     try:
-        with obj.hypervisor() as hv:
+        with obj.simulated_host("mce-inject") as hv:
             mc = SimMachineCheck(hv)
             for m in mfns:
                 for k in range(repeat):
@@ -512,6 +511,7 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
     guests in seconds: errors seen and avoided, frames retired, memory lost, uncorrected
     errors avoided, guest suspend time -- beside Hwang et al. (ASPLOS 2012) and Meza et al.
     (DSN 2015).  Uses fresh hosts; the saved host is not touched."""
+    _need_sim(obj, "year")
     from ..ras import year
     from ..ras.thresholds import ThresholdError
     pols = policies or year.DEFAULT_POLICIES
@@ -539,7 +539,8 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
 def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     """(simulator) Reboot the saved host: guests are rebuilt, Xen forgets every offlined
     frame except those its badpage= option names (by default the retired-page list's)."""
-    _need_sim(obj, "host reboot")
+    _need_sim(obj, "host reboot", " (on real Xen: reboot with badpage= from "
+              "'xenpage badpages --boot-option')")
     from ..backends import sim_ras
     from ..backends.sim import host_path
     from ..hypervisor.persist import HostFileError as HFE
@@ -547,9 +548,9 @@ def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     if not no_badpage:
         value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
     try:
-        with obj.hypervisor(save=False) as hv:
+        with obj.simulated_host("host reboot", save=False) as hv:
             new = sim_ras.reboot(hv.host, value)
-            new.save(host_path(obj.state_dir))
+            new.save(host_path(obj.paths.state_dir))
     except HFE as e:
         click.echo(f"xenpage: {e}", err=True)
         sys.exit(2)

@@ -109,6 +109,7 @@ class FaultyHypervisor:
         self.inner = inner
         self.plan = plan or FaultPlan()
         self.kind = inner.kind
+        self.capabilities = inner.capabilities
         self.calls: list[tuple[int, str, int]] = []
         self.per_method: dict[str, int] = {}
         self.injected: list[tuple[int, str, int, int]] = []  # (seq, method, nth, errno)
