@@ -116,7 +116,7 @@ class FaultyHypervisor:
         self.acted: list[tuple[int, str, int]] = []
 
     def __getattr__(self, name):
-        # anything not wrapped (checkpoint, host, state_dir, ...) goes to the backend
+        # anything not wrapped (checkpoint, a simulated backend's host, ...) goes to the backend
         return getattr(self.inner, name)
 
     def _match(self, item, seq: int, method: str, nth: int) -> bool:
