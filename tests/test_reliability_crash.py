@@ -236,3 +236,31 @@ def test_kill_while_guard_frames_are_held_then_recover(tmp_path, point):
     host = Host.load(host_path(state))
     assert sorted(set(host.heap.offlined_list) - set(offl0)) == [h + 1, h + 9]
     assert problems(host) == [] and host.heap.misaligned == 0
+
+
+def test_next_mem_offline_restores_dom0_after_a_kill_while_pinned(crash_state, tmp_path):
+    """No `recover` typed: the next mem-offline gives dom0 its affinity back first (from the
+    record the killed one left), then does its work from pCPU 1 and restores it again."""
+    state = tmp_path / "s"
+    shutil.copytree(crash_state, state)
+    host = Host.load(host_path(state))
+    mfns = targets(host)[:2]
+    affinity = [list(a) for a in host.domains[0].affinity]
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], crash="pinned")
+    assert r.returncode == -signal.SIGKILL
+    assert all(0 not in a for a in Host.load(host_path(state)).domains[0].affinity)
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["timings"]["dom0_affinity_restored"]
+    host = Host.load(host_path(state))
+    assert host.domains[0].affinity == affinity and not (state / pcpu.AFFINITY_RECORD).exists()
+    assert all(host.ft.owner(m) is None for m in mfns) and problems(host) == []
+
+
+def test_damaged_affinity_record_is_refused(crash_state, tmp_path):
+    state = tmp_path / "s"
+    shutil.copytree(crash_state, state)
+    (state / pcpu.AFFINITY_RECORD).write_text('{"dom0_vcpus": {"0": "x"}')
+    r = _run(state, "recover")
+    assert r.returncode == 2 and "unreadable record of dom0's vCPU affinity" in r.stderr
+    assert (state / pcpu.AFFINITY_RECORD).exists()
