@@ -18,7 +18,6 @@ from xenpage import paths
 from xenpage.backends.sim import SimHypervisor, host_path
 from xenpage.cli.main import Ctx, cli
 from xenpage.hypervisor.host import Host
-from xenpage.testing import small_host
 from xenpage.toolstack import crashpoint, journal
 from xenpage.toolstack.offline import mem_offline
 
@@ -107,10 +106,11 @@ class _Stop(BaseException):
     pass
 
 
-def test_journal_goes_where_it_is_told(tmp_path):
+def test_journal_goes_where_it_is_told(cli_state, tmp_path):
     """A backend with no state directory of its own (like the real one) journals into the
     directory it is given; without one, nothing is written anywhere."""
-    host, hv = small_host()
+    host = Host.load(host_path(cli_state))
+    hv = SimHypervisor(host)
     assert hv.state_dir is None
     seen = []
 
@@ -126,12 +126,14 @@ def test_journal_goes_where_it_is_told(tmp_path):
         crashpoint.hook = None
     recs = journal.read(tmp_path / "j")
     assert [r["op"] for r in recs] == ["begin", "clearing"]
-    assert seen[:3] == ["pinned", "begin", "begin+"]
+    assert seen[-5:] == ["begin", "begin+", "suspended", "clearing", "clearing+"]
+    assert seen[:3] == ["pinned", "guarded", "pinned"]     # the 4.17 split guard, then marks
     res = journal.recover(hv, tmp_path / "j")
     assert res.ok and not journal.journal_path(tmp_path / "j").exists()
-    host2, hv2 = small_host()
-    r = mem_offline(hv2, _pv_targets(host2))
+    before = set(os.listdir(tmp_path))
+    r = mem_offline(hv, _pv_targets(host))
     assert all(o.ok for o in r.outcomes)
+    assert set(os.listdir(tmp_path)) == before and not (tmp_path / "j" / "exchange.journal").exists()
 
 
 def test_the_product_reads_no_crash_variable(cli_state):
