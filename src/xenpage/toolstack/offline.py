@@ -94,8 +94,9 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     """``journal_dir`` (the CLI passes the state directory of :mod:`xenpage.paths`, on
     either backend; None: no journal) holds the write-ahead journal of each exchange, the
     split-guard record and the record of dom0's affinity while pinned; what an interrupted
-    run left there is recovered first (:mod:`.journal`, :func:`.pcpu.restore_recorded`).  ``retire``: how HVM guests' frames are retired and whether PV frames
-    left pending fall back to migration (default: migrate HVM guests to the same host).
+    run left there is recovered first (:mod:`.journal`, :func:`.pcpu.restore_recorded`).
+    ``retire``: how HVM guests' frames are retired and whether PV frames left pending fall
+    back to migration (default: migrate HVM guests to the same host).
     ``split_guard``: guard frames against Xen 4.17's misaligned buddy split (default: when
     the backend's Xen has that defect; :mod:`.split_guard`)."""
     t_start = time.perf_counter()
