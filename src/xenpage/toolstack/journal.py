@@ -38,6 +38,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -111,8 +112,7 @@ class Journal:
 
     def _checkpoint(self) -> None:
         if CAP_CHECKPOINT in self.hv.capabilities:
-            cast_hv: CheckpointHypervisor = self.hv  # type: ignore[assignment]
-            cast_hv.checkpoint()
+            cast(CheckpointHypervisor, self.hv).checkpoint()
 
     def write(self, op: str, truncate: bool = False, **data) -> None:
         self._checkpoint()
