@@ -30,7 +30,6 @@ def state(tmp_path):
 
 def _spawn(state, *args):
     env = dict(os.environ, XENPAGE_STATE_DIR=str(state), XENPAGE_BACKEND="sim")
-    env.pop(journal.CRASH_ENV, None)
     return subprocess.Popen([str(EXE), "--backend", "sim", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

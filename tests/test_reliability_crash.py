@@ -4,8 +4,9 @@ resumes with every byte of its memory.
 
 Two levels:
 
-* the real command, killed with SIGKILL (``XENPAGE_CRASH_AT``) at every journal point of
-  every exchange group, then ``xenpage recover`` in a new process;
+* the real command, killed with SIGKILL at every journal point of every exchange group (the
+  CLI run by ``tests/crashrun.py``, which installs the test-only crash hook), then
+  ``xenpage recover`` in a new process;
 * in-process, a "kill" between *every* two hypercalls of mem-offline: the host is saved at
   that instant (what a dead process leaves), the process state thrown away, the host loaded
   back and recovered.
@@ -27,12 +28,13 @@ import pytest
 from xenpage.backends.sim import SimHypervisor, host_path
 from xenpage.hypervisor.host import Host
 from simworld import image, problems, small_host
-from xenpage.toolstack import journal
+from xenpage.toolstack import crashpoint, journal, pcpu
 from xenpage.toolstack.faults import MUTATING, Action, FaultPlan, FaultyHypervisor
 from xenpage.toolstack.offline import mem_offline
 from xenpage.toolstack.outcomes import Kind
 
 EXE = Path(sys.executable).with_name("xenpage")
+CRASHRUN = Path(__file__).resolve().with_name("crashrun.py")
 
 
 def targets(host, domid: int = 1) -> list[int]:
@@ -54,10 +56,10 @@ def crash_state(tmp_path_factory):
 
 def _run(state, *args, crash=None):
     env = dict(os.environ, XENPAGE_STATE_DIR=str(state), XENPAGE_BACKEND="sim")
-    env.pop(journal.CRASH_ENV, None)
     if crash:
-        env[journal.CRASH_ENV] = crash
-    cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "xenpage.cli.main"]
+        cmd = [sys.executable, str(CRASHRUN), "--crash-at", crash, "--"]
+    else:
+        cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "xenpage.cli.main"]
     return subprocess.run(cmd + ["--backend", "sim"] + [str(a) for a in args], capture_output=True,
                           text=True, env=env, timeout=120)
 
@@ -81,7 +83,7 @@ def _check_recovered(host: Host, before, mfns: list[int], domid: int = 1) -> dic
     return kinds
 
 
-CLI_POINTS = [p for p in journal.CRASH_POINTS] + ["clearing:2", "snapshot+:2", "exchanged+:3",
+CLI_POINTS = [p for p in crashpoint.POINTS] + ["pinned", "clearing:2", "snapshot+:2", "exchanged+:3",
                                                   "done:3", "p2m:3", "copied:3"]
 
 
@@ -92,14 +94,23 @@ def test_kill_the_command_then_recover(crash_state, tmp_path, point):
     host = Host.load(host_path(state))
     mfns = targets(host)
     before = image(host, 1)
+    affinity = [list(a) for a in host.domains[0].affinity]
+    assert any(0 in a for a in affinity)
     r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], crash=point)
     assert r.returncode == -signal.SIGKILL, (point, r.returncode, r.stderr)
+    killed = Host.load(host_path(state))
+    if point.startswith("pinned"):  # killed while dom0 was kept off pCPU 0
+        assert all(0 not in a for a in killed.domains[0].affinity)
+        assert (state / pcpu.AFFINITY_RECORD).exists()
     jp = journal.journal_path(state)
     rec = _run(state, "recover", "--json")
     assert rec.returncode == 0, rec.stderr
     out = json.loads(rec.stdout)
     assert out["ok"] and not jp.exists()
+    assert bool(out["dom0_affinity_restored"]) == point.startswith("pinned")
     host = Host.load(host_path(state))
+    assert host.domains[0].affinity == affinity      # dom0 may run on pCPU 0 again
+    assert not (state / pcpu.AFFINITY_RECORD).exists()
     kinds = _check_recovered(host, before, mfns)
     # what recover said is what happened
     assert sorted(c["mfn"] for c in out["completed"]) == sorted(
@@ -172,7 +183,7 @@ def test_kill_between_every_two_hypercalls(tmp_path):
             raise Killed()
         fh = FaultyHypervisor(hv, FaultPlan(actions=[Action(seq, kill)]))
         with pytest.raises(Killed):
-            mem_offline(fh, mfns)
+            mem_offline(fh, mfns, journal_dir=state)
         del host, hv, fh
         host = Host.load(host_path(state))
         hv = SimHypervisor(host)
@@ -191,9 +202,11 @@ def test_kill_between_every_two_hypercalls(tmp_path):
     assert outcomes["complete"] and outcomes["rolled-back"]
 
 
-def test_kill_while_guard_frames_are_held_then_recover(tmp_path):
+@pytest.mark.parametrize("point", ["guarded", "pinned:2"])
+def test_kill_while_guard_frames_are_held_then_recover(tmp_path, point):
     """On a 4.17-split host mem-offline holds guard frames (toolstack/split_guard.py) before
-    it marks anything; killed there, `xenpage recover` onlines every one of them: the heap
+    it marks anything; killed there -- or while marking, dom0 pinned off pCPU 0 --
+    `xenpage recover` onlines every one of them and gives dom0 its affinity back: the heap
     is what it was, nothing left offline."""
     state = tmp_path / "s"
     host, _ = small_host()
@@ -201,14 +214,20 @@ def test_kill_while_guard_frames_are_held_then_recover(tmp_path):
     h, k = next((h, k) for h, k in host.heap.chunks() if k >= 8)
     host.save(host_path(state))
     free0, offl0 = host.heap.free_pages, dict(host.heap.offlined_list)
-    r = _run(state, "mem-offline", f"{h + 1:x}", f"{h + 9:x}", crash="guarded")
+    affinity = [list(a) for a in host.domains[0].affinity]
+    r = _run(state, "mem-offline", f"{h + 1:x}", f"{h + 9:x}", crash=point)
     assert r.returncode == -signal.SIGKILL, r.stderr
     host = Host.load(host_path(state))
     assert host.heap.free_pages < free0           # guard frames held when it died
+    pinned = all(0 not in a for a in host.domains[0].affinity)
+    assert pinned == (point == "pinned:2")
     rec = _run(state, "recover", "--json")
     assert rec.returncode == 0, rec.stderr
-    back = json.loads(rec.stdout)["guard_frames_onlined"]
+    out = json.loads(rec.stdout)
+    back = out["guard_frames_onlined"]
+    assert bool(out["dom0_affinity_restored"]) == pinned
     host = Host.load(host_path(state))
+    assert host.domains[0].affinity == affinity
     assert back and host.heap.free_pages == free0 and dict(host.heap.offlined_list) == offl0
     assert problems(host) == [] and host.heap.misaligned == 0
     # the command again: the two frames offlined, every chunk aligned
@@ -217,3 +236,31 @@ def test_kill_while_guard_frames_are_held_then_recover(tmp_path):
     host = Host.load(host_path(state))
     assert sorted(set(host.heap.offlined_list) - set(offl0)) == [h + 1, h + 9]
     assert problems(host) == [] and host.heap.misaligned == 0
+
+
+def test_next_mem_offline_restores_dom0_after_a_kill_while_pinned(crash_state, tmp_path):
+    """No `recover` typed: the next mem-offline gives dom0 its affinity back first (from the
+    record the killed one left), then does its work from pCPU 1 and restores it again."""
+    state = tmp_path / "s"
+    shutil.copytree(crash_state, state)
+    host = Host.load(host_path(state))
+    mfns = targets(host)[:2]
+    affinity = [list(a) for a in host.domains[0].affinity]
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], crash="pinned")
+    assert r.returncode == -signal.SIGKILL
+    assert all(0 not in a for a in Host.load(host_path(state)).domains[0].affinity)
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["timings"]["dom0_affinity_restored"]
+    host = Host.load(host_path(state))
+    assert host.domains[0].affinity == affinity and not (state / pcpu.AFFINITY_RECORD).exists()
+    assert all(host.ft.owner(m) is None for m in mfns) and problems(host) == []
+
+
+def test_damaged_affinity_record_is_refused(crash_state, tmp_path):
+    state = tmp_path / "s"
+    shutil.copytree(crash_state, state)
+    (state / pcpu.AFFINITY_RECORD).write_text('{"dom0_vcpus": {"0": "x"}')
+    r = _run(state, "recover")
+    assert r.returncode == 2 and "unreadable record of dom0's vCPU affinity" in r.stderr
+    assert (state / pcpu.AFFINITY_RECORD).exists()

@@ -165,7 +165,6 @@ def test_toolstack_not_control_domain(world):
 
 def test_damaged_journal_changes_nothing(tmp_path):
     host, hv = small_host()
-    hv.state_dir = tmp_path
     g = host.guests[1]
     mfns = [g.mfn(g.user_pages("private")[0])]
     n = 0
@@ -174,7 +173,7 @@ def test_damaged_journal_changes_nothing(tmp_path):
         journal.journal_path(tmp_path).write_bytes(junk)
         with pytest.raises(journal.JournalError):
             _unchanged(host, lambda: journal.recover(hv, tmp_path))
-        r = _unchanged(host, lambda: mem_offline(hv, mfns))
+        r = _unchanged(host, lambda: mem_offline(hv, mfns, journal_dir=tmp_path))
         assert r.report.exit_code == 2 and journal.journal_path(tmp_path).read_bytes() == junk
         n += 2
     TRIED["damaged journals (recover and mem-offline refuse, nothing changes)"] = n

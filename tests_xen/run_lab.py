@@ -59,6 +59,8 @@ GROUPS = {
     "flagship": "tests/contract tests_xen/test_memtest_offline.py tests_xen/test_page_kinds.py",
     "stock": "tests_xen/test_stock_exchange.py",
     "hang": "tests_xen/test_hang_guard.py",
+    # mem-offline killed (SIGKILL, tests/crashrun.py) at journal points, recovered by a new process
+    "crash": "tests_xen/test_crash_recover.py",
 }
 
 #: Groups run only when named (``--group split``): the split-guard churn passed in three

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..paths import sim_state_dir, state_paths
 
 
 def is_xen_control_domain() -> bool:
@@ -17,11 +18,8 @@ def is_xen_control_domain() -> bool:
 
 
 def default_state_dir() -> Path:
-    env = os.environ.get("XENPAGE_STATE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "xenpage"
+    """The simulator's state directory (:func:`xenpage.paths.sim_state_dir`)."""
+    return sim_state_dir()
 
 
 def choose_backend(kind: str = "auto") -> str:
@@ -41,4 +39,4 @@ def open_backend(kind: str = "auto", state_dir: Path | None = None, save: bool =
         from .xen import open_xen
         return open_xen()
     from .sim import open_host
-    return open_host(state_dir, save=save)
+    return open_host(state_paths("sim", state_dir).state_dir, save=save)

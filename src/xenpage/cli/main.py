@@ -1,9 +1,10 @@
 """``xenpage``: xen-hptool's ``mem-offline|mem-online|mem-status`` (a drop-in, with the same
 prefix matching), plus ``list``, ``host``, ``demo`` and more.
 
-Global options come before the command: ``--state-dir`` (or ``$XENPAGE_STATE_DIR``) names the
-saved simulated host; ``--backend`` forces ``sim`` or ``xen`` (default: real Xen in a control
-domain, the simulator elsewhere).
+Global options come before the command: ``--backend`` forces ``sim`` or ``xen`` (default: real
+Xen in a control domain, the simulator elsewhere); ``--state-dir`` (or ``$XENPAGE_STATE_DIR``)
+overrides where xenpage keeps its state (:mod:`xenpage.paths`: ``/var/lib/xenpage`` on real
+Xen, ``$XDG_STATE_HOME/xenpage`` on the simulator, whose saved host lives there too).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 import click
 
-from ..backends import is_xen_control_domain
+from ..backends import choose_backend
 from ..errors import HostFileError
+from ..paths import StatePaths, state_paths
 from ..toolstack import hptool
 from ..toolstack.pcpu import SinglePcpuHost
 from .output import emit
@@ -37,12 +39,39 @@ class Ctx:
     def __init__(self, state_dir: Path | None, backend: str):
         self.state_dir = state_dir
         self.backend = backend
+        self._kind: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """The backend this command acts on: ``sim`` or ``xen`` (``auto`` resolved once)."""
+        if self._kind is None:
+            self._kind = choose_backend(self.backend)
+        return self._kind
+
+    @property
+    def paths(self) -> StatePaths:
+        """Where this backend keeps its state (:mod:`xenpage.paths`), ``--state-dir`` applied."""
+        return state_paths(self.kind, self.state_dir)
+
+    def simulator_only(self, what: str, hint: str = "") -> None:
+        """A command that exists only on the simulated host: on real Xen say so, exit 2,
+        nothing done (the backend is never opened)."""
+        if self.kind != "sim":
+            sys.stderr.write(f"xenpage: '{what}' exists only on the simulated host "
+                             f"(--backend sim); this is real Xen: nothing done{hint}\n")
+            sys.exit(2)
+
+    @contextmanager
+    def simulated_host(self, what: str, save: bool = True):
+        """The simulated backend of a simulator-only command (its ``host`` is the simulated
+        machine itself): refuses on real Xen first (:meth:`simulator_only`)."""
+        self.simulator_only(what)
+        with self.hypervisor(save=save) as hv:
+            yield hv
 
     @contextmanager
     def hypervisor(self, save: bool = True):
-        kind = self.backend
-        if kind == "auto":
-            kind = "xen" if is_xen_control_domain() else "sim"
+        kind = self.kind
         if kind == "xen":
             from ..backends import xen as xenbackend  # noqa: F401  (real-Xen backend)
             with ExitStack() as stack:
@@ -55,7 +84,7 @@ class Ctx:
         from ..backends.sim import open_host
         with ExitStack() as stack:
             try:
-                hv = stack.enter_context(open_host(self.state_dir, save=save))
+                hv = stack.enter_context(open_host(self.paths.state_dir, save=save))
             except HostFileError as e:
                 # A saved host that cannot be read: say so, touch nothing (every command).
                 host_file_error(e)
@@ -227,8 +256,9 @@ def mem_offline_cmd(obj: Ctx, args):
         sys.exit(1)
     try:
         with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
-                retire_args.open(hv) as retire:
-            res = mem_offline(hv, mfns, retire=retire, split_guard=guard)
+                retire_args.open(hv, obj.paths.state_dir) as retire:
+            res = mem_offline(hv, mfns, retire=retire, split_guard=guard,
+                              journal_dir=obj.paths.journal_dir)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)

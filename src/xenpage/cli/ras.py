@@ -21,18 +21,19 @@ from pathlib import Path
 
 import click
 
-from ..backends import default_state_dir
 from ..errors import HostFileError
+from ..paths import CONFIG_NAME
 from .main import Ctx, cli
 from .output import print_json
 
-CONFIG_NAME = "retired.conf"
 SIM_LOG_NAME = "mcelog"
 XEN_LOG = "/var/log/mcelog"
 
 
 def _state_dir(obj: Ctx) -> Path:
-    return Path(obj.state_dir or default_state_dir())
+    """The backend's state directory (:mod:`xenpage.paths`): the retired-page list, the
+    switch and the log positions the service, ``badpages`` and ``retire-switch`` share."""
+    return obj.paths.state_dir
 
 
 def _store(obj: Ctx):
@@ -45,15 +46,14 @@ def _store(obj: Ctx):
 
 
 def _backend(obj: Ctx) -> str:
-    from ..backends import choose_backend
-    return choose_backend(obj.backend)
+    return obj.kind
 
 
 def _policy(obj: Ctx, config: str | None, preset: str | None):
     from ..ras.thresholds import ThresholdError, load_policy
     path = config
     if path is None:
-        p = _state_dir(obj) / CONFIG_NAME
+        p = obj.paths.config
         path = str(p) if p.exists() else None
     try:
         return load_policy(path, env=dict(os.environ), preset=preset)
@@ -101,7 +101,8 @@ class _Stop:
 
 def _make_service(obj: Ctx, store, policy, log, kind: str, rows: _RowFrames):
     from ..ras.service import RetireService
-    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows)
+    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows,
+                         journal_dir=obj.paths.journal_dir)
 
 
 def _open_sources(names, store, follow: bool):
@@ -220,7 +221,8 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
                    "/var/log/mcelog on Xen, STATE_DIR/mcelog on the simulator)")
 @click.option("--follow/--no-follow", default=True, show_default=True,
               help="keep following the logs (the service) or stop at their end")
-@click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default STATE_DIR/{CONFIG_NAME})")
+@click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default /etc/xenpage/{CONFIG_NAME} on real Xen, "
+              f"STATE_DIR/{CONFIG_NAME} on the simulator)")
 @click.option("--policy", "preset", help="start from a preset: first-error, mcelog, mcelog-default, "
               "rasdaemon, row, account, off; +hvm-exchange, +hvm-none, +pv-migrate modify it")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls")

@@ -1,5 +1,6 @@
 """``xenpage recover``: finish or undo an exchange interrupted by the death of the toolstack
-(from the write-ahead journal in the state directory), and resume the guest."""
+(from the write-ahead journal in the state directory, :mod:`xenpage.paths`), resume the
+guest, online the split-guard frames it held and restore dom0's vCPU affinity."""
 
 from __future__ import annotations
 
@@ -16,11 +17,10 @@ from .output import print_json
 @click.pass_obj
 def recover_cmd(obj: Ctx, as_json: bool):
     """Complete or roll back an interrupted exchange (write-ahead journal), resume the guest."""
-    from ..backends import default_state_dir
-    from ..toolstack.journal import recover
+    from ..toolstack import pcpu
+    from ..toolstack.journal import JournalError, acquire, recover
+    sd = obj.paths.journal_dir
     with obj.hypervisor() as hv:
-        sd = getattr(hv, "state_dir", None) or obj.state_dir or default_state_dir()
-        from ..toolstack.journal import JournalError, acquire
         with acquire(sd):
             try:
                 res = recover(hv, sd)
@@ -33,8 +33,14 @@ def recover_cmd(obj: Ctx, as_json: bool):
             except ValueError as e:
                 sys.stderr.write(f"xenpage: {e}\n")
                 sys.exit(2)
+            try:
+                affinity = pcpu.restore_recorded(hv, sd)
+            except (ValueError, OSError) as e:
+                sys.stderr.write(f"xenpage: {e}\n")
+                sys.exit(2)
     if as_json:
-        print_json(dict(res.to_json(), guard_frames_onlined=back))
+        print_json(dict(res.to_json(), guard_frames_onlined=back,
+                        dom0_affinity_restored={str(v): c for v, c in affinity.items()}))
     else:
         for line in res.lines():
             click.echo(line, err=bool(res.errors))
@@ -42,4 +48,7 @@ def recover_cmd(obj: Ctx, as_json: bool):
             click.echo(f"split guard: {len(back)} guard frame(s) a killed mem-offline left "
                        f"offline are online again ({', '.join(f'{m:x}' for m in back[:8])}"
                        f"{', ...' if len(back) > 8 else ''})")
+        for v, cpus in sorted(affinity.items()):
+            click.echo(f"xenpage: dom0 vCPU {v} a killed mem-offline left pinned off pCPU 0 "
+                       f"may run on pCPUs {','.join(map(str, cpus))} again")
     sys.exit(0 if res.ok else 1)

@@ -28,8 +28,9 @@ class RetireArgs:
     link: tuple[float, float] | None = None
 
     @contextmanager
-    def open(self, hv):
-        """The :class:`RetireOptions`, with the destination host opened (and saved back)."""
+    def open(self, hv, state_dir: Path | None = None):
+        """The :class:`RetireOptions`, with the destination host opened (and saved back);
+        ``state_dir``: this host's (a ``--migrate-to`` naming it means the same host)."""
         from ..toolstack.migrate import Link
         link = None
         if self.link:
@@ -37,10 +38,10 @@ class RetireArgs:
         if self.migrate_to is None:
             yield RetireOptions(self.hvm, self.fallback, None, link)
             return
-        if getattr(hv, "kind", "") != "sim":
+        if hv.kind != "sim":
             raise ValueError("--migrate-to names a simulated host; on real Xen use xl migrate")
         from ..backends.sim import open_host
-        if Path(self.migrate_to).resolve() == Path(getattr(hv, "state_dir", "") or "/nonexistent").resolve():
+        if state_dir is not None and Path(self.migrate_to).resolve() == Path(state_dir).resolve():
             yield RetireOptions(self.hvm, self.fallback, None, link)
             return
         with open_host(Path(self.migrate_to)) as dst:

@@ -21,7 +21,7 @@ import click
 from ..errors import HostFileError
 from .main import Ctx, cli
 from .output import print_json
-from .ras import SIM_LOG_NAME, _backend, _state_dir, _store
+from .ras import SIM_LOG_NAME, _state_dir, _store
 
 PLOT_EXTRA = "plot"
 
@@ -37,8 +37,10 @@ def _need_plotting() -> None:
 
 
 @cli.group("host")
-def host_group():
-    """Create or describe the saved simulated host."""
+@click.pass_obj
+def host_group(obj: Ctx):
+    """Create or describe the saved simulated host (simulator only)."""
+    obj.simulator_only("host")
 
 
 def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], ...]:
@@ -78,7 +80,7 @@ def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, no_guests, pcpus, as_json)
     except Exception as e:
         click.echo(f"xenpage: cannot build that host: {e}", err=True)
         sys.exit(1)
-    path = host_path(obj.state_dir)
+    path = host_path(obj.paths.state_dir)
     host.save(path)
     summary = host_summary(host)
     if as_json:
@@ -121,9 +123,7 @@ def host_summary(host) -> dict:
 @click.pass_obj
 def host_show(obj: Ctx, as_json):
     """E820 map, Xen's image, domains and frames per state."""
-    with obj.hypervisor(save=False) as hv:
-        if hv.kind != "sim":
-            raise click.UsageError("host show describes the simulated host (use --backend sim)")
+    with obj.simulated_host("host show", save=False) as hv:
         s = host_summary(hv.host)
     if as_json:
         print_json(s)
@@ -158,18 +158,15 @@ def host_show(obj: Ctx, as_json):
 @click.pass_obj
 def demo_cmd(obj: Ctx, as_json, keep):
     """Retire pages of each kind on a fresh simulated host and report what happened."""
-    from ..backends import default_state_dir
+    obj.simulator_only("demo")
     from .sim_demo import run_demo
-    sys.exit(run_demo(obj.state_dir or default_state_dir(), as_json=as_json, keep=keep))
+    sys.exit(run_demo(obj.paths.state_dir, as_json=as_json, keep=keep))
 
 
 # -- the service's view of the simulated machine --------------------------------------------------------------------------
 
-def _need_sim(obj: Ctx, what: str) -> None:
-    if _backend(obj) != "sim":
-        click.echo(f"xenpage: {what} works on the simulated host (--backend sim); on real Xen "
-                   "use xen-mceinj (xen-utils-4.17)", err=True)
-        sys.exit(1)
+def _need_sim(obj: Ctx, what: str, hint: str = "") -> None:
+    obj.simulator_only(what, hint)
 
 
 def _seconds(param, v: float | None) -> float | None:
@@ -198,7 +195,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     from .main import parse_mfn_args
     from ..toolstack import hptool
     from ..ras.sources import format_mcelog
-    _need_sim(obj, "mce-inject")
+    _need_sim(obj, "mce-inject", " (on real Xen: xen-mceinj, xen-utils-4.17)")
     try:
         mfns = parse_mfn_args(list(frames))
     except hptool.BadMfn as e:
@@ -208,7 +205,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     t0 = time.time() if at is None else at
     out, texts = [], []
     try:
-        with obj.hypervisor() as hv:
+        with obj.simulated_host("mce-inject") as hv:
             mc = SimMachineCheck(hv)
             for m in mfns:
                 for k in range(repeat):
@@ -255,6 +252,7 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
     guests in seconds: errors seen and avoided, frames retired, memory lost, uncorrected
     errors avoided, guest suspend time -- beside Hwang et al. (ASPLOS 2012) and Meza et al.
     (DSN 2015).  Uses fresh hosts; the saved host is not touched."""
+    _need_sim(obj, "year")
     from ..backends.sim import year
     from ..ras.thresholds import ThresholdError
     if plot_path:
@@ -284,7 +282,8 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
 def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     """(simulator) Reboot the saved host: guests are rebuilt, Xen forgets every offlined
     frame except those its badpage= option names (by default the retired-page list's)."""
-    _need_sim(obj, "host reboot")
+    _need_sim(obj, "host reboot", " (on real Xen: reboot with badpage= from "
+              "'xenpage badpages --boot-option')")
     from ..backends.sim import host_path
     from ..backends.sim import ras as sim_ras
     from ..errors import HostFileError as HFE
@@ -292,9 +291,9 @@ def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     if not no_badpage:
         value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
     try:
-        with obj.hypervisor(save=False) as hv:
+        with obj.simulated_host("host reboot", save=False) as hv:
             new = sim_ras.reboot(hv.host, value)
-            new.save(host_path(obj.state_dir))
+            new.save(host_path(obj.paths.state_dir))
     except HFE as e:
         click.echo(f"xenpage: {e}", err=True)
         sys.exit(2)

@@ -165,17 +165,19 @@ class RetireService:
     """Decides and acts for one host.  ``hard(hv, mfn) -> dict`` marks a frame broken (Xen's
     machine-check path); ``expand(unit, record) -> [mfn]`` lists the frames of a DRAM row or
     bank when the address map is known; ``clock`` gives the time of decisions and retries
-    (records carry their own time for the buckets)."""
+    (records carry their own time for the buckets).  ``journal_dir``: where ``mem-offline``
+    keeps its write-ahead journal (the CLI passes the state directory; None: none)."""
 
     def __init__(self, store: Store, policy: Policy, clock: Callable[[], float] = _time.time,
                  hard: Callable | None = None, log: Log | None = None, expand=None,
-                 offline: Callable = mem_offline):
+                 offline: Callable = mem_offline, journal_dir=None):
         self.store = store
         self.policy = policy
         self.clock = clock
         self.hard = hard
         self.log = log or Log(stream=False)
         self.offline = offline
+        self.journal_dir = journal_dir
         buckets, unit_frames = store.load_buckets()
         self.acct = Accountant(policy, buckets, unit_frames, expand=expand)
         self.stats = Stats()
@@ -379,7 +381,8 @@ class RetireService:
         p = self.policy
         try:
             res = self.offline(hv, [f.mfn], retire=RetireOptions(
-                hvm=p.hvm, fallback="migrate" if p.fallback == "migrate" else None))
+                hvm=p.hvm, fallback="migrate" if p.fallback == "migrate" else None),
+                journal_dir=self.journal_dir)
         except Exception as e:  # SinglePcpuHost, a hung simulated host, a backend error
             self.stats.errors += 1
             self.log("action-failed", "error", mfn=f"{f.mfn:#x}", action="soft",

@@ -109,13 +109,14 @@ class FaultyHypervisor:
         self.inner = inner
         self.plan = plan or FaultPlan()
         self.kind = inner.kind
+        self.capabilities = inner.capabilities
         self.calls: list[tuple[int, str, int]] = []
         self.per_method: dict[str, int] = {}
         self.injected: list[tuple[int, str, int, int]] = []  # (seq, method, nth, errno)
         self.acted: list[tuple[int, str, int]] = []
 
     def __getattr__(self, name):
-        # anything not wrapped (checkpoint, host, state_dir, ...) goes to the backend
+        # anything not wrapped (checkpoint, a simulated backend's host, ...) goes to the backend
         return getattr(self.inner, name)
 
     def _match(self, item, seq: int, method: str, nth: int) -> bool:

@@ -204,24 +204,25 @@ def _runs(mfns: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def mark_offline_many(hv: Hypervisor, mfns: list[int], highest_first: bool = False
-                      ) -> list[tuple[int, int]]:
+def mark_offline_many(hv: Hypervisor, mfns: list[int], highest_first: bool = False,
+                      record_dir=None) -> list[tuple[int, int]]:
     """``(rc, status)`` per MFN, exactly as ``xc_mark_page_offline(mfn, mfn)`` one frame at a
     time would answer, but issued as range calls over runs of consecutive MFNs (the sysctl
     walks a range frame by frame and stops at the first refusal; the walk resumes after it),
     with dom0 kept off pCPU 0 once for the whole batch.
 
     ``highest_first``: one call per frame, from the highest MFN down, so that each free frame
-    is the last of its buddy when offlined (:mod:`.split_guard`); answers in the given order."""
+    is the last of its buddy when offlined (:mod:`.split_guard`); answers in the given order.
+    ``record_dir``: where dom0's affinity is recorded while pinned (:func:`.pcpu.off_pcpu0`)."""
     if highest_first:
         got: dict[int, tuple[int, int]] = {}
-        with off_pcpu0(hv):
+        with off_pcpu0(hv, record_dir=record_dir):
             for m in sorted(set(mfns), reverse=True):
                 rc, st = hv.page_offline_op(S.sysctl_page_offline, m, m)
                 got[m] = (rc, int(st[0]) if st is not None else S.STATUS_UNTOUCHED)
         return [got[m] for m in mfns]
     out: list[tuple[int, int]] = []
-    with off_pcpu0(hv):
+    with off_pcpu0(hv, record_dir=record_dir):
         for first, last in _runs(list(mfns)):
             cur = first
             while cur <= last:
@@ -245,12 +246,12 @@ def mark_offline_many(hv: Hypervisor, mfns: list[int], highest_first: bool = Fal
     return out
 
 
-def mem_offline_marks(hv: Hypervisor, mfns: list[int], highest_first: bool = False
-                      ) -> list[tuple[Report, int, int]]:
+def mem_offline_marks(hv: Hypervisor, mfns: list[int], highest_first: bool = False,
+                      record_dir=None) -> list[tuple[Report, int, int]]:
     """:func:`mem_offline_mark` for many frames at once (range calls; see
     :func:`mark_offline_many`): the same reports, in the same order."""
     return [(offline_report(m, rc, st), rc, st)
-            for m, (rc, st) in zip(mfns, mark_offline_many(hv, mfns, highest_first))]
+            for m, (rc, st) in zip(mfns, mark_offline_many(hv, mfns, highest_first, record_dir))]
 
 
 def is_owned_pending(rc: int, status: int) -> bool:

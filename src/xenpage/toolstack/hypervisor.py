@@ -16,6 +16,19 @@ from ..abi import domctl
 
 if TYPE_CHECKING:  # annotations only: the CLI's start-up does not load numpy
     import numpy as np
+# -- capabilities: what a backend can do beyond the base protocol ---------------------------
+#: live migration (and the HVM retirement paths' other calls): the backend is a
+#: :class:`MigrationHypervisor`
+CAP_MIGRATE = "migrate"
+#: in-place exchange of an HVM guest's frames (``hvm_p2m`` + ``hvm_exchange_gfn``, xenpage's
+#: own extension, see :class:`MigrationHypervisor`)
+CAP_HVM_INPLACE = "hvm-inplace"
+#: the host's state must be saved by the toolstack at each journal record
+#: (:class:`CheckpointHypervisor`): the simulator, whose host lives in this process.  Real
+#: Xen keeps its state by itself across the death of a dom0 process and does not claim it.
+CAP_CHECKPOINT = "checkpoint"
+#: every capability a backend may claim
+CAPABILITIES = frozenset({CAP_MIGRATE, CAP_HVM_INPLACE, CAP_CHECKPOINT})
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,9 @@ class Hypervisor(Protocol):
 
     #: "sim" or "xen"
     kind: str
+    #: what this backend can do beyond this protocol, from :data:`CAPABILITIES`; the
+    #: toolstack asks this, never the backend's attributes
+    capabilities: frozenset[str]
 
     # -- host -------------------------------------------------------------------------------
     def physinfo(self) -> PhysInfo: ...
@@ -181,6 +197,16 @@ class Hypervisor(Protocol):
 
     def wait(self, seconds: float) -> None:
         """Let time pass (the simulator runs its guests; real Xen just sleeps)."""
+        ...
+
+
+@runtime_checkable
+class CheckpointHypervisor(Hypervisor, Protocol):
+    """A backend claiming :data:`CAP_CHECKPOINT`."""
+
+    def checkpoint(self) -> None:
+        """Save the host now: what the death of the toolstack at this point leaves behind
+        (the write-ahead journal calls it before each record)."""
         ...
 
 

@@ -23,10 +23,12 @@ and pins restored bit for bit).  If the process died between XENMEM_exchange and
 ``exchanged`` record, the frames' ownership and the M2P say which were exchanged and where
 to.  Then the guest is resumed if xenpage suspended it, and the journal is removed.
 
-On the simulator, each record first asks the backend to ``checkpoint()`` (save the host to
-its state directory): what a real machine keeps by itself across the death of a dom0
-process.  ``XENPAGE_CRASH_AT=<record>`` (or ``<record>+``) kills the process with SIGKILL just
-before (after) that record is made durable -- the crash tests use it.
+The journal's directory is given explicitly (``mem_offline(..., journal_dir=...)``: the
+state directory of :mod:`xenpage.paths` on either backend).  A backend claiming
+``CAP_CHECKPOINT`` (the simulator) is asked to ``checkpoint()`` -- save its host -- before each
+record: what a real machine keeps by itself across the death of a dom0 process.  Each record
+is also a named :mod:`.crashpoint` (``<record>`` just before it is durable, ``<record>+``
+just after), where only a test-installed hook can stop the process.
 """
 
 from __future__ import annotations
@@ -34,43 +36,24 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from ..abi import domctl as D
 from ..abi import pte as P
 from ..abi import xen as X
-from . import rollforward
-from .hypervisor import Hypervisor
+from . import crashpoint, rollforward
+from .hypervisor import CAP_CHECKPOINT, CheckpointHypervisor, Hypervisor
 
 JOURNAL_NAME = "exchange.journal"
-CRASH_ENV = "XENPAGE_CRASH_AT"
-#: every point at which XENPAGE_CRASH_AT can kill the process, in the order they happen
-CRASH_POINTS = ("begin", "begin+", "suspended", "clearing", "clearing+", "cleared", "unpinning",
-                "unpinning+", "unpinned", "snapshot", "snapshot+", "exchanged", "exchanged+",
-                "copied", "p2m", "done", "done+", "resumed", "end")
-
-
-_SEEN: dict[str, int] = {}
 
 
 def crash_point(name: str, hv=None) -> None:
-    """Kill this process if ``XENPAGE_CRASH_AT`` names this point (``name`` or ``name:k``
-    for its k-th occurrence, e.g. ``clearing:2`` in the second exchange group).  ``hv``:
-    a simulated host is saved first (a real one keeps its state by itself)."""
-    want = os.environ.get(CRASH_ENV)
-    if not want:
-        return
-    _SEEN[name] = _SEEN.get(name, 0) + 1
-    point, _, k = want.partition(":")
-    if point == name and _SEEN[name] == (int(k) if k.isdigit() else 1):
-        cp = getattr(hv, "checkpoint", None)
-        if cp is not None:
-            cp()
-        os.kill(os.getpid(), signal.SIGKILL)
+    """A named point a crash test may stop at (:mod:`.crashpoint`; nothing in the product)."""
+    crashpoint.reached(name, hv)
 
 
 LOCK_NAME = "mem-offline.lock"
@@ -128,13 +111,12 @@ class Journal:
         self.records = 0
 
     def _checkpoint(self) -> None:
-        cp = getattr(self.hv, "checkpoint", None)
-        if cp is not None:
-            cp()
+        if CAP_CHECKPOINT in self.hv.capabilities:
+            cast(CheckpointHypervisor, self.hv).checkpoint()
 
     def write(self, op: str, truncate: bool = False, **data) -> None:
         self._checkpoint()
-        crash_point(op)
+        crash_point(op, self.hv)
         new = truncate or not self.path.exists()
         with open(self.path, "w" if truncate else "a") as f:
             f.write(json.dumps({"op": op, **data}, separators=(",", ":")) + "\n")
@@ -143,7 +125,7 @@ class Journal:
         if new:
             _fsync_dir(self.dir)
         self.records += 1
-        crash_point(op + "+")
+        crash_point(op + "+", self.hv)
 
     def begin(self, domid: int, mfns: list[int], was_suspended: bool) -> None:
         self.write("begin", truncate=True, domid=domid, mfns=[int(m) for m in mfns],
@@ -152,7 +134,7 @@ class Journal:
     def step(self, name: str) -> None:
         """A point between two steps that needs no record (the host is checkpointed)."""
         self._checkpoint()
-        crash_point(name)
+        crash_point(name, self.hv)
 
     def hook(self, step: str, **info) -> None:
         """``exchange_pages``'s hook."""
@@ -180,7 +162,7 @@ class Journal:
     def end(self) -> None:
         """The guest is resumed: nothing left to recover."""
         self._checkpoint()
-        crash_point("end")
+        crash_point("end", self.hv)
         try:
             self.path.unlink()
         except FileNotFoundError:

@@ -28,7 +28,7 @@ from . import hptool, journal
 from .exchange import exchange_pages, load_guest
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
-from .pcpu import off_pcpu0
+from .pcpu import off_pcpu0, restore_recorded
 from .report import Report
 from .retire import RetireOptions, fallback_pv, retire_hvm
 from .split_guard import SplitGuard, split_misaligns
@@ -91,16 +91,19 @@ def resume_guest(hv: Hypervisor, domid: int, tries: int = 4) -> int:
 def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
                 hook=None, journal_dir=None, retire: RetireOptions | None = None,
                 split_guard: bool | None = None) -> OfflineResult:
-    """``journal_dir`` (default: the backend's ``state_dir``, if it has one) holds the
-    write-ahead journal of each exchange; an interrupted one found there is recovered first
-    (:mod:`.journal`).  ``retire``: how HVM guests' frames are retired and whether PV frames
-    left pending fall back to migration (default: migrate HVM guests to the same host).
+    """``journal_dir`` (the CLI passes the state directory of :mod:`xenpage.paths`, on
+    either backend; None: no journal) holds the write-ahead journal of each exchange, the
+    split-guard record and the record of dom0's affinity while pinned; what an interrupted
+    run left there is recovered first (:mod:`.journal`, :func:`.pcpu.restore_recorded`).
+    ``retire``: how HVM guests' frames are retired and whether PV frames left pending fall
+    back to migration (default: migrate HVM guests to the same host).
     ``split_guard``: guard frames against Xen 4.17's misaligned buddy split (default: when
     the backend's Xen has that defect; :mod:`.split_guard`)."""
     t_start = time.perf_counter()
-    jdir = journal_dir if journal_dir is not None else getattr(hv, "state_dir", None)
+    jdir = journal_dir
     recovered = None
     lock = journal.acquire(jdir) if jdir is not None else None  # released when it is closed
+    affinity_back = _restore_affinity(hv, jdir)
     if jdir is not None and journal.journal_path(jdir).exists():
         try:
             recovered = journal.recover(hv, jdir)
@@ -125,11 +128,12 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     guard_back = _recover_guard(hv, jdir)
     try:
         if guard is not None:
-            with off_pcpu0(hv):
+            with off_pcpu0(hv, record_dir=jdir):
                 guard.protect(order)
             journal.crash_point("guarded", hv)
         # range sysctls over consecutive runs, dom0 pinned off pCPU 0 once
-        marks = hptool.mem_offline_marks(hv, order, highest_first=guard is not None)
+        marks = hptool.mem_offline_marks(hv, order, highest_first=guard is not None,
+                                         record_dir=jdir)
     except OSError as e:  # dom0 could not be kept off pCPU 0: nothing marked
         marks = []
         for mfn in order:
@@ -201,6 +205,8 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         timings["split_guard"] = guard.summary()
     if guard_back:
         timings["split_guard_recovered"] = guard_back
+    if affinity_back:
+        timings["dom0_affinity_restored"] = {str(v): c for v, c in affinity_back.items()}
     timings["total_s"] = time.perf_counter() - t_start
     report = Report()
     if recovered is not None:
@@ -218,6 +224,16 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     if lock is not None:
         lock.close()
     return OfflineResult(report, [outcomes[m] for m in order], timings)
+
+
+def _restore_affinity(hv: Hypervisor, jdir) -> dict[int, list[int]]:
+    """dom0's vCPU affinity a killed mem-offline left pinned off pCPU 0 goes back first."""
+    if jdir is None:
+        return {}
+    try:
+        return restore_recorded(hv, jdir)
+    except (ValueError, OSError):  # left for 'xenpage recover' to report
+        return {}
 
 
 def _recover_guard(hv: Hypervisor, jdir) -> list[int]:

@@ -6,15 +6,28 @@ is corrupted and the next offline of that domain's frames, or its destruction, h
 Taken first on any other pCPU it stays sane.  So every offline is issued with dom0's vCPUs
 pinned away from pCPU 0, and their affinity is restored afterwards
 (xen-lab.md, "A hang in Xen 4.17's page offlining").
+
+A toolstack killed while dom0 is pinned cannot restore the affinity itself.  With a
+``record_dir`` (``mem-offline`` passes its journal directory) the affinity as it was is
+written there first (``dom0-affinity.json``, fsync'd) and removed once restored;
+:func:`restore_recorded` -- run by ``xenpage recover`` and at the start of the next
+``mem-offline`` -- puts back what a killed process left pinned.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Iterator
 
+from . import crashpoint
 from .hypervisor import Hypervisor
+
+#: in the state directory while dom0's vCPUs are pinned off physical CPU 0
+AFFINITY_RECORD = "dom0-affinity.json"
 
 
 class SinglePcpuHost(Exception):
@@ -35,9 +48,60 @@ def allow_single_pcpu(allow: bool = True) -> Iterator[None]:
         _FORCED.reset(tok)
 
 
+def _write_record(path: Path, saved: dict[int, list[int]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"dom0_vcpus": {str(v): c for v, c in saved.items()}}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def restore_recorded(hv: Hypervisor, state_dir) -> dict[int, list[int]]:
+    """Put back the dom0 vCPU affinity a killed toolstack recorded in ``state_dir`` before
+    pinning it off pCPU 0, then drop the record.  Returns ``{vcpu: cpus}`` restored (empty
+    when there was no record).  Raises ``ValueError`` for an unreadable record (left in
+    place) and ``OSError`` when Xen refuses an affinity (record kept: try again)."""
+    path = Path(state_dir) / AFFINITY_RECORD
+    if not path.exists():
+        return {}
+    try:
+        saved = {int(v): [int(c) for c in cpus]
+                 for v, cpus in json.loads(path.read_text())["dom0_vcpus"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable record of dom0's vCPU affinity ({e}); "
+                         "nothing restored") from e
+    d0 = hv.domain_info(0)
+    nv = d0.nr_vcpus if d0 else 0
+    done = {}
+    for v, cpus in sorted(saved.items()):
+        if v >= nv or not cpus:
+            continue
+        if hv.vcpu_affinity(0, v) == cpus:
+            continue
+        rc = hv.set_vcpu_affinity(0, v, cpus)
+        if rc < 0:
+            raise OSError(-rc, f"cannot restore dom0 vCPU {v}'s affinity to {cpus}")
+        done[v] = cpus
+    path.unlink()
+    _fsync_dir(path.parent)
+    return done
+
+
 @contextmanager
-def off_pcpu0(hv: Hypervisor, force: bool = False) -> Iterator[list[int]]:
-    """Pin every dom0 vCPU to the physical CPUs other than 0 for the duration."""
+def off_pcpu0(hv: Hypervisor, force: bool = False, record_dir=None) -> Iterator[list[int]]:
+    """Pin every dom0 vCPU to the physical CPUs other than 0 for the duration.  With
+    ``record_dir`` the affinity as it was is recorded there (fsync'd) before anything is
+    pinned, and the record removed once it is restored (:func:`restore_recorded`)."""
     n = hv.physinfo().nr_cpus
     if n < 2:
         if not (force or _FORCED.get()):
@@ -53,6 +117,11 @@ def off_pcpu0(hv: Hypervisor, force: bool = False) -> Iterator[list[int]]:
     saved = [hv.vcpu_affinity(0, v) for v in range(nv)]
     target = list(range(1, n))
     changed = []
+    record = None
+    if record_dir is not None and any(0 in c for c in saved):
+        record = Path(record_dir) / AFFINITY_RECORD
+        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        _write_record(record, {v: c for v, c in enumerate(saved) if 0 in c})
     try:
         for v in range(nv):
             if 0 in saved[v]:
@@ -60,7 +129,12 @@ def off_pcpu0(hv: Hypervisor, force: bool = False) -> Iterator[list[int]]:
                 if rc < 0:
                     raise OSError(-rc, f"cannot pin dom0 vCPU {v} off pCPU 0")
                 changed.append(v)
+        if changed:
+            crashpoint.reached("pinned", hv)
         yield target
     finally:
+        failed = False
         for v in changed:
-            hv.set_vcpu_affinity(0, v, saved[v])
+            failed |= hv.set_vcpu_affinity(0, v, saved[v]) < 0
+        if record is not None and not failed:
+            record.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..abi import sysctl as S
 from .hvm_exchange import exchange_hvm_pages
+from .hypervisor import CAP_MIGRATE
 from .migrate import Link, MigrationCosts, migrate
 from .outcomes import Kind, Outcome, Reason
 
@@ -73,8 +74,7 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str) 
 
 
 def _can_migrate(hv) -> bool:
-    return all(callable(getattr(hv, m, None)) for m in
-               ("maximum_gpfn", "logdirty_control", "read_pages", "domain_create", "now"))
+    return CAP_MIGRATE in hv.capabilities
 
 
 def retire_hvm(hv, domid: int, mfns: list[int], opts: RetireOptions | None) -> list[Outcome]:
@@ -82,7 +82,7 @@ def retire_hvm(hv, domid: int, mfns: list[int], opts: RetireOptions | None) -> l
     opts = opts or RetireOptions()
     if opts.hvm != "none" and not _can_migrate(hv):
         return [Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
-                        f"d{domid} is an HVM guest and the {getattr(hv, 'kind', '?')} backend cannot "
+                        f"d{domid} is an HVM guest and the {hv.kind} backend cannot "
                         "migrate it or exchange its frames here (use xl migrate); the frame stays "
                         "offline-pending", domid=domid) for m in mfns]
     if opts.hvm == "none":

@@ -157,6 +157,5 @@ def recover(hv: Hypervisor, state_dir) -> list[int]:
 
 def split_misaligns(hv: Hypervisor) -> bool:
     """Whether the host's Xen misaligns buddies around offlined frames: every released Xen
-    up to 4.17.7 (the backend may say otherwise; the simulator follows its quirk switch)."""
-    f = getattr(hv, "split_misaligns", None)
-    return bool(f()) if callable(f) else True
+    up to 4.17.7 (the backend says; the simulator follows its quirk switch)."""
+    return bool(hv.split_misaligns())

@@ -25,7 +25,7 @@ from ...hypervisor.e820 import MiB
 from ...hypervisor.host import DomainError, Host, HostConfig
 from ...hypervisor import persist
 from ...hypervisor.persist import HostFileError
-from ...toolstack.hypervisor import DomainInfo, PhysInfo
+from ...toolstack.hypervisor import CAP_CHECKPOINT, CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo, PhysInfo
 from .. import default_state_dir
 
 HOST_DIRNAME = "host"
@@ -35,6 +35,8 @@ class SimHypervisor:
     """dom0's privileged interface to a simulated :class:`Host`."""
 
     kind = "sim"
+    #: live migration, in-place HVM exchange, and a host saved at each journal record
+    capabilities = frozenset({CAP_MIGRATE, CAP_HVM_INPLACE, CAP_CHECKPOINT})
     #: set by :func:`open_host`: the state directory (the journal lives there) and the host
     state_dir: Path | None = None
     path: Path | None = None

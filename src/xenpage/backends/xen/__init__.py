@@ -14,15 +14,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from ...paths import XEN_LOCK, xen_lock
 from .hypervisor import XenBackendError, XenForeignMap, XenHypervisor
 
 __all__ = ["open_xen", "XenHypervisor", "XenForeignMap", "XenBackendError", "LOCK_PATH", "lock_path"]
 
-LOCK_PATH = Path("/run/xenpage.lock")
+LOCK_PATH = XEN_LOCK
 
 
 def lock_path() -> Path:
-    return Path(os.environ.get("XENPAGE_LOCK") or LOCK_PATH)
+    """The host-wide lock (:mod:`xenpage.paths`: ``/run/xenpage.lock``)."""
+    return xen_lock()
 
 
 @contextmanager

@@ -62,6 +62,9 @@ class XenHypervisor:
     """dom0's privileged interface to the Xen host it runs on."""
 
     kind = "xen"
+    #: none yet: no live migration nor in-place HVM exchange through this backend, and real
+    #: Xen needs no checkpoint (it keeps its state across the death of a dom0 process)
+    capabilities: frozenset[str] = frozenset()
 
     def __init__(self, libs: L.Libs | None = None, guard_pcpu0: bool = True):
         try:
