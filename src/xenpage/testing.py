@@ -34,7 +34,7 @@ _STATE_MASK = _U(~mm.PGC_state & 0xFFFFFFFFFFFFFFFF)
 #: itself; they check xenpage against the fixed split (tests/test_split_guard.py and the
 #: default host check the 4.17 one).
 SMALL = DefaultHostSpec(mem_mib=128, dom0_mib=32, pv_guests=(("pv1", 8), ("pv2", 8)),
-                        hvm_guests=(("hvm1", 4),), nr_pcpus=2, seed=7,
+                        hvm_guests=(("hvm1", 4),), pvh_guests=(), nr_pcpus=2, seed=7,
                         quirks=Quirks(reserve_misaligned=False))
 
 
@@ -393,15 +393,14 @@ class World:
 
     def hvm_migrate(self) -> None:
         """``xl migrate`` of a random HVM guest to the same host (when there is room)."""
-        from .toolstack.migrate import migrate
         d = self._pick(self.hvm_guests())
         if d is None:
             return
-        res = migrate(self.hv, d)
+        res = self.hv.live_migrate(d)
         self.host.run_guests(0)
         self.outcomes[f"hvm_migrate.{'ok' if res.ok else 'rc' + str(res.rc)}"] += 1
         if res.ok:
-            assert d not in self.host.domains and res.dst_domid in self.host.guests
+            assert d not in self.host.domains and res.new_domid in self.host.guests
         else:
             assert d in self.host.domains, res.error
         self._forget(d)

@@ -1,10 +1,11 @@
 """``mem-offline``'s options for frames the PV exchange cannot retire:
 
-* ``--hvm=migrate|exchange|none`` -- an HVM guest's frames: live-migrate the guest (default),
-  exchange them in place (xenpage's own p2m-exchange), or leave them pending as xen-hptool;
+* ``--hvm=migrate|exchange|none`` -- an HVM/PVH guest's frames: live-migrate the guest
+  (default), retire them in place (decrease_reservation + populate_physmap under a pause), or
+  leave them pending as xen-hptool;
 * ``--fallback=migrate`` -- PV frames left pending because they are granted or mapped
-  elsewhere: live-migrate their guest (and, with ``--hvm=exchange``, an HVM frame the device
-  model maps);
+  elsewhere: live-migrate their guest (and, with ``--hvm=exchange``, an HVM/PVH frame that is
+  granted or stays referenced);
 * ``--migrate-to=DIR`` -- migrate to the simulated host saved in DIR (default: the same
   host, when it has room);
 * ``--link=MBITS[:LATENCY_MS]`` -- the simulated link (default: 1 Gbit/s to another host,
@@ -29,22 +30,24 @@ class RetireArgs:
 
     @contextmanager
     def open(self, hv):
-        """The :class:`RetireOptions`, with the destination host opened (and saved back)."""
-        from ..toolstack.migrate import Link
+        """The :class:`RetireOptions`, with the destination host opened (and saved back).
+        ``--link`` and ``--migrate-to`` are the simulator's (its migration model's link, a
+        second saved simulated host)."""
+        sim = getattr(hv, "kind", "") == "sim"
+        if (self.link or self.migrate_to is not None) and not sim:
+            raise ValueError("--migrate-to and --link are the simulator's; on real Xen use xl migrate")
         link = None
         if self.link:
+            from ..backends.sim_migrate import Link
             link = Link(self.link[0] * 1e6, self.link[1] / 1e3, f"{self.link[0]:g} Mbit/s")
-        if self.migrate_to is None:
-            yield RetireOptions(self.hvm, self.fallback, None, link)
+            hv.migration_link = link
+        if self.migrate_to is None or Path(self.migrate_to).resolve() == \
+                Path(getattr(hv, "state_dir", "") or "/nonexistent").resolve():
+            yield RetireOptions(self.hvm, self.fallback, None)
             return
-        if getattr(hv, "kind", "") != "sim":
-            raise ValueError("--migrate-to names a simulated host; on real Xen use xl migrate")
         from ..backends.sim import open_host
-        if Path(self.migrate_to).resolve() == Path(getattr(hv, "state_dir", "") or "/nonexistent").resolve():
-            yield RetireOptions(self.hvm, self.fallback, None, link)
-            return
         with open_host(Path(self.migrate_to)) as dst:
-            yield RetireOptions(self.hvm, self.fallback, dst, link)
+            yield RetireOptions(self.hvm, self.fallback, dst)
 
 
 def retire_options(args: list[str]) -> tuple[list[str], RetireArgs]:

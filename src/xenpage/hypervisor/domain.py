@@ -25,6 +25,9 @@ class Domain:
     domid: int
     name: str
     hvm: bool = False
+    #: a PVH guest: an HVM container (``is_hvm_domain``) with HAP, no device model and only
+    #: the local APIC emulated (``emulation_flags`` = ``XEN_X86_EMU_LAPIC``)
+    pvh: bool = False
     privileged: bool = False
     max_pages: int = 0
     tot_pages: int = 0
@@ -48,6 +51,9 @@ class Domain:
     #: the guest's ``arch_shared_info``: where its P2M frame list lives and its size
     p2m_fll_mfn: int = 0
     p2m_max_pfn: int = 0
+    #: ``v->mapcache_invalidate`` (one flag for all vCPUs here): the device model must drop
+    #: its map cache on the guest's next hypercall
+    mapcache_invalidate: bool = False
     #: free-form per-domain data kept by the guest layer (kernel model state)
     guest: dict = field(default_factory=dict)
 

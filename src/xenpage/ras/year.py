@@ -106,7 +106,7 @@ def year_host_spec():
     """The host of the year: 2 GiB, dom0 384 MiB, two Linux-like PV guests and an HVM guest."""
     from ..backends.sim import DefaultHostSpec
     return DefaultHostSpec(mem_mib=2048, dom0_mib=384,
-                           pv_guests=(("web", 512), ("db", 512)), hvm_guests=(("win", 384),))
+                           pv_guests=(("web", 512), ("db", 512)), hvm_guests=(("win", 384),), pvh_guests=())
 
 
 def pristine_host(spec=None):
