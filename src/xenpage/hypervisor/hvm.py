@@ -248,9 +248,14 @@ def decrease_reservation(host: "Host", caller: int, domid: int, gfns) -> int:
         return -E.ESRCH
     if caller != domid and not (c and c.privileged):
         return -E.EPERM
+    gl = [int(g) for g in np.asarray(gfns, dtype=np.int64).ravel().tolist()]
+    if not d.hvm:  # a PV guest names machine frames (memory.decrease_reservation)
+        from .memory import Reservation
+        from .memory import decrease_reservation as pv_decrease
+        return pv_decrease(host, caller, Reservation(gl, 0, domid))
     done = 0
-    for g in np.asarray(gfns, dtype=np.int64).ravel().tolist():
-        if (guest_remove_page(host, d, int(g)) if d.hvm else -E.EINVAL) != 0:
+    for g in gl:
+        if guest_remove_page(host, d, g) != 0:
             break
         done += 1
     return done
