@@ -24,6 +24,9 @@ POD_LOCK_CORRUPT = "corrupt"
 class Domain:
     domid: int
     name: str
+    #: ``is_hvm_domain``: an HVM container with Xen's p2m -- HVM *and* PVH guests.  Every rule
+    #: the simulator keys on ``hvm`` (translated foreign maps, no typed references, vMCE,
+    #: PoD, refcount-less mmuext, log-dirty by p2m type) holds for both, as in Xen 4.17
     hvm: bool = False
     #: a PVH guest: an HVM container (``is_hvm_domain``) with HAP, no device model and only
     #: the local APIC emulated (``emulation_flags`` = ``XEN_X86_EMU_LAPIC``)

@@ -27,7 +27,7 @@
       unit-scope = seen                 # row/bank overflow retires the frames seen with
                                         # errors there (as rasdaemon) or `all` of the unit
       retry-initial = 60s   retry-max = 1d   soft-attempts = 3   max-retired = 0
-      hvm = migrate                     # HVM frames: live migration | exchange (in place) | none
+      hvm = migrate                     # HVM/PVH frames: live migration | exchange (in place, stock hypercalls) | none
       pv-fallback = none                # PV frames left pending: none | migrate (the guest)
 
 Mapped to Xen: ``soft`` is ``mem-offline`` (the frame is exchanged in a PV guest, an HVM guest is live-migrated off

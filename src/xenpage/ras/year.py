@@ -18,7 +18,7 @@ Reported beside published figures:
 
 The simulated host's counterpart of the gap: dom0's frames are never exchanged (dom0 is not
 suspended), and an HVM guest's frames wait for a live migration that a full host has no room
-for (``+hvm-exchange``: xenpage's in-place HVM exchange, a hypervisor extension, retires them
+for (``+hvm-exchange``: the in-place retirement with stock hypercalls retires them
 without one) -- so their errors keep coming.
 """
 

@@ -35,6 +35,8 @@ class DomainInfo:
 
     @property
     def hvm(self) -> bool:
+        """``XEN_DOMINF_hvm_guest``: a translated guest, HVM or PVH (Xen's flags do not tell
+        them apart; see :mod:`.guest_type`)."""
         return bool(self.flags & domctl.XEN_DOMINF_hvm_guest)
 
     @property
