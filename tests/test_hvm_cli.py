@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+from xenpage.abi import hvm as H
+
 from xenpage.backends.sim import host_path
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host
@@ -86,3 +88,39 @@ def test_option_errors_change_nothing(cli_state, xenpage_cli):
         assert r.returncode == 1 and "nothing done" in r.stderr, bad
     r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
     assert r.stdout.splitlines()[-1] == "Memory Status 0: [ PAGE_ONLINED ]"
+
+
+def test_pvh_guest_is_listed_and_retired_in_place(cli_state, xenpage_cli):
+    r = xenpage_cli(cli_state, "list")
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines()[1:]}
+    assert rows["pvh1"][2] == "PVH" and rows["hvm1"][2] == "HVM" and rows["domu1"][2] == "PV"
+    data = json.loads(xenpage_cli(cli_state, "list", "--json").stdout)
+    assert {d["name"]: d["type"] for d in data}["pvh1"] == "pvh"
+    m = hvm_mfn(cli_state, 777, domid=3)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", "--hvm=exchange", "--json")
+    assert r.returncode == 0, r.stderr
+    o = json.loads(r.stdout)["outcomes"][0]
+    assert (o["kind"], o["domid"], o["gpfn"], o["extra"]["type"]) == ("exchanged", 3, 777, "pvh")
+    load_ok(cli_state)
+
+
+def test_killed_in_place_retirement_is_completed_by_recover(cli_state, xenpage_cli):
+    """SIGKILL right after the pages were journaled and the gfns given back: the guest is
+    left paused with a hole; ``xenpage recover`` repopulates it from the journal."""
+    import os
+    m = hvm_mfn(cli_state, 1234)
+    os.environ["XENPAGE_CRASH_AT"] = "hvm-decreased"
+    try:
+        r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", "--hvm=exchange")
+    finally:
+        del os.environ["XENPAGE_CRASH_AT"]
+    assert r.returncode == -9
+    assert (cli_state / "hvm-exchange.journal").exists()
+    h = Host.load(host_path(cli_state))
+    assert h.domains[2].pause_count == 1 and h.ept[2].type[1234] == H.p2m_invalid
+    assert h.guests[2].verify() != []                                   # the guest's memory is not whole
+    r = xenpage_cli(cli_state, "recover")
+    assert r.returncode == 0, r.stderr
+    assert "unpaused" in r.stdout
+    h = load_ok(cli_state)
+    assert not h.domains[2].pause_count and not (cli_state / "hvm-exchange.journal").exists()

@@ -368,6 +368,7 @@ def _run(hv, domid: int, cand: list[tuple[int, int]], headroom: int, journal_dir
             cg = gfns[s:s + step]
             cw = words[s:s + step]
             done = hv.decrease_reservation(domid, cg)
+            crash_point("hvm-decreased", hv)  # the journal alone holds these pages now
             hook("decreased", done=done)
             n = max(done, 0)
             for mfn, g in chunk[n:]:
