@@ -38,9 +38,9 @@ def test_hvm_page_is_retired_by_live_migration_to_the_same_host(cli_state, xenpa
     r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
     assert r.stdout.splitlines()[-1] == "Memory Status 2: [ PAGE_OFFLINED ]"
     h = load_ok(cli_state)
-    assert 2 not in h.domains and h.domains[3].name == "hvm1" and h.domains[3].hvm
+    assert 2 not in h.domains and h.domains[4].name == "hvm1" and h.domains[4].hvm
     r = xenpage_cli(cli_state, "list")
-    assert any(line.split()[:3] == ["hvm1", "3", "HVM"] for line in r.stdout.splitlines())
+    assert any(line.split()[:3] == ["hvm1", "4", "HVM"] for line in r.stdout.splitlines())
 
 
 def test_hvm_page_exchanged_in_place(cli_state, xenpage_cli):
