@@ -138,9 +138,13 @@ def alloc_order0(host: "Host", n: int) -> np.ndarray:
 
 
 def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, np.ndarray]:
-    """``XENMEM_populate_physmap`` (order-0 extents, GPFNs given) for an HVM domain:
-    ``(rc, mfns)``; rc is the number of extents done or -errno.  A gfn already populated is
-    refused (the restore never asks twice)."""
+    """``XENMEM_populate_physmap`` (order-0 extents, GPFNs given) for a translated domain:
+    ``(rc, mfns)``; rc is the number of extents done or -errno (the backend gives the caller
+    no MFNs: Xen copies none back for a translated guest).  Each extent is
+    ``alloc_domheap_pages`` (over ``max_pages``: the call stops there) then
+    ``guest_physmap_add_page`` -> ``p2m_add_page``: a gfn that already maps a RAM frame is
+    *replaced* -- the old frame's M2P entry invalidated, the frame itself left allocated to
+    the domain with no gfn (Xen 4.17 does not free it; it goes with the domain)."""
     c = host.domains.get(caller)
     d = host.domains.get(domid)
     if d is None or d.is_system:
@@ -161,8 +165,6 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
     if top > p.size:
         p.grow(max(top, 2 * p.size))
         P.rebind(host, domid)
-    if (p.type[gfns] != H.p2m_invalid).any():
-        return -E.EEXIST, np.zeros(0, dtype=np.int64)
     k = min(gfns.size, max(0, d.max_pages - d.tot_pages))
     if k == 0:
         return 0, np.zeros(0, dtype=np.int64)
@@ -176,6 +178,8 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
         return 0, np.zeros(0, dtype=np.int64)
     ft = host.ft
     _assign(host, d, mfns)
+    old = p.mfn[gfns][np.isin(p.type[gfns], (H.p2m_ram_rw, H.p2m_ram_logdirty, H.p2m_ram_ro))]
+    ft.m2p_plus1[old.astype(np.int64)] = _U(0)  # p2m_add_page: M2P of the replaced frames
     ft.m2p_plus1[mfns] = gfns.astype(np.uint64) + _U(1)
     p.mfn[gfns] = mfns.astype(np.uint64)
     p.type[gfns] = H.p2m_ram_logdirty if p.logdirty else H.p2m_ram_rw
