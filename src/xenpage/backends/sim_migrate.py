@@ -331,8 +331,8 @@ def migrate(src: SaveRestoreHypervisor, domid: int, dst: SaveRestoreHypervisor |
         res.rc, res.error = (top if top < 0 else -E.EINVAL), f"d{domid} has no memory map"
         return res
     p2m_size = top + 1
-    new = create_incoming(dst, info, same, True, res,
-                          pvh=src.xs_read(f"/libxl/{domid}/type") == "pvh")
+    pvh = src.xs_read(f"/libxl/{domid}/type") == "pvh"
+    new = create_incoming(dst, info, same, True, res, pvh=pvh)
     if new is None:
         return res
     stream = _Stream(src, dst, link)
@@ -368,7 +368,8 @@ def migrate(src: SaveRestoreHypervisor, domid: int, dst: SaveRestoreHypervisor |
         t_ctx = stream.t
         stream.send(H.REC_HEADER_BYTES + int(getattr(ctx, "nbytes", 0)))
         stream.send(H.REC_HEADER_BYTES + 16 * 8)                  # HVM_PARAMS
-        stream.send(H.REC_HEADER_BYTES + costs.emulator_state_bytes)
+        if not pvh:  # libxl's EMULATOR_CONTEXT record: a PVH guest has no device model
+            stream.send(H.REC_HEADER_BYTES + costs.emulator_state_bytes)
         stream.send(H.REC_HEADER_BYTES)                           # END
         ctx_s = stream.t - t_ctx
         stream.elapse(link.latency_s)                             # the last byte arrives
