@@ -259,7 +259,7 @@ class Policy:
     #: stop retiring (and say so) beyond this many frames; 0 = no limit
     max_retired: int = 0
     #: how soft retires an HVM guest's frame: live migration ("migrate", the toolstack's
-    #: default), xenpage's in-place HVM exchange ("exchange"), or not at all ("none")
+    #: default), in place with stock hypercalls ("exchange"), or not at all ("none")
     hvm: str = "migrate"
     #: a PV frame left pending (granted, referenced elsewhere): live-migrate its guest
     #: ("migrate") or wait ("none")
