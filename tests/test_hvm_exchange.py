@@ -376,3 +376,29 @@ def test_machine_checked_frame_stays_broken_type():
     sysctl.machine_check_offline(h, b)        # broken, type still ram_rw (sysctl path)
     r = exchange_hvm_pages(hv, 1, [b])
     assert r.outcomes[0].reason == Reason.BROKEN and not r.paused
+
+
+def test_a_page_xen_maps_for_the_guest_stays_pending_and_fallback_migrates(tmp_path):
+    """``VCPUOP_register_vcpu_info`` on a gfn: Xen holds the frame (general + writable type
+    reference) and no dom0 interface shows it.  The in-place move completes (the guest's
+    memory is whole) but the old frame stays pending, reported; ``--fallback=migrate``
+    then migrates the guest, and the frame goes with the old domain."""
+    from xenpage.hypervisor import foreign
+    from xenpage.toolstack.retire import RetireOptions, retire_hvm
+    h, hv, g = hvm_host(guest_mib=4, headroom=HEAD)
+    assert foreign.map_guest_page(h, 1, 77, "vcpu_info") == 0
+    m = g.mfn(77)
+    assert int(h.ft.type_info[m]) & 0xFFFF == 1            # the writable type reference
+    mark(hv, m)
+    r = exchange_hvm_pages(hv, 1, [m])
+    o = r.outcomes[0]
+    assert (o.kind, o.reason) == (Kind.PENDING, Reason.REFERENCED) and "vcpu_info" in o.detail
+    assert g.verify() == [] and invariants.check(h) == []
+    assert status(hv, m) & S.PG_OFFLINE_STATUS_OFFLINE_PENDING
+    m2 = g.mfn(78)
+    mark(hv, m2)
+    foreign.map_guest_page(h, 1, 78, "evtchn_fifo_control")
+    outs = retire_hvm(hv, 1, [m2], RetireOptions(hvm="exchange", fallback="migrate"))
+    assert outs[0].kind == Kind.MIGRATED and status(hv, m2) == S.PG_OFFLINE_STATUS_OFFLINED
+    assert status(hv, m) == S.PG_OFFLINE_STATUS_OFFLINED   # the old domain took it with it
+    assert invariants.check(h) == []

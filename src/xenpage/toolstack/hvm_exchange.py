@@ -25,7 +25,11 @@ does from the inside:
    PENDING is held by someone (a device model's map cache, a backend's foreign mapping): Xen
    has asked the device model to invalidate its map cache (``p2m_remove_entry`` ->
    ``ioreq_request_mapcache_invalidate``; the request goes out on the guest's next
-   hypercall), so the move rolls forward and the frame is reported as still pending;
+   hypercall), so the move rolls forward and the frame is reported as still pending --
+   a frame Xen itself maps for the guest (``map_vcpu_info``, the event-channel FIFO pages:
+   long-lived ``get_page_from_gfn`` + ``get_page_type`` references no dom0 interface shows)
+   is the dangerous case: Xen keeps writing the old frame, so such a frame is left to a
+   migration (``--fallback=migrate``), which makes the guest register them again;
 4. ``XENMEM_populate_physmap`` at the same gfns (a fresh frame each; Xen writes no MFN back
    for a translated guest), **write** the contents back (``write_pages``), **verify** them by
    reading back (and, where the backend can tell the frame behind a gfn, that the new frame's
@@ -449,9 +453,11 @@ def _moved(hv, domid: int, mfn: int, g: int, st_after: int, order: int | None) -
                        f"at {where} (populate_physmap) and its content copied back; old frame offlined",
                        domid=domid, gpfn=g, new_mfn=new, status=st_after, extra=extra)
     return Outcome(mfn, Kind.PENDING, Reason.REFERENCED,
-                   f"gfn {g:#x} now at {where} with its content, but the old frame was still referenced "
-                   "when it left the p2m (a device model's map cache or a backend's foreign mapping): "
-                   "it stays offline-pending until that reference goes",
+                   f"gfn {g:#x} now at {where} with its content, but the old frame is still referenced "
+                   "(a device model's map-cache entry in use, a backend's foreign mapping, or Xen's own "
+                   "mapping of a page the guest registered -- vcpu_info, event-channel FIFO pages -- "
+                   "which Xen keeps using through the old frame: live-migrate the guest, "
+                   "--fallback=migrate); it stays offline-pending until that reference goes",
                    domid=domid, gpfn=g, new_mfn=new, status=st_after, extra=extra)
 
 
