@@ -14,6 +14,7 @@ Two images are compared to decide what an interrupted or failed operation did:
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,10 @@ _STATE_MASK = _U(~mm.PGC_state & 0xFFFFFFFFFFFFFFFF)
 SMALL = DefaultHostSpec(mem_mib=128, dom0_mib=32, pv_guests=(("pv1", 8), ("pv2", 8)),
                         hvm_guests=(("hvm1", 4),), pvh_guests=(), nr_pcpus=2, seed=7,
                         quirks=Quirks(reserve_misaligned=False))
+
+
+#: SMALL with a PVH guest beside the HVM one (the state machine's host)
+SMALL_PVH = dataclasses.replace(SMALL, pvh_guests=(("pvh1", 4),))
 
 
 def small_host(spec: DefaultHostSpec | None = None):
@@ -209,7 +214,7 @@ class World:
 
     def hvm_guests(self) -> list[int]:
         return [d for d, g in sorted(self.host.guests.items())
-                if d in self.host.domains and getattr(g, "kind", "") == "hvm"]
+                if d in self.host.domains and getattr(g, "kind", "") in ("hvm", "pvh")]
 
     def _forget(self, domid: int) -> None:
         """dom0's mappings of a domain that is gone were dropped with it."""
