@@ -402,3 +402,35 @@ def test_a_page_xen_maps_for_the_guest_stays_pending_and_fallback_migrates(tmp_p
     assert outs[0].kind == Kind.MIGRATED and status(hv, m2) == S.PG_OFFLINE_STATUS_OFFLINED
     assert status(hv, m) == S.PG_OFFLINE_STATUS_OFFLINED   # the old domain took it with it
     assert invariants.check(h) == []
+
+
+def test_recover_after_someone_else_unpaused_fills_only_the_holes(tmp_path):
+    """Killed after the decrease; then another toolstack unpaused the guest, which ran and
+    wrote its memory: recovery must not put the journal's older pages back over newer ones,
+    only fill the gfns still holes."""
+    h, hv, g = hvm_host(guest_mib=4, rate=3000, headroom=HEAD)
+    ms = [g.mfn(x) for x in (5, 600)]
+    mark(hv, *ms)
+    jd = tmp_path / "j"
+    saved = {}
+
+    def hook(s, **kw):
+        if s == "decreased" and not saved:
+            saved["host"] = copy.deepcopy(h)
+            shutil.copy(journal_path(jd), tmp_path / "saved.journal")
+    exchange_hvm_pages(hv, 1, ms, journal_dir=jd, hook=hook)
+    h2 = saved["host"]
+    hv2 = SimHypervisor(h2)
+    g2 = h2.guests[1]
+    assert h2.ept[1].type[5] == H.p2m_invalid and h2.ept[1].type[600] == H.p2m_invalid
+    hv2.populate_physmap(1, [600])                 # someone repopulated one gfn ...
+    HV.guest_write(h2, 1, [600], [0xABCDEF])       # ... and the guest wrote it
+    g2.expect[600] = 0xABCDEF
+    hv2.unpause(1)                                 # another toolstack unpaused the guest
+    jd2 = tmp_path / "j2"
+    jd2.mkdir()
+    shutil.copy(tmp_path / "saved.journal", journal_path(jd2))
+    res = recover(hv2, jd2)
+    assert res.ok and res.completed == [5, 600] and not res.unpaused
+    assert int(h2.ft.content[int(h2.ept[1].mfn[600])]) == 0xABCDEF   # not overwritten
+    assert g2.verify() == [] and invariants.check(h2) == []

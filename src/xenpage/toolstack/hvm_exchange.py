@@ -205,9 +205,21 @@ def _retry(fn) -> int:
     return rc
 
 
-def _complete(hv, domid: int, gfns: np.ndarray, words: list[np.ndarray]) -> tuple[int, str]:
+def _complete(hv, domid: int, gfns: np.ndarray, words: list[np.ndarray],
+              only_holes: bool = False) -> tuple[int, str]:
     """Roll forward: every gfn of ``gfns`` that is a hole gets a fresh frame, every page is
-    written with its journaled words and read back.  Idempotent.  ``(rc, step)``."""
+    written with its journaled words and read back (``only_holes``: only the pages that were
+    holes).  Idempotent.  ``(rc, step)``."""
+    if only_holes:
+        rc, t = hv.page_types(domid, gfns)
+        if rc:
+            return rc, "page types"
+        keep = np.asarray(t, dtype=np.uint32) == D.XEN_DOMCTL_PFINFO_XTAB
+        gfns = gfns[keep]
+        words = [w for w, k in zip(words, keep.tolist()) if k]
+        if gfns.size == 0:
+            return 0, ""
+
     def populate() -> int:
         rc, t = hv.page_types(domid, gfns)
         if rc:
@@ -516,7 +528,9 @@ def recover(hv, journal_dir) -> HvmRecovery:
     if "snapshot" in ops and "unpausing" not in ops:
         gfns = np.array(b["gfns"], dtype=np.int64)
         words = [_unb64(x) for x in ops["snapshot"]["pages"]]
-        rc, step = _complete(hv, domid, gfns, words)
+        # a guest someone else unpaused has run since: its pages are newer than the
+        # journal's; only the gfns still holes take the journaled content
+        rc, step = _complete(hv, domid, gfns, words, only_holes=not info.paused)
         if rc:
             res.errors.append(f"{step} of d{domid}'s gfns failed ({E.name(rc)})")
             return res
