@@ -282,6 +282,7 @@ def exchange_hvm_pages(hv: MigrationHypervisor, domid: int, mfns: list[int],
     probe = getattr(hv, "hvm_p2m", None)  # optional: a backend that can tell gfn -> mfn
     rc_g, granted = _granted_gfns(hv, domid)
     orders: dict[int, int] = {}
+    first: list[tuple[int, int, int]] = []  # (mfn, gfn, status): pending, with a gfn
     for mfn, g in zip(mfns, m2p.tolist()):
         st = _status(hv, mfn)
         refusal = not_pending(mfn, st, domid)
@@ -298,26 +299,28 @@ def exchange_hvm_pages(hv: MigrationHypervisor, domid: int, mfns: list[int],
             out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH,
                                "the M2P names no gfn for this frame", domid=domid, status=st)
             continue
-        g = int(g)
-        rc, t = hv.page_types(domid, [g])
-        t = int(t[0]) if not rc else None
-        if rc or t in (D.XEN_DOMCTL_PFINFO_XTAB, D.XEN_DOMCTL_PFINFO_BROKEN):
+        first.append((mfn, int(g), st))
+    # one getpageframeinfo3 (and, where offered, one p2m probe) for the whole batch
+    gl = [g for _, g, _ in first]
+    rc_t, types = hv.page_types(domid, gl) if gl else (0, [])
+    prc, pm, pt, po = probe(domid, gl) if (probe is not None and gl) else (-1, None, None, None)
+    for i, (mfn, g, st) in enumerate(first):
+        t = int(types[i]) if not rc_t else None
+        if rc_t or t in (D.XEN_DOMCTL_PFINFO_XTAB, D.XEN_DOMCTL_PFINFO_BROKEN):
             out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH if t != D.XEN_DOMCTL_PFINFO_BROKEN
                                else Reason.BROKEN,
                                f"gfn {g:#x} (from the M2P) is "
-                               + (f"not readable ({E.name(rc)})" if rc else
+                               + (f"not readable ({E.name(rc_t)})" if rc_t else
                                   "broken" if t == D.XEN_DOMCTL_PFINFO_BROKEN else "not the guest's RAM"),
-                               domid=domid, gpfn=g, status=st, errno=-rc if rc else 0)
+                               domid=domid, gpfn=g, status=st, errno=-rc_t if rc_t else 0)
             continue
-        if probe is not None:
-            prc, pm, pt, po = probe(domid, [g])
-            if prc == 0 and (int(pm[0]) != mfn or int(pt[0]) not in H.P2M_WRITABLE):
+        if prc == 0:
+            if int(pm[i]) != mfn or int(pt[i]) not in H.P2M_WRITABLE:
                 out[mfn] = Outcome(mfn, Kind.REFUSED, Reason.M2P_MISMATCH,
                                    f"the M2P names gfn {g:#x}, whose p2m entry is not this frame as RAM",
                                    domid=domid, gpfn=g, status=st)
                 continue
-            if prc == 0:
-                orders[g] = int(po[0])
+            orders[g] = int(po[i])
         if rc_g or g in granted:
             out[mfn] = Outcome(mfn, Kind.PENDING, Reason.GRANTED,
                                f"gfn {g:#x} is granted (a backend may map it at any time)" if not rc_g
