@@ -434,3 +434,49 @@ def test_recover_after_someone_else_unpaused_fills_only_the_holes(tmp_path):
     assert res.ok and res.completed == [5, 600] and not res.unpaused
     assert int(h2.ft.content[int(h2.ept[1].mfn[600])]) == 0xABCDEF   # not overwritten
     assert g2.verify() == [] and invariants.check(h2) == []
+
+
+def _faulty_world():
+    h, hv, g = hvm_host(guest_mib=4, rate=3000, headroom=HEAD)
+    ms = [g.mfn(x) for x in (5, 600, 601, 900)]
+    mark(hv, *ms)
+    return h, hv, g, ms
+
+
+def _check_whole(h, hv, g, r):
+    for o in r.outcomes:
+        assert o.kind != Kind.FAILED, o
+        if o.kind == Kind.EXCHANGED:
+            assert status(hv, o.mfn) == S.PG_OFFLINE_STATUS_OFFLINED
+        elif o.kind == Kind.ROLLED_BACK:
+            assert status(hv, o.mfn) == S.PG_OFFLINE_STATUS_OFFLINE_PENDING
+            assert h.ft.owner(o.mfn) == 1 and int(h.ept[1].mfn[o.gpfn]) == o.mfn
+    assert not h.domains[1].pause_count
+    assert g.verify() == [] and invariants.check(h) == []
+
+
+def test_fault_plans_every_call_and_partial_batches():
+    """``FaultyHypervisor``: each call of the in-place method failed in turn with the errno
+    Xen would give, and the two memory hypercalls stopped part-way (Xen returns the number
+    of extents done): every frame ends exchanged or in place, the guest whole."""
+    from xenpage.toolstack.faults import FaultPlan, FaultyHypervisor, enumerate_calls
+    h, hv, g, ms = _faulty_world()
+    calls = enumerate_calls(lambda fh: exchange_hvm_pages(fh, 1, ms), hv)
+    methods = {m for _, m, _ in calls}
+    assert {"decrease_reservation", "populate_physmap", "read_pages", "write_pages", "pause",
+            "unpause", "page_types", "grant_entries"} <= methods
+    for seq, m, nth in calls:
+        h, hv, g, ms = _faulty_world()
+        r = exchange_hvm_pages(FaultyHypervisor(hv, FaultPlan.fail_at(seq)), 1, ms)
+        _check_whole(h, hv, g, r)
+    for method, k in (("decrease_reservation", 1), ("decrease_reservation", 3),
+                      ("populate_physmap", 2)):
+        h, hv, g, ms = _faulty_world()
+        fh = FaultyHypervisor(hv, FaultPlan.fail_at(1, method, E.ENOMEM, partial=k))
+        r = exchange_hvm_pages(fh, 1, ms)
+        _check_whole(h, hv, g, r)
+        kinds = [o.kind for o in r.outcomes]
+        if method == "decrease_reservation":   # the first k moved, the rest left in place
+            assert kinds == [Kind.EXCHANGED] * k + [Kind.ROLLED_BACK] * (4 - k)
+        else:                                  # populate retried: all complete
+            assert kinds == [Kind.EXCHANGED] * 4
