@@ -480,3 +480,23 @@ def test_fault_plans_every_call_and_partial_batches():
             assert kinds == [Kind.EXCHANGED] * k + [Kind.ROLLED_BACK] * (4 - k)
         else:                                  # populate retried: all complete
             assert kinds == [Kind.EXCHANGED] * 4
+
+
+def test_a_completion_that_keeps_failing_leaves_the_guest_paused_for_recover(tmp_path):
+    """populate_physmap fails on every retry after the decrease: the gfn is a hole, so the
+    guest stays paused (FAILED, never resumed with a hole), the later frames are not touched,
+    the journal stays; ``recover`` then completes it and unpauses."""
+    from xenpage.toolstack.faults import Fault, FaultPlan, FaultyHypervisor
+    h, hv, g = hvm_host(guest_mib=4, rate=3000, headroom=2)
+    ms = [g.mfn(x) for x in (5, 600, 601, 900)]
+    mark(hv, *ms)
+    plan = FaultPlan([Fault(k, "populate_physmap", E.ENOMEM) for k in range(1, 5)])
+    r = exchange_hvm_pages(FaultyHypervisor(hv, plan), 1, ms, journal_dir=tmp_path)
+    assert [o.kind for o in r.outcomes] == [Kind.FAILED] * 2 + [Kind.ROLLED_BACK] * 2
+    assert h.domains[1].pause_count == 1 and journal_path(tmp_path).exists()
+    assert h.ept[1].type[5] == H.p2m_invalid and int(h.ept[1].mfn[601]) == ms[2]
+    res = recover(hv, tmp_path)
+    assert res.ok and res.unpaused and not h.domains[1].pause_count
+    assert not journal_path(tmp_path).exists()
+    assert status(hv, ms[0]) == S.PG_OFFLINE_STATUS_OFFLINED
+    assert g.verify() == [] and invariants.check(h) == []

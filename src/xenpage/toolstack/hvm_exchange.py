@@ -399,16 +399,21 @@ def _run(hv, domid: int, cand: list[tuple[int, int]], headroom: int, journal_dir
                 continue
             # the old frames: offlined if nothing else held them
             st_after = [_status(hv, mfn) for mfn, _ in chunk[:n]]
+            keep_paused = True  # until the given-back gfns hold their pages again
             rc, step_name = _complete(hv, domid, cg[:n], cw[:n])
             hook("completed", rc=rc)
             if rc:
-                keep_paused = True
                 for mfn, g in chunk[:n]:
                     out[mfn] = Outcome(mfn, Kind.FAILED, Reason.RESTORE_FAILED,
                                        f"gfn {g:#x} was given back but {step_name} failed ({E.name(rc)}): "
                                        f"d{domid} stays paused; 'xenpage recover' completes it from the "
                                        "journal", domid=domid, gpfn=g, errno=-rc)
-                continue
+                for mfn, g in cand[s + len(chunk):]:  # the later chunks: not touched
+                    out[mfn] = Outcome(mfn, Kind.ROLLED_BACK, Reason.EXCHANGE_FAILED,
+                                       "not attempted: an earlier gfn of the batch could not be "
+                                       "completed; nothing changed", domid=domid, gpfn=g)
+                break
+            keep_paused = False
             for (mfn, g), st in zip(chunk[:n], st_after):
                 out[mfn] = _moved(hv, domid, mfn, g, st, orders.get(g))
         hook("before-unpause")
