@@ -49,7 +49,7 @@ def _boot(guest_gib: float):
     mib = int(guest_gib * 1024)
     t0 = time.perf_counter()
     host = build_host(DefaultHostSpec(mem_mib=mib + DOM0_MIB + 1024, dom0_mib=DOM0_MIB,
-                                      pv_guests=(("g", mib),), hvm_guests=()))
+                                      pv_guests=(("g", mib),), hvm_guests=(), pvh_guests=()))
     boot_s = time.perf_counter() - t0
     hv = SimHypervisor(host)
     hv.set_vcpu_affinity(0, 0, [1])  # off pCPU 0 (Xen 4.17's PoD-lock hang)

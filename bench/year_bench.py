@@ -52,7 +52,7 @@ def run(hosts: int = HOSTS, seed: int = SEED, out: Path = OUT) -> tuple[str, dic
             "row = 2 / 24h per frame plus every frame of a DRAM row with 2 errors in 24h; all "
             "`soft`: a PV guest's frame exchanged in place, a free frame offlined at once, an HVM "
             "guest live-migrated (no room on this full host: its frames stay pending) or, with "
-            "`+hvm-exchange`, its frame exchanged in place (xenpage's hypervisor extension).", "",
+            "`+hvm-exchange`, its frame retired in place (stock hypercalls: decrease_reservation + populate_physmap).", "",
             year.markdown(rep)]
     if "first-error" in by and "off" in by:
         fe, off = by["first-error"], by["off"]

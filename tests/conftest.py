@@ -12,7 +12,7 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 @pytest.fixture
 def host():
-    """A fresh default simulated host (2 GiB, dom0, a PV and an HVM guest)."""
+    """A fresh default simulated host (2 GiB, dom0, a PV, an HVM and a PVH guest)."""
     from xenpage.backends.sim import build_host
     return build_host()
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import numpy as np
 
 from xenpage.backends.sim import SimHypervisor
-from xenpage.guests.hvm import HvmGuest, Workload
+from xenpage.guests.hvm import HvmGuest, PvhGuest, Workload
 from xenpage.hypervisor.host import Host, HostConfig
 
 MiB = 1 << 20
 
 
 def hvm_host(guest_mib: int = 8, mem_mib: int = 96, dom0_mib: int = 16, seed: int = 3,
-             nr_pcpus: int = 2, **workload):
-    """A host with dom0 and one HVM guest (d1) running an :class:`HvmGuest`."""
+             nr_pcpus: int = 2, pvh: bool = False, headroom: int = 0, **workload):
+    """A host with dom0 and one HVM guest (d1) running an :class:`HvmGuest` (``pvh``: a PVH
+    guest running a :class:`PvhGuest`); ``headroom``: max_pages beyond its memory (libxl
+    gives 256)."""
     h = Host.boot(HostConfig(mem_bytes=mem_mib * MiB, nr_pcpus=nr_pcpus), dom0_pages=dom0_mib * 256)
-    d = h.create_domain("hvm", guest_mib * 256, hvm=True)
-    g = HvmGuest.boot(h, d.domid, seed=seed, workload=Workload(**workload))
+    d = h.create_domain("pvh" if pvh else "hvm", guest_mib * 256, hvm=True, pvh=pvh,
+                        max_pages=guest_mib * 256 + headroom)
+    g = (PvhGuest if pvh else HvmGuest).boot(h, d.domid, seed=seed, workload=Workload(**workload))
     return h, SimHypervisor(h), g
 
 

@@ -15,6 +15,7 @@ Two images are compared to decide what an interrupted or failed operation did:
 from __future__ import annotations
 
 import hashlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,8 +36,12 @@ _STATE_MASK = _U(~mm.PGC_state & 0xFFFFFFFFFFFFFFFF)
 #: itself; they check xenpage against the fixed split (tests/test_split_guard.py and the
 #: default host check the 4.17 one).
 SMALL = DefaultHostSpec(mem_mib=128, dom0_mib=32, pv_guests=(("pv1", 8), ("pv2", 8)),
-                        hvm_guests=(("hvm1", 4),), nr_pcpus=2, seed=7,
+                        hvm_guests=(("hvm1", 4),), pvh_guests=(), nr_pcpus=2, seed=7,
                         quirks=Quirks(reserve_misaligned=False))
+
+
+#: SMALL with a PVH guest beside the HVM one (the state machine's host)
+SMALL_PVH = dataclasses.replace(SMALL, pvh_guests=(("pvh1", 4),))
 
 
 def small_host(spec: DefaultHostSpec | None = None):
@@ -210,7 +215,7 @@ class World:
 
     def hvm_guests(self) -> list[int]:
         return [d for d, g in sorted(self.host.guests.items())
-                if d in self.host.domains and getattr(g, "kind", "") == "hvm"]
+                if d in self.host.domains and getattr(g, "kind", "") in ("hvm", "pvh")]
 
     def _forget(self, domid: int) -> None:
         """dom0's mappings of a domain that is gone were dropped with it."""
@@ -394,15 +399,14 @@ class World:
 
     def hvm_migrate(self) -> None:
         """``xl migrate`` of a random HVM guest to the same host (when there is room)."""
-        from xenpage.toolstack.migrate import migrate
         d = self._pick(self.hvm_guests())
         if d is None:
             return
-        res = migrate(self.hv, d)
+        res = self.hv.live_migrate(d)
         self.host.run_guests(0)
         self.outcomes[f"hvm_migrate.{'ok' if res.ok else 'rc' + str(res.rc)}"] += 1
         if res.ok:
-            assert d not in self.host.domains and res.dst_domid in self.host.guests
+            assert d not in self.host.domains and res.new_domid in self.host.guests
         else:
             assert d in self.host.domains, res.error
         self._forget(d)

@@ -57,7 +57,7 @@ OWNED_PENDING = S.PG_OFFLINE_PENDING | S.PG_OFFLINE_OWNED
 #: HVM guest d2)
 DEFAULT = DefaultHostSpec()
 #: a small host for sweeps and properties: a 32 MiB Linux PV guest d1 and an HVM guest d2
-SMALL = DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv", 32),), hvm_guests=(("hvm", 8),))
+SMALL = DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv", 32),), hvm_guests=(("hvm", 8),), pvh_guests=())
 
 VMALLOC_BASE = 0xFFFF000000000000 | (L.VMALLOC_L4 << 39)
 KTEXT_BASE = 0xFFFF000000000000 | (L.KERNEL_L4 << 39) | (L.KERNEL_L3 << 30)

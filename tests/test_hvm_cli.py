@@ -5,6 +5,9 @@ host (the default), in place (``--hvm=exchange``), left pending as xen-hptool do
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+from xenpage.abi import hvm as H
 
 from xenpage.backends.sim import host_path
 from xenpage.hypervisor import invariants
@@ -31,14 +34,14 @@ def test_hvm_page_is_retired_by_live_migration_to_the_same_host(cli_state, xenpa
     assert (r.returncode, r.stderr) == (0, "")
     out = r.stdout.splitlines()
     assert out[:2] == [f"Prepare to offline MEMORY mfn {m:x}", SWAPPED.format(m=m, d=2)]
-    assert out[2].startswith(f"xenpage: mfn {m:x}: live-migrated d2 to d3 on the same host")
+    assert out[2].startswith(f"xenpage: mfn {m:x}: live-migrated d2 to d4 on the same host")  # d3: the PVH guest
     assert "downtime" in out[2] and out[2].endswith("old frame offlined")
     r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
     assert r.stdout.splitlines()[-1] == "Memory Status 2: [ PAGE_OFFLINED ]"
     h = load_ok(cli_state)
-    assert 2 not in h.domains and h.domains[3].name == "hvm1" and h.domains[3].hvm
+    assert 2 not in h.domains and h.domains[4].name == "hvm1" and h.domains[4].hvm
     r = xenpage_cli(cli_state, "list")
-    assert any(line.split()[:3] == ["hvm1", "3", "HVM"] for line in r.stdout.splitlines())
+    assert any(line.split()[:3] == ["hvm1", "4", "HVM"] for line in r.stdout.splitlines())
 
 
 def test_hvm_page_exchanged_in_place(cli_state, xenpage_cli):
@@ -50,7 +53,7 @@ def test_hvm_page_exchanged_in_place(cli_state, xenpage_cli):
     assert (o["kind"], o["domid"], o["gpfn"]) == ("exchanged", 2, 4321)
     assert o["extra"]["offlined"] and o["extra"]["downtime_s"] < 1e-3
     assert data["stdout"][1] == SWAPPED.format(m=m, d=2)
-    assert "in place (p2m entry swapped" in data["stdout"][2]
+    assert "in place (decrease_reservation + populate_physmap" in data["stdout"][2]
     h = load_ok(cli_state)
     assert 2 in h.domains and int(h.p2m[2][4321]) == o["new_mfn"]
 
@@ -86,3 +89,41 @@ def test_option_errors_change_nothing(cli_state, xenpage_cli):
         assert r.returncode == 1 and "nothing done" in r.stderr, bad
     r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
     assert r.stdout.splitlines()[-1] == "Memory Status 0: [ PAGE_ONLINED ]"
+
+
+def test_pvh_guest_is_listed_and_retired_in_place(cli_state, xenpage_cli):
+    r = xenpage_cli(cli_state, "list")
+    rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines()[1:]}
+    assert rows["pvh1"][2] == "PVH" and rows["hvm1"][2] == "HVM" and rows["domu1"][2] == "PV"
+    data = json.loads(xenpage_cli(cli_state, "list", "--json").stdout)
+    assert {d["name"]: d["type"] for d in data}["pvh1"] == "pvh"
+    m = hvm_mfn(cli_state, 777, domid=3)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", "--hvm=exchange", "--json")
+    assert r.returncode == 0, r.stderr
+    o = json.loads(r.stdout)["outcomes"][0]
+    assert (o["kind"], o["domid"], o["gpfn"], o["extra"]["type"]) == ("exchanged", 3, 777, "pvh")
+    load_ok(cli_state)
+
+
+def test_killed_in_place_retirement_is_completed_by_recover(cli_state, xenpage_cli):
+    """SIGKILL right after the pages were journaled and the gfns given back: the guest is
+    left paused with a hole; ``xenpage recover`` repopulates it from the journal."""
+    import os
+    import subprocess
+    import sys
+    m = hvm_mfn(cli_state, 1234)
+    crashrun = Path(__file__).resolve().with_name("crashrun.py")
+    r = subprocess.run([sys.executable, str(crashrun), "--crash-at", "hvm-decreased", "--",
+                        "--backend", "sim", "mem-offline", f"{m:x}", "--hvm=exchange"],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, XENPAGE_STATE_DIR=str(cli_state)))
+    assert r.returncode == -9, r.stderr
+    assert (cli_state / "hvm-exchange.journal").exists()
+    h = Host.load(host_path(cli_state))
+    assert h.domains[2].pause_count == 1 and h.ept[2].type[1234] == H.p2m_invalid
+    assert h.guests[2].verify() != []                                   # the guest's memory is not whole
+    r = xenpage_cli(cli_state, "recover")
+    assert r.returncode == 0, r.stderr
+    assert "unpaused" in r.stdout
+    h = load_ok(cli_state)
+    assert not h.domains[2].pause_count and not (cli_state / "hvm-exchange.journal").exists()

@@ -169,10 +169,12 @@ def test_populate_physmap_for_a_restore():
     p = h.ept[d]
     rc, m = hv.populate_physmap(d, np.arange(0, 512))
     assert rc == 512 and (p.order[:512] == 0).all() and (p.type[:512] == H.p2m_ram_rw).all()
-    assert hv.populate_physmap(d, [3])[0] == -E.EEXIST
-    rc, m = hv.populate_physmap(d, np.arange(512, 700))     # max_pages 600: 88 done
-    assert rc == 88 and h.domains[d].tot_pages == 600
-    assert hv.maximum_gpfn(d) == 599
+    old = int(p.mfn[3])
+    assert hv.populate_physmap(d, [3])[0] == 1             # p2m_add_page replaces the entry:
+    assert int(p.mfn[3]) != old and h.ft.m2p_plus1[old] == 0 and h.ft.owner(old) == d  # old kept
+    rc, m = hv.populate_physmap(d, np.arange(512, 700))     # max_pages 600: 87 done
+    assert rc == 87 and h.domains[d].tot_pages == 600
+    assert hv.maximum_gpfn(d) == 598
     assert int(p.mfn[650]) == INVALID_MFN
     ok(h)
 

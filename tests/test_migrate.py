@@ -18,7 +18,7 @@ from xenpage.abi.xen import INVALID_MFN
 from xenpage.hypervisor import hvm as HV
 from xenpage.hypervisor import invariants
 from xenpage.toolstack import hptool
-from xenpage.toolstack.migrate import (GIGABIT, Link, MigrationCosts, MigrationError, migrate,
+from xenpage.backends.sim.migrate import (GIGABIT, Link, MigrationCosts, MigrationError, migrate,
                                        simple_precopy_policy)
 
 STOP, GO = H.XGS_POLICY_STOP_AND_COPY, H.XGS_POLICY_CONTINUE_PRECOPY

@@ -14,8 +14,8 @@ from xenpage.guests.linux_pv import LinuxPV
 from xenpage.hypervisor import invariants
 from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.toolstack import hptool
-from xenpage.toolstack.migrate import MigrationError
-from xenpage.toolstack.migrate_pv import migrate_pv
+from xenpage.backends.sim.migrate import MigrationError
+from xenpage.backends.sim.migrate_pv import migrate_pv
 from xenpage.toolstack.offline import mem_offline, resume_guest, suspend_guest
 from xenpage.toolstack.outcomes import Kind, Reason
 from xenpage.toolstack.retire import RetireOptions
@@ -116,7 +116,7 @@ def test_a_failure_at_any_step_gives_everything_back(step):
 
 
 def test_mem_offline_fallback_migrates_a_pv_guest_whose_frames_stay_pending():
-    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("pv", 24),), hvm_guests=())
+    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("pv", 24),), hvm_guests=(), pvh_guests=())
     h = build_host(spec)
     hv = SimHypervisor(h)
     g = h.guests[1]
@@ -129,13 +129,13 @@ def test_mem_offline_fallback_migrates_a_pv_guest_whose_frames_stay_pending():
     res = mem_offline(hv, [ring, xs], retire=RetireOptions(fallback="migrate"))
     assert [o.kind for o in res.outcomes] == [Kind.MIGRATED, Kind.MIGRATED]
     assert res.report.exit_code == 0
-    assert "live-migrated to d2" in res.outcomes[0].detail
+    assert "live-migrated d1 to d2" in res.outcomes[0].detail
     assert all(status(hv, m) == S.PG_OFFLINE_STATUS_OFFLINED for m in (ring, xs))
     ok(h)
 
 
 def test_cli_fallback_migrate(tmp_path, xenpage_cli):
-    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("domu1", 24),), hvm_guests=())
+    spec = DefaultHostSpec(mem_mib=512, dom0_mib=128, pv_guests=(("domu1", 24),), hvm_guests=(), pvh_guests=())
     state = tmp_path / "s"
     build_host(spec).save(host_path(state))
     g = Host.load(host_path(state)).guests[1]
@@ -144,7 +144,7 @@ def test_cli_fallback_migrate(tmp_path, xenpage_cli):
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[1].startswith(f"Memory mfn {ring:x} offlined successfully, this page is DOM1 page")
-    assert "granted to d0" in out[2] and "live-migrated to d2" in out[2]
+    assert "granted to d0" in out[2] and "live-migrated d1 to d2" in out[2]
     h = Host.load(host_path(state))
     assert h.ft.state(ring) == 2 and 1 not in h.domains
     ok(h)
@@ -161,7 +161,7 @@ def test_cli_fallback_migrate_on_the_default_host(tmp_path, xenpage_cli):
     assert r.returncode == 0, r.stderr
     out = r.stdout.splitlines()
     assert out[1].startswith(f"Memory mfn {ring:x} offlined successfully, this page is DOM1 page")
-    assert "granted to d0" in out[2] and "live-migrated to d" in out[2]
+    assert "granted to d0" in out[2] and "live-migrated d1 to d" in out[2]
     h = Host.load(host_path(state))
     assert h.ft.state(ring) == 2 and 1 not in h.domains
     new = [d for d, dd in h.domains.items() if dd.name == "domu1"]

@@ -701,7 +701,11 @@ def test_domain_info_flags(host, pv, hvm_dom):
                               | domctl.XEN_DOMINF_dying)
         assert not i.shutdown and not i.paused and not i.dying
     assert hv.domain_info(0x7FF1) is None and hv.domain_info(0x7FF2) is None
-    assert [d.domid for d in hv.domain_list()] == [0, pv.domid, hvm_dom.domid]
+    # the PVH guest: an HVM container -- the same flags as the HVM guest (Xen 4.17's
+    # getdomaininfo: hvm_guest from is_hvm_domain, hap from paging_mode_hap)
+    pvh = next(d for d in host.guest_domains() if d.pvh)
+    assert hv.domain_info(pvh.domid).flags == h.flags and hv.xs_read(f"/libxl/{pvh.domid}/type") == "pvh"
+    assert [d.domid for d in hv.domain_list()] == [0, pv.domid, hvm_dom.domid, pvh.domid]
     assert hv.pause(pv.domid) == 0
     i = hv.domain_info(pv.domid)
     assert i.paused and i.flags & domctl.XEN_DOMINF_paused and not i.flags & domctl.XEN_DOMINF_running

@@ -214,7 +214,7 @@ DAMAGE = {
     "host.json emptied": lambda p: (p / "host.json").write_bytes(b""),
     "host.json one bit flipped": lambda p: _flip(p / "host.json", 1000),
     "host.json a digit changed": lambda p: (p / "host.json").write_text(
-        (p / "host.json").read_text().replace('"next_domid": 3', '"next_domid": 4')),
+        (p / "host.json").read_text().replace('"next_domid": 4', '"next_domid": 5')),
     "host.json missing": lambda p: (p / "host.json").unlink(),
     "frames.npz truncated": lambda p: (p / "frames.npz").write_bytes((p / "frames.npz").read_bytes()[:100000]),
     "frames.npz one bit flipped": lambda p: _flip(p / "frames.npz", 300000),
@@ -323,7 +323,7 @@ def test_first_use_creates_the_default_host(tmp_path, xenpage_cli):
     assert r.returncode == 0 and r.stdout == "Querying MEMORY mfn 100 status\nMemory Status 0: [ PAGE_ONLINED ]\n"
     assert (host_path(sd) / "host.json").exists()
     h = Host.load(host_path(sd))
-    assert [d.name for d in h.guest_domains()] == ["Domain-0", "domu1", "hvm1"]
+    assert [d.name for d in h.guest_domains()] == ["Domain-0", "domu1", "hvm1", "pvh1"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -19,7 +19,7 @@ from xenpage.backends.sim import DefaultHostSpec, SimHypervisor, build_host
 from xenpage.hypervisor import invariants, mce
 from xenpage.ras.sources import decode_i10nm
 
-SPEC = DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv1", 16),), hvm_guests=(("hvm1", 16),))
+SPEC = DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv1", 16),), hvm_guests=(("hvm1", 16),), pvh_guests=())
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from xenpage.ras.service import Log, RetireService, parse_badpage_value, xen_sta
 from xenpage.ras.store import Store
 from xenpage.ras.thresholds import Action, Policy, Rate
 
-SPEC = DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv1", 16),), hvm_guests=(("hvm1", 16),))
+SPEC = DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv1", 16),), hvm_guests=(("hvm1", 16),), pvh_guests=())
 T0 = 1_700_000_000.0
 
 
@@ -386,7 +386,7 @@ def test_action_exception_is_logged_and_retried(w):
 
 def test_single_pcpu_host_is_not_forced(w):
     host = build_host(DefaultHostSpec(mem_mib=256, dom0_mib=64, pv_guests=(("pv1", 16),),
-                                      hvm_guests=(), nr_pcpus=1))
+                                      hvm_guests=(), pvh_guests=(), nr_pcpus=1))
     w2 = World(host=host)
     m = frames_pv(host)
     w2.ce(m, 2)

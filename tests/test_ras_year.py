@@ -14,7 +14,7 @@ from xenpage.backends.sim.field import FieldParams
 from xenpage.backends.sim import year
 from xenpage.ras.thresholds import Policy
 
-SPEC = DefaultHostSpec(mem_mib=512, dom0_mib=64, pv_guests=(("web", 224),), hvm_guests=(("win", 96),))
+SPEC = DefaultHostSpec(mem_mib=512, dom0_mib=64, pv_guests=(("web", 224),), hvm_guests=(("win", 96),), pvh_guests=())
 PARAMS = FieldParams(median_errors=150, sigma=1.0, faulty_dimms=2, ue_scale=20.0)
 
 

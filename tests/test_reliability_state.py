@@ -1,7 +1,7 @@
 """Stateful property test over the simulated host: guests created and destroyed, workload
 steps, grant and foreign mappings by dom0, offline/online/status of single frames and
 ranges, machine-check (broken) marking, the toolstack's mem-offline flow, HVM live migration
-(same host), in-place HVM exchange and the PV ``--fallback=migrate`` migration, in any order --
+(same host), in-place retirement of HVM and PVH frames and the PV ``--fallback=migrate`` migration, in any order --
 with the invariant checker and every guest's content check after every rule.  CI runs 200
 examples x 50 steps."""
 
@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from simworld import World
+from simworld import SMALL_PVH, World
 
 CI = bool(os.environ.get("CI"))
 SEEDS = st.integers(0, 2**32 - 1)
@@ -23,7 +23,7 @@ SEEDS = st.integers(0, 2**32 - 1)
 class HostMachine(RuleBasedStateMachine):
     @initialize(seed=SEEDS)
     def boot(self, seed):
-        self.w = World(seed)
+        self.w = World(seed, SMALL_PVH)  # HVM and PVH guests: migration and in-place rules
 
     def _do(self, name, seed, **kw):
         self.w.rng = np.random.default_rng(seed)

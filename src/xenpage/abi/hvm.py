@@ -97,9 +97,3 @@ SPP_TARGET_DIRTY_COUNT = 50
 XGS_POLICY_ABORT = -1
 XGS_POLICY_CONTINUE_PRECOPY = 0
 XGS_POLICY_STOP_AND_COPY = 1
-
-# -- xenpage's own extension: NOT a Xen 4.17 interface -------------------------------------
-#: A domctl number from the range Xen leaves unused, for ``XEN_DOMCTL_xenpage_exchange_gfn``
-#: (swap one p2m entry of a paused HVM guest for a fresh frame, copying it; see
-#: ``xenpage.hypervisor.p2m_exchange``).  Real Xen 4.17 answers -ENOSYS.
-XEN_DOMCTL_xenpage_exchange_gfn = 0x7870

@@ -14,15 +14,18 @@ from .output import print_json
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def list_cmd(obj: Ctx, as_json: bool):
-    """Domains, like 'xl list' (with a PV/HVM column)."""
+    """Domains, like 'xl list' (with a PV/HVM/PVH column: xl's type comes from libxl's
+    xenstore node, as here)."""
+    from ..toolstack.guest_type import domain_type
     with obj.hypervisor(save=False) as hv:
         doms = hv.domain_list()
+        types = {d.domid: domain_type(hv, d) for d in doms}
     if as_json:
-        print_json([d.to_json() for d in doms])
+        print_json([dict(d.to_json(), type=types[d.domid]) for d in doms])
         return
     print(f"{'Name':<40} {'ID':>5} {'Type':>4} {'Mem':>6} {'VCPUs':>5}\tState")
     for d in doms:
-        print(f"{d.name:<40} {d.domid:>5} {'HVM' if d.hvm else 'PV':>4} {d.tot_pages // 256:>6} "
+        print(f"{d.name:<40} {d.domid:>5} {types[d.domid].upper():>4} {d.tot_pages // 256:>6} "
               f"{d.nr_vcpus:>5}\t{d.state_letters()}")
 
 

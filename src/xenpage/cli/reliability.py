@@ -27,6 +27,12 @@ def recover_cmd(obj: Ctx, as_json: bool):
             except JournalError as e:
                 sys.stderr.write(f"xenpage: {e}\n")
                 sys.exit(2)
+            from ..toolstack import hvm_exchange
+            try:
+                hres = hvm_exchange.recover(hv, sd)
+            except hvm_exchange.JournalError as e:
+                sys.stderr.write(f"xenpage: {e}\n")
+                sys.exit(2)
             from ..toolstack import split_guard
             try:
                 back = split_guard.recover(hv, sd)
@@ -39,11 +45,13 @@ def recover_cmd(obj: Ctx, as_json: bool):
                 sys.stderr.write(f"xenpage: {e}\n")
                 sys.exit(2)
     if as_json:
-        print_json(dict(res.to_json(), guard_frames_onlined=back,
+        print_json(dict(res.to_json(), guard_frames_onlined=back, hvm=hres.to_json(),
                         dom0_affinity_restored={str(v): c for v, c in affinity.items()}))
     else:
         for line in res.lines():
             click.echo(line, err=bool(res.errors))
+        for line in hres.lines():
+            click.echo(line, err=bool(hres.errors))
         if back:
             click.echo(f"split guard: {len(back)} guard frame(s) a killed mem-offline left "
                        f"offline are online again ({', '.join(f'{m:x}' for m in back[:8])}"
@@ -51,4 +59,4 @@ def recover_cmd(obj: Ctx, as_json: bool):
         for v, cpus in sorted(affinity.items()):
             click.echo(f"xenpage: dom0 vCPU {v} a killed mem-offline left pinned off pCPU 0 "
                        f"may run on pCPUs {','.join(map(str, cpus))} again")
-    sys.exit(0 if res.ok else 1)
+    sys.exit(0 if res.ok and hres.ok else 1)

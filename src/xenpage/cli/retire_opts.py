@@ -1,10 +1,11 @@
 """``mem-offline``'s options for frames the PV exchange cannot retire:
 
-* ``--hvm=migrate|exchange|none`` -- an HVM guest's frames: live-migrate the guest (default),
-  exchange them in place (xenpage's own p2m-exchange), or leave them pending as xen-hptool;
+* ``--hvm=migrate|exchange|none`` -- an HVM/PVH guest's frames: live-migrate the guest
+  (default), retire them in place (decrease_reservation + populate_physmap under a pause), or
+  leave them pending as xen-hptool;
 * ``--fallback=migrate`` -- PV frames left pending because they are granted or mapped
-  elsewhere: live-migrate their guest (and, with ``--hvm=exchange``, an HVM frame the device
-  model maps);
+  elsewhere: live-migrate their guest (and, with ``--hvm=exchange``, an HVM/PVH frame that is
+  granted or stays referenced);
 * ``--migrate-to=DIR`` -- migrate to the simulated host saved in DIR (default: the same
   host, when it has room);
 * ``--link=MBITS[:LATENCY_MS]`` -- the simulated link (default: 1 Gbit/s to another host,
@@ -29,23 +30,22 @@ class RetireArgs:
 
     @contextmanager
     def open(self, hv, state_dir: Path | None = None):
-        """The :class:`RetireOptions`, with the destination host opened (and saved back);
-        ``state_dir``: this host's (a ``--migrate-to`` naming it means the same host)."""
-        from ..toolstack.migrate import Link
-        link = None
+        """The :class:`RetireOptions`, with the destination host opened (and saved back).
+        ``state_dir``: this host's (a ``--migrate-to`` naming it means the same host).
+        ``--link`` and ``--migrate-to`` are the simulator's (its migration model's link, a
+        second saved simulated host, which must exist: it is never created here)."""
+        if (self.link or self.migrate_to is not None) and hv.kind != "sim":
+            raise ValueError("--migrate-to and --link are the simulator's; on real Xen use xl migrate")
         if self.link:
-            link = Link(self.link[0] * 1e6, self.link[1] / 1e3, f"{self.link[0]:g} Mbit/s")
-        if self.migrate_to is None:
-            yield RetireOptions(self.hvm, self.fallback, None, link)
+            from ..backends.sim.migrate import Link
+            hv.migration_link = Link(self.link[0] * 1e6, self.link[1] / 1e3, f"{self.link[0]:g} Mbit/s")
+        if self.migrate_to is None or (state_dir is not None and
+                                       Path(self.migrate_to).resolve() == Path(state_dir).resolve()):
+            yield RetireOptions(self.hvm, self.fallback, None)
             return
-        if hv.kind != "sim":
-            raise ValueError("--migrate-to names a simulated host; on real Xen use xl migrate")
         from ..backends.sim import open_host
-        if state_dir is not None and Path(self.migrate_to).resolve() == Path(state_dir).resolve():
-            yield RetireOptions(self.hvm, self.fallback, None, link)
-            return
-        with open_host(Path(self.migrate_to)) as dst:
-            yield RetireOptions(self.hvm, self.fallback, dst, link)
+        with open_host(Path(self.migrate_to), create=False) as dst:
+            yield RetireOptions(self.hvm, self.fallback, dst)
 
 
 def retire_options(args: list[str]) -> tuple[list[str], RetireArgs]:

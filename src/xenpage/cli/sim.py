@@ -58,21 +58,24 @@ def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], 
 @click.option("--dom0", "dom0_mib", type=int, default=1024, show_default=True, help="dom0 RAM, MiB")
 @click.option("--pv", multiple=True, help="a PV guest NAME:MiB (repeatable; default domu1:96)")
 @click.option("--hvm", multiple=True, help="an HVM guest NAME:MiB (repeatable; default hvm1:128)")
+@click.option("--pvh", multiple=True, help="a PVH guest NAME:MiB (repeatable; default pvh1:64)")
 @click.option("--no-guests", is_flag=True, help="only dom0")
 @click.option("--pcpus", type=int, default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, no_guests, pcpus, as_json):
+def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, pvh, no_guests, pcpus, as_json):
     """Create (or replace) the saved simulated host."""
     from ..backends.sim import DefaultHostSpec, build_host, host_path
     spec = DefaultHostSpec(mem_mib=mem_mib, dom0_mib=dom0_mib, nr_pcpus=pcpus)
     if no_guests:
-        spec.pv_guests, spec.hvm_guests = (), ()
+        spec.pv_guests, spec.hvm_guests, spec.pvh_guests = (), (), ()
     else:
         if pv:
             spec.pv_guests = _parse_guests(pv, "PV")
         if hvm:
             spec.hvm_guests = _parse_guests(hvm, "HVM")
+        if pvh:
+            spec.pvh_guests = _parse_guests(pvh, "PVH")
     if mem_mib % 2 or mem_mib < 64 or pcpus < 1:
         raise click.BadParameter("--mem must be an even number of MiB >= 64, --pcpus >= 1")
     try:
@@ -111,7 +114,7 @@ def host_summary(host) -> dict:
         "free_pages": host.heap.free_pages,
         "offlined_list": len(host.heap.offlined_list),
         "broken_list": len(host.heap.broken_list),
-        "domains": [{"domid": d.domid, "name": d.name, "type": "HVM" if d.hvm else "PV",
+        "domains": [{"domid": d.domid, "name": d.name, "type": "PVH" if d.pvh else ("HVM" if d.hvm else "PV"),
                      "tot_pages": d.tot_pages, "flags": f"{d.flags():#x}"}
                     for d in host.guest_domains()],
         "quirks": host.quirks.to_state(),

@@ -14,6 +14,9 @@ def restore_guest(host, domid: int, state: dict, arrays: dict):
     if kind == "hvm":
         from .hvm import HvmGuest
         return HvmGuest.from_state(host, domid, state, arrays)
+    if kind == "pvh":
+        from .hvm import PvhGuest
+        return PvhGuest.from_state(host, domid, state, arrays)
     raise ValueError(f"unknown guest kind {kind!r}")
 
 

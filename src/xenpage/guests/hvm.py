@@ -135,6 +135,9 @@ class HvmGuest:
             self.on_vmce(gfn)
         if not self.running() or seconds <= 0:
             return
+        # a running Linux guest makes hypercalls all the time (timers, event channels): the
+        # first one delivers a pending map-cache invalidation to the device model
+        HV.hypercall_return(self.host, self.domid)
         self.run_time += seconds
         x = self.workload.rate * seconds + self.carry
         k = int(x)
@@ -220,3 +223,12 @@ class HvmGuest:
         for k in ("nr_pages", "poisoned", "writes", "carry", "cursor", "run_time", "faults", "log"):
             setattr(g, k, st[k])
         return g
+
+
+class PvhGuest(HvmGuest):
+    """A PVH guest (``type = "pvh"``): Linux booted straight into a HAP container -- no
+    firmware, no device model (so no map cache holding its frames), PV drivers from the start.
+    Its memory behaves as an HVM guest's (the same p2m, log-dirty and vMCE paths), so it runs
+    the same workload and checks its memory the same way."""
+
+    kind = "pvh"

@@ -24,7 +24,13 @@ POD_LOCK_CORRUPT = "corrupt"
 class Domain:
     domid: int
     name: str
+    #: ``is_hvm_domain``: an HVM container with Xen's p2m -- HVM *and* PVH guests.  Every rule
+    #: the simulator keys on ``hvm`` (translated foreign maps, no typed references, vMCE,
+    #: PoD, refcount-less mmuext, log-dirty by p2m type) holds for both, as in Xen 4.17
     hvm: bool = False
+    #: a PVH guest: an HVM container (``is_hvm_domain``) with HAP, no device model and only
+    #: the local APIC emulated (``emulation_flags`` = ``XEN_X86_EMU_LAPIC``)
+    pvh: bool = False
     privileged: bool = False
     max_pages: int = 0
     tot_pages: int = 0
@@ -48,6 +54,9 @@ class Domain:
     #: the guest's ``arch_shared_info``: where its P2M frame list lives and its size
     p2m_fll_mfn: int = 0
     p2m_max_pfn: int = 0
+    #: ``v->mapcache_invalidate`` (one flag for all vCPUs here): the device model must drop
+    #: its map cache on the guest's next hypercall
+    mapcache_invalidate: bool = False
     #: free-form per-domain data kept by the guest layer (kernel model state)
     guest: dict = field(default_factory=dict)
 

@@ -115,14 +115,20 @@ XEN_MAPPED_KINDS = ("vcpu_info", "evtchn_fifo_control", "evtchn_fifo_array")
 
 
 def map_guest_page(host: "Host", domid: int, mfn: int, what: str) -> int:
-    """Xen maps one of the guest's own frames for itself, e.g. ``VCPUOP_register_vcpu_info``
+    """Xen maps one of the guest's own frames for itself (``mfn``: for a translated guest,
+    a gfn -- ``map_vcpu_info`` takes a gfn and calls ``get_page_from_gfn``), e.g. ``VCPUOP_register_vcpu_info``
     or ``EVTCHNOP_init_control`` / ``EVTCHNOP_expand_array``: a general and a writable type
     reference (``get_page_from_gfn`` + ``get_page_type(PGT_writable_page)``), held until the
     domain is destroyed.  -EINVAL if the frame is not the guest's or cannot be writable (a
     page table); -EINVAL for a second vcpu_info or control block of the domain (vCPU 0)."""
     d = host.domains.get(domid)
-    if d is None or d.hvm:
+    if d is None:
         return -E.EINVAL
+    if d.hvm:  # get_page_from_gfn: a translated guest names a gfn
+        p2m = host.p2m.get(domid)
+        if p2m is None or not 0 <= mfn < p2m.size or int(p2m[mfn]) >= host.nframes:
+            return -E.EINVAL
+        mfn = int(p2m[mfn])
     if what != "evtchn_fifo_array" and any(
             m.mapper == DOMID_XEN and m.domid == domid and m.what == what
             for m in host.foreign.maps.values()):

@@ -253,16 +253,20 @@ class Host:
         return [d for k, d in sorted(self.domains.items()) if not d.is_system]
 
     def create_domain(self, name: str, mem_pages: int, hvm: bool = False, domid: int | None = None,
-                      vcpus: int = 1, max_pages: int | None = None) -> Domain:
+                      vcpus: int = 1, max_pages: int | None = None, pvh: bool = False) -> Domain:
         """``XEN_DOMCTL_createdomain`` + populate: ``mem_pages`` frames, P2M and M2P, and a
-        Xen-heap shared_info frame shared with the guest."""
+        Xen-heap shared_info frame shared with the guest.  ``pvh``: a PVH guest (an HVM
+        container with HAP and no device model).  The xenstore nodes are libxl's, including
+        ``/libxl/<domid>/type`` (how ``libxl__domain_type`` tells PVH from HVM: Xen's
+        domain flags do not) and, for an HVM guest, its device model's state node."""
+        hvm = hvm or pvh
         if domid is None:
             domid = 0 if 0 not in self.domains else self.next_domid
             if domid:
                 self.next_domid += 1
         if domid in self.domains:
             raise DomainError(-17, f"domain {domid} exists")
-        d = Domain(domid, name, hvm=hvm, privileged=(domid == 0), vcpus=vcpus,
+        d = Domain(domid, name, hvm=hvm, pvh=pvh, privileged=(domid == 0), vcpus=vcpus,
                    max_pages=max_pages or mem_pages,
                    affinity=[list(range(self.nr_pcpus)) for _ in range(vcpus)])
         self.domains[domid] = d
@@ -308,6 +312,9 @@ class Host:
             self.xenstore.write(0, f"{base}/{sub}", "")
             self.xenstore.set_perms(f"{base}/{sub}", domid, "n")
         if domid:
+            self.xenstore.write(0, f"/libxl/{domid}/type", "pvh" if pvh else ("hvm" if hvm else "pv"))
+            if hvm and not pvh:  # qemu-xen, started by libxl for an HVM guest
+                self.xenstore.write(0, f"/local/domain/0/device-model/{domid}/state", "running")
             # libxl pre-creates the node a guest may publish its suspend event channel in
             self.xenstore.write(0, f"{base}/device/suspend/event-channel", "")
             self.xenstore.set_perms(f"{base}/device/suspend/event-channel", domid, "n")
@@ -350,10 +357,12 @@ class Host:
         del self.domains[domid]
         self.p2m.pop(domid, None)
         self.ept.pop(domid, None)
-        try:
-            self.xenstore.rm(0, f"/local/domain/{domid}")
-        except Exception:
-            pass
+        for path in (f"/local/domain/{domid}", f"/libxl/{domid}",
+                     f"/local/domain/0/device-model/{domid}"):
+            try:
+                self.xenstore.rm(0, path)
+            except Exception:
+                pass
         return offlined
 
     def pause(self, domid: int) -> None:

@@ -5,7 +5,13 @@
   usable frame (a hole, a ``p2m_ram_broken`` gfn) is refused -- on a real machine it would
   be an MMIO access to nothing or a machine check;
 * ``XENMEM_populate_physmap`` for a translated guest (what a restore does): fresh frames,
-  the p2m entries at 4 KiB and the M2P;
+  the p2m entries at 4 KiB and the M2P -- and no MFN written back to the caller;
+* ``XENMEM_decrease_reservation`` for a translated guest (``guest_remove_page`` on a HAP
+  p2m): the gfn's entry goes (a superpage around it is split first), the frame loses its
+  allocation reference and is freed -- an offline-pending frame then offlined -- once no one
+  else holds a reference; Xen asks the device model to drop its map cache;
+* the device model's map cache (QEMU's ``xen_map_cache``): dom0 foreign mappings of an HVM
+  guest's gfns, dropped when Xen sends ``IOREQ_TYPE_INVALIDATE``;
 * the vMCE that tells a guest one of its gfns is gone (``unmmap_broken_page`` +
   ``inject_vmce``);
 * ``XEN_DOMCTL_gethvmcontext`` / ``sethvmcontext``: the vCPU and platform state that travels
@@ -24,6 +30,7 @@ import numpy as np
 from ..abi import errno as E
 from ..abi import hvm as H
 from ..abi import mm
+from ..abi.xen import INVALID_MFN
 from . import p2m as P
 from . import paging
 from .page_alloc import OutOfMemory
@@ -131,9 +138,13 @@ def alloc_order0(host: "Host", n: int) -> np.ndarray:
 
 
 def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, np.ndarray]:
-    """``XENMEM_populate_physmap`` (order-0 extents, GPFNs given) for an HVM domain:
-    ``(rc, mfns)``; rc is the number of extents done or -errno.  A gfn already populated is
-    refused (the restore never asks twice)."""
+    """``XENMEM_populate_physmap`` (order-0 extents, GPFNs given) for a translated domain:
+    ``(rc, mfns)``; rc is the number of extents done or -errno (the backend gives the caller
+    no MFNs: Xen copies none back for a translated guest).  Each extent is
+    ``alloc_domheap_pages`` (over ``max_pages``: the call stops there) then
+    ``guest_physmap_add_page`` -> ``p2m_add_page``: a gfn that already maps a RAM frame is
+    *replaced* -- the old frame's M2P entry invalidated, the frame itself left allocated to
+    the domain with no gfn (Xen 4.17 does not free it; it goes with the domain)."""
     c = host.domains.get(caller)
     d = host.domains.get(domid)
     if d is None or d.is_system:
@@ -154,8 +165,6 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
     if top > p.size:
         p.grow(max(top, 2 * p.size))
         P.rebind(host, domid)
-    if (p.type[gfns] != H.p2m_invalid).any():
-        return -E.EEXIST, np.zeros(0, dtype=np.int64)
     k = min(gfns.size, max(0, d.max_pages - d.tot_pages))
     if k == 0:
         return 0, np.zeros(0, dtype=np.int64)
@@ -169,10 +178,138 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
         return 0, np.zeros(0, dtype=np.int64)
     ft = host.ft
     _assign(host, d, mfns)
+    old = p.mfn[gfns][np.isin(p.type[gfns], (H.p2m_ram_rw, H.p2m_ram_logdirty, H.p2m_ram_ro))]
+    ft.m2p_plus1[old.astype(np.int64)] = _U(0)  # p2m_add_page: M2P of the replaced frames
     ft.m2p_plus1[mfns] = gfns.astype(np.uint64) + _U(1)
     p.mfn[gfns] = mfns.astype(np.uint64)
     p.type[gfns] = H.p2m_ram_logdirty if p.logdirty else H.p2m_ram_rw
     return k, mfns
+
+
+def guest_remove_page(host: "Host", d, gfn: int) -> int:
+    """``guest_remove_page`` (``xen/common/memory.c``) on a HAP p2m, in Xen 4.17's order:
+    ``get_gfn_query`` -- a hole (``p2m_invalid``/``mmio_dm``) -ENOENT, reported as -EINVAL
+    by the caller's filter; ``mmio_direct`` -EPERM; an invalid frame -EINVAL; ``get_page``
+    (the frame must be d's and referenced) else -ENXIO; ``guest_physmap_remove_page`` ->
+    ``p2m_remove_entry``: the M2P entry invalidated, the device model asked to invalidate
+    its map cache (``ioreq_request_mapcache_invalidate``: for a domain other than the
+    caller's, every vCPU flagged; the ioreq goes out on its next hypercall), then
+    ``p2m_set_entry(INVALID_MFN, p2m_invalid)`` at order 0 -- inside a 2 MiB / 1 GiB leaf
+    that is ``ept_set_entry`` -> ``ept_split_super_page`` on Intel (``p2m_pt_set_entry`` ->
+    ``p2m_next_level`` on AMD NPT): the leaf becomes a table of 512 smaller entries from the
+    HAP pool, -ENOMEM if the pool is empty, and then the M2P is put back; finally
+    ``put_page_alloc_ref`` (PGC_allocated dropped) and ``put_page``: the frame is freed when
+    that was the last reference (``free_domheap_pages`` -> ``free_heap_pages`` offlines an
+    offline-pending frame), else it stays allocated -- and counted in ``tot_pages`` -- until
+    the last holder lets go."""
+    p = P.get(host, d.domid)
+    if p is None or not 0 <= gfn < p.size:
+        return -E.EINVAL
+    t = int(p.type[gfn])
+    if t in (H.p2m_invalid, H.p2m_mmio_dm):
+        return -E.EINVAL  # -ENOENT, filtered to -EINVAL
+    if t == H.p2m_mmio_direct:
+        return -E.EPERM
+    mfn = int(p.mfn[gfn])
+    ft = host.ft
+    if not 0 <= mfn < host.nframes:
+        return -E.EINVAL
+    ci = int(ft.count_info[mfn])
+    if ft.owner(mfn) != d.domid or not ci & mm.PGC_count_mask:
+        return -E.ENXIO  # get_page failed: "Bad page free"
+    ft.count_info[mfn] = _U(ci + 1)  # get_page
+    g = np.array([gfn])
+    b1, b2 = p.split_needed(g)
+    if p.pool_used() + b1.size + b2.size > p.pool_pages:
+        host.put_page(mfn)  # p2m_set_entry failed: M2P put back, the reference given back
+        return -E.ENOMEM
+    ft.m2p_plus1[mfn] = _U(0)
+    d.mapcache_invalidate = True
+    rc = p.split(g)
+    assert rc == 0
+    p.mfn[gfn] = _U(INVALID_MFN)
+    p.type[gfn] = H.p2m_invalid
+    p.stats["flushes"] += 1
+    c = int(ft.count_info[mfn])
+    if c & mm.PGC_allocated:  # put_page_alloc_ref
+        ft.count_info[mfn] = _U(c & ~mm.PGC_allocated)
+        host.put_page(mfn)
+    host.put_page(mfn)
+    return 0
+
+
+def decrease_reservation(host: "Host", caller: int, domid: int, gfns) -> int:
+    """``XENMEM_decrease_reservation`` of order-0 extents for a translated guest, as
+    ``do_memory_op`` and ``decrease_reservation`` (``xen/common/memory.c``) run it: the target
+    domain (``rcu_lock_domain_by_any_id``: -ESRCH), ``xsm_memory_adjust_reservation``
+    (a domain other than the caller's: the caller must be privileged, -EPERM); then per
+    extent ``p2m_pod_decrease_reservation`` (no PoD entries here) and ``guest_remove_page``.
+    The first extent that cannot be removed ends the call: the result is the number of
+    extents done (Xen returns ``nr_done``; the errno of that extent is not reported)."""
+    c = host.domains.get(caller)
+    d = host.domains.get(domid)
+    if d is None or d.is_system:
+        return -E.ESRCH
+    if caller != domid and not (c and c.privileged):
+        return -E.EPERM
+    gl = [int(g) for g in np.asarray(gfns, dtype=np.int64).ravel().tolist()]
+    if not d.hvm:  # a PV guest names machine frames (memory.decrease_reservation)
+        from .memory import Reservation
+        from .memory import decrease_reservation as pv_decrease
+        return pv_decrease(host, caller, Reservation(gl, 0, domid))
+    done = 0
+    for g in gl:
+        if guest_remove_page(host, d, g) != 0:
+            break
+        done += 1
+    return done
+
+
+# -- the device model's map cache ---------------------------------------------------------------
+
+#: ``ForeignMapping.what`` of QEMU's map-cache buckets
+MAPCACHE = "qemu-mapcache"
+#: QEMU's map-cache bucket on 64-bit hosts (``MCACHE_BUCKET_SHIFT`` 20): 256 gfns
+MAPCACHE_BUCKET = 256
+
+
+def dm_map(host: "Host", domid: int, gfn: int) -> int:
+    """The device model maps the map-cache bucket holding ``gfn`` (``xen_remap_bucket``:
+    ``xenforeignmemory_map`` of 256 gfns, holes skipped) -- what it does when it emulates a
+    DMA into the guest.  PVH guests have no device model: -ENODEV.  Returns 0 or -errno."""
+    from . import foreign
+    d = host.domains.get(domid)
+    p = P.get(host, domid)
+    if d is None or p is None:
+        return -E.ESRCH
+    if getattr(d, "pvh", False):
+        return -E.ENODEV
+    s = gfn // MAPCACHE_BUCKET * MAPCACHE_BUCKET
+    g = np.arange(s, min(s + MAPCACHE_BUCKET, p.size), dtype=np.int64)
+    g = g[np.isin(p.type[g], (H.p2m_ram_rw, H.p2m_ram_logdirty, H.p2m_ram_ro))]
+    rc, h = foreign.map_frames(host, 0, domid, g, True)
+    if rc:
+        return rc
+    host.foreign.maps[h].what = MAPCACHE
+    return 0
+
+
+def hypercall_return(host: "Host", domid: int) -> int:
+    """The guest made a hypercall (``hvm_hypercall``): if its vCPU carries the
+    ``mapcache_invalidate`` flag, ``ioreq_signal_mapcache_invalidate`` sends
+    ``IOREQ_TYPE_INVALIDATE`` to its ioreq servers and QEMU drops every map-cache bucket
+    (``xen_invalidate_map_cache``).  Returns the number of buckets dropped."""
+    from . import foreign
+    d = host.domains.get(domid)
+    if d is None or not getattr(d, "mapcache_invalidate", False):
+        return 0
+    d.mapcache_invalidate = False
+    n = 0
+    for h, m in list(host.foreign.maps.items()):
+        if m.domid == domid and m.what == MAPCACHE:
+            foreign.unmap(host, h)
+            n += 1
+    return n
 
 
 def _assign(host: "Host", d, mfns: np.ndarray) -> None:

@@ -27,7 +27,7 @@
       unit-scope = seen                 # row/bank overflow retires the frames seen with
                                         # errors there (as rasdaemon) or `all` of the unit
       retry-initial = 60s   retry-max = 1d   soft-attempts = 3   max-retired = 0
-      hvm = migrate                     # HVM frames: live migration | exchange (in place) | none
+      hvm = migrate                     # HVM/PVH frames: live migration | exchange (in place, stock hypercalls) | none
       pv-fallback = none                # PV frames left pending: none | migrate (the guest)
 
 Mapped to Xen: ``soft`` is ``mem-offline`` (the frame is exchanged in a PV guest, an HVM guest is live-migrated off
@@ -259,7 +259,7 @@ class Policy:
     #: stop retiring (and say so) beyond this many frames; 0 = no limit
     max_retired: int = 0
     #: how soft retires an HVM guest's frame: live migration ("migrate", the toolstack's
-    #: default), xenpage's in-place HVM exchange ("exchange"), or not at all ("none")
+    #: default), in place with stock hypercalls ("exchange"), or not at all ("none")
     hvm: str = "migrate"
     #: a PV frame left pending (granted, referenced elsewhere): live-migrate its guest
     #: ("migrate") or wait ("none")

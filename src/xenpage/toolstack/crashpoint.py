@@ -18,7 +18,10 @@ from typing import Callable, Optional
 POINTS = ("begin", "begin+", "suspended", "clearing", "clearing+", "cleared", "unpinning",
           "unpinning+", "unpinned", "snapshot", "snapshot+", "exchanged", "exchanged+",
           "copied", "p2m", "done", "done+", "resumed", "end")
-OTHER_POINTS = ("guarded", "pinned")
+#: the in-place retirement of a translated guest's frames (hvm_exchange.py), in order
+HVM_POINTS = ("hvm-begin", "hvm-begin+", "hvm-snapshot", "hvm-snapshot+", "hvm-decreased",
+              "hvm-unpausing", "hvm-unpausing+", "hvm-end")
+OTHER_POINTS = ("guarded", "pinned") + HVM_POINTS
 
 #: ``hook(point, hv_or_None)``; None in the product (only the tests install one)
 hook: Optional[Callable[[str, object], None]] = None

@@ -44,7 +44,11 @@ def _fail_value(method: str, err: int):
         return rc, np.zeros(0, dtype=np.uint64)
     if method in ("domain_info", "xs_read"):
         return None
-    return rc  # map_foreign, pause, unpause, resume, destroy, set_vcpu_affinity, xs_write
+    if method in ("populate_physmap",):
+        return rc, _EMPTY_I
+    if method in ("read_pages",):
+        return rc, None
+    return rc  # decrease_reservation, write_pages, map_foreign, pause, unpause, resume, destroy, set_vcpu_affinity, xs_write
 
 
 #: Calls that can fail with an errno (the others -- physinfo, m2p, domain_list, wait,
@@ -52,10 +56,12 @@ def _fail_value(method: str, err: int):
 FALLIBLE = ("page_offline_op", "pause", "unpause", "resume", "destroy", "set_vcpu_affinity",
             "xs_read", "xs_write", "domain_info", "pv_p2m_frames", "pv_p2m_frame_lists",
             "map_foreign", "page_types", "grant_entries", "mmu_update", "mmuext_op",
-            "memory_exchange")
+            "memory_exchange", "decrease_reservation", "populate_physmap", "read_pages",
+            "write_pages")
 #: Calls that change the host.
 MUTATING = ("page_offline_op", "pause", "unpause", "resume", "destroy", "set_vcpu_affinity",
-            "xs_write", "mmu_update", "mmuext_op", "memory_exchange", "map_foreign", "wait")
+            "xs_write", "mmu_update", "mmuext_op", "memory_exchange", "map_foreign", "wait",
+            "decrease_reservation", "populate_physmap", "write_pages")
 WRAPPED = FALLIBLE + ("physinfo", "max_mfn", "domain_list", "vcpu_affinity", "m2p", "wait")
 
 DEFAULT_ERRNO = {"memory_exchange": E.ENOMEM, "mmu_update": E.EINVAL, "mmuext_op": E.EINVAL,
@@ -164,6 +170,13 @@ class FaultyHypervisor:
             if k > 0:
                 rc, nr, out = self.inner.memory_exchange(domid, ins[:k], outs[:k])
                 return (rc, nr, out) if rc else (-abs(err), nr, out)
+        if partial and method in ("decrease_reservation", "populate_physmap"):
+            # Xen stops at the extent it cannot do and returns the number done
+            domid, gfns = args[0], np.asarray(args[1], dtype=np.int64).ravel()
+            k = min(partial, gfns.size - 1)
+            if k > 0:
+                r = getattr(self.inner, method)(domid, gfns[:k])
+                return r
         return _fail_value(method, err)
 
 

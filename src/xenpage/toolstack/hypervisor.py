@@ -20,8 +20,8 @@ if TYPE_CHECKING:  # annotations only: the CLI's start-up does not load numpy
 #: live migration (and the HVM retirement paths' other calls): the backend is a
 #: :class:`MigrationHypervisor`
 CAP_MIGRATE = "migrate"
-#: in-place exchange of an HVM guest's frames (``hvm_p2m`` + ``hvm_exchange_gfn``, xenpage's
-#: own extension, see :class:`MigrationHypervisor`)
+#: in-place retirement of an HVM/PVH guest's frames with stock hypercalls (pause, copy,
+#: ``XENMEM_decrease_reservation``, ``XENMEM_populate_physmap``, copy back; hvm_exchange.py)
 CAP_HVM_INPLACE = "hvm-inplace"
 #: the host's state must be saved by the toolstack at each journal record
 #: (:class:`CheckpointHypervisor`): the simulator, whose host lives in this process.  Real
@@ -44,6 +44,8 @@ class DomainInfo:
 
     @property
     def hvm(self) -> bool:
+        """``XEN_DOMINF_hvm_guest``: a translated guest, HVM or PVH (Xen's flags do not tell
+        them apart; see :mod:`.guest_type`)."""
         return bool(self.flags & domctl.XEN_DOMINF_hvm_guest)
 
     @property
@@ -237,80 +239,69 @@ class LogDirtyStats:
     dirty_count: int
 
 
+@dataclass
+class MigrationReport:
+    """What a live migration did, as the backend's engine reports it: libxl's ``xl migrate``
+    on real Xen (engine ``"libxl"``), the simulator's model of libxc's save/restore
+    (engine ``"sim"``).  Fields an engine does not report are None."""
+
+    ok: bool
+    rc: int
+    error: str
+    new_domid: int | None
+    same_host: bool
+    rounds: int | None
+    live_rounds: int | None
+    pages_sent: int | None
+    downtime_s: float | None
+    total_s: float
+    stop_reason: str | None
+    engine: str
+    log: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 @runtime_checkable
 class MigrationHypervisor(Hypervisor, Protocol):
-    """What live migration (``xg_sr_save.c`` / ``xg_sr_restore.c`` driven by libxl) and the
-    HVM retirement paths need on top of :class:`Hypervisor` -- each one a call a dom0 process
-    makes on real Xen, except the two marked as xenpage's own extension."""
+    """What the HVM/PVH retirement paths need on top of :class:`Hypervisor` -- each one a
+    call a dom0 process makes on real Xen (libxenctrl, libxenforeignmemory, libxl)."""
 
     def now(self) -> float:
         """Seconds on the host's clock (``time.monotonic`` on real Xen; the simulated clock
         on the simulator, which guests' work and hypervisor operations advance)."""
         ...
 
-    def shutdown_domain(self, domid: int, reason: int) -> int:
-        """``xc_domain_shutdown`` (``SCHEDOP_remote_shutdown``): how libxl suspends an HVM
-        guest without PV drivers (reason ``SHUTDOWN_suspend``)."""
-        ...
-
-    def maximum_gpfn(self, domid: int) -> int:
-        """``XENMEM_maximum_gpfn``: the highest gfn in the guest's physmap (-errno)."""
-        ...
-
-    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0
-                         ) -> tuple[int, np.ndarray | None, LogDirtyStats | None]:
-        """``xc_shadow_control`` / ``xc_logdirty_control``: ENABLE_LOGDIRTY, OFF, CLEAN, PEEK.
-        For CLEAN/PEEK the bitmap of ``pages`` gfns (bool array) and the stats."""
-        ...
-
     def read_pages(self, domid: int, frames) -> "tuple[int, PageData | None]":
-        """Map ``frames`` (gfns of an HVM guest, mfns of a PV guest) read-only, copy them out
-        and unmap (``xenforeignmemory_map`` + memcpy, as ``write_batch`` does)."""
+        """Map ``frames`` (gfns of a translated guest, mfns of a PV guest) read-only, copy
+        them out and unmap (``xenforeignmemory_map`` + memcpy)."""
         ...
 
     def write_pages(self, domid: int, frames, data: "PageData") -> int:
-        """Map ``frames`` writable, copy ``data`` in, unmap (``process_page_data``)."""
-        ...
-
-    def domain_create(self, name: str, hvm: bool, max_pages: int, vcpus: int = 1
-                      ) -> tuple[int, int]:
-        """``XEN_DOMCTL_createdomain`` + ``XEN_DOMCTL_max_mem`` + libxl's xenstore nodes; the
-        new domain has no memory and stays paused.  ``(rc, domid)``."""
+        """Map ``frames`` writable, copy ``data`` in, unmap."""
         ...
 
     def populate_physmap(self, domid: int, gfns) -> tuple[int, np.ndarray]:
         """``XENMEM_populate_physmap`` with order-0 extents at the given gfns:
-        ``(done or -errno, mfns)``."""
+        ``(done or -errno, extents)``.  For a translated (HVM/PVH) guest Xen writes no MFN
+        back: ``extents`` is the gfn list as passed."""
         ...
 
-    def set_domain_name(self, domid: int, name: str) -> int:
-        """``libxl_domain_rename``: the name in xenstore."""
+    def decrease_reservation(self, domid: int, gfns) -> int:
+        """``XENMEM_decrease_reservation`` with order-0 extents (gfns of a translated guest):
+        the number of extents done (Xen stops at the first it cannot remove) or -errno."""
         ...
 
-    def hvm_getcontext(self, domid: int) -> tuple[int, object]:
-        """``XEN_DOMCTL_gethvmcontext``: an opaque blob with an ``nbytes`` size."""
+    def live_migrate(self, domid: int, destination=None) -> MigrationReport:
+        """Live-migrate ``domid`` (to the same host when ``destination`` is None) with the
+        backend's migration engine."""
         ...
 
-    def hvm_setcontext(self, domid: int, ctx: object) -> int:
-        """``XEN_DOMCTL_sethvmcontext``."""
-        ...
-
-    def vcpu_getcontext(self, domid: int) -> tuple[int, object]:
-        """``XEN_DOMCTL_getvcpucontext`` of a PV guest: an opaque blob with ``cr3`` and
-        ``user_cr3`` (mfns) and an ``nbytes`` size."""
-        ...
-
-    def vcpu_setcontext(self, domid: int, ctx: object) -> int:
-        """``XEN_DOMCTL_setvcpucontext`` (CR3s rewritten to the new domain's mfns)."""
-        ...
-
-    def hvm_p2m(self, domid: int, gfns) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """``(rc, mfns, p2m types, leaf orders)`` of ``gfns``.  **xenpage's own extension**
-        (Xen 4.17 shows a dom0 process no HVM guest's mfns)."""
-        ...
-
-    def hvm_exchange_gfn(self, domid: int, gfn: int, old_mfn: int) -> tuple[int, int]:
-        """Swap ``gfn``'s frame for a fresh one, copying it; the guest must be paused.
-        ``(rc, new_mfn)``.  **xenpage's own extension**, not a Xen 4.17 hypercall
-        (``XEN_DOMCTL_xenpage_exchange_gfn``, see ``xenpage.hypervisor.p2m_exchange``)."""
+    def hvm_p2m(self, domid: int, gfns) -> "tuple[int, np.ndarray, np.ndarray, np.ndarray]":
+        """``(rc, mfns, p2m types, leaf orders)`` of a translated guest's ``gfns``: Xen 4.17
+        has no hypercall that tells a dom0 process this; the real backend learns the frame
+        from dom0's own page-table entry after mapping the gfn (:mod:`xenpage.backends.xen`),
+        the simulator reads its p2m.  ``-EOPNOTSUPP`` where a backend cannot; the toolstack
+        uses it only to verify (the new frame's M2P)."""
         ...

@@ -56,6 +56,13 @@ def crash_point(name: str, hv=None) -> None:
     crashpoint.reached(name, hv)
 
 
+def checkpoint(hv: Hypervisor) -> None:
+    """Before a journal record: a backend with ``CAP_CHECKPOINT`` (the simulator) saves its
+    host -- what a real machine keeps by itself across the death of a dom0 process."""
+    if CAP_CHECKPOINT in hv.capabilities:
+        cast(CheckpointHypervisor, hv).checkpoint()
+
+
 LOCK_NAME = "mem-offline.lock"
 
 
@@ -111,8 +118,7 @@ class Journal:
         self.records = 0
 
     def _checkpoint(self) -> None:
-        if CAP_CHECKPOINT in self.hv.capabilities:
-            cast(CheckpointHypervisor, self.hv).checkpoint()
+        checkpoint(self.hv)
 
     def write(self, op: str, truncate: bool = False, **data) -> None:
         self._checkpoint()

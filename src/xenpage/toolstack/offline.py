@@ -10,9 +10,11 @@ the way a Linux PV guest can actually be handled).
    publish no suspend event channel), all its frames are exchanged under that one suspend
    with one scan of its page tables, and it is fast-resumed.
 4. dom0's frames stay pending (dom0 is never suspended).
-5. An HVM guest's frames are retired by live-migrating the guest (by default to the same
-   host) or, on request, by xenpage's in-place HVM exchange; PV frames left pending because
-   they are granted or mapped elsewhere can fall back to migration (:mod:`.retire`).
+5. A translated (HVM/PVH) guest's frames are retired by live-migrating the guest (the
+   backend's engine, by default to the same host) or, on request, in place with stock
+   hypercalls (decrease_reservation + populate_physmap, :mod:`.hvm_exchange`); PV frames left
+   pending because they are granted or mapped elsewhere can fall back to migration
+   (:mod:`.retire`).
 
 Output keeps xen-hptool's lines for a frame and adds ``xenpage:`` lines where it is silent.
 """
@@ -26,6 +28,9 @@ from ..abi import sysctl as S
 from ..abi import xen as X
 from . import hptool, journal
 from .exchange import exchange_pages, load_guest
+from .hvm_exchange import JournalError as HvmJournalError
+from .hvm_exchange import journal_path as hvm_journal_path
+from .hvm_exchange import recover as recover_hvm
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
 from .pcpu import off_pcpu0, restore_recorded
@@ -104,6 +109,11 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     recovered = None
     lock = journal.acquire(jdir) if jdir is not None else None  # released when it is closed
     affinity_back = _restore_affinity(hv, jdir)
+    if jdir is not None and hvm_journal_path(jdir).exists():
+        try:
+            recover_hvm(hv, jdir)  # an interrupted in-place retirement of a translated guest
+        except HvmJournalError:
+            pass  # left for 'xenpage recover' to report; the guests it names are not touched
     if jdir is not None and journal.journal_path(jdir).exists():
         try:
             recovered = journal.recover(hv, jdir)
@@ -152,7 +162,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if info is not None and info.hvm and 0 < domid < X.DOMID_FIRST_RESERVED:
             # HVM: live migration or in-place exchange (retire.py)
             t0 = time.perf_counter()
-            for o in retire_hvm(hv, domid, group, retire):
+            for o in retire_hvm(hv, domid, group, retire, journal_dir=jdir):
                 outcomes[o.mfn] = o
             timings.setdefault("hvm", {})[domid] = {"pages": len(group),
                                                     "toolstack_s": time.perf_counter() - t0}
@@ -321,10 +331,11 @@ def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
               "successfully, current state is [PG_OFFLINE_OFFLINED, PG_OFFLINE_OWNED]")
         if o.kind == Kind.MIGRATED:  # retire.py
             r.out(f"xenpage: mfn {mfn:x}: {o.detail}")
-        elif "p2m_type" in o.extra:  # an HVM guest's, exchanged in place (hvm_exchange.py)
-            r.out(f"xenpage: d{domid} gfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x} "
-                  f"in place (p2m entry swapped, guest paused {o.extra['downtime_s'] * 1e6:.0f} us "
-                  "simulated); old frame offlined")
+        elif "moved" in o.extra:  # a translated guest's, retired in place (hvm_exchange.py)
+            to = f"mfn {o.new_mfn:#x}" if o.new_mfn is not None else "a fresh frame"
+            r.out(f"xenpage: d{domid} gfn {o.gpfn:#x} moved from mfn {mfn:#x} to {to} in place "
+                  f"(decrease_reservation + populate_physmap, guest paused "
+                  f"{o.extra['downtime_s'] * 1e6:.0f} us); old frame offlined")
         else:
             r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x}; "
                   f"{o.ptes} page-table entries re-pointed with their flags; old frame offlined")

@@ -50,6 +50,7 @@ class Reason(str, Enum):
     SUSPEND_FAILED = "suspend-failed"
     MIGRATION_NEEDED = "migration-needed"
     OWNER_CRASHED = "owner-crashed"
+    NO_HEADROOM = "no-allocation-headroom"
     # rolled back / failed
     EXCHANGE_FAILED = "exchange-failed"
     CLEAR_FAILED = "clear-failed"

@@ -1,12 +1,12 @@
-"""Retiring the frames ``mem-offline`` cannot exchange in place the PV way: an HVM guest's
-(live migration by default, or xenpage's in-place HVM exchange) and, on request, a PV
-guest's frames left pending because they are granted or mapped elsewhere
-(``--fallback=migrate``).
+"""Retiring the frames ``mem-offline`` cannot exchange in place the PV way: a translated
+(HVM or PVH) guest's -- by live migration (default) or in place with stock hypercalls
+(:mod:`.hvm_exchange`) -- and, on request, a PV guest's frames left pending because they are
+granted or mapped elsewhere (``--fallback=migrate``).
 
-Migrating a guest moves all of its memory to fresh frames and destroys the old domain; its
-offline-pending frames are then freed and Xen offlines them.  The destination is the same
-host unless one is configured -- and the same host only when it has room for a second copy
-of the guest while both exist.
+Migration is the backend's engine, through ``hv.live_migrate`` (libxl's ``xl migrate`` on
+real Xen; on the simulator its model of libxc's save/restore): it moves all of the guest's
+memory to fresh frames and destroys the old domain, whose offline-pending frames are then
+freed and offlined.  The destination is the same host unless one is configured.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..abi import sysctl as S
+from .guest_type import domain_type
 from .hvm_exchange import exchange_hvm_pages
-from .hypervisor import CAP_MIGRATE
-from .migrate import Link, MigrationCosts, migrate
+from .hypervisor import CAP_HVM_INPLACE, CAP_MIGRATE
 from .outcomes import Kind, Outcome, Reason
 
 HVM_METHODS = ("migrate", "exchange", "none")
@@ -25,15 +25,13 @@ FALLBACKS = (None, "migrate")
 
 @dataclass
 class RetireOptions:
-    #: how an HVM guest's offline-pending frames are retired
+    #: how a translated (HVM/PVH) guest's offline-pending frames are retired
     hvm: str = "migrate"
-    #: ``"migrate"``: a PV guest whose frames stay pending (granted / referenced elsewhere)
-    #: is live-migrated instead
+    #: ``"migrate"``: a guest whose frames stay pending (granted / referenced elsewhere) is
+    #: live-migrated instead
     fallback: str | None = None
-    #: the destination host's toolstack view (a MigrationHypervisor); None: the same host
+    #: the destination host's toolstack view (a backend); None: the same host
     destination: object | None = None
-    link: Link | None = None
-    costs: MigrationCosts | None = None
     #: filled in: what each migration / exchange did (for reports and benchmarks)
     log: list = field(default_factory=list)
 
@@ -43,63 +41,91 @@ def _status(hv, mfn: int) -> int:
     return -1 if rc or st is None else int(st[0])
 
 
-def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str) -> list[Outcome]:
-    """Live-migrate ``domid`` so that its frames ``mfns`` are freed; one outcome per frame."""
-    dst = opts.destination
-    res = migrate(hv, domid, dst, link=opts.link, costs=opts.costs)
-    opts.log.append({"domid": domid, "method": "migrate", "mfns": list(mfns), "why": why,
-                     "result": res.to_json()})
-    where = "the same host" if res.same_host else "the destination host"
-    if not res.ok:
-        reason = Reason.MIGRATION_NEEDED
-        return [Outcome(m, Kind.PENDING, reason,
-                        f"{why}; live migration to {where} failed: {res.error}; the frame stays "
-                        "offline-pending", domid=domid, errno=-res.rc) for m in mfns]
-    out = []
-    summary = {"new_domid": res.dst_domid, "same_host": res.same_host, "rounds": len(res.rounds),
-               "live_rounds": res.live_rounds, "pages_sent": res.pages_sent,
-               "downtime_s": res.downtime_s, "total_s": res.total_s, "stop_reason": res.stop_reason,
-               "link": res.link, "broken_pfns": res.broken_pfns}
-    for m in mfns:
-        st = _status(hv, m)
-        done = st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINED)
-        detail = (f"live-migrated d{domid} to d{res.dst_domid} on {where}: {len(res.rounds)} rounds "
-                  f"({res.live_rounds} live, stopped after {res.stop_reason}), {res.pages_sent} pages sent, "
-                  f"downtime {res.downtime_s * 1e3:.1f} ms, total {res.total_s:.2f} s (simulated); "
-                  + ("old frame offlined" if done else "old frame not offlined yet"))
-        out.append(Outcome(m, Kind.MIGRATED if done else Kind.PENDING,
-                           Reason.NONE if done else Reason.REFERENCED, detail, domid=domid,
-                           status=st, extra=dict(summary)))
-    return out
-
-
-def _can_migrate(hv) -> bool:
+def can_migrate(hv) -> bool:
     return CAP_MIGRATE in hv.capabilities
 
 
-def retire_hvm(hv, domid: int, mfns: list[int], opts: RetireOptions | None) -> list[Outcome]:
-    """The HVM branch of ``mem-offline``'s owner loop."""
+def can_exchange_in_place(hv) -> bool:
+    return CAP_HVM_INPLACE in hv.capabilities
+
+
+def _summary(r) -> str:
+    where = "the same host" if r.same_host else "the destination host"
+    parts = [f"live-migrated d{{}} to d{r.new_domid} on {where} ({r.engine})"]
+    if r.rounds is not None:
+        parts.append(f"{r.rounds} rounds ({r.live_rounds} live"
+                     + (f", stopped after {r.stop_reason})" if r.stop_reason else ")"))
+    if r.pages_sent is not None:
+        parts.append(f"{r.pages_sent} pages sent")
+    if r.downtime_s is not None:
+        parts.append(f"downtime {r.downtime_s * 1e3:.1f} ms")
+    parts.append(f"total {r.total_s:.2f} s")
+    return ", ".join(parts)
+
+
+def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
+                prev: dict[int, Outcome] | None = None, method: str = "migrate") -> list[Outcome]:
+    """Live-migrate ``domid`` (``hv.live_migrate``) so that its frames ``mfns`` are freed;
+    one outcome per frame (``prev``: what each frame's outcome was before, kept on failure)."""
+    r = hv.live_migrate(domid, opts.destination)
+    opts.log.append({"domid": domid, "method": method, "mfns": list(mfns), "why": why,
+                     "result": r.to_json()})
+    where = "the same host" if r.same_host else "the destination host"
+    out = []
+    summary = {"new_domid": r.new_domid, "same_host": r.same_host, "rounds": r.rounds,
+               "live_rounds": r.live_rounds, "pages_sent": r.pages_sent,
+               "downtime_s": r.downtime_s, "total_s": r.total_s, "stop_reason": r.stop_reason,
+               "engine": r.engine}
+    for m in mfns:
+        p = (prev or {}).get(m)
+        if not r.ok:
+            if p is not None:
+                out.append(Outcome(m, p.kind, p.reason, f"{p.detail}; live migration failed: {r.error}",
+                                   domid=domid, gpfn=p.gpfn, errno=-r.rc))
+            else:
+                out.append(Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
+                                   f"{why}; live migration to {where} failed: {r.error}; the frame "
+                                   "stays offline-pending", domid=domid, errno=-r.rc))
+            continue
+        st = _status(hv, m)
+        done = st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINED)
+        detail = (f"{p.detail}; so " if p is not None else "") + _summary(r).format(domid) + "; " \
+            + ("old frame offlined" if done else "old frame not offlined yet")
+        reason = Reason.NONE if done else (p.reason if p is not None else Reason.REFERENCED)
+        out.append(Outcome(m, Kind.MIGRATED if done else Kind.PENDING, reason, detail, domid=domid,
+                           gpfn=p.gpfn if p is not None else None, status=st, extra=dict(summary)))
+    return out
+
+
+def retire_hvm(hv, domid: int, mfns: list[int], opts: RetireOptions | None,
+               journal_dir=None) -> list[Outcome]:
+    """The translated-guest branch of ``mem-offline``'s owner loop."""
     opts = opts or RetireOptions()
-    if opts.hvm != "none" and not _can_migrate(hv):
-        return [Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
-                        f"d{domid} is an HVM guest and the {hv.kind} backend cannot "
-                        "migrate it or exchange its frames here (use xl migrate); the frame stays "
-                        "offline-pending", domid=domid) for m in mfns]
+    info = hv.domain_info(domid)
+    kind = domain_type(hv, info).upper() if info is not None else "HVM"
     if opts.hvm == "none":
         return [Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
-                        f"d{domid} is an HVM guest: its frames are retired by live migration; "
+                        f"d{domid} is an {kind} guest: its frames are retired by live migration; "
                         "the frame stays offline-pending", domid=domid) for m in mfns]
-    if opts.hvm == "exchange":
-        r = exchange_hvm_pages(hv, domid, mfns)
+    if opts.hvm == "exchange" and can_exchange_in_place(hv):
+        r = exchange_hvm_pages(hv, domid, mfns, journal_dir=journal_dir)
         opts.log.append({"domid": domid, "method": "exchange", "mfns": list(mfns),
-                         "downtime_s": r.downtime_s})
+                         "downtime_s": r.downtime_s, "type": r.stats.get("type")})
         outs = {o.mfn: o for o in r.outcomes}
-        left = [o.mfn for o in r.outcomes if o.kind == Kind.PENDING and o.reason == Reason.REFERENCED]
-        if left and opts.fallback == "migrate":
-            for o in migrate_for(hv, domid, left, opts, "mapped by the device model or another domain"):
+        left = [o.mfn for o in r.outcomes if o.kind == Kind.PENDING
+                and o.reason in (Reason.REFERENCED, Reason.GRANTED, Reason.NO_HEADROOM)]
+        if left and opts.fallback == "migrate" and can_migrate(hv):
+            for o in migrate_for(hv, domid, left, opts, "its frames cannot be retired in place",
+                                 prev=outs):
                 outs[o.mfn] = o
         return [outs[m] for m in mfns]
-    return migrate_for(hv, domid, mfns, opts, f"d{domid} is an HVM guest")
+    if not can_migrate(hv):
+        how = "migrate it" if opts.hvm == "migrate" else "retire its frames in place"
+        return [Outcome(m, Kind.PENDING, Reason.MIGRATION_NEEDED,
+                        f"d{domid} is an {kind} guest and the {hv.kind} backend cannot "
+                        f"{how} (use xl migrate); the frame stays offline-pending", domid=domid)
+                for m in mfns]
+    return migrate_for(hv, domid, mfns, opts, f"d{domid} is an {kind} guest")
 
 
 #: PV outcomes that a migration can still retire
@@ -109,7 +135,7 @@ FALLBACK_REASONS = (Reason.GRANTED, Reason.REFERENCED)
 def fallback_pv(hv, outcomes: dict[int, Outcome], opts: RetireOptions | None) -> list[Outcome]:
     """``--fallback=migrate``: PV frames left pending because they are granted or referenced
     elsewhere are retired by live-migrating their guest (one migration per guest)."""
-    if opts is None or opts.fallback != "migrate" or not _can_migrate(hv):
+    if opts is None or opts.fallback != "migrate" or not can_migrate(hv):
         return []
     per: dict[int, list[int]] = {}
     for m, o in outcomes.items():
@@ -121,25 +147,6 @@ def fallback_pv(hv, outcomes: dict[int, Outcome], opts: RetireOptions | None) ->
         info = hv.domain_info(domid)
         if info is None or info.hvm:
             continue
-        from .migrate_pv import migrate_pv
-        res = migrate_pv(hv, domid, opts.destination, link=opts.link, costs=opts.costs)
-        opts.log.append({"domid": domid, "method": "migrate-pv", "mfns": list(mfns),
-                         "result": res.to_json()})
-        for m in mfns:
-            prev = outcomes[m]
-            if not res.ok:
-                out.append(Outcome(m, prev.kind, prev.reason,
-                                   f"{prev.detail}; live migration failed: {res.error}",
-                                   domid=domid, gpfn=prev.gpfn, errno=-res.rc))
-                continue
-            st = _status(hv, m)
-            done = st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINED)
-            out.append(Outcome(m, Kind.MIGRATED if done else Kind.PENDING,
-                               Reason.NONE if done else prev.reason,
-                               f"{prev.detail}; so d{domid} was live-migrated to d{res.dst_domid}: "
-                               f"downtime {res.downtime_s * 1e3:.1f} ms, total {res.total_s:.2f} s "
-                               f"(simulated); " + ("old frame offlined" if done else "old frame still pending"),
-                               domid=domid, gpfn=prev.gpfn, status=st,
-                               extra={"new_domid": res.dst_domid, "downtime_s": res.downtime_s,
-                                      "total_s": res.total_s, "rounds": len(res.rounds)}))
+        out += migrate_for(hv, domid, mfns, opts, f"d{domid}'s frames stay pending", prev=outcomes,
+                           method="migrate-pv")
     return out

@@ -25,7 +25,8 @@ from ...hypervisor.e820 import MiB
 from ...hypervisor.host import DomainError, Host, HostConfig
 from ...hypervisor import persist
 from ...hypervisor.persist import HostFileError
-from ...toolstack.hypervisor import CAP_CHECKPOINT, CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo, PhysInfo
+from ...toolstack.hypervisor import (CAP_CHECKPOINT, CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo,
+                                    MigrationReport, PhysInfo)
 from .. import default_state_dir
 
 HOST_DIRNAME = "host"
@@ -35,8 +36,15 @@ class SimHypervisor:
     """dom0's privileged interface to a simulated :class:`Host`."""
 
     kind = "sim"
-    #: live migration, in-place HVM exchange, and a host saved at each journal record
+    #: live migration (the simulator's model of libxc's save/restore), the in-place
+    #: retirement of translated guests' frames, and saving the host between two steps
     capabilities = frozenset({CAP_MIGRATE, CAP_HVM_INPLACE, CAP_CHECKPOINT})
+    #: the migration model's link and fixed costs (None: its defaults -- loopback to the
+    #: same host, 1 Gbit/s to another)
+    migration_link = None
+    migration_costs = None
+    #: the model's full result of the last ``live_migrate`` (rounds, downtime parts)
+    last_migration = None
     #: set by :func:`open_host`: the state directory (the journal lives there) and the host
     state_dir: Path | None = None
     path: Path | None = None
@@ -329,6 +337,8 @@ class SimHypervisor:
             return rc, None
         from ...hypervisor.hvm import full_pages
         ft = self.host.ft
+        c = _costs()
+        self.host.clock += c.map_batch_s + m.size * 4096 / c.memcpy_bps
         fp = full_pages(ft, m)
         full = {int(i): ft.pages[int(m[i])].copy() for i in np.flatnonzero(np.isin(m, fp)).tolist()}
         return 0, SimPages(ft.content[m].copy(), full)
@@ -341,6 +351,8 @@ class SimHypervisor:
             return -E.EINVAL
         from ...hypervisor.hvm import full_pages
         ft = self.host.ft
+        c = _costs()
+        self.host.clock += c.map_batch_s + m.size * 4096 / c.memcpy_bps
         for x in full_pages(ft, m).tolist():
             del ft.pages[x]
         ft.content[m] = data.fp
@@ -349,11 +361,11 @@ class SimHypervisor:
         self.dirty = True
         return 0
 
-    def domain_create(self, name: str, hvm: bool, max_pages: int, vcpus: int = 1):
+    def domain_create(self, name: str, hvm: bool, max_pages: int, vcpus: int = 1, pvh: bool = False):
         if not self._priv():
             return -E.EPERM, -1
         try:
-            d = self.host.create_domain(name, 0, hvm=hvm, vcpus=vcpus, max_pages=max_pages)
+            d = self.host.create_domain(name, 0, hvm=hvm, vcpus=vcpus, max_pages=max_pages, pvh=pvh)
         except DomainError as e:
             return (e.errno if e.errno < 0 else -e.errno), -1
         self.host.pause(d.domid)  # a new domain stays paused until the toolstack unpauses it
@@ -362,10 +374,38 @@ class SimHypervisor:
         return 0, d.domid
 
     def populate_physmap(self, domid: int, gfns):
+        """For a translated guest Xen writes no MFN back (``populate_physmap``:
+        ``!paging_mode_translate(d)`` guards the copy): the extents come back as passed."""
         from ...hypervisor import hvm
         self.dirty = True
-        self.host.clock += _costs().hypercall_s
-        return hvm.populate_physmap(self.host, self.caller, domid, gfns)
+        c = _costs()
+        rc, mfns = hvm.populate_physmap(self.host, self.caller, domid, gfns)
+        self.host.clock += c.hypercall_s + max(rc, 0) * (c.page_alloc_s + 4096 / c.memcpy_bps)
+        d = self.host.domains.get(domid)
+        if d is not None and d.hvm:
+            return rc, np.asarray(gfns, dtype=np.int64).ravel().copy()
+        return rc, mfns
+
+    def decrease_reservation(self, domid: int, gfns) -> int:
+        from ...hypervisor import hvm
+        self.dirty = True
+        c = _costs()
+        rc = hvm.decrease_reservation(self.host, self.caller, domid, gfns)
+        self.host.clock += c.hypercall_s + max(rc, 0) * c.page_alloc_s + (c.ept_flush_s if rc > 0 else 0)
+        return rc
+
+    def live_migrate(self, domid: int, destination=None) -> MigrationReport:
+        """The simulator's engine: the model of libxc's save/restore as libxl drives it
+        (:mod:`.migrate`, :mod:`.migrate_pv`), to ``destination`` (another
+        :class:`SimHypervisor`) or to the same host."""
+        info = self.domain_info(domid)
+        if info is not None and not info.hvm:
+            from .migrate_pv import migrate_pv as run
+        else:
+            from .migrate import migrate as run
+        res = run(self, domid, destination, link=self.migration_link, costs=self.migration_costs)
+        self.last_migration = res
+        return res.report()
 
     def vcpu_getcontext(self, domid: int):
         """``XEN_DOMCTL_getvcpucontext`` of a PV guest's vCPU 0: its CR3s (mfns) and, in the
@@ -432,6 +472,9 @@ class SimHypervisor:
         return hvm.set_context(self.host, domid, ctx)
 
     def hvm_p2m(self, domid: int, gfns):
+        """``(rc, mfns, p2m types, leaf orders)`` of ``gfns``: the simulator can tell the frame
+        behind a gfn (not part of the ``Hypervisor`` protocol: Xen 4.17 shows a dom0 process
+        no translated guest's p2m; the toolstack uses it to verify where it is offered)."""
         from ...hypervisor import p2m as P
         z = np.zeros(0, dtype=np.int64)
         if not self._priv():
@@ -446,14 +489,9 @@ class SimHypervisor:
             return -E.EINVAL, z, z, z
         return 0, p.mfn[g].copy(), p.type[g].astype(np.int64), p.order[g].astype(np.int64)
 
-    def hvm_exchange_gfn(self, domid: int, gfn: int, old_mfn: int) -> tuple[int, int]:
-        from ...hypervisor.p2m_exchange import exchange_gfn
-        self.dirty = True
-        return exchange_gfn(self.host, self.caller, domid, int(gfn), int(old_mfn))
-
 
 def _costs():
-    from ...hypervisor.p2m_exchange import COSTS
+    from ...hypervisor.costs import COSTS
     return COSTS
 
 
@@ -528,12 +566,14 @@ class SimForeignMap:
 @dataclass
 class DefaultHostSpec:
     """The embedded default: a machine shaped like the lab's QEMU box (2 GiB, 2 pCPUs) with
-    dom0 (1 GiB), a Linux-like PV guest and an HVM guest."""
+    dom0 (1 GiB), a Linux-like PV guest, an HVM guest and a PVH guest (built in that order,
+    so the earlier guests' frames are those of a host without the PVH guest)."""
 
     mem_mib: int = 2048
     dom0_mib: int = 1024
     pv_guests: tuple[tuple[str, int], ...] = (("domu1", 96),)
     hvm_guests: tuple[tuple[str, int], ...] = (("hvm1", 128),)
+    pvh_guests: tuple[tuple[str, int], ...] = (("pvh1", 64),)
     nr_pcpus: int = 2
     seed: int = 1
     #: the HVM guests' workload (``xenpage.guests.hvm.Workload`` fields); idle by default
@@ -552,11 +592,20 @@ def build_host(spec: DefaultHostSpec | None = None) -> Host:
     for i, (name, mib) in enumerate(spec.pv_guests):
         d = host.create_domain(name, mib * 256, hvm=False)
         LinuxPV.boot(host, d.domid, seed=spec.seed + i)
-    from ...guests.hvm import HvmGuest, Workload
+    from ...guests.hvm import HvmGuest, PvhGuest, Workload
     for i, (name, mib) in enumerate(spec.hvm_guests):
-        d = host.create_domain(name, mib * 256, hvm=True)
+        d = host.create_domain(name, mib * 256, hvm=True, max_pages=mib * 256 + LIBXL_MAXMEM_PAGES)
         HvmGuest.boot(host, d.domid, seed=spec.seed + 100 + i, workload=Workload(**spec.hvm_workload))
+    for i, (name, mib) in enumerate(spec.pvh_guests):
+        d = host.create_domain(name, mib * 256, pvh=True, max_pages=mib * 256 + LIBXL_MAXMEM_PAGES)
+        PvhGuest.boot(host, d.domid, seed=spec.seed + 200 + i, workload=Workload(**spec.hvm_workload))
     return host
+
+
+#: libxl's ``setmaxmem``: the guest's memory + ``libxl__arch_extra_memory`` (x86:
+#: ``LIBXL_MAXMEM_CONSTANT``, 1 MiB) -- the head-room a translated guest's in-place
+#: retirement repopulates into while a removed frame is still referenced
+LIBXL_MAXMEM_PAGES = 256
 
 
 def host_path(state_dir: Path | None = None) -> Path:

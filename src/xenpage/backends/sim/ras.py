@@ -15,7 +15,7 @@ from ...abi import mca as A
 from ...hypervisor import mce
 from ...hypervisor.e820 import E820Map, MiB
 from ...hypervisor.host import Host, HostConfig
-from .hypervisor import DefaultHostSpec, SimHypervisor
+from .hypervisor import LIBXL_MAXMEM_PAGES, DefaultHostSpec, SimHypervisor
 
 
 @dataclass
@@ -72,8 +72,14 @@ def spec_of(host: Host) -> DefaultHostSpec:
     return DefaultHostSpec(
         mem_mib=mem_bytes_of(host) // MiB, dom0_mib=dom0.max_pages // 256,
         pv_guests=tuple((d.name, d.max_pages // 256) for d in doms if d.domid and not d.hvm),
-        hvm_guests=tuple((d.name, d.max_pages // 256) for d in doms if d.domid and d.hvm),
+        hvm_guests=tuple((d.name, _mib(d)) for d in doms if d.domid and d.hvm and not d.pvh),
+        pvh_guests=tuple((d.name, _mib(d)) for d in doms if d.domid and d.pvh),
         nr_pcpus=host.nr_pcpus)
+
+
+def _mib(d) -> int:
+    """A translated guest's memory: its max_pages less libxl's head-room."""
+    return max(1, (d.max_pages - LIBXL_MAXMEM_PAGES) // 256)
 
 
 def boot(spec: DefaultHostSpec | None = None, badpage: str = "", quirks=None) -> Host:
@@ -117,7 +123,9 @@ def boot(spec: DefaultHostSpec | None = None, badpage: str = "", quirks=None) ->
         d = h.create_domain(name, mib * 256, hvm=False)
         LinuxPV.boot(h, d.domid, seed=spec.seed + i)
     for name, mib in spec.hvm_guests:
-        h.create_domain(name, mib * 256, hvm=True)
+        h.create_domain(name, mib * 256, hvm=True, max_pages=mib * 256 + LIBXL_MAXMEM_PAGES)
+    for name, mib in spec.pvh_guests:
+        h.create_domain(name, mib * 256, pvh=True, max_pages=mib * 256 + LIBXL_MAXMEM_PAGES)
     return h
 
 
@@ -131,9 +139,13 @@ def restart_domain(host: Host, domid: int, seed: int = 1) -> int:
     """``xl destroy`` + ``xl create`` of a crashed guest (same name, memory and type);
     returns the new domid.  Its offline-pending frames become offlined as they are freed."""
     d = host.domain(domid)
-    name, pages, hvm = d.name, d.max_pages, d.hvm
+    name, pages, hvm, pvh = d.name, d.max_pages, d.hvm, d.pvh
     host.destroy_domain(domid)
-    nd = host.create_domain(name, pages, hvm=hvm)
+    if hvm:
+        nd = host.create_domain(name, _mib(d) * 256, hvm=True, pvh=pvh,
+                                max_pages=_mib(d) * 256 + LIBXL_MAXMEM_PAGES)
+    else:
+        nd = host.create_domain(name, pages, hvm=False)
     if not hvm:
         from ...guests.linux_pv import LinuxPV
         LinuxPV.boot(host, nd.domid, seed=seed)

@@ -18,7 +18,7 @@ Reported beside published figures:
 
 The simulated host's counterpart of the gap: dom0's frames are never exchanged (dom0 is not
 suspended), and an HVM guest's frames wait for a live migration that a full host has no room
-for (``+hvm-exchange``: xenpage's in-place HVM exchange, a hypervisor extension, retires them
+for (``+hvm-exchange``: the in-place retirement with stock hypercalls retires them
 without one) -- so their errors keep coming.
 """
 
@@ -106,7 +106,7 @@ def year_host_spec():
     """The host of the year: 2 GiB, dom0 384 MiB, two Linux-like PV guests and an HVM guest."""
     from .hypervisor import DefaultHostSpec
     return DefaultHostSpec(mem_mib=2048, dom0_mib=384,
-                           pv_guests=(("web", 512), ("db", 512)), hvm_guests=(("win", 384),))
+                           pv_guests=(("web", 512), ("db", 512)), hvm_guests=(("win", 384),), pvh_guests=())
 
 
 def pristine_host(spec=None):

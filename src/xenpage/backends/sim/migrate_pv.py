@@ -25,14 +25,14 @@ from typing import Callable
 
 import numpy as np
 
-from ..abi import domctl as D
-from ..abi import errno as E
-from ..abi import hvm as H
-from ..abi import pte as P
-from ..abi import xen as X
+from ...abi import domctl as D
+from ...abi import errno as E
+from ...abi import hvm as H
+from ...abi import pte as P
+from ...abi import xen as X
 from .migrate import (NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts, MigrationError, MigrationResult,
-                      Round, _enable_logdirty, _Stream, create_incoming, final_dirty, finish, send_memory_live,
-                      simple_precopy_policy, start, write_batch)
+                          Round, _enable_logdirty, _Stream, create_incoming, final_dirty, finish, send_memory_live,
+                          simple_precopy_policy, start, write_batch)
 
 _U = np.uint64
 ERANGE = 34

@@ -1,6 +1,9 @@
-"""Pre-copy live migration, as ``xl migrate`` does it with Xen 4.17's libxenguest
-(``tools/libs/guest/xg_sr_save.c`` / ``xg_sr_restore.c``, driven by libxl), through the
-:class:`~xenpage.toolstack.hypervisor.MigrationHypervisor` protocol on both ends.
+"""The simulator's migration engine: a model of pre-copy live migration as ``xl migrate``
+does it with Xen 4.17's libxenguest (``tools/libs/guest/xg_sr_save.c`` /
+``xg_sr_restore.c``, driven by libxl), over the simulated hosts' save/restore calls
+(:class:`SaveRestoreHypervisor`, what libxc uses on both ends).  The toolstack never runs it:
+it calls ``hv.live_migrate`` (``Hypervisor`` protocol), which on the simulator runs this
+model (engine ``"sim"``) and on real Xen runs libxl (engine ``"libxl"``).
 
 Save side (``send_domain_memory_live``):
 
@@ -37,15 +40,43 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
-from ..abi import domctl as D
-from ..abi import errno as E
-from ..abi import hvm as H
-from ..abi import xen as X
-from .hypervisor import MigrationHypervisor
+from ...abi import domctl as D
+from ...abi import errno as E
+from ...abi import hvm as H
+from ...abi import xen as X
+from ...toolstack.hypervisor import MigrationHypervisor, MigrationReport
+
+
+class SaveRestoreHypervisor(MigrationHypervisor, Protocol):
+    """The calls libxc's save/restore makes on each end, beyond the toolstack's protocol."""
+
+    def shutdown_domain(self, domid: int, reason: int) -> int:
+        """``xc_domain_shutdown`` (``SCHEDOP_remote_shutdown``): how libxl suspends an HVM
+        guest without PV drivers (reason ``SHUTDOWN_suspend``)."""
+        ...
+
+    def maximum_gpfn(self, domid: int) -> int:
+        """``XENMEM_maximum_gpfn``: the highest gfn in the guest's physmap (-errno)."""
+        ...
+
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0): ...
+
+    def domain_create(self, name: str, hvm: bool, max_pages: int, vcpus: int = 1
+                      ) -> tuple[int, int]: ...
+
+    def set_domain_name(self, domid: int, name: str) -> int: ...
+
+    def hvm_getcontext(self, domid: int) -> tuple[int, object]: ...
+
+    def hvm_setcontext(self, domid: int, ctx: object) -> int: ...
+
+    def vcpu_getcontext(self, domid: int) -> tuple[int, object]: ...
+
+    def vcpu_setcontext(self, domid: int, ctx: object) -> int: ...
 
 NO_DATA_TYPES = (D.XEN_DOMCTL_PFINFO_XTAB, D.XEN_DOMCTL_PFINFO_BROKEN, D.XEN_DOMCTL_PFINFO_XALLOC)
 PAGE_BYTES = 4096
@@ -137,6 +168,22 @@ class MigrationResult:
         d["rounds"] = [asdict(r) for r in self.rounds]
         return d
 
+    def report(self) -> MigrationReport:
+        """The engine-neutral report ``live_migrate`` answers with."""
+        log = [f"link {self.link}"] + [
+            f"round {r.index} ({'live' if r.live else 'stop-and-copy'}): {r.pages} pages"
+            + (f", {r.broken} broken" if r.broken else "")
+            + (f", {r.dirty_after} dirtied meanwhile" if r.dirty_after is not None else "")
+            for r in self.rounds]
+        if self.broken_pfns:
+            log.append(f"broken pfns not sent: {', '.join(hex(p) for p in self.broken_pfns[:8])}")
+        return MigrationReport(
+            ok=self.ok, rc=self.rc, error=self.error,
+            new_domid=self.dst_domid if self.ok else None, same_host=self.same_host,
+            rounds=len(self.rounds), live_rounds=self.live_rounds, pages_sent=self.pages_sent,
+            downtime_s=self.downtime_s if self.ok else None, total_s=self.total_s,
+            stop_reason=self.stop_reason or None, engine="sim", log=log)
+
 
 class MigrationError(Exception):
     def __init__(self, rc: int, msg: str):
@@ -154,7 +201,7 @@ def simple_precopy_policy(iteration: int, dirty_count: int) -> int:
 class _Restore:
     """The receiving side (``xg_sr_restore.c``) on the destination's toolstack."""
 
-    def __init__(self, dst: MigrationHypervisor, domid: int, p2m_size: int):
+    def __init__(self, dst: SaveRestoreHypervisor, domid: int, p2m_size: int):
         self.dst, self.domid = dst, domid
         self.populated = np.zeros(max(p2m_size, 1), dtype=bool)
         self.broken: set[int] = set()
@@ -202,7 +249,7 @@ class _Stream:
 
 
 
-def create_incoming(dst, info, same: bool, hvm: bool, res) -> int | None:
+def create_incoming(dst, info, same: bool, hvm: bool, res, pvh: bool = False) -> int | None:
     """Check the destination has room for the guest and create the domain the stream
     restores into (libxl's ``<name>--incoming``).  Returns its domid, or None with
     ``res.rc``/``res.error`` set."""
@@ -212,7 +259,8 @@ def create_incoming(dst, info, same: bool, hvm: bool, res) -> int | None:
         res.error = (f"no room for d{info.domid} on the {'same' if same else 'destination'} host: "
                      f"it needs {info.tot_pages} pages, {free} are free")
         return None
-    rc, new = dst.domain_create(f"{info.name}--incoming", hvm, info.max_pages, info.nr_vcpus)
+    kw = {"pvh": True} if pvh else {}  # xl sends the guest's config (type = "pvh") first
+    rc, new = dst.domain_create(f"{info.name}--incoming", hvm, info.max_pages, info.nr_vcpus, **kw)
     if rc:
         res.rc, res.error = rc, f"creating the incoming domain failed ({E.name(rc)})"
         return None
@@ -262,7 +310,7 @@ def finish(res: MigrationResult, stream: "_Stream", link: Link, costs: Migration
     return res
 
 
-def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | None = None,
+def migrate(src: SaveRestoreHypervisor, domid: int, dst: SaveRestoreHypervisor | None = None,
             link: Link | None = None, costs: MigrationCosts | None = None,
             policy: Callable[[int, int], int] = simple_precopy_policy,
             hook: Callable | None = None) -> MigrationResult:
@@ -283,7 +331,8 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
         res.rc, res.error = (top if top < 0 else -E.EINVAL), f"d{domid} has no memory map"
         return res
     p2m_size = top + 1
-    new = create_incoming(dst, info, same, True, res)
+    pvh = src.xs_read(f"/libxl/{domid}/type") == "pvh"
+    new = create_incoming(dst, info, same, True, res, pvh=pvh)
     if new is None:
         return res
     stream = _Stream(src, dst, link)
@@ -319,7 +368,8 @@ def migrate(src: MigrationHypervisor, domid: int, dst: MigrationHypervisor | Non
         t_ctx = stream.t
         stream.send(H.REC_HEADER_BYTES + int(getattr(ctx, "nbytes", 0)))
         stream.send(H.REC_HEADER_BYTES + 16 * 8)                  # HVM_PARAMS
-        stream.send(H.REC_HEADER_BYTES + costs.emulator_state_bytes)
+        if not pvh:  # libxl's EMULATOR_CONTEXT record: a PVH guest has no device model
+            stream.send(H.REC_HEADER_BYTES + costs.emulator_state_bytes)
         stream.send(H.REC_HEADER_BYTES)                           # END
         ctx_s = stream.t - t_ctx
         stream.elapse(link.latency_s)                             # the last byte arrives
