@@ -264,3 +264,38 @@ def test_damaged_affinity_record_is_refused(crash_state, tmp_path):
     r = _run(state, "recover")
     assert r.returncode == 2 and "unreadable record of dom0's vCPU affinity" in r.stderr
     assert (state / pcpu.AFFINITY_RECORD).exists()
+
+
+def test_a_failed_automatic_recovery_stops_mem_offline(crash_state, tmp_path):
+    """Killed after XENMEM_exchange, then re-run while the backend cannot map the guest's
+    frames: the automatic recovery fails, so mem-offline does nothing else (exit 2, the
+    journal kept, no 'offlined successfully', no new journal over the old one); once the
+    backend works again 'recover' completes it with the guest's memory whole (issue 19,
+    item 1)."""
+    from xenpage.abi import errno as E
+    from xenpage.backends.sim import open_host
+    from xenpage.toolstack.faults import Fault
+    from xenpage.toolstack.outcomes import Reason
+    state = tmp_path / "s"
+    shutil.copytree(crash_state, state)
+    host = Host.load(host_path(state))
+    mfns = targets(host)
+    before = image(host, 1)
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], crash="exchanged+")
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    jp = journal.journal_path(state)
+    kept = jp.read_bytes()
+    with open_host(state) as hv:
+        bad = FaultyHypervisor(hv, FaultPlan([Fault(k, "map_foreign", E.EFAULT) for k in range(1, 200)]))
+        res = mem_offline(bad, mfns, journal_dir=state)
+        assert bad.injected, "the recovery never needed a mapping"
+    assert res.report.exit_code == 2
+    text = "".join(ln.text for ln in res.report.lines)
+    assert "could not be completed" in text and "offlined successfully" not in text
+    assert all(o.reason == Reason.RECOVERY_NEEDED for o in res.outcomes)
+    assert jp.read_bytes().startswith(kept[:kept.index(b"\n") + 1])   # the same begin record
+    rec = _run(state, "recover", "--json")
+    assert rec.returncode == 0, rec.stderr
+    assert not jp.exists()
+    host = Host.load(host_path(state))
+    _check_recovered(host, before, mfns)

@@ -134,6 +134,9 @@ class Journal:
         crash_point(op + "+", self.hv)
 
     def begin(self, domid: int, mfns: list[int], was_suspended: bool) -> None:
+        if self.path.exists():  # never start over a journal that still holds a guest's pages
+            raise JournalError(f"{self.path}: an exchange not yet recovered is recorded there; "
+                               "run 'xenpage recover' first")
         self.write("begin", truncate=True, domid=domid, mfns=[int(m) for m in mfns],
                    was_suspended=bool(was_suspended))
 

@@ -109,23 +109,35 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     recovered = None
     lock = journal.acquire(jdir) if jdir is not None else None  # released when it is closed
     affinity_back = _restore_affinity(hv, jdir)
+    # what an interrupted run left is finished first; if that fails, nothing else is done:
+    # another exchange would start a journal over the one that still holds the guest's pages
+    stop = None
     if jdir is not None and hvm_journal_path(jdir).exists():
         try:
-            recover_hvm(hv, jdir)  # an interrupted in-place retirement of a translated guest
-        except HvmJournalError:
-            pass  # left for 'xenpage recover' to report; the guests it names are not touched
-    if jdir is not None and journal.journal_path(jdir).exists():
+            hres = recover_hvm(hv, jdir)  # an interrupted in-place retirement (translated guest)
+            if not hres.ok:
+                stop = ("an interrupted in-place retirement could not be completed: "
+                        + "; ".join(hres.errors))
+        except HvmJournalError as e:
+            stop = str(e)
+    if stop is None and jdir is not None and journal.journal_path(jdir).exists():
         try:
             recovered = journal.recover(hv, jdir)
+            if not recovered.ok:
+                stop = (f"an interrupted exchange of d{recovered.domid} could not be completed: "
+                        + "; ".join(recovered.errors))
         except journal.JournalError as e:  # never guess: touch nothing
-            lock.close()
-            report = Report(exit_code=2)
-            report.err(f"xenpage: {e}")
-            outs = [Outcome(m, Kind.REFUSED, Reason.NONE, "an interrupted exchange's journal is "
-                            "damaged", errno=0) for m in mfns]
-            report.data = {"command": "mem-offline", "outcomes": [o.to_json() for o in outs],
-                           "error": str(e)}
-            return OfflineResult(report, outs, {})
+            stop = str(e)
+    if stop is not None:
+        lock.close()
+        report = Report(exit_code=2)
+        report.err(f"xenpage: {stop}")
+        report.err("xenpage: the journal is kept and the guest left as recovery left it; nothing "
+                   "else was done: run 'xenpage recover' once the cause is fixed")
+        outs = [Outcome(m, Kind.REFUSED, Reason.RECOVERY_NEEDED, stop, errno=0) for m in mfns]
+        report.data = {"command": "mem-offline", "outcomes": [o.to_json() for o in outs],
+                       "error": stop}
+        return OfflineResult(report, outs, {})
     per: dict[int, tuple[Report, int, int]] = {}
     outcomes: dict[int, Outcome] = {}
     owned: dict[int, list[int]] = {}
@@ -157,6 +169,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if hptool.is_owned_pending(rc, st):
             owned.setdefault(hptool.owner_of(st), []).append(mfn)
     timings: dict = {"mark_s": time.perf_counter() - t_start, "guests": {}}
+    held = None  # set when a group's journal could not be closed: later PV groups wait
     for domid, group in owned.items():
         info = hv.domain_info(domid)
         if info is not None and info.hvm and 0 < domid < X.DOMID_FIRST_RESERVED:
@@ -170,6 +183,10 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if domid == 0 or domid >= X.DOMID_FIRST_RESERVED or info is None or info.hvm:
             for m in group:
                 outcomes[m] = _not_exchangeable(m, domid, info)
+            continue
+        if held is not None:
+            for m in group:
+                outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED, held, domid=domid)
             continue
         # survey the guest while it still runs (its P2M and every frame's type): under the
         # suspend only its page tables are typed again (exchange.refresh)
@@ -202,6 +219,9 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             if rrc == 0:
                 jn.end()
         t3 = time.perf_counter()
+        if jn and jn.path.exists():
+            held = (f"the exchange of d{domid} in this run could not be completed (its journal is "
+                    "kept for 'xenpage recover'): no other guest is exchanged until it is")
         for o in res:
             outcomes[o.mfn] = o
         timings["guests"][domid] = {"pages": len(group), "survey_s": t0 - ts, "suspend_s": t1 - t0,

@@ -51,6 +51,7 @@ class Reason(str, Enum):
     MIGRATION_NEEDED = "migration-needed"
     OWNER_CRASHED = "owner-crashed"
     NO_HEADROOM = "no-allocation-headroom"
+    RECOVERY_NEEDED = "recovery-needed"
     # rolled back / failed
     EXCHANGE_FAILED = "exchange-failed"
     CLEAR_FAILED = "clear-failed"
