@@ -16,9 +16,9 @@ Each host-year is replayed under every policy, on one of two paths:
   does to a frame read from a map of the booted host's frames (who owns each frame, whether
   the host has room to live-migrate an HVM guest) instead of running the toolstack.  What it
   does not follow: where a restarted or migrated guest's new frames land (the full path
-  allocates them; the fast path keeps the pre-crash map, and after a live migration treats
-  the guest's old frames as free and does not follow it to its new frames), and PV frames
-  that stay pending because a backend maps them (granted).  ``tests/test_fleet.py`` compares
+  allocates them; the fast path keeps the booted host's map: a guest restored on the same
+  host gets back the frames its old copy freed), and PV frames that stay pending because a
+  backend maps them (granted).  ``tests/test_fleet.py`` compares
   both paths on sampled host-years.
 """
 
@@ -193,7 +193,6 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
     offlined: set[int] = set()     # Xen has the frame offlined
     state: dict[int, str] = {}     # the service's frames: retired | pending | failed
     broken: set[int] = set()       # marked broken by Xen, still owned
-    moved: set[int] = set()        # HVM guests live-migrated off this host's frames
     pbk: dict[int, Bucket] = {}
     rbk: dict[int, Bucket] = {}
     rseen: dict[int, list[int]] = {}
@@ -201,10 +200,7 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
     rf = geo.row_frames
 
     def kind(m: int) -> int:
-        c = int(cls[m])
-        if c == HVM and int(owner[m]) - 1 in moved:
-            return FREE
-        return c
+        return int(cls[m])
 
     def soft(m: int) -> None:
         nonlocal free_pages
@@ -232,14 +228,16 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
                 dom = int(owner[m]) - 1
                 need = hm.hvm_pages.get(dom, 0)
                 if free_pages >= need:
-                    moved.add(dom)
+                    # restored on this host, into the frames its old copy just freed (the
+                    # full path's allocator hands them back): only the erring frame and the
+                    # guest's pending frames (freed with the old copy) are offlined
                     out["migrations"] += 1
                     offlined.add(m)
                     state[m] = "retired"
-                    free_pages -= need
-                    # the pending frames of that guest are freed with it
+                    free_pages -= 1
                     for p, s in list(state.items()):
-                        if s == "pending" and int(cls[p]) == HVM and int(owner[p]) - 1 == dom:
+                        if s == "pending" and p not in broken and int(cls[p]) == HVM \
+                                and int(owner[p]) - 1 == dom:
                             offlined.add(p)
                             state[p] = "retired"
                 else:
@@ -377,7 +375,7 @@ SUMMARY_METRICS = ("avoided_fraction", "retired_kib", "guest_crashes", "migratio
 def bootstrap_ci(values: np.ndarray, stat, rng: np.random.Generator, n: int = 1000,
                  level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of ``stat`` over hosts."""
-    v = np.asarray(values, dtype=float)
+    v = np.asarray(values)
     if v.size == 0:
         return (float("nan"), float("nan"))
     idx = rng.integers(0, v.size, size=(n, v.size))
@@ -467,3 +465,81 @@ def calibration(summary: list[dict], tab) -> list[str]:
                  "Liberty 2012) and the heavy tail of errors per DIMM set how many errors fall "
                  "on a frame after its first.")
     return lines
+
+
+# -- output ------------------------------------------------------------------------------------
+
+def summary_table(summary: list[dict]):
+    """The summary flattened: one row per policy and metric (pyarrow)."""
+    import pyarrow as pa
+    rows = []
+    for r in summary:
+        for m in SUMMARY_METRICS:
+            d = r[m]
+            rows.append({"policy": r["policy"], "metric": m, "n": d["n"], "mean": d["mean"],
+                         "p50": d["p50"], "p95": d["p95"], "p99": d["p99"],
+                         "ci95_lo": d["ci95"][0], "ci95_hi": d["ci95"][1]})
+        for m in ("pooled_avoided", "error_rate_reduction"):
+            if m in r:
+                d = r[m]
+                rows.append({"policy": r["policy"], "metric": m, "n": r["host_years"],
+                             "mean": d["value"], "p50": None, "p95": None, "p99": None,
+                             "ci95_lo": d["ci95"][0], "ci95_hi": d["ci95"][1]})
+    return pa.Table.from_pylist(rows)
+
+
+def write_parquet(tab, summary: list[dict], out) -> list:
+    """``host_years.parquet`` (every host-year and policy) and ``summary.parquet``."""
+    from pathlib import Path
+    import pyarrow.parquet as pq
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    a, b = out / "host_years.parquet", out / "summary.parquet"
+    pq.write_table(tab, a)
+    pq.write_table(summary_table(summary), b)
+    return [a, b]
+
+
+def plot(tab, summary: list[dict], path):
+    """Errors avoided across the fleet (with 95% CIs) and memory retired per host-year
+    (distribution, symmetric-log axis so that a few KiB and many MiB both show), one colour
+    per policy (PNG)."""
+    from pathlib import Path
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [r["policy"] for r in summary]
+    colors = plt.cm.tab10(np.arange(len(names)) % 10)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 5))
+    vals = np.array([r["pooled_avoided"]["value"] for r in summary]) * 100
+    lo = np.array([r["pooled_avoided"]["ci95"][0] for r in summary]) * 100
+    hi = np.array([r["pooled_avoided"]["ci95"][1] for r in summary]) * 100
+    x = np.arange(len(names))
+    a1.bar(x, vals, color=colors, yerr=[vals - lo, hi - vals], capsize=4)
+    for i, v in enumerate(vals):
+        a1.text(i, v + 1, f"{v:.1f}%", ha="center", fontsize=8)
+    a1.axhline(HWANG_2012["figure"] * 100, color="k", ls="--", lw=1, label="Hwang 2012 bound ~96%")
+    a1.axhline(MEZA_2015["figure"] * 100, color="grey", ls=":", lw=1, label="Meza 2015: -67%")
+    a1.set_xticks(x, names, rotation=25, ha="right", fontsize=8)
+    a1.set_ylabel("errors avoided, whole fleet (%)")
+    a1.set_ylim(0, 105)
+    a1.legend(fontsize=8, loc="upper right")
+    pol = tab.column("policy").to_numpy(zero_copy_only=False)
+    kib = tab.column("retired_kib").to_numpy()
+    data = [kib[pol == n] for n in names]
+    bp = a2.boxplot(data, patch_artist=True, whis=(5, 95), showfliers=True)
+    for patch, c in zip(bp["boxes"], colors):
+        patch.set_facecolor(c)
+    a2.set_yscale("symlog", linthresh=4)
+    a2.set_xticks(x + 1, names, rotation=25, ha="right", fontsize=8)
+    a2.set_ylabel("memory retired per host-year (KiB, symlog)")
+    hy = len(data[0]) if data else 0
+    fig.suptitle(f"{hy} simulated host-years per policy")
+    for a in (a1, a2):
+        a.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
