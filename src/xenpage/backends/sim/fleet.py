@@ -164,31 +164,48 @@ def make_trace(shape: HostShape, seed: int, days: float = 365.0, params=None):
 
 # -- the fast path -----------------------------------------------------------------------------
 
-def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
+def prepare(trace) -> dict:
+    """What every policy's fast pass over ``trace`` shares: the errors as Python lists and
+    each error's DRAM row (the key the service's row buckets use: channel and row chunk of
+    the address map, :class:`xenpage.hypervisor.mce.DramGeometry`)."""
+    geo = trace.geometry
+    nchan, rf = geo.nchan, geo.row_frames
+    m = trace.mfn.astype(np.int64)
+    local = m // nchan
+    return {"t": trace.t.tolist(), "mfn": m.tolist(), "uc": trace.uc.tolist(),
+            "row": ((local // rf) * nchan + m % nchan).tolist(), "nchan": nchan, "rf": rf,
+            "frames": int(np.unique(m).size) if m.size else 0}
+
+
+def _row_frames(m: int, nchan: int, rf: int) -> list[int]:
+    """Every frame of ``m``'s DRAM row (``DramGeometry.encode`` over the row's frames)."""
+    base = (m // nchan) // rf * rf
+    ch = m % nchan
+    return [(base + f) * nchan + ch for f in range(rf)]
+
+
+def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> dict:
     """One host-year under ``policy`` without the simulated host (see the module docstring):
     the service's buckets and decisions, the frame map's answer to each soft retirement, and
     Xen's machine-check handler's answer to each uncorrected error."""
-    geo = trace.geometry
     n = len(trace)
     out = dict.fromkeys(METRICS, 0)
     out["errors"], out["uncorrected"] = n, int(trace.uc.sum()) if n else 0
-    out["frames_with_errors"] = int(np.unique(trace.mfn).size) if n else 0
     if not n:
         return out
+    prep = prep or prepare(trace)
+    out["frames_with_errors"] = prep["frames"]
     cls = hm.cls
     owner = hm.owner
-    loc = geo.decode_mfns(trace.mfn)
-    rowkey = (((((loc["socket"].astype(np.int64) * geo.channels + loc["channel"]) * 64 + loc["rank"])
-                * geo.bankgroups + loc["bankgroup"]) * geo.banks + loc["bank"]) * (geo.rows + 1)
-              + loc["row"]).tolist()
-    rowloc = list(zip(*(loc[k].tolist() for k in ("socket", "channel", "rank", "bankgroup",
-                                                  "bank", "row"))))
-    ts, ms, ucs = trace.t.tolist(), trace.mfn.tolist(), trace.uc.tolist()
+    ts, ms, ucs, rowkey = prep["t"], prep["mfn"], prep["uc"], prep["row"]
+    nchan, rf = prep["nchan"], prep["rf"]
     enabled = policy.enabled
     page_on = enabled and policy.page_action != Action.OFF
     page_acts = policy.page_action.acts
+    page_rate = policy.page
     row_on = enabled and policy.row_action != Action.OFF
     row_acts = policy.row_action.acts
+    row_rate = policy.row
     scope_all = policy.unit_scope == "all"
     offlined: set[int] = set()     # Xen has the frame offlined
     state: dict[int, str] = {}     # the service's frames: retired | pending | failed
@@ -197,7 +214,7 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
     rbk: dict[int, Bucket] = {}
     rseen: dict[int, list[int]] = {}
     free_pages = hm.free_pages
-    rf = geo.row_frames
+    anonymous = hm.host.anonymous
 
     def kind(m: int) -> int:
         return int(cls[m])
@@ -247,7 +264,7 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
         elif c == DOM0:
             state[m] = "pending"
         else:
-            state[m] = "failed" if int(cls[m]) == XEN and m not in hm.host.anonymous else "pending"
+            state[m] = "failed" if int(cls[m]) == XEN and m not in anonymous else "pending"
 
     def decide(m: int, acts: bool) -> None:
         if state.get(m) in ("retired", "pending", "failed"):
@@ -255,16 +272,17 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
         if acts:
             soft(m)
 
+    avoided = avoided_uc = seen = seen_uc = 0
     for i in range(n):
         m = ms[i]
         if m in offlined:
-            out["avoided"] += 1
-            out["avoided_uncorrected"] += ucs[i]
+            avoided += 1
+            avoided_uc += ucs[i]
             continue
-        out["seen"] += 1
+        seen += 1
         t = ts[i]
         if ucs[i]:
-            out["seen_uncorrected"] += 1
+            seen_uc += 1
             c = kind(m)
             if m in broken:  # offline_page answers AGAIN: Xen crashes the owner
                 if c in (PV, HVM):
@@ -289,20 +307,22 @@ def fast_year(hm: HostMap, trace, policy: Policy) -> dict:
             continue
         if not enabled:
             continue
-        if page_on and pbk.setdefault(m, Bucket()).account(policy.page, 1, t):
+        if page_on and pbk.setdefault(m, Bucket()).account(page_rate, 1, t):
             decide(m, page_acts)
         if row_on:
             k = rowkey[i]
-            seen = rseen.setdefault(k, [])
-            if m not in seen:
-                seen.append(m)
-            if rbk.setdefault(k, Bucket()).account(policy.row, 1, t):
-                mf = list(seen)
+            unit = rseen.setdefault(k, [])
+            if m not in unit:
+                unit.append(m)
+            if rbk.setdefault(k, Bucket()).account(row_rate, 1, t):
+                mf = list(unit)
                 if scope_all:  # every frame of the row, from the DRAM address map
-                    mf = sorted(set(mf) | {geo.encode(*rowloc[i], f) for f in range(rf)})
+                    mf = sorted(set(mf) | set(_row_frames(m, nchan, rf)))
                 for x in mf:
                     if x < cls.size:
                         decide(x, row_acts)
+    out["avoided"], out["avoided_uncorrected"] = avoided, avoided_uc
+    out["seen"], out["seen_uncorrected"] = seen, seen_uc
     out["retired"] = sum(1 for s in state.values() if s == "retired")
     out["pending"] = sum(1 for s in state.values() if s == "pending")
     return out
@@ -327,8 +347,9 @@ def host_years(study_seed: int, indices, policies=DEFAULT_POLICIES, fleet: Fleet
         s, seed = draw(fleet, study_seed, index)
         shape = fleet.shapes[s]
         trace = make_trace(shape, seed, days, params)
+        prep = prepare(trace) if path == "fast" else None
         for name, pol in pols:
-            r = (fast_year(host_map(shape), trace, pol) if path == "fast"
+            r = (fast_year(host_map(shape), trace, pol, prep) if path == "fast"
                  else full_year(shape, trace, pol, name))
             rows.append({"host": int(index), "shape": shape.name, "mem_mib": shape.mem_mib,
                          "policy": name, **r})
