@@ -96,9 +96,10 @@ def _opt_float(v):
     return None if v is None else float(v)
 
 
-def read_lists(paths: list[str]):
-    """Many hosts' lists (one Dask task's share): (frames table, hosts table) as pyarrow."""
-    import pyarrow as pa
+def read_lists(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """Many hosts' lists (one Dask task's share): their frame rows and host rows.  (Rows, not
+    Arrow tables: tables unpickled on the client sit in unaligned buffers, which Arrow's
+    group-by warns about.)"""
     frames: list[dict] = []
     hosts: list[dict] = []
     for p in paths:
@@ -106,11 +107,13 @@ def read_lists(paths: list[str]):
         frames += rows
         h["frames"] = len(rows)
         hosts.append(h)
-    ft = pa.Table.from_pylist(frames, schema=frame_schema())
-    ht = pa.Table.from_pylist(hosts, schema=pa.schema([
-        ("host", pa.string()), ("path", pa.string()), ("error", pa.string()),
-        ("events", pa.int64()), ("frames", pa.int64())]))
-    return ft, ht
+    return frames, hosts
+
+
+def host_schema():
+    import pyarrow as pa
+    return pa.schema([("host", pa.string()), ("path", pa.string()), ("error", pa.string()),
+                      ("events", pa.int64()), ("frames", pa.int64())])
 
 
 def frame_schema():
@@ -144,12 +147,8 @@ def inventory(paths: list[str], client=None, chunk: int = 200) -> dict:
         parts = [read_lists(c) for c in chunks]
     else:
         parts = client.gather(client.map(read_lists, chunks, pure=False))
-    if parts:
-        frames = pa.concat_tables([p[0] for p in parts])
-        hosts_read = pa.concat_tables([p[1] for p in parts])
-    else:
-        frames = pa.Table.from_pylist([], schema=frame_schema())
-        hosts_read = read_lists([])[1]
+    frames = pa.Table.from_pylist([r for p in parts for r in p[0]], schema=frame_schema())
+    hosts_read = pa.Table.from_pylist([h for p in parts for h in p[1]], schema=host_schema())
     return build_tables(frames, hosts_read)
 
 
