@@ -229,3 +229,18 @@ def test_fleet_commands_name_the_extra_when_it_is_missing(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "distributed", None)
     r = CliRunner().invoke(cli, ["fleet", "study", "--hosts", "2", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "[fleet]" in r.output
+
+
+def test_fleet_study_on_an_existing_cluster_by_its_address(tmp_path):
+    from distributed import LocalCluster
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, protocol="tcp",
+                      dashboard_address=None) as lc:
+        r = CliRunner().invoke(cli, ["fleet", "study", "--hosts", "4", "--policy", "first-error",
+                                     "--scheduler", lc.scheduler_address, "--json",
+                                     "--out", str(tmp_path)])
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.output)
+        assert rep["cluster"]["scheduler"] == lc.scheduler_address
+        assert rep["cluster"]["threads"] == 2
+    assert pq.read_table(tmp_path / "host_years.parquet").equals(
+        F.study(4, seed=1, policies=("first-error",)))
