@@ -244,3 +244,9 @@ def test_fleet_study_on_an_existing_cluster_by_its_address(tmp_path):
         assert rep["cluster"]["threads"] == 2
     assert pq.read_table(tmp_path / "host_years.parquet").equals(
         F.study(4, seed=1, policies=("first-error",)))
+
+
+def test_study_plot(in_process, tmp_path):
+    pytest.importorskip("matplotlib")
+    p = F.plot(in_process, F.summarise(in_process, seed=5, boot=200), tmp_path / "f.png")
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 20_000
