@@ -70,7 +70,8 @@ def fleet_group():
 @click.option("--path", "path", type=click.Choice(["fast", "full"]), default="fast",
               show_default=True, help="fast: the service's decisions over a frame map; full: "
                                       "the whole simulated host (~1-2 s a host-year and policy)")
-@click.option("--partition", type=int, default=1, show_default=True, help="host-years per task")
+@click.option("--partition", type=int, default=0, show_default=True,
+              help="host-years per task (0: ~16 tasks per worker thread, at most 50 each)")
 @_cluster_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fleet-study",
               show_default=True, help="where the Parquet tables go")
@@ -82,8 +83,8 @@ def study_cmd(hosts, seed, days, policies, fleet_file, path, partition, schedule
     cluster: distributions across hosts (mean, p50/p95/p99, bootstrap CIs) of errors
     avoided, memory retired, guest crashes, migrations and uncorrected errors, beside Hwang
     et al. (ASPLOS 2012) and Meza et al. (DSN 2015); Parquet in --out."""
-    if hosts < 1 or partition < 1:
-        raise click.BadParameter("--hosts and --partition must be >= 1")
+    if hosts < 1 or partition < 0:
+        raise click.BadParameter("--hosts must be >= 1, --partition >= 0")
     _need_extra()
     if plot_path:
         from .sim import _need_plotting

@@ -363,12 +363,19 @@ def _avoided_fraction(avoided, errors):
 
 
 def study(hosts: int, seed: int = 1, policies=DEFAULT_POLICIES, fleet: Fleet = DEFAULT_FLEET,
-          days: float = 365.0, path: str = "fast", client=None, partition: int = 1,
+          days: float = 365.0, path: str = "fast", client=None, partition: int = 0,
           params=None, progress=None):
     """Every host-year of the study as a pyarrow Table (one row per host-year and policy,
     sorted by host then policy order), computed on ``client`` (a ``distributed.Client``; in
-    this process when None).  ``partition`` host-years go into one task."""
+    this process when None).  ``partition`` host-years go into one task (0: ~16 tasks per
+    worker thread, at most 50 host-years each); the rows do not depend on it."""
     import pyarrow as pa
+    if partition <= 0:  # auto: ~16 tasks per worker thread, at most 50 host-years a task
+        threads = 1
+        if client is not None:
+            threads = max(1, sum(w.get("nthreads", 1)
+                                 for w in client.scheduler_info().get("workers", {}).values()))
+        partition = max(1, min(50, -(-hosts // (16 * threads))))
     chunks = [list(range(i, min(hosts, i + partition))) for i in range(0, hosts, partition)]
     if client is None:
         parts = [host_years(seed, c, tuple(policies), fleet, days, path, params) for c in chunks]
