@@ -187,7 +187,10 @@ def _row_frames(m: int, nchan: int, rf: int) -> list[int]:
 def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> dict:
     """One host-year under ``policy`` without the simulated host (see the module docstring):
     the service's buckets and decisions, the frame map's answer to each soft retirement, and
-    Xen's machine-check handler's answer to each uncorrected error."""
+    Xen's machine-check handler's answer to each uncorrected error (``mc_memerr_dhandler``
+    over ``offline_page(broken=1)``: a free frame offlined, a PV owner crashed and the frame
+    freed, dom0 and HVM owners a vMCE with the frame left pending, an already-broken frame's
+    owner crashed), as :func:`xenpage.hypervisor.mce.mc_memerr_dhandler` models them."""
     n = len(trace)
     out = dict.fromkeys(METRICS, 0)
     out["errors"], out["uncorrected"] = n, int(trace.uc.sum()) if n else 0
