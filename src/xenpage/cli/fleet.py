@@ -153,7 +153,7 @@ def _print_study(rep: dict, tab) -> None:
         red = r.get("error_rate_reduction")
         t.add_row(
             r["policy"], _pct(pa_["value"]), f"{pc(pa_['ci95'][0])}-{pc(pa_['ci95'][1])}%",
-            "-" if not red else f"-{_pct(red['value'])}",
+            "-" if not red or r["policy"] == "off" else f"-{_pct(red['value'])}",
             "/".join(pc(a[k]) for k in ("p50", "p95", "p99")) + "%",
             f"{ret['mean']:.0f}/{ret['p99']:.0f}",
             f"{cr['mean']:.2f} ({cr['ci95'][0]:.2f}-{cr['ci95'][1]:.2f})",
