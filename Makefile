@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[test,plot]'
+	$(VPY) -m pip install --quiet -e '.[test,plot,fleet]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -234,7 +234,7 @@ except SystemExit as e:
 print(json.dumps({"exit": code, "modules": sorted(sys.modules)}), file=sys.__stderr__)
 """
 
-HEAVY = ("numpy", "rich", "matplotlib", "xenpage.hypervisor", "xenpage.guests",
+HEAVY = ("numpy", "rich", "matplotlib", "dask", "distributed", "pyarrow", "xenpage.hypervisor", "xenpage.guests",
          "xenpage.backends.sim", "xenpage.ras")
 
 

@@ -32,3 +32,4 @@ def list_cmd(obj: Ctx, as_json: bool):
 from . import reliability  # noqa: E402,F401  (registers recover)
 from . import ras  # noqa: E402,F401  (registers retired, retire, badpages, retire-switch)
 from . import sim  # noqa: E402,F401  (registers host create|show|reboot, demo, mce-inject, year)
+from . import fleet  # noqa: E402,F401  (registers fleet study|inventory)

@@ -241,7 +241,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
 
 
 @cli.command("year")
-@click.option("--hosts", type=int, default=1, show_default=True, help="host-years (one error trace each)")
+@click.option("--hosts", type=int, default=3, show_default=True, help="host-years (one error trace each)")
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--days", type=float, default=365.0, show_default=True)
 @click.option("--policy", "policies", multiple=True,

@@ -302,6 +302,23 @@ def compare(policies=DEFAULT_POLICIES, seeds=(1,), days: float = 365.0, spec=Non
             "results": [r.to_json() for r in results], "per_host": per_host}
 
 
+def _why_not_avoided(first: dict, tr: dict) -> str:
+    """Which frames the first-error policy's remaining errors fell on, and why those frames
+    stay in use (a host-year whose errors all fall on them shows 0% avoided)."""
+    own = first["seen_by_owner"]
+    why = {"dom0": "dom0's (never exchanged: dom0 is not suspended)",
+           "hvm": "the HVM guest's (a live migration needs room this host does not have; "
+                  "+hvm-exchange retires them in place)",
+           "xen": "Xen's own (cannot be offlined)",
+           "pv": "PV guests' (errors before or at each frame's first)",
+           "free": "free frames' (each frame's first error)"}
+    parts = [f"{n} on {why.get(k, k)}" for k, n in sorted(own.items(), key=lambda kv: -kv[1])]
+    hint = (" Few host-years vary widely (a year's errors often come from one or two faulty "
+            "DIMMs): `xenpage fleet study` gives the distribution over a fleet."
+            if tr["hosts"] < 20 else "")
+    return "Errors first-error did not avoid: " + ("; ".join(parts) or "none") + "." + hint
+
+
 def _spec_json(spec) -> dict:
     return {"mem_mib": spec.mem_mib, "dom0_mib": spec.dom0_mib, "pv": list(spec.pv_guests),
             "hvm": list(spec.hvm_guests), "pcpus": spec.nr_pcpus}
@@ -315,15 +332,30 @@ def plot(report: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
-    for r in report["results"]:
-        tl = r["timeline"]
-        days = np.arange(len(tl["retired_kib"]))
-        a1.plot(days, np.array(tl["retired_kib"]) / 1024.0, label=r["name"])
-        a2.plot(days, tl["avoided"], label=f"{r['name']} ({100 * r['avoided_fraction']:.0f}% avoided)")
+    rs = report["results"]
+    peak = max((max(r["timeline"]["retired_kib"] or [0]) for r in rs), default=0)
+    unit, div = ("MiB", 1024.0) if peak >= 1024 else ("KiB", 1.0)
+    styles = ("-", "--", "-.", ":")
+    markers = ("o", "s", "^", "v", "D", "x", "P")
+    # policies whose curves are identical share one line and one legend entry (a year on a
+    # host whose errors fall on frames no policy can retire leaves several policies at 0)
+    for ax, key, lab in ((a1, "retired_kib", None), (a2, "avoided", "avoided")):
+        groups: dict[tuple, list] = {}
+        for r in rs:
+            groups.setdefault(tuple(r["timeline"][key]), []).append(r)
+        for gi, (curve, grp) in enumerate(groups.items()):
+            i = rs.index(grp[0])
+            y = np.array(curve) / (div if key == "retired_kib" else 1.0)
+            names = " = ".join(r["name"] for r in grp)
+            if lab:
+                names += " (" + ", ".join(f"{100 * r['avoided_fraction']:.0f}%" for r in grp[:1]) \
+                    + " avoided)"
+            ax.plot(np.arange(len(y)), y, label=names, ls=styles[i % len(styles)],
+                    marker=markers[i % len(markers)], markevery=max(1, len(y) // 12), ms=4)
     if report["results"]:
         tl = report["results"][0]["timeline"]
         a2.plot(np.arange(len(tl["errors"])), tl["errors"], "k:", label="all errors")
-    a1.set_ylabel("retired memory (MiB)")
+    a1.set_ylabel(f"retired memory ({unit})")
     tr = report["trace"]
     a1.set_title(f"{tr['hosts']} simulated host-years: {tr['errors']} memory errors on "
                  f"{tr['frames']} frames ({tr['uncorrected']} uncorrected)")
@@ -378,6 +410,7 @@ def markdown(report: dict) -> str:
         why = ", ".join(f"{k} {v}" for k, v in sorted(first["pending_by_reason"].items())) or "none"
         lines.append(f"xenpage, first-error on the simulated host: {first['avoided_fraction']:.1%} "
                      f"avoided; frames left offline-pending at the end: {why}.")
+        lines.append(_why_not_avoided(first, tr))
     lines.append("PV suspended: wall-clock time the simulator kept PV guests suspended for "
                  "exchanges; HVM downtime: the toolstack's modelled pause of live migrations / "
                  "in-place HVM exchanges.")
