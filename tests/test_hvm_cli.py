@@ -5,6 +5,7 @@ host (the default), in place (``--hvm=exchange``), left pending as xen-hptool do
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from xenpage.abi import hvm as H
@@ -127,3 +128,49 @@ def test_killed_in_place_retirement_is_completed_by_recover(cli_state, xenpage_c
     assert "unpaused" in r.stdout
     h = load_ok(cli_state)
     assert not h.domains[2].pause_count and not (cli_state / "hvm-exchange.journal").exists()
+
+
+def test_migrate_to_a_missing_host_is_refused(cli_state, xenpage_cli, tmp_path):
+    """--migrate-to must name a saved host: a typo never creates one and never moves the
+    guest into it (issue 15)."""
+    m = hvm_mfn(cli_state)
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", f"--migrate-to={tmp_path / 'typo'}")
+    assert r.returncode == 2 and "no saved host" in r.stderr, r.stderr
+    assert not (tmp_path / "typo" / "host").exists()
+    h = load_ok(cli_state)
+    assert 2 in h.domains and h.ft.state(m) == 0
+
+
+def test_crossed_migrations_give_up_instead_of_deadlocking(cli_state, xenpage_cli, tmp_path):
+    """mem-offline --migrate-to B on host A while the same runs from B to A: each holds its own
+    host's lock and waits for the other's.  The destination's lock is waited for a bounded
+    time, with a message, then the command gives up (exit 2) having done nothing (issue 19,
+    item 4).  First with B's lock held by this test (the crossing for certain), then two real
+    processes started together: both end."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+    from xenpage.backends.locking import locked
+    from xenpage.cli.retire_opts import DEST_LOCK_TIMEOUT
+    other = tmp_path / "B"
+    shutil.copytree(cli_state, other, symlinks=True)
+    m = hvm_mfn(cli_state)
+    with locked(other / "lock"):
+        t0 = time.monotonic()
+        r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", f"--migrate-to={other}")
+        waited = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr
+    assert "waiting for another xenpage holding" in r.stderr and "gave up after" in r.stderr
+    assert waited >= DEST_LOCK_TIMEOUT and "Traceback" not in r.stderr
+    assert load_ok(cli_state).ft.state(m) == 0          # nothing done
+    exe = Path(sys.executable).with_name("xenpage")
+    env = dict(os.environ, XENPAGE_BACKEND="sim")
+    procs = [subprocess.Popen([str(exe), "--state-dir", str(a), "mem-offline", f"{hvm_mfn(a):x}",
+                               f"--migrate-to={b}"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for a, b in ((cli_state, other), (other, cli_state))]
+    for p in procs:
+        out, err = p.communicate(timeout=6 * DEST_LOCK_TIMEOUT)
+        assert p.returncode in (0, 1, 2) and "Traceback" not in err, err
+    load_ok(cli_state), load_ok(other)

@@ -21,6 +21,10 @@ from pathlib import Path
 from ..toolstack.retire import FALLBACKS, HVM_METHODS, RetireOptions
 
 
+#: seconds to wait for the ``--migrate-to`` host's lock while holding this host's
+DEST_LOCK_TIMEOUT = 10.0
+
+
 @dataclass
 class RetireArgs:
     hvm: str = "migrate"
@@ -44,7 +48,9 @@ class RetireArgs:
             yield RetireOptions(self.hvm, self.fallback, None)
             return
         from ..backends.sim import open_host
-        with open_host(Path(self.migrate_to), create=False) as dst:
+        # this host's lock is held: the destination's is waited for a bounded time, so two
+        # processes migrating towards each other give up instead of waiting for ever
+        with open_host(Path(self.migrate_to), create=False, timeout=DEST_LOCK_TIMEOUT) as dst:
             yield RetireOptions(self.hvm, self.fallback, dst)
 
 

@@ -8,7 +8,6 @@ creates the default host on first use, and saves it back when the command succee
 from __future__ import annotations
 
 import copy
-import fcntl
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from ...hypervisor.persist import HostFileError
 from ...toolstack.hypervisor import (CAP_CHECKPOINT, CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo,
                                     MigrationReport, PhysInfo)
 from .. import default_state_dir
+from ..locking import LockTimeout, locked
 
 HOST_DIRNAME = "host"
 
@@ -613,14 +613,26 @@ def host_path(state_dir: Path | None = None) -> Path:
 
 
 @contextmanager
+def _state_lock(sd: Path, timeout: float | None) -> Iterator[None]:
+    try:
+        with locked(sd / "lock", timeout):
+            yield
+    except LockTimeout as e:
+        raise HostFileError(str(e)) from None
+
+
+@contextmanager
 def open_host(state_dir: Path | None = None, create: bool = True, save: bool = True,
-              spec: DefaultHostSpec | None = None) -> Iterator[SimHypervisor]:
+              spec: DefaultHostSpec | None = None, timeout: float | None = None
+              ) -> Iterator[SimHypervisor]:
     """Lock the state directory, load (or create) the saved host, yield dom0's view of it,
-    and save it back if the body changed it and raised nothing."""
+    and save it back if the body changed it and raised nothing.  ``timeout``: how long to
+    wait for another xenpage holding the lock (None: for ever, saying so) before
+    :class:`HostFileError` -- a second host opened while one is held (``--migrate-to``)
+    must have one, or two processes migrating towards each other would wait for ever."""
     sd = Path(state_dir or default_state_dir())
     sd.mkdir(parents=True, exist_ok=True)
-    with open(sd / "lock", "w") as lockf:
-        fcntl.flock(lockf, fcntl.LOCK_EX)
+    with _state_lock(sd, timeout):
         path = sd / HOST_DIRNAME
         created = False
         said = persist.tidy(path)  # what a killed save left: removed, or recovered

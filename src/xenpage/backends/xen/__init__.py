@@ -6,15 +6,12 @@ interleave their hypercalls), opens the libraries, and closes everything afterwa
 
 from __future__ import annotations
 
-import fcntl
-import os
-import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from ...paths import XEN_LOCK, xen_lock
+from ..locking import LockTimeout, locked
 from .hypervisor import XenBackendError, XenForeignMap, XenHypervisor
 
 __all__ = ["open_xen", "XenHypervisor", "XenForeignMap", "XenBackendError", "LOCK_PATH", "lock_path"]
@@ -29,31 +26,15 @@ def lock_path() -> Path:
 
 @contextmanager
 def host_lock(path: Path | None = None, timeout: float | None = None, quiet: bool = False) -> Iterator[Path]:
-    """``flock`` the host-wide lock file; say once on stderr if another xenpage holds it.
-    ``timeout`` None waits for ever; on expiry raise :class:`XenBackendError`."""
+    """``flock`` the host-wide lock file (:mod:`..locking`); say once on stderr if another
+    xenpage holds it.  ``timeout`` None waits for ever; on expiry raise :class:`XenBackendError`."""
     path = Path(path or lock_path())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        start = time.monotonic()
-        said = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not said and not quiet:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-                    sys.stderr.write(f"xenpage: waiting for {path} (held by pid {holder or '?'})\n")
-                    said = True
-                if timeout is not None and time.monotonic() - start > timeout:
-                    raise XenBackendError(f"{path} is held by another xenpage process")
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
-    finally:
-        os.close(fd)   # releases the lock
+        with locked(path, timeout, quiet) as p:
+            yield p
+    except LockTimeout as e:
+        raise XenBackendError(str(e)) from None
 
 
 @contextmanager

@@ -1,0 +1,55 @@
+"""The lock files of both backends: an exclusive ``flock`` taken without following a planted
+symbolic link (``O_NOFOLLOW``), created owner-only (0600), with the holder's pid written in it,
+a line on stderr while another xenpage holds it, and an optional timeout -- so that two
+processes that each wait for the other's lock (``mem-offline --migrate-to B`` on host A while
+the same runs from B to A) give up with a message instead of waiting for ever."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+POLL = 0.05
+
+
+class LockTimeout(Exception):
+    """The lock stayed held by another process for the whole timeout: nothing was done."""
+
+
+@contextmanager
+def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = False
+           ) -> Iterator[Path]:
+    """Hold ``path``'s lock for the body; ``timeout`` None waits for ever (saying so once)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise LockTimeout(f"cannot open the lock {path}: {e.strerror or e}"
+                          + (" (a symbolic link: refused)" if path.is_symlink() else "")) from None
+    try:
+        start = time.monotonic()
+        said = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    raise LockTimeout(f"{path} is held by another xenpage process (pid {holder}); "
+                                      f"gave up after {timeout:g} s") from None
+                if not said and not quiet:
+                    sys.stderr.write(f"xenpage: waiting for another xenpage holding {path} "
+                                     f"(pid {holder})\n")
+                    said = True
+                time.sleep(POLL)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
