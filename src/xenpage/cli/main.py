@@ -9,6 +9,7 @@ Xen, ``$XDG_STATE_HOME/xenpage`` on the simulator, whose saved host lives there 
 
 from __future__ import annotations
 
+import errno
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -307,6 +308,14 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="xenpage", standalone_mode=True)
     except BrokenPipeError:  # pragma: no cover
         sys.exit(1)
+    except OSError as e:
+        if e.filename is None:
+            raise
+        # a state file that cannot be written or opened (read-only or full directory, a
+        # planted symbolic link: ELOOP) -- what went wrong and where, never a traceback
+        why = "a symbolic link: refused" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        sys.stderr.write(f"xenpage: {e.filename}: {why}\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

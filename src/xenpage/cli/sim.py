@@ -224,8 +224,9 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
         click.echo(f"xenpage: {e}", err=True)
         sys.exit(2)
     logp = _state_dir(obj) / SIM_LOG_NAME
-    logp.parent.mkdir(parents=True, exist_ok=True)
-    with open(logp, "a") as fh:
+    from ..statefiles import open_private, state_dir
+    state_dir(logp.parent)
+    with open_private(logp, "a") as fh:
         fh.write("".join(texts))
     if as_json:
         print_json({"log": str(logp), "injected": out})

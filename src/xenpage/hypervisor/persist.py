@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..statefiles import fsync_dir as _fsync_dir
 from ..errors import HostFileError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -98,12 +99,6 @@ def _generation(p: Path, name: str) -> int | None:
     return int(rest) if rest.isdigit() else None
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(host: "Host", path: Path) -> None:

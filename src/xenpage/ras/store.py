@@ -27,6 +27,7 @@ it had to leave out.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time as _time
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .. import statefiles
 from ..abi.mca import McRecord
 from .policy import Bucket
 
@@ -213,7 +215,11 @@ class Store:
         self._depth = 0
         try:
             if self.path != ":memory:":
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                statefiles.state_dir(Path(self.path).parent)
+                if not os.path.lexists(self.path):  # 0600 from the start (its -wal/-shm too)
+                    statefiles.open_private(self.path, "a").close()
+                elif os.path.islink(self.path):
+                    raise StoreError(f"{self.path}: a symbolic link: refused")
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
             self.db.execute("PRAGMA busy_timeout=30000")
             self._check()

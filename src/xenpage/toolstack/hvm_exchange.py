@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..statefiles import fsync_dir as _fsync_dir
+from .. import statefiles
 from ..abi import domctl as D
 from ..abi import errno as E
 from ..abi import grant as G
@@ -132,8 +134,8 @@ class _Journal:
     def write(self, op: str, truncate: bool = False, **data) -> None:
         checkpoint(self.hv)
         crash_point("hvm-" + op, self.hv)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w" if truncate else "a") as f:
+        statefiles.state_dir(self.dir)
+        with statefiles.open_private(self.path, "w" if truncate else "a") as f:
             f.write(json.dumps({"op": op, **data}, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -150,15 +152,6 @@ class _Journal:
         _fsync_dir(self.dir)
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class JournalError(Exception):

@@ -42,6 +42,8 @@ from typing import cast
 
 import numpy as np
 
+from ..statefiles import fsync_dir as _fsync_dir
+from .. import statefiles
 from ..abi import domctl as D
 from ..abi import pte as P
 from ..abi import xen as X
@@ -71,12 +73,12 @@ def acquire(state_dir):
     lock file per operation): two toolstacks never exchange at once, never share a journal.
     Held until the returned file is closed."""
     import fcntl
-    Path(state_dir).mkdir(parents=True, exist_ok=True)
+    statefiles.state_dir(state_dir)
     key = str(Path(state_dir).resolve())
     old = _HELD.pop(key, None)
     if old is not None and not old.closed:
         old.close()  # left by a call of this process that died (an exception): not running
-    f = open(Path(state_dir) / LOCK_NAME, "a")
+    f = statefiles.open_private(Path(state_dir) / LOCK_NAME, "a")
     fcntl.flock(f, fcntl.LOCK_EX)
     _HELD[key] = f
     return f
@@ -97,15 +99,6 @@ def _unb64(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype="<u8").astype(np.uint64)
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Journal:
@@ -124,7 +117,7 @@ class Journal:
         self._checkpoint()
         crash_point(op, self.hv)
         new = truncate or not self.path.exists()
-        with open(self.path, "w" if truncate else "a") as f:
+        with statefiles.open_private(self.path, "w" if truncate else "a") as f:
             f.write(json.dumps({"op": op, **data}, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -17,12 +17,13 @@ written there first (``dom0-affinity.json``, fsync'd) and removed once restored;
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Iterator
 
+from ..statefiles import fsync_dir as _fsync_dir
+from .. import statefiles
 from . import crashpoint
 from .hypervisor import Hypervisor
 
@@ -49,21 +50,9 @@ def allow_single_pcpu(allow: bool = True) -> Iterator[None]:
 
 
 def _write_record(path: Path, saved: dict[int, list[int]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"dom0_vcpus": {str(v): c for v, c in saved.items()}}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    statefiles.replace_durably(path, json.dumps({"dom0_vcpus": {str(v): c for v, c in saved.items()}}))
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def restore_recorded(hv: Hypervisor, state_dir) -> dict[int, list[int]]:
@@ -120,7 +109,7 @@ def off_pcpu0(hv: Hypervisor, force: bool = False, record_dir=None) -> Iterator[
     record = None
     if record_dir is not None and any(0 in c for c in saved):
         record = Path(record_dir) / AFFINITY_RECORD
-        Path(record_dir).mkdir(parents=True, exist_ok=True)
+        statefiles.state_dir(record_dir)
         _write_record(record, {v: c for v, c in enumerate(saved) if 0 in c})
     try:
         for v in range(nv):

@@ -27,12 +27,12 @@ splitting.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from .. import statefiles
 from ..abi import mm
 from ..abi import sysctl as S
 from .hypervisor import Hypervisor
@@ -119,17 +119,7 @@ class SplitGuard:
 
 
 def _write_record(path: Path, frames: list[int]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"frames": [int(x) for x in frames]}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    statefiles.replace_durably(path, json.dumps({"frames": [int(x) for x in frames]}))
 
 
 def recover(hv: Hypervisor, state_dir) -> list[int]:

@@ -27,6 +27,7 @@ from ...hypervisor.persist import HostFileError
 from ...toolstack.hypervisor import (CAP_CHECKPOINT, CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo,
                                     MigrationReport, PhysInfo)
 from .. import default_state_dir
+from ... import statefiles
 from ..locking import LockTimeout, locked
 
 HOST_DIRNAME = "host"
@@ -631,7 +632,10 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
     :class:`HostFileError` -- a second host opened while one is held (``--migrate-to``)
     must have one, or two processes migrating towards each other would wait for ever."""
     sd = Path(state_dir or default_state_dir())
-    sd.mkdir(parents=True, exist_ok=True)
+    try:
+        statefiles.state_dir(sd)
+    except OSError as e:
+        raise HostFileError(f"{sd}: {e.strerror or e}") from None
     with _state_lock(sd, timeout):
         path = sd / HOST_DIRNAME
         created = False
@@ -652,4 +656,8 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         hv.state_dir, hv.path = sd, path
         yield hv
         if save and (hv.dirty or created):
-            host.save(path)
+            try:
+                host.save(path)
+            except OSError as e:  # a read-only or full state directory: say so, no traceback
+                raise HostFileError(f"cannot save the simulated host in {path}: "
+                                    f"{e.strerror or e}") from None
