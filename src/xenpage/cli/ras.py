@@ -29,6 +29,8 @@ from .output import print_json
 CONFIG_NAME = "retired.conf"
 SIM_LOG_NAME = "mcelog"
 XEN_LOG = "/var/log/mcelog"
+#: dom0's machine-check device (the xen-mcelog driver): the service's default source on Xen
+XEN_DEVICE = "/dev/mcelog"
 
 
 def _state_dir(obj: Ctx) -> Path:
@@ -88,7 +90,7 @@ class _RowFrames:
 def _default_sources(obj: Ctx, kind: str) -> list[str]:
     if kind == "sim":
         return [str(_state_dir(obj) / SIM_LOG_NAME)]
-    return [XEN_LOG]
+    return [XEN_DEVICE]
 
 
 class _Stop:
@@ -104,12 +106,30 @@ def _make_service(obj: Ctx, store, policy, log, kind: str, rows: _RowFrames):
     return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows)
 
 
+def _is_device(name: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISCHR(os.stat(name).st_mode)
+    except OSError:
+        return name == XEN_DEVICE
+
+
 def _open_sources(names, store, follow: bool):
+    """``-``: stdin; a character device (``/dev/mcelog``): read natively, binary
+    ``struct mce`` records; anything else: an mcelog-format text log."""
     from ..ras.sources import McelogFile
     out = []
     for n in names:
         if n == "-":
             out.append(_StdinSource(follow))
+        elif _is_device(n):
+            from ..ras.devmcelog import DevMcelog, DeviceError
+            try:
+                out.append(DevMcelog(n))
+            except DeviceError as e:
+                click.echo(f"xenpage: {e}; an mcelog text log can be named with --from "
+                           f"{XEN_LOG}", err=True)
+                sys.exit(2)
         else:
             out.append(McelogFile(n, store=store, settle=1.0))
     return out
@@ -216,8 +236,9 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
 
 @cli.command("retired")
 @click.option("--from", "sources", multiple=True, metavar="FILE",
-              help="mcelog-format log to follow, or - for stdin (repeatable; default: "
-                   "/var/log/mcelog on Xen, STATE_DIR/mcelog on the simulator)")
+              help="machine-check source: /dev/mcelog (the xen-mcelog device, read natively), "
+                   "an mcelog-format log, or - for stdin (repeatable; default: /dev/mcelog on "
+                   "Xen, STATE_DIR/mcelog on the simulator)")
 @click.option("--follow/--no-follow", default=True, show_default=True,
               help="keep following the logs (the service) or stop at their end")
 @click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default STATE_DIR/{CONFIG_NAME})")
@@ -242,7 +263,7 @@ def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, ve
 
 @cli.command("retire")
 @click.option("--from", "sources", multiple=True, required=True, metavar="FILE",
-              help="mcelog-format log, or - for stdin (repeatable)")
+              help="/dev/mcelog, an mcelog-format log, or - for stdin (repeatable)")
 @click.option("--config", type=click.Path(dir_okay=False))
 @click.option("--policy", "preset")
 @click.option("--json", "as_json", is_flag=True)
@@ -264,6 +285,9 @@ def retire_cmd(obj: Ctx, sources, config, preset, as_json, verbose):
         click.echo(f"xenpage: {res['records']} records; {res['stats']['transitions']} transitions; "
                    f"frames: {c['retired']} retired, {c['pending']} pending, {c['failed']} failed, "
                    f"{c['accounted']} accounted")
+        if res["stats"].get("duplicates"):
+            click.echo(f"xenpage: {res['stats']['duplicates']} records seen before (replayed or "
+                       "from another source): not counted again", err=True)
         if res["stats"].get("quarantined"):
             click.echo(f"xenpage: {res['stats']['quarantined']} records quarantined (not machine "
                        "checks or not storable: 'xenpage badpages --json' lists them)", err=True)

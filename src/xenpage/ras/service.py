@@ -156,6 +156,8 @@ class Stats:
     errors: int = 0
     #: records that could not be used or stored (kept in the store's quarantine table)
     quarantined: int = 0
+    #: records seen before (same identity: replayed, or read from a second source): not counted
+    duplicates: int = 0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -206,6 +208,14 @@ class RetireService:
         one the store cannot hold (e.g. an integer SQLite cannot) with its writes undone."""
         why = rec.defect()
         if why is None:
+            ident = rec.ident or rec.identity()
+            if ident:
+                first = self.store.first_seen(ident)
+                if first is not None:
+                    self.stats.duplicates += 1
+                    self.log("event-duplicate", "debug", source=rec.source, first_event=first,
+                             ident=ident)
+                    return
             self.store.db.execute("SAVEPOINT record")
             try:
                 self.handle(hv, rec)
@@ -223,6 +233,9 @@ class RetireService:
         now = self.clock()
         t = rec.time if rec.time is not None else now
         eid = self.store.add_event(rec, now)
+        ident = rec.ident or rec.identity()
+        if ident:
+            self.store.seen(ident, eid)
         self.stats.events += 1
         kind = rec.kind()
         if kind == "other":

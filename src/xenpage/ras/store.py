@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS frames(
 CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, count INTEGER, excess INTEGER,
     tstamp REAL, total INTEGER);
 CREATE TABLE IF NOT EXISTS unit_frames(key TEXT, mfn INTEGER, PRIMARY KEY(key, mfn));
+CREATE TABLE IF NOT EXISTS seen(ident TEXT PRIMARY KEY, event_id INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, logged REAL, source TEXT,
     reason TEXT, raw TEXT);
 """
@@ -310,6 +311,19 @@ class Store:
              1 + rec.corrected_count,
              json.dumps(rec.location(), sort_keys=True), rec.raw[:2000] if rec.raw else None))
         return int(cur.lastrowid)
+
+    def seen(self, ident: str, event_id: int) -> bool:
+        """Record that the machine check ``ident`` (:meth:`McRecord.identity`) was handled
+        as event ``event_id``; False when it had been already (a replay, or the same record
+        from a second source)."""
+        cur = self.db.execute("INSERT OR IGNORE INTO seen(ident, event_id) VALUES(?, ?)",
+                              (ident, event_id))
+        return cur.rowcount == 0
+
+    def first_seen(self, ident: str) -> int | None:
+        """The event a machine check was first handled as, or None."""
+        r = self.db.execute("SELECT event_id FROM seen WHERE ident=?", (ident,)).fetchone()
+        return r[0] if r else None
 
     def add_quarantined(self, rec: McRecord, logged: float, reason: str) -> int:
         """A record that cannot be used or stored: kept (source, why, its text), never acted on."""
