@@ -64,12 +64,14 @@ def _policy(obj: Ctx, config: str | None, preset: str | None):
         sys.exit(2)
 
 
-def _hard_action(kind: str):
+def _hard_action(kind: str, policy):
+    """The simulator models Xen's own machine-check path; real Xen never gets a faked one:
+    ``hard`` retires the frame by policy (:class:`xenpage.ras.actions.PolicyHard`)."""
     if kind == "sim":
         from ..backends.sim.ras import hard_offline
         return hard_offline
-    from ..ras.actions import xen_mceinj_hard
-    return xen_mceinj_hard
+    from ..ras.actions import PolicyHard
+    return PolicyHard(hvm=policy.hvm)
 
 
 class _RowFrames:
@@ -103,7 +105,7 @@ class _Stop:
 
 def _make_service(obj: Ctx, store, policy, log, kind: str, rows: _RowFrames):
     from ..ras.service import RetireService
-    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows)
+    return RetireService(store, policy, hard=_hard_action(kind, policy), log=log, expand=rows)
 
 
 def _is_device(name: str) -> bool:

@@ -12,8 +12,11 @@ Rules that keep the service from doing harm:
 * a frame Xen already marked broken and that still has an owner is never offlined again:
   ``offline_page`` answers ``PG_OFFLINE_AGAIN`` and crashes the owner (xen-semantics 1.5);
   the service only waits (queries) until the owner frees it;
-* ``hard`` (mark broken) goes through Xen's machine-check path, which crashes a PV owner --
-  it is only done when the policy says so (``hard``, or ``soft-then-hard`` once soft failed);
+* ``hard`` (mark broken) goes through Xen's machine-check path on the simulator, which
+  crashes a PV owner -- it is only done when the policy says so (``hard``, or
+  ``soft-then-hard`` once soft failed); on real Xen it never fakes a machine check: the frame
+  is retired by every means (exchange, live migration) and kept as broken by policy
+  (:mod:`.actions`);
 * an uncorrected error is acted on by Xen itself before dom0 hears of it; the service records
   what Xen did and follows the frame until it is offlined.
 """
@@ -429,6 +432,16 @@ class RetireService:
         rc, st = query(hv, f.mfn)
         xa = xen_state(rc, st)
         eff = res.get("effect", "")
+        if res.get("broken_by_policy"):  # real Xen: retired by every means, no faked MCE
+            how = res.get("kind", "")
+            detail = {"offlined": f"broken by policy ({why}): {how}, Xen has it offlined",
+                      "pending": f"broken by policy ({why}): {how}, offline-pending until "
+                                 f"its owner d{res.get('owner')} frees it",
+                      "failed": f"broken by policy ({why}), not retired: {res.get('error', '')}"
+                      }.get(eff, f"broken by policy ({eff})")
+            self._settle(hv, f, "hard", did, xb, xa, res.get("owner"), res.get("reason_code",
+                         "broken-by-policy"), detail, kind=eff or "hard", data=res)
+            return
         detail = {"offlined": "marked broken; it was free, so Xen offlined it",
                   "crashed": f"marked broken; its PV owner d{res.get('owner')} was crashed",
                   "vmce": f"marked broken; its owner d{res.get('owner')} got a vMCE",
