@@ -27,7 +27,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 #: benchmark modules, in report order
-MODULES = ["startup_bench", "host_scale", "year_bench", "guest_scale", "migration_bench", "exchange_bench"]
+MODULES = ["startup_bench", "host_scale", "year_bench", "guest_scale", "migration_bench", "exchange_bench",
+           "mcelog_bench"]
 
 
 def _environment() -> str:

@@ -91,6 +91,7 @@ _FIELD_BITS = (("status", 64), ("addr", 64), ("misc", 64), ("mcgstatus", 64), ("
                ("cpu", 32), ("apicid", 32), ("bank", 8), ("socketid", 8), ("cpufamily", 32),
                ("cpumodel", 32), ("channel", 32), ("dimm", 32), ("rank", 32), ("bankgroup", 32),
                ("dram_bank", 32), ("row", 32), ("column", 32))
+_LIMIT = {b: 1 << b for b in (8, 32, 64)}
 #: x86's architectural limit on physical address width (CPUID 0x80000008 MAXPHYADDR)
 MAX_PHYS_ADDR_BITS = 52
 
@@ -179,9 +180,10 @@ class McRecord:
         time that is not a finite number of seconds, or a parse error of its text."""
         if self.extra.get("parse_error"):
             return str(self.extra["parse_error"])
+        d = self.__dict__
         for k, bits in _FIELD_BITS:
-            v = getattr(self, k)
-            if v is not None and not 0 <= v < (1 << bits):
+            v = d[k]
+            if v is not None and not 0 <= v < _LIMIT[bits]:
                 return f"{k} {_short(v)} does not fit struct mce's {bits}-bit field"
         if self.addr is not None and self.addr >> MAX_PHYS_ADDR_BITS:
             return f"addr {_short(self.addr)} is beyond any physical address (2^{MAX_PHYS_ADDR_BITS})"
@@ -203,9 +205,11 @@ class McRecord:
         st = self.status
         addr = self.addr if st & MCI_STATUS_ADDRV and self.addr is not None else ""
         misc = self.misc if st & MCI_STATUS_MISCV and self.misc is not None else ""
-        return (f"mce:{st:x}:{addr if addr == '' else format(addr, 'x')}:"
-                f"{misc if misc == '' else format(misc, 'x')}:{self.mcgstatus:x}:"
-                f"{self.cpu}:{self.bank}:{t}:{tsc:x}")
+        # time first: identities of records arriving in order sort in order (the list's
+        # index of them grows at its end)
+        return (f"{t:011d}:{tsc:016x}:{self.cpu}:{self.bank}:{st:x}:"
+                f"{addr if addr == '' else format(addr, 'x')}:"
+                f"{misc if misc == '' else format(misc, 'x')}:{self.mcgstatus:x}")
 
     def location(self) -> dict:
         return {k: getattr(self, k) for k in ("socketid", "channel", "dimm", "rank", "bankgroup",

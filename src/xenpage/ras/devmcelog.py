@@ -55,21 +55,21 @@ def decode_records(data: bytes, record_len: int, source: str = "/dev/mcelog",
                                        "bank", "extcpu", "socketid", "apicid", "mcgcap",
                                        "cpuvendor", "cpuid")}
     out = []
-    for i in range(n):
-        st = cols["status"][i]
-        cpuid = cols["cpuid"][i]
+    template = McRecord().__dict__
+    new = object.__new__
+    for i, (st, misc, addr, mcg, tsc, t, bank, cpu, sock, apic, cap, vend, cpuid) in enumerate(
+            zip(*cols.values())):
         fam = mod = vendor = None
         if cpuid:
             fam, mod = _cpu_signature(cpuid)
-            vendor = M.X86_VENDOR_NAMES.get(cols["cpuvendor"][i])
-        t = cols["time"][i]
-        tsc = cols["tsc"][i]
-        out.append(McRecord(
-            status=st, addr=cols["addr"][i], misc=cols["misc"][i],
-            mcgstatus=cols["mcgstatus"][i], cpu=cols["extcpu"][i], bank=cols["bank"][i],
-            time=float(t) if t else None, tsc=tsc or None, socketid=cols["socketid"][i],
-            apicid=cols["apicid"][i], mcgcap=cols["mcgcap"][i] or None, cpuvendor=vendor,
-            cpufamily=fam, cpumodel=mod, source=f"{source}#{first + i}"))
+            vendor = M.X86_VENDOR_NAMES.get(vend)
+        r = new(McRecord)  # McRecord(...), without its __init__'s cost
+        r.__dict__ = {**template, "status": st, "addr": addr, "misc": misc, "mcgstatus": mcg,
+                      "cpu": cpu, "bank": bank, "time": float(t) if t else None,
+                      "tsc": tsc or None, "socketid": sock, "apicid": apic,
+                      "mcgcap": cap or None, "cpuvendor": vendor, "cpufamily": fam,
+                      "cpumodel": mod, "source": f"{source}#{first + i}", "extra": {}}
+        out.append(r)
     return out
 
 
