@@ -253,3 +253,22 @@ def test_the_seen_table_survives_a_restart(tmp_path):
     svc.process(hv, parse_mcelog(TWO)[:1])
     assert svc.stats.duplicates == 1 and s2.counts()["events"] == {"ce": 1}
     assert json.loads(json.dumps(svc.stats.to_json()))["duplicates"] == 1
+
+
+def test_a_full_log_is_read_again():
+    """32 records fill the driver's log; what came meanwhile is read in the same call."""
+    drv = XenMcelogDriver()
+    for i in range(32):
+        drv.log(status=CE, addr=0x1000 * (i + 1), tsc=i + 1, bank=7)
+    real_read = drv.read
+
+    def read_then_more(fd, n):
+        out = real_read(fd, n)
+        if len(drv.reads) == 1:      # the hardware reports more while the first read runs
+            for i in range(5):
+                drv.log(status=CE, addr=0x100000 + 0x1000 * i, tsc=100 + i, bank=7)
+        return out
+    src = DevMcelog("/dev/mcelog", ioctl=drv.ioctl, reader=read_then_more, opener=drv.open,
+                    closer=lambda fd: None)
+    recs = src.read()
+    assert len(recs) == 37 and len(drv.reads) == 2 and recs[-1].source == "/dev/mcelog#36"

@@ -137,6 +137,19 @@ def _open_sources(names, store, follow: bool):
     return out
 
 
+def _device_poller(srcs):
+    """A poll object on the device sources (``xen_mce_chrdev_poll``: readable when the
+    driver holds records), or None."""
+    import select
+    fds = [s.fd for s in srcs if isinstance(getattr(s, "fd", None), int)]
+    if not fds:
+        return None
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return p
+
+
 class _StdinSource:
     """stdin, read by a thread so the service loop never blocks on it."""
 
@@ -219,8 +232,13 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
             if all(getattr(s, "eof", False) for s in srcs):
                 break
             slept = 0.0
+            poller = _device_poller(srcs)
             while slept < interval and not stop.flag:
-                time.sleep(min(0.1, interval - slept))
+                if poller is not None:  # /dev/mcelog: wake when the driver has records
+                    if poller.poll(int(min(0.1, interval - slept) * 1000)):
+                        break
+                else:
+                    time.sleep(min(0.1, interval - slept))
                 slept += 0.1
     except HostFileError as e:
         click.echo(f"xenpage: {e}", err=True)

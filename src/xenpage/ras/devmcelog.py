@@ -128,19 +128,28 @@ class DevMcelog:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    #: reads of a full log in a row before the service gets to handle them
+    MAX_READS = 64
+
     def read(self, final: bool = False) -> list[McRecord]:
-        """Every record the driver holds now (the driver wants one read of the whole log)."""
-        if self.fd is None:
-            return []
-        try:
-            data = self._read(self.fd, self.log_len * self.record_len)
-        except BlockingIOError:
-            data = b""
-        flags = self._ioctl(self.fd, M.MCE_GETCLEAR_FLAGS)
-        recs = decode_records(data, self.record_len, self.path, self.records_read)
-        self.records_read += len(recs)
-        if flags & (1 << M.MCE_OVERFLOW):
-            self.overflows += 1
-            for r in recs:
-                r.extra["overflow"] = True  # some records before these were lost
-        return recs
+        """Every record the driver holds now (the driver wants one read of the whole log;
+        a full log is read again, as more may have come meanwhile)."""
+        out: list[McRecord] = []
+        for _ in range(self.MAX_READS):
+            if self.fd is None:
+                break
+            try:
+                data = self._read(self.fd, self.log_len * self.record_len)
+            except BlockingIOError:
+                data = b""
+            flags = self._ioctl(self.fd, M.MCE_GETCLEAR_FLAGS)
+            recs = decode_records(data, self.record_len, self.path, self.records_read)
+            self.records_read += len(recs)
+            if flags & (1 << M.MCE_OVERFLOW):
+                self.overflows += 1
+                for r in recs:
+                    r.extra["overflow"] = True  # some records before these were lost
+            out += recs
+            if len(recs) < self.log_len:
+                break
+        return out
