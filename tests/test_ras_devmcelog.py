@@ -272,3 +272,15 @@ def test_a_full_log_is_read_again():
                     closer=lambda fd: None)
     recs = src.read()
     assert len(recs) == 37 and len(drv.reads) == 2 and recs[-1].source == "/dev/mcelog#36"
+
+
+def test_an_uncorrected_record_twice_in_one_batch_counts_once():
+    """The slow path (an uncorrected error, Xen's handler acted) remembers the identity too."""
+    hv = _hv()
+    store = Store()
+    svc = RetireService(store, Policy())
+    (a,) = parse_mcelog(TWO.replace("9c0000000000009f", "bd000000000000c0"))[:1]
+    (b,) = parse_mcelog(TWO.replace("9c0000000000009f", "bd000000000000c0"))[:1]
+    svc.process(hv, [a, b])
+    assert svc.stats.uncorrected == 1 and svc.stats.duplicates == 1
+    assert store.counts()["events"] == {"uc": 1}

@@ -335,6 +335,8 @@ class RetireService:
                 self.store.db.execute("RELEASE record")
                 if w is not None:  # the record's event took the next id
                     w.next_id = self.store.next_event_id()
+                    if why is None and ident:
+                        w.known[ident] = w.next_id - 1
                 if why is None:
                     return
         self.store.add_quarantined(rec, self.clock(), why)
