@@ -92,6 +92,7 @@ _FIELD_BITS = (("status", 64), ("addr", 64), ("misc", 64), ("mcgstatus", 64), ("
                ("cpumodel", 32), ("channel", 32), ("dimm", 32), ("rank", 32), ("bankgroup", 32),
                ("dram_bank", 32), ("row", 32), ("column", 32))
 _LIMIT = {b: 1 << b for b in (8, 32, 64)}
+_LOCATION_KEYS = ("socketid", "channel", "dimm", "rank", "bankgroup", "dram_bank", "row", "column")
 #: x86's architectural limit on physical address width (CPUID 0x80000008 MAXPHYADDR)
 MAX_PHYS_ADDR_BITS = 52
 
@@ -212,9 +213,8 @@ class McRecord:
                 f"{misc if misc == '' else format(misc, 'x')}:{self.mcgstatus:x}")
 
     def location(self) -> dict:
-        return {k: getattr(self, k) for k in ("socketid", "channel", "dimm", "rank", "bankgroup",
-                                              "dram_bank", "row", "column")
-                if getattr(self, k) is not None}
+        d = self.__dict__
+        return {k: d[k] for k in _LOCATION_KEYS if d[k] is not None}
 
     def to_json(self) -> dict:
         d = asdict(self)
