@@ -18,16 +18,17 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/xenpage demo
 
-# The ABI test compiles against libxen-dev's headers (Debian packages; installed when root).
-XEN_DEV_PKGS := libxen-dev gcc libc6-dev
+# The ABI tests compile against libxen-dev's headers and the kernel's uapi asm/mce.h
+# (linux-libc-dev) (Debian packages; installed when root).
+XEN_DEV_PKGS := libxen-dev linux-libc-dev gcc libc6-dev
 xen-headers:
-	@if [ ! -f /usr/include/xenctrl.h ]; then \
+	@if [ ! -f /usr/include/xenctrl.h ] || ! echo '#include <asm/mce.h>' | cc -E -x c - >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing $(XEN_DEV_PKGS) for the ABI test"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
 	    apt-get install -y -qq --no-install-recommends $(XEN_DEV_PKGS) >/dev/null 2>&1 || \
 	    { apt-get update -qq && apt-get install -y -qq --no-install-recommends $(XEN_DEV_PKGS) >/dev/null; }; \
-	  else echo "note: libxen-dev is missing and this is not root: the ABI test will skip (fail under CI=true)"; fi; \
+	  else echo "note: libxen-dev or linux-libc-dev is missing and this is not root: the ABI test will skip (fail under CI=true)"; fi; \
 	fi
 
 test: $(STAMP) xen-headers

@@ -539,6 +539,72 @@ class SerialParser:
 # run
 # --------------------------------------------------------------------------------------------
 
+class MceMonitor:
+    """QEMU's human monitor on a unix socket: machine checks injected from outside the
+    machine, the way the hardware raises them.  dom0 asks with a console note
+    ``XENPAGE-LAB NOTE mce-inject CPU BANK STATUS MCGSTATUS ADDR MISC`` (QEMU's
+    ``mce cpu bank status mcg_status addr misc``) or ``mce-monitor COMMAND`` (any monitor
+    command, e.g. ``info registers``); every command and QEMU's answer go to
+    ``monitor.log`` with the run's time."""
+
+    PROMPT = b"(qemu) "
+
+    def __init__(self, path: Path, logfile: Path):
+        self.path = path
+        self.logfile = logfile
+        self.sock = None
+        self.done = 0
+
+    def _connect(self) -> None:
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(self.path))
+        self.sock = s
+        self._until_prompt()
+
+    def _until_prompt(self) -> str:
+        buf = b""
+        while not buf.endswith(self.PROMPT):
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+        return buf.decode("utf-8", "replace")
+
+    def command(self, text: str, now: float) -> str:
+        try:
+            if self.sock is None:
+                self._connect()
+            self.sock.sendall(text.encode() + b"\n")
+            out = self._until_prompt()
+        except OSError as e:
+            out = f"monitor error: {e}"
+        # the monitor echoes the command line (with terminal escapes); keep the answer
+        ans = out.replace("\r", "").split("\n")
+        ans = [a for a in ans[1:] if a.strip() and not a.startswith("(qemu)")]
+        with open(self.logfile, "a") as f:
+            f.write(f"{now:8.1f}s > {text}\n")
+            for a in ans:
+                f.write(f"{now:8.1f}s < {a}\n")
+        log(f"  {now:6.1f}s  monitor: {text}" + (f" -> {' | '.join(ans)[:200]}" if ans else ""))
+        return "\n".join(ans)
+
+    def on_note(self, parser, now: float) -> None:
+        while self.done < len(parser.notes):
+            note = parser.notes[self.done].strip()
+            self.done += 1
+            if note.startswith("mce-inject "):
+                self.command("mce " + note[len("mce-inject "):], now)
+            elif note.startswith("mce-monitor "):
+                self.command(note[len("mce-monitor "):], now)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 def scenario_options(path: Path) -> dict:
     """A scenario may declare its defaults in a comment line, e.g.
     # lab-options: vcpus=2 timeout=1800 mem=4096 dom0_mem=3072      (mem, dom0_mem in MiB)"""
@@ -634,13 +700,24 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
     serial.touch()
     xen_args = ("console=com1 com1=115200,8n1 loglvl=all guest_loglvl=all "
                 f"dom0_mem={dom0_mem}M,max:{dom0_mem}M dom0_max_vcpus={vcpus} smap=0")
+    # lab-options: xen_args=a=b+c=d (extra words for Xen's command line, '+' between them),
+    # cpu=MODEL (QEMU's -cpu; default max), monitor=1 (a QEMU monitor for machine checks)
+    if opts.get("xen_args"):
+        xen_args += " " + " ".join(str(opts["xen_args"]).split("+"))
+    cpu_model = os.environ.get("XENLAB_CPU") or str(opts.get("cpu", "max"))
+    if os.environ.get("XENLAB_XEN_ARGS"):
+        xen_args += " " + os.environ["XENLAB_XEN_ARGS"]
+    monitor = MceMonitor(work / "monitor.sock", results / "monitor.log") if opts.get("monitor") else None
     # No commas allowed in a module command line (',' separates -initrd modules).
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit={DOM0_INIT} loglevel=6"
-    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", str(mem),
+    cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu_model, "-smp", "2", "-m", str(mem),
            "-display", "none", "-nodefaults", "-no-reboot", "-serial", f"file:{serial}",
            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
            "-kernel", str(xen), "-append", xen_args,
            "-initrd", f"/boot/vmlinuz-{kv} {dom0_args},{initrd}"]
+    if monitor is not None:
+        monitor.path.unlink(missing_ok=True)
+        cmd += ["-monitor", f"unix:{monitor.path},server,nowait"]
     (results / "qemu-cmdline.txt").write_text(" ".join(cmd) + "\n")
     log(f"run {scenario_name}: booting (timeout {timeout:.0f} s, serial -> {serial})")
     qlog = open(results / "qemu.log", "w")
@@ -663,6 +740,8 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
                 for raw in lines:
                     line = raw.decode("utf-8", "replace").rstrip("\r")
                     parser.feed(line, now)
+                    if monitor is not None:
+                        monitor.on_note(parser, now)
                 for name in parser.order:
                     st = parser.steps[name]
                     key = (name, st["status"])
@@ -698,6 +777,8 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
                 continue
             time.sleep(0.25 if chunk else 0.5)
     qlog.close()
+    if monitor is not None:
+        monitor.close()
     wall = round(time.time() - start, 1)
     qemu_rc = proc.returncode
     if buf:

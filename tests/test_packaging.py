@@ -183,7 +183,7 @@ def test_unit_says_what_the_service_needs():
     assert keys["StateDirectory"] == ["xenpage"] and keys["ConfigurationDirectory"] == ["xenpage"]
     cmd = keys["ExecStart"][0].split()
     assert cmd[:5] == ["/usr/local/bin/xenpage", "--backend", "xen", "--state-dir", "/var/lib/xenpage"]
-    assert cmd[5:] == ["retired", "--from", "/var/log/mcelog"]
+    assert cmd[5:] == ["retired", "--from", "/dev/mcelog"]
     # what would cut the service off /dev/xen, /dev/mcelog, /proc/xen or /run/xenpage.lock
     for k in ("PrivateDevices", "DevicePolicy", "DeviceAllow", "ProtectClock", "ProtectProc",
               "ProcSubset", "InaccessiblePaths"):

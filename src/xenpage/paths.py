@@ -35,6 +35,9 @@ from typing import Mapping
 XEN_STATE_DIR = Path("/var/lib/xenpage")
 XEN_CONFIG = Path("/etc/xenpage/retired.conf")
 XEN_LOCK = Path("/run/xenpage.lock")
+#: dom0's machine-check telemetry on real Xen: the xen-mcelog driver's device (the service's
+#: default source; Debian 12 has no mcelog daemon to turn it into a text log)
+XEN_MCE_DEVICE = Path("/dev/mcelog")
 CONFIG_NAME = "retired.conf"
 SIM_LOCK_NAME = "lock"
 BACKENDS = ("sim", "xen")

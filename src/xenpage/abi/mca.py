@@ -87,9 +87,12 @@ MCER_RESET = "reset"
 #: ``struct mce`` field widths (Linux's uapi ``asm/mce.h``, what xen-mcelog fills); the DRAM
 #: location fields are decoded values, bounded at 32 bits
 _FIELD_BITS = (("status", 64), ("addr", 64), ("misc", 64), ("mcgstatus", 64), ("mcgcap", 64),
+               ("tsc", 64),
                ("cpu", 32), ("apicid", 32), ("bank", 8), ("socketid", 8), ("cpufamily", 32),
                ("cpumodel", 32), ("channel", 32), ("dimm", 32), ("rank", 32), ("bankgroup", 32),
                ("dram_bank", 32), ("row", 32), ("column", 32))
+_LIMIT = {b: 1 << b for b in (8, 32, 64)}
+_LOCATION_KEYS = ("socketid", "channel", "dimm", "rank", "bankgroup", "dram_bank", "row", "column")
 #: x86's architectural limit on physical address width (CPUID 0x80000008 MAXPHYADDR)
 MAX_PHYS_ADDR_BITS = 52
 
@@ -126,6 +129,11 @@ class McRecord:
     dram_bank: int | None = None
     row: int | None = None
     column: int | None = None
+    #: the CPU's time stamp counter when the bank was read (``struct mce``'s ``tsc``), if known
+    tsc: int | None = None
+    #: the record's identity (:meth:`identity`), set by its source; empty: none can be given,
+    #: and the record is never taken for another one
+    ident: str = ""
     #: where it came from ("mcelog:/var/log/mcelog:12", "sim", ...) and the raw text
     source: str = ""
     raw: str = ""
@@ -173,9 +181,10 @@ class McRecord:
         time that is not a finite number of seconds, or a parse error of its text."""
         if self.extra.get("parse_error"):
             return str(self.extra["parse_error"])
+        d = self.__dict__
         for k, bits in _FIELD_BITS:
-            v = getattr(self, k)
-            if v is not None and not 0 <= v < (1 << bits):
+            v = d[k]
+            if v is not None and not 0 <= v < _LIMIT[bits]:
                 return f"{k} {_short(v)} does not fit struct mce's {bits}-bit field"
         if self.addr is not None and self.addr >> MAX_PHYS_ADDR_BITS:
             return f"addr {_short(self.addr)} is beyond any physical address (2^{MAX_PHYS_ADDR_BITS})"
@@ -183,10 +192,29 @@ class McRecord:
             return f"time {self.time!r} is not a time"
         return None
 
+    def identity(self) -> str:
+        """What makes this machine check this one and no other: the bank registers as the
+        CPU reported them (MCi_ADDR only when ADDRV says it is valid, MCi_MISC only when
+        MISCV does), MCG_STATUS, the CPU, the bank, and when it happened -- the wall-clock
+        second and the time stamp counter.  Empty when the record carries neither a time nor
+        a TSC: two such records with the same registers may be two errors, and only their
+        source's position can tell them apart."""
+        t = int(self.time) if self.time is not None and math.isfinite(self.time) else 0
+        tsc = self.tsc or 0
+        if not t and not tsc:
+            return ""
+        st = self.status
+        addr = self.addr if st & MCI_STATUS_ADDRV and self.addr is not None else ""
+        misc = self.misc if st & MCI_STATUS_MISCV and self.misc is not None else ""
+        # time first: identities of records arriving in order sort in order (the list's
+        # index of them grows at its end)
+        return (f"{t:011d}:{tsc:016x}:{self.cpu}:{self.bank}:{st:x}:"
+                f"{addr if addr == '' else format(addr, 'x')}:"
+                f"{misc if misc == '' else format(misc, 'x')}:{self.mcgstatus:x}")
+
     def location(self) -> dict:
-        return {k: getattr(self, k) for k in ("socketid", "channel", "dimm", "rank", "bankgroup",
-                                              "dram_bank", "row", "column")
-                if getattr(self, k) is not None}
+        d = self.__dict__
+        return {k: d[k] for k in _LOCATION_KEYS if d[k] is not None}
 
     def to_json(self) -> dict:
         d = asdict(self)

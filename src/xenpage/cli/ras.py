@@ -22,12 +22,14 @@ from pathlib import Path
 import click
 
 from ..errors import HostFileError
-from ..paths import CONFIG_NAME
+from ..paths import CONFIG_NAME, XEN_MCE_DEVICE
 from .main import Ctx, cli
 from .output import print_json
 
 SIM_LOG_NAME = "mcelog"
 XEN_LOG = "/var/log/mcelog"
+#: dom0's machine-check device (the xen-mcelog driver): the service's default source on Xen
+XEN_DEVICE = str(XEN_MCE_DEVICE)
 
 
 def _state_dir(obj: Ctx) -> Path:
@@ -62,12 +64,14 @@ def _policy(obj: Ctx, config: str | None, preset: str | None):
         sys.exit(2)
 
 
-def _hard_action(kind: str):
+def _hard_action(kind: str, policy, journal_dir=None):
+    """The simulator models Xen's own machine-check path; real Xen never gets a faked one:
+    ``hard`` retires the frame by policy (:class:`xenpage.ras.actions.PolicyHard`)."""
     if kind == "sim":
         from ..backends.sim.ras import hard_offline
         return hard_offline
-    from ..ras.actions import xen_mceinj_hard
-    return xen_mceinj_hard
+    from ..ras.actions import PolicyHard
+    return PolicyHard(hvm=policy.hvm, journal_dir=journal_dir)
 
 
 class _RowFrames:
@@ -88,7 +92,7 @@ class _RowFrames:
 def _default_sources(obj: Ctx, kind: str) -> list[str]:
     if kind == "sim":
         return [str(_state_dir(obj) / SIM_LOG_NAME)]
-    return [XEN_LOG]
+    return [XEN_DEVICE]
 
 
 class _Stop:
@@ -101,19 +105,50 @@ class _Stop:
 
 def _make_service(obj: Ctx, store, policy, log, kind: str, rows: _RowFrames):
     from ..ras.service import RetireService
-    return RetireService(store, policy, hard=_hard_action(kind), log=log, expand=rows,
+    return RetireService(store, policy, hard=_hard_action(kind, policy, obj.paths.journal_dir), log=log, expand=rows,
                          journal_dir=obj.paths.journal_dir)
 
 
+def _is_device(name: str) -> bool:
+    import stat
+    try:
+        return stat.S_ISCHR(os.stat(name).st_mode)
+    except OSError:
+        return name == XEN_DEVICE
+
+
 def _open_sources(names, store, follow: bool):
+    """``-``: stdin; a character device (``/dev/mcelog``): read natively, binary
+    ``struct mce`` records; anything else: an mcelog-format text log."""
     from ..ras.sources import McelogFile
     out = []
     for n in names:
         if n == "-":
             out.append(_StdinSource(follow))
+        elif _is_device(n):
+            from ..ras.devmcelog import DevMcelog, DeviceError
+            try:
+                out.append(DevMcelog(n))
+            except DeviceError as e:
+                click.echo(f"xenpage: {e}; an mcelog text log can be named with --from "
+                           f"{XEN_LOG}", err=True)
+                sys.exit(2)
         else:
             out.append(McelogFile(n, store=store, settle=1.0))
     return out
+
+
+def _device_poller(srcs):
+    """A poll object on the device sources (``xen_mce_chrdev_poll``: readable when the
+    driver holds records), or None."""
+    import select
+    fds = [s.fd for s in srcs if isinstance(getattr(s, "fd", None), int)]
+    if not fds:
+        return None
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    return p
 
 
 class _StdinSource:
@@ -198,8 +233,13 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
             if all(getattr(s, "eof", False) for s in srcs):
                 break
             slept = 0.0
+            poller = _device_poller(srcs)
             while slept < interval and not stop.flag:
-                time.sleep(min(0.1, interval - slept))
+                if poller is not None:  # /dev/mcelog: wake when the driver has records
+                    if poller.poll(int(min(0.1, interval - slept) * 1000)):
+                        break
+                else:
+                    time.sleep(min(0.1, interval - slept))
                 slept += 0.1
     except HostFileError as e:
         click.echo(f"xenpage: {e}", err=True)
@@ -217,8 +257,9 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
 
 @cli.command("retired")
 @click.option("--from", "sources", multiple=True, metavar="FILE",
-              help="mcelog-format log to follow, or - for stdin (repeatable; default: "
-                   "/var/log/mcelog on Xen, STATE_DIR/mcelog on the simulator)")
+              help="machine-check source: /dev/mcelog (the xen-mcelog device, read natively), "
+                   "an mcelog-format log, or - for stdin (repeatable; default: /dev/mcelog on "
+                   "Xen, STATE_DIR/mcelog on the simulator)")
 @click.option("--follow/--no-follow", default=True, show_default=True,
               help="keep following the logs (the service) or stop at their end")
 @click.option("--config", type=click.Path(dir_okay=False), help=f"policy file (default /etc/xenpage/{CONFIG_NAME} on real Xen, "
@@ -244,7 +285,7 @@ def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, ve
 
 @cli.command("retire")
 @click.option("--from", "sources", multiple=True, required=True, metavar="FILE",
-              help="mcelog-format log, or - for stdin (repeatable)")
+              help="/dev/mcelog, an mcelog-format log, or - for stdin (repeatable)")
 @click.option("--config", type=click.Path(dir_okay=False))
 @click.option("--policy", "preset")
 @click.option("--json", "as_json", is_flag=True)
@@ -266,6 +307,9 @@ def retire_cmd(obj: Ctx, sources, config, preset, as_json, verbose):
         click.echo(f"xenpage: {res['records']} records; {res['stats']['transitions']} transitions; "
                    f"frames: {c['retired']} retired, {c['pending']} pending, {c['failed']} failed, "
                    f"{c['accounted']} accounted")
+        if res["stats"].get("duplicates"):
+            click.echo(f"xenpage: {res['stats']['duplicates']} records seen before (replayed or "
+                       "from another source): not counted again", err=True)
         if res["stats"].get("quarantined"):
             click.echo(f"xenpage: {res['stats']['quarantined']} records quarantined (not machine "
                        "checks or not storable: 'xenpage badpages --json' lists them)", err=True)

@@ -38,6 +38,10 @@ CPU_FAMILY = 6
 CPU_MODEL = 0x6A
 #: MCG_CAP: 0x1C banks, CMCI (bit 10), TES (11), SER (24), LMCE (27)
 MCGCAP = 0x0000000008000C1C | (1 << 24)
+#: the simulated CPUs' invariant TSC: 2 GHz, counting from the Unix epoch, so that a record's
+#: TSC (what a bank read stamps it with, and what tells two reports of one time apart) follows
+#: from its time
+TSC_HZ = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,7 @@ def memory_error(host: "Host", geometry: DramGeometry, addr: int, uncorrected: b
                      apicid=cpu, mcgcap=MCGCAP, cpuvendor=CPU_VENDOR, cpufamily=CPU_FAMILY,
                      cpumodel=CPU_MODEL, channel=loc.channel, dimm=loc.dimm, rank=loc.rank,
                      bankgroup=loc.bankgroup, dram_bank=loc.bank, row=loc.row, column=loc.column,
-                     source="sim")
+                     tsc=int(round(time * TSC_HZ)) if time is not None else None, source="sim")
     if uncorrected:
         act = mc_memerr_dhandler(host, mfn)
     else:

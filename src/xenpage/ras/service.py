@@ -12,8 +12,11 @@ Rules that keep the service from doing harm:
 * a frame Xen already marked broken and that still has an owner is never offlined again:
   ``offline_page`` answers ``PG_OFFLINE_AGAIN`` and crashes the owner (xen-semantics 1.5);
   the service only waits (queries) until the owner frees it;
-* ``hard`` (mark broken) goes through Xen's machine-check path, which crashes a PV owner --
-  it is only done when the policy says so (``hard``, or ``soft-then-hard`` once soft failed);
+* ``hard`` (mark broken) goes through Xen's machine-check path on the simulator, which
+  crashes a PV owner -- it is only done when the policy says so (``hard``, or
+  ``soft-then-hard`` once soft failed); on real Xen it never fakes a machine check: the frame
+  is retired by every means (exchange, live migration) and kept as broken by policy
+  (:mod:`.actions`);
 * an uncorrected error is acted on by Xen itself before dom0 hears of it; the service records
   what Xen did and follows the frame until it is offlined.
 """
@@ -138,6 +141,70 @@ def sd_notify(message: str) -> bool:
 
 # -- the service ----------------------------------------------------------------------------
 
+_INT64 = 1 << 63
+#: frames a threshold never decides on again
+_SETTLED = ("retired", "pending", "failed")
+
+
+def _unstorable(row: tuple) -> str | None:
+    """Why SQLite cannot store this row (what inserting it would raise), or None."""
+    for v in row:
+        if type(v) is int:
+            if not -_INT64 <= v < _INT64:
+                return "cannot be stored: OverflowError: Python int too large to convert to SQLite INTEGER"
+        elif type(v) is str and not v.isascii():
+            try:
+                v.encode()
+            except UnicodeEncodeError as e:
+                return f"cannot be stored: {type(e).__name__}: {str(e)[:200]}"
+    return None
+
+
+class _Writes:
+    """The batch's buffered writes: events (with ids given here, in order, as SQLite would),
+    their identities, and the error counts of frames in the list."""
+
+    def __init__(self, store: Store, idents: set[str]):
+        self.store = store
+        self.known = store.seen_among(idents) if idents else {}
+        self.next_id = store.next_event_id()
+        self.events: list[tuple] = []
+        self.seen: list[tuple[str, int]] = []
+        self.counts: dict[int, list] = {}
+
+    def seen_event(self, ident: str) -> int | None:
+        return self.known.get(ident)
+
+    def event(self, row: tuple, ident: str) -> int:
+        eid = self.next_id
+        self.next_id += 1
+        self.events.append((eid, *row))
+        if ident:
+            self.seen.append((ident, eid))
+            self.known[ident] = eid
+        return eid
+
+    def count(self, mfn: int, t: float) -> None:
+        c = self.counts.get(mfn)
+        if c is None:
+            self.counts[mfn] = [1, t]
+        else:
+            c[0] += 1
+            c[1] = t
+
+    def flush(self) -> None:
+        if self.events:
+            self.store.add_events(self.events)
+            self.events = []
+        if self.seen:
+            self.store.add_seen(self.seen)
+            self.seen = []
+        if self.counts:
+            self.store.count_errors(self.counts)
+            self.counts = {}
+        self.next_id = self.store.next_event_id()
+
+
 @dataclass
 class Stats:
     events: int = 0
@@ -156,6 +223,8 @@ class Stats:
     errors: int = 0
     #: records that could not be used or stored (kept in the store's quarantine table)
     quarantined: int = 0
+    #: records seen before (same identity: replayed, or read from a second source): not counted
+    duplicates: int = 0
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -184,6 +253,10 @@ class RetireService:
         self._excluded = parse_badpage_value(store.last_boot_option())
         #: frames known retired, for the fast path of errors on retired frames
         self._retired = {f.mfn for f in store.frames(("retired",))}
+        #: the off switch as read at the start of the batch being processed (None: read it)
+        self._on: bool | None = None
+        #: the write buffer of the batch being processed
+        self._w: _Writes | None = None
 
     # -- switches -----------------------------------------------------------------------
     @property
@@ -195,36 +268,130 @@ class RetireService:
 
     # -- records ------------------------------------------------------------------------
     def process(self, hv, records: Iterable[McRecord]) -> None:
-        """Handle records, then retry what is due; one transaction."""
+        """Handle records, then retry what is due; one transaction.  The off switch is read
+        once per batch.  A corrected error that crosses no threshold (most of them) is only
+        written down: its event, identity and frame counts are buffered and written with one
+        statement each per batch (:class:`_Writes`); anything that decides or acts first
+        writes the buffer out, so it reads the list as if each record had been written at
+        once."""
+        records = records if isinstance(records, list) else list(records)
         with self.store.batch():
-            for rec in records:
-                self.handle_safely(hv, rec)
+            self._on = self.enabled
+            whys = [r.defect() for r in records]
+            idents = [None if why is not None else (r.ident or r.identity())
+                      for r, why in zip(records, whys)]
+            self._w = _Writes(self.store, {i for i in idents if i})
+            try:
+                for rec, ident, why in zip(records, idents, whys):
+                    self.handle_safely(hv, rec, ident, why)
+                self._w.flush()
+            finally:
+                self._on = None
+                self._w = None
             self.retry_due(hv)
             self.store.save_buckets(self.acct.buckets, self.acct.unit_frames, self.acct.dirty)
 
-    def handle_safely(self, hv, rec: McRecord) -> None:
+    def _seen(self, ident: str) -> int | None:
+        w = self._w
+        if w is not None:
+            return w.seen_event(ident)
+        return self.store.first_seen(ident)
+
+    def handle_safely(self, hv, rec: McRecord, ident: str | None = None,
+                      why: str | None | bool = False) -> None:
         """:meth:`handle`, with a poison record quarantined instead of stopping the service:
         one that is not a machine check (:meth:`McRecord.defect`) before anything is done,
-        one the store cannot hold (e.g. an integer SQLite cannot) with its writes undone."""
-        why = rec.defect()
+        one the store cannot hold (e.g. an integer SQLite cannot) with its writes undone.
+        A record seen before (the same :meth:`McRecord.identity`: replayed, or read from a
+        second source) is counted as a duplicate and nothing else.  ``ident``/``why``: the
+        record's identity and defect when already known."""
+        if why is False:
+            why = rec.defect()
         if why is None:
-            self.store.db.execute("SAVEPOINT record")
-            try:
-                self.handle(hv, rec)
-            except (OverflowError, ValueError, sqlite3.Error) as e:
-                self.store.db.execute("ROLLBACK TO record")
-                why = f"cannot be stored: {type(e).__name__}: {str(e)[:200]}"
-            self.store.db.execute("RELEASE record")
-            if why is None:
-                return
+            if ident is None:
+                ident = rec.ident or rec.identity()
+            if ident:
+                first = self._seen(ident)
+                if first is not None:
+                    self.stats.duplicates += 1
+                    self.log("event-duplicate", "debug", source=rec.source, first_event=first,
+                             ident=ident)
+                    return
+            w = self._w
+            if w is not None and rec.kind() != "uc":
+                now = self.clock()
+                row = self.store.event_row(rec, now)
+                why = _unstorable(row)
+                if why is None:
+                    self._counted(hv, rec, ident, row, now)
+                    return
+            else:
+                if w is not None:
+                    w.flush()
+                self.store.db.execute("SAVEPOINT record")
+                try:
+                    self.handle(hv, rec, ident)
+                except (OverflowError, ValueError, sqlite3.Error) as e:
+                    self.store.db.execute("ROLLBACK TO record")
+                    why = f"cannot be stored: {type(e).__name__}: {str(e)[:200]}"
+                self.store.db.execute("RELEASE record")
+                if w is not None:  # the record's event took the next id
+                    w.next_id = self.store.next_event_id()
+                    if why is None and ident:
+                        w.known[ident] = w.next_id - 1
+                if why is None:
+                    return
         self.store.add_quarantined(rec, self.clock(), why)
         self.stats.quarantined += 1
         self.log("record-quarantined", "warning", source=rec.source, reason=why)
 
-    def handle(self, hv, rec: McRecord) -> None:
+    def _counted(self, hv, rec: McRecord, ident: str, row: tuple, now: float) -> None:
+        """A corrected error (or one without an address) through the write buffer: what
+        :meth:`handle` does, with the writes batched."""
+        w = self._w
+        t = rec.time if rec.time is not None else now
+        eid = w.event(row, ident)
+        self.stats.events += 1
+        if not rec.has_addr:
+            self.stats.other += 1
+            self.log("event-ignored", "debug", source=rec.source, reason="no valid address",
+                     status=f"{rec.status:#x}")
+            return
+        mfn = rec.mfn
+        w.count(mfn, t)
+        self.stats.corrected += 1
+        if mfn in self._retired:
+            self.stats.on_retired += 1
+        if not self._on:
+            return
+        trigs = self.acct.account_ce(rec, t)
+        if not trigs:
+            return
+        if all(self.store.frame_state(m) in _SETTLED for trig in trigs for m in trig.mfns):
+            self._triggered(hv, rec, trigs, eid)  # nothing to decide: only counted and logged
+            return
+        w.flush()
+        self.store.db.execute("SAVEPOINT record")
+        try:
+            self._triggered(hv, rec, trigs, eid)
+        except (OverflowError, ValueError, sqlite3.Error) as e:
+            self.store.db.execute("ROLLBACK TO record")
+            self.store.db.execute("RELEASE record")
+            why = f"cannot be stored: {type(e).__name__}: {str(e)[:200]}"
+            self.store.add_quarantined(rec, self.clock(), why)
+            self.stats.quarantined += 1
+            self.log("record-quarantined", "warning", source=rec.source, reason=why)
+            return
+        self.store.db.execute("RELEASE record")
+
+    def handle(self, hv, rec: McRecord, ident: str | None = None) -> None:
         now = self.clock()
         t = rec.time if rec.time is not None else now
         eid = self.store.add_event(rec, now)
+        if ident is None:
+            ident = rec.ident or rec.identity()
+        if ident:
+            self.store.seen(ident, eid)
         self.stats.events += 1
         kind = rec.kind()
         if kind == "other":
@@ -233,31 +400,27 @@ class RetireService:
                      status=f"{rec.status:#x}")
             return
         mfn = rec.mfn
-        fr = self.store.frame(mfn)
-        if fr is not None:
-            fr.last_time = t
-            if kind == "uc":
-                fr.uncorrected += 1
-            else:
-                fr.errors += 1
-            self.store.put_frame(fr)
+        listed = self.store.count_error(mfn, t, uncorrected=kind == "uc")
         if kind == "uc":
             self.stats.uncorrected += 1
-            self._uncorrected(hv, rec, fr, eid, t)
+            self._uncorrected(hv, rec, self.store.frame(mfn) if listed else None, eid, t)
             return
         self.stats.corrected += 1
         if mfn in self._retired:
             self.stats.on_retired += 1
-        if not self.enabled:
+        if not (self.enabled if self._on is None else self._on):
             return
-        for trig in self.acct.account_ce(rec, t):
+        self._triggered(hv, rec, self.acct.account_ce(rec, t), eid)
+
+    def _triggered(self, hv, rec: McRecord, trigs, eid: int) -> None:
+        mfn = rec.mfn
+        for trig in trigs:
             self.stats.thresholds += 1
             self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
                      action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
                      source=rec.source)
             for m in trig.mfns:
-                f = self.store.frame(m)
-                if f is not None and f.state in ("retired", "pending", "failed"):
+                if self.store.frame_state(m) in _SETTLED:
                     continue
                 self.decide(hv, m, trig.action, trig.unit, trig.reason, eid, rec if m == mfn else None)
 
@@ -419,6 +582,16 @@ class RetireService:
         rc, st = query(hv, f.mfn)
         xa = xen_state(rc, st)
         eff = res.get("effect", "")
+        if res.get("broken_by_policy"):  # real Xen: retired by every means, no faked MCE
+            how = res.get("kind", "")
+            detail = {"offlined": f"broken by policy ({why}): {how}, Xen has it offlined",
+                      "pending": f"broken by policy ({why}): {how}, offline-pending until "
+                                 f"its owner d{res.get('owner')} frees it",
+                      "failed": f"broken by policy ({why}), not retired: {res.get('error', '')}"
+                      }.get(eff, f"broken by policy ({eff})")
+            self._settle(hv, f, "hard", did, xb, xa, res.get("owner"), res.get("reason_code",
+                         "broken-by-policy"), detail, kind=eff or "hard", data=res)
+            return
         detail = {"offlined": "marked broken; it was free, so Xen offlined it",
                   "crashed": f"marked broken; its PV owner d{res.get('owner')} was crashed",
                   "vmce": f"marked broken; its owner d{res.get('owner')} got a vMCE",

@@ -39,6 +39,7 @@ from ..abi.mca import McRecord
 DISCLAIMER = "Hardware event. This is not a software error."
 
 _HEXKEYS = re.compile(r"(?<![\w])(MCGSTATUS|STATUS|ADDR|MISC|TSC|MCGCAP|APICID)\s+(?:0[xX])?([0-9a-fA-F]+)(?![\w])")
+_TSC = re.compile(r"(?<![\w])TSC\s+(?:0[xX])?([0-9a-fA-F]+)(?![\w])")
 _SOCKET = re.compile(r"(?<![\w:])SOCKETID\s+(\d+)")
 _TIME = re.compile(r"(?<![\w])TIME\s+(\d+)")
 _PROCESSOR = re.compile(r"PROCESSOR\s+(\d+):(?:0[xX])?([0-9a-fA-F]+)")
@@ -189,6 +190,9 @@ class McelogParser:
                 f["status"] = int(m_cpu.group(4), 16)
             elif m_cpu.re is _CPU_BANK:
                 f["bank"] = int(m_cpu.group(2))
+            m = _TSC.search(s)  # mcelog prints it on the CPU line: "CPU c BANK b TSC t"
+            if m:
+                f["tsc"] = int(m.group(1), 16)
         m = _XEN_BANK.search(s)
         if m:
             f["bank"], f["status"], f["addr"] = int(m.group(1)), int(m.group(2), 16), int(m.group(3), 16)
@@ -244,7 +248,6 @@ class McelogParser:
 
     def _build(self, p: _Partial) -> McRecord:
         f = dict(p.fields)
-        f.pop("tsc", None)
         rec = McRecord(**{k: v for k, v in f.items() if k in McRecord.__dataclass_fields__})
         if "parse_error" in f:
             rec.extra["parse_error"] = f["parse_error"]
@@ -299,7 +302,8 @@ _I10NM_MSCOD_NAMES = {A.I10NM_MSCOD_CORRECTED_READ: "Corrected read error",
 def format_mcelog(rec: McRecord, index: int = 0) -> str:
     """A record as mcelog's daemon writes it (``disclaimer`` + ``MCE n`` + ``dump_mce``,
     with the i10nm memory-controller decode)."""
-    out = [DISCLAIMER, f"MCE {index}", f"CPU {rec.cpu} BANK {rec.bank} "]
+    out = [DISCLAIMER, f"MCE {index}",
+           f"CPU {rec.cpu} BANK {rec.bank} " + (f"TSC {rec.tsc:x} " if rec.tsc else "")]
     parts = []
     if rec.status & A.MCI_STATUS_MISCV and rec.misc is not None:
         parts.append(f"MISC {rec.misc:x} ")

@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS frames(
 CREATE TABLE IF NOT EXISTS buckets(key TEXT PRIMARY KEY, count INTEGER, excess INTEGER,
     tstamp REAL, total INTEGER);
 CREATE TABLE IF NOT EXISTS unit_frames(key TEXT, mfn INTEGER, PRIMARY KEY(key, mfn));
+CREATE TABLE IF NOT EXISTS seen(ident TEXT PRIMARY KEY, event_id INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, logged REAL, source TEXT,
     reason TEXT, raw TEXT);
 """
@@ -106,10 +107,9 @@ class Frame:
                "next_retry", "errors", "uncorrected", "location", "event_id", "source", "outcome")
 
     def row(self) -> tuple:
-        d = asdict(self)
-        d["location"] = json.dumps(self.location, sort_keys=True)
-        d["broken"] = int(self.broken)
-        return tuple(d[c] for c in self.COLUMNS)
+        d = self.__dict__
+        return tuple(json.dumps(self.location, sort_keys=True) if c == "location" else
+                     int(self.broken) if c == "broken" else d[c] for c in self.COLUMNS)
 
     @classmethod
     def from_row(cls, r) -> "Frame":
@@ -308,14 +308,71 @@ class Store:
         self.set_meta("enabled", "1" if on else "0")
 
     # -- events, decisions, outcomes ------------------------------------------------------
+    @staticmethod
+    def event_row(rec: McRecord, logged: float) -> tuple:
+        """The ``events`` row of a record (without its id)."""
+        loc = rec.location()
+        # json.dumps(loc, sort_keys=True), spelt out: the values are integers
+        text = "{" + ", ".join(f'"{k}": {loc[k]}' for k in sorted(loc)) + "}" if loc else "{}"
+        return (rec.time, logged, rec.source, rec.kind(), rec.mfn, rec.addr, f"{rec.status:#x}",
+                1 + rec.corrected_count, text, rec.raw[:2000] if rec.raw else None)
+
     def add_event(self, rec: McRecord, logged: float) -> int:
         cur = self.db.execute(
             "INSERT INTO events(time, logged, source, kind, mfn, addr, status, count, location, raw)"
-            " VALUES(?,?,?,?,?,?,?,?,?,?)",
-            (rec.time, logged, rec.source, rec.kind(), rec.mfn, rec.addr, f"{rec.status:#x}",
-             1 + rec.corrected_count,
-             json.dumps(rec.location(), sort_keys=True), rec.raw[:2000] if rec.raw else None))
+            " VALUES(?,?,?,?,?,?,?,?,?,?)", self.event_row(rec, logged))
         return int(cur.lastrowid)
+
+    def next_event_id(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM events").fetchone()[0])
+
+    def add_events(self, rows: list[tuple]) -> None:
+        """Events with their ids (``(id, *event_row)``), in one statement."""
+        self.db.executemany(
+            "INSERT INTO events(id, time, logged, source, kind, mfn, addr, status, count, "
+            "location, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def add_seen(self, pairs: list[tuple[str, int]]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO seen(ident, event_id) VALUES(?, ?)", pairs)
+
+    def seen_among(self, idents: set[str]) -> dict[str, int]:
+        """Which of these machine checks were handled before, and as which event."""
+        out: dict[str, int] = {}
+        ids = list(idents)
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            out.update(self.db.execute("SELECT ident, event_id FROM seen WHERE ident IN ("
+                                       + ",".join("?" * len(part)) + ")", part).fetchall())
+        return out
+
+    def count_errors(self, counts: dict[int, list]) -> None:
+        """Corrected errors on frames of the list: ``{mfn: [count, last time]}``."""
+        self.db.executemany("UPDATE frames SET errors=errors+?, last_time=? WHERE mfn=?",
+                            [(c, t, m) for m, (c, t) in counts.items()])
+
+    def frame_state(self, mfn: int) -> str | None:
+        r = self.db.execute("SELECT state FROM frames WHERE mfn=?", (mfn,)).fetchone()
+        return r[0] if r else None
+
+    def count_error(self, mfn: int, t: float, uncorrected: bool = False) -> bool:
+        """One more error on a frame of the list (its counts and last time); False when the
+        frame is not in the list."""
+        col = "uncorrected" if uncorrected else "errors"
+        return self.db.execute(f"UPDATE frames SET last_time=?, {col}={col}+1 WHERE mfn=?",
+                               (t, mfn)).rowcount > 0
+
+    def seen(self, ident: str, event_id: int) -> bool:
+        """Record that the machine check ``ident`` (:meth:`McRecord.identity`) was handled
+        as event ``event_id``; False when it had been already (a replay, or the same record
+        from a second source)."""
+        cur = self.db.execute("INSERT OR IGNORE INTO seen(ident, event_id) VALUES(?, ?)",
+                              (ident, event_id))
+        return cur.rowcount == 0
+
+    def first_seen(self, ident: str) -> int | None:
+        """The event a machine check was first handled as, or None."""
+        r = self.db.execute("SELECT event_id FROM seen WHERE ident=?", (ident,)).fetchone()
+        return r[0] if r else None
 
     def add_quarantined(self, rec: McRecord, logged: float, reason: str) -> int:
         """A record that cannot be used or stored: kept (source, why, its text), never acted on."""
@@ -432,6 +489,7 @@ class Store:
         return b, uf
 
     def save_buckets(self, buckets: dict, unit_frames: dict, dirty: set) -> None:
+        put, gone = [], []
         for k in dirty:
             if k.startswith("frames:"):
                 key = k[len("frames:"):]
@@ -441,10 +499,14 @@ class Store:
                 continue
             b = buckets.get(k)
             if b is None:
-                self.db.execute("DELETE FROM buckets WHERE key=?", (k,))
+                gone.append((k,))
             else:
-                self.db.execute("INSERT OR REPLACE INTO buckets(key, count, excess, tstamp, total)"
-                                " VALUES(?,?,?,?,?)", (k, *b.to_row()))
+                put.append((k, *b.to_row()))
+        if gone:
+            self.db.executemany("DELETE FROM buckets WHERE key=?", gone)
+        if put:
+            self.db.executemany("INSERT OR REPLACE INTO buckets(key, count, excess, tstamp, total)"
+                                " VALUES(?,?,?,?,?)", put)
         dirty.clear()
 
     # -- sources ----------------------------------------------------------------------------
