@@ -475,6 +475,7 @@ class LinuxPV:
             self.faults.append(f"pid {pr.pid} write fault at {self.user_va(vp):#x}")
             return
         self.host.ft.set_fingerprint(res[0], fp)
+        self.hc.wrote([res[0]])
         self.expect[pr.pages[vp][0]] = fp
 
     # -- workload ---------------------------------------------------------------------------
@@ -498,6 +499,7 @@ class LinuxPV:
                 m = self.mfn(pf)
                 fp = int(self.rng.integers(1, 2**63))
                 self.host.ft.set_fingerprint(m, fp)
+                self.hc.wrote([m])
                 self.expect[pf] = fp
             elif op < 9 and self.procs:
                 self._map_or_unmap()
