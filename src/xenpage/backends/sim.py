@@ -283,10 +283,11 @@ class SimHypervisor:
             return -E.ESRCH
         return hvm.maximum_gpfn(self.host, domid)
 
-    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0):
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0,
+                         packed: bool = False):
         from ..hypervisor import paging
         from ..toolstack.hypervisor import LogDirtyStats
-        rc, bm, st = paging.shadow_control(self.host, self.caller, domid, op, pages, mode)
+        rc, bm, st = paging.shadow_control(self.host, self.caller, domid, op, pages, mode, packed)
         self.dirty = True
         return rc, bm, (LogDirtyStats(st.fault_count, st.dirty_count) if st else None)
 
