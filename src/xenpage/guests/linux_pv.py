@@ -557,6 +557,103 @@ class LinuxPV:
             return
         pr.pages[vp] = [pf, USER_RW]
 
+    # -- page-table activity (what a running kernel does to its tables) -------------------------
+    def _pte_write(self, table_pfn: int, idx: int, val: int, via: str = "mmu") -> int:
+        """One entry of one of its tables: batched through ``mmu_update`` (lazy MMU mode) or
+        written straight through its read-only mapping of an L1, which Xen emulates
+        (``native_set_pte`` -> ptwr)."""
+        tm = self.mfn(table_pfn)
+        if via == "ptwr":
+            return self.hc.ptwr_write(tm, idx, val)
+        rc, _ = self.hc.mmu_update(np.array([[(tm << 12) | (idx * 8), val]], dtype=np.uint64))
+        return rc
+
+    def map_pfn(self, proc: int, pf: int, via: str = "mmu") -> int | None:
+        """Map ``pf`` read-write at the lowest free user page of process ``proc`` (a page of
+        the free pool: it leaves the pool); returns the virtual page or ``None``."""
+        pr = self.procs[proc % len(self.procs)]
+        vp = next((v for v in range(512 * len(pr.ul1)) if v not in pr.pages), None)
+        if vp is None:
+            return None
+        rc = self._pte_write(pr.ul1[vp // 512], vp % 512, P.make_pte(self.mfn(pf), USER_RW), via)
+        if rc:
+            self.faults.append(f"map of pfn {pf:#x} failed ({rc})")
+            return None
+        if pf in self.free:
+            self.free.remove(pf)
+        pr.pages[vp] = [pf, USER_RW]
+        return vp
+
+    def unmap_vp(self, proc: int, vp: int, via: str = "mmu") -> bool:
+        """Unmap a user page mapped from the free pool (it goes back to the pool)."""
+        pr = self.procs[proc % len(self.procs)]
+        if vp not in pr.pages or self.role[pr.pages[vp][0]] != FREE:
+            return False
+        rc = self._pte_write(pr.ul1[vp // 512], vp % 512, 0, via)
+        if rc:
+            self.faults.append(f"unmap of va {self.user_va(vp):#x} failed ({rc})")
+            return False
+        pf = pr.pages.pop(vp)[0]
+        if not any(pf == q[0] for p2 in self.procs for q in p2.pages.values()):
+            self.free.append(pf)
+        return True
+
+    def grow_l1(self, proc: int) -> int | None:
+        """A new user L1 for process ``proc`` from the free pool, as Linux makes one
+        (``pte_alloc`` -> ``xen_alloc_pte``): cleared, made read-only in the direct map,
+        pinned (``MMUEXT_PIN_L1_TABLE``), then linked into the process's L2.  Its pfn."""
+        pr = self.procs[proc % len(self.procs)]
+        j = len(pr.ul1)
+        if not self.free or USER_BASE_L2 + j >= 512:
+            return None
+        pf = self.free.pop()
+        m = self.mfn(pf)
+        self.host.ft.write_page(m, np.zeros(512, dtype=np.uint64))  # clear_page
+        self.hc.wrote([m])
+        self.expect[pf] = 0
+        d_l1 = self.tables["direct_l1"]
+        if self._pte_write(d_l1[pf // 512], pf % 512, P.make_pte(m, KERNEL_RO)):
+            self.faults.append(f"direct map of new L1 pfn {pf:#x} not made read-only")
+            return None
+        self.kflags[pf] = KERNEL_RO
+        rc, _ = self.hc.mmuext_op([(X.MMUEXT_PIN_L1_TABLE, m)])
+        if rc or self._pte_write(pr.ul2, USER_BASE_L2 + j, P.make_pte(m, TABLE_LINK)):
+            self.faults.append(f"new L1 pfn {pf:#x} not pinned or linked ({rc})")
+            return None
+        self.role[pf] = L1T
+        pr.ul1.append(pf)
+        return pf
+
+    def shrink_l1(self, proc: int) -> int | None:
+        """Free the last user L1 a process grew (``free_pte_range``): its pages unmapped,
+        unlinked from the L2, unpinned, writable again in the direct map, back in the pool."""
+        pr = self.procs[proc % len(self.procs)]
+        j = len(pr.ul1) - 1
+        if j < 1 or any(v // 512 == j and self.role[pf] != FREE for v, (pf, _) in pr.pages.items()):
+            return None
+        for v in sorted(v for v in pr.pages if v // 512 == j):
+            if not self.unmap_vp(proc, v):
+                return None
+        pf = pr.ul1[j]
+        m = self.mfn(pf)
+        if self._pte_write(pr.ul2, USER_BASE_L2 + j, 0):
+            self.faults.append(f"L1 pfn {pf:#x} not unlinked")
+            return None
+        rc, _ = self.hc.mmuext_op([(X.MMUEXT_UNPIN_TABLE, m)])
+        d_l1 = self.tables["direct_l1"]
+        if rc or self._pte_write(d_l1[pf // 512], pf % 512, P.make_pte(m, KERNEL_RW)):
+            self.faults.append(f"L1 pfn {pf:#x} not unpinned or made writable ({rc})")
+            return None
+        pr.ul1.pop()
+        self.role[pf] = FREE
+        self.kflags[pf] = KERNEL_RW
+        fp = int(self.rng.integers(1, 2**63))
+        self.host.ft.set_fingerprint(m, fp)
+        self.hc.wrote([m])
+        self.expect[pf] = fp
+        self.free.append(pf)
+        return pf
+
     # -- checks -------------------------------------------------------------------------------
     def verify(self) -> list[str]:
         """Everything the guest can check about its own memory; returns the problems."""
