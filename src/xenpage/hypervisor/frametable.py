@@ -159,9 +159,14 @@ class FrameTable:
     def set_fingerprint(self, mfn, fp) -> None:
         if np.isscalar(mfn):
             self.pages.pop(int(mfn), None)
-        else:
-            for m in np.asarray(mfn).tolist():
-                self.pages.pop(m, None)
+        elif self.pages:
+            # only the frames that hold real arrays are looked at (a guest's boot sets 10^7
+            # fingerprints at once: no Python int per frame)
+            m = np.asarray(mfn, dtype=np.int64).ravel()
+            if m.size:
+                keys = np.fromiter(self.pages.keys(), dtype=np.int64, count=len(self.pages))
+                for k in keys[np.isin(keys, m, kind="table")].tolist():
+                    del self.pages[k]
         self.content[mfn] = fp
 
     # -- persistence ------------------------------------------------------------------------
