@@ -167,7 +167,9 @@ class SimHypervisor:
         ok = np.flatnonzero((mfns >= 0) & (mfns < self.host.nframes))
         if ok.size == 0:
             return out
-        chunks = np.array(self._hc.machphys_mfn_list(1 << 30), dtype=np.int64)
+        chunks = getattr(self, "_m2p_chunks", None)
+        if chunks is None:  # fixed at boot: asked once, as xc_map_m2p maps it once
+            chunks = self._m2p_chunks = np.array(self._hc.machphys_mfn_list(1 << 30), dtype=np.int64)
         frame = mfns[ok] // 512                      # which M2P frame holds the entry
         need, inv = np.unique(frame, return_inverse=True)
         m = self.map_foreign(DOMID_XEN, chunks[need // 512] + need % 512, False)

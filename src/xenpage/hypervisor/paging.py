@@ -175,14 +175,18 @@ def _pv_shadow_control(host: "Host", domid: int, op: int, pages: int, packed: bo
         if st is None:
             return -E.EINVAL, None, None
         nb = (pages + 7) // 8
-        k = min(nb, st.bits.size)
-        out = np.zeros(nb, dtype=np.uint8)
-        out[:k] = st.bits[:k]
+        stats = ShadowStats(st.fault_count, st.dirty_count)
+        if op == H.XEN_DOMCTL_SHADOW_OP_CLEAN and nb == st.bits.size:
+            out, st.bits = st.bits, np.zeros(nb, dtype=np.uint8)  # handed over whole
+        else:
+            k = min(nb, st.bits.size)
+            out = np.zeros(nb, dtype=np.uint8)
+            out[:k] = st.bits[:k]
+            if op == H.XEN_DOMCTL_SHADOW_OP_CLEAN:
+                st.bits[:] = 0
         if pages % 8 and nb:
             out[-1] &= np.uint8((1 << (pages % 8)) - 1)
-        stats = ShadowStats(st.fault_count, st.dirty_count)
         if op == H.XEN_DOMCTL_SHADOW_OP_CLEAN:
-            st.bits[:] = 0
             st.fault_count = st.dirty_count = 0
         if not packed:
             return 0, np.unpackbits(out, count=pages, bitorder="little").astype(bool), stats

@@ -59,6 +59,11 @@ class PreScan:
     survey: GuestView | None = None
     refs: list[PteRef] = field(default_factory=list)
     ref_pfns: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: pfns of the P2M frames (sorted) and where each sits in the frame list; pfns of the
+    #: frame-list frames -- read while running, so that under the suspend a P2M row is read
+    #: again only when the bitmap names its frame
+    p2m_pfns: tuple[np.ndarray, np.ndarray] | None = None
+    fl_pfns: np.ndarray | None = None
     enabled: bool = False
     stats: dict = field(default_factory=dict)
 
@@ -100,6 +105,10 @@ def start(hv: Hypervisor, domid: int, mfns) -> PreScan:
         stop(pre)
         raise
     pre.refs = refs
+    fp = pre.hv.m2p(pre.survey.p2m_frames).view(np.int64)
+    order = np.argsort(fp, kind="stable")
+    pre.p2m_pfns = (fp[order], order)
+    pre.fl_pfns = pre.hv.m2p(np.append(pre.survey.fl_frames, pre.survey.fll)).view(np.int64)
     if refs:  # the pfn of each table with a hit (the survey's tables are few; hits fewer)
         tp, _ = pre.survey.table_pfns()
         tm = pre.survey.p2m[tp]
@@ -166,20 +175,28 @@ def finish(pre: PreScan) -> tuple[GuestView, list[PteRef]] | None:
         return None
     dirty = dirty_pfns(bits, n)
     pre.stats["dirty_pfns"] = int(dirty.size)
-    rc, frames, n2 = hv.pv_p2m_frames(domid)
-    if rc or n2 != n:
-        pre.fallback("the P2M changed size" if not rc else f"P2M not found ({E.name(rc)})")
-        return None
     rc, fl, fll = hv.pv_p2m_frame_lists(domid)
     if rc:
         pre.fallback(f"P2M frame list not read ({E.name(rc)})")
         return None
-    frames = np.asarray(frames, dtype=np.int64)
-    # P2M rows that may differ from the survey: a frame of the list replaced, or written
-    fpfn = hv.m2p(frames).view(np.int64)
-    old_frames = np.asarray(survey.p2m_frames, dtype=np.int64)
-    moved = frames != old_frames if old_frames.size == frames.size else np.ones(frames.size, bool)
-    rows = np.flatnonzero(moved | np.isin(fpfn, dirty))
+    fl = np.asarray(fl, dtype=np.int64)
+    same = fll == survey.fll and np.array_equal(fl, survey.fl_frames) \
+        and not np.isin(pre.fl_pfns, dirty).any()
+    if same:  # the frame list was not written: the P2M is in the same frames
+        frames = survey.p2m_frames
+        fpfn, order = pre.p2m_pfns
+        pos = np.minimum(np.searchsorted(fpfn, dirty), max(fpfn.size - 1, 0))
+        rows = np.unique(order[pos[fpfn[pos] == dirty]]) if fpfn.size else np.zeros(0, np.int64)
+    else:
+        rc, frames, n2 = hv.pv_p2m_frames(domid)
+        if rc or n2 != n:
+            pre.fallback("the P2M changed size" if not rc else f"P2M not found ({E.name(rc)})")
+            return None
+        frames = np.asarray(frames, dtype=np.int64)
+        old = np.asarray(survey.p2m_frames, dtype=np.int64)
+        moved = frames != old if old.size == frames.size else np.ones(frames.size, bool)
+        rows = np.flatnonzero(moved | np.isin(hv.m2p(frames).view(np.int64), dirty))
+    pre.stats["p2m_rows_read"] = int(rows.size)
     p2m = survey.p2m
     changed = np.zeros(0, dtype=np.int64)
     if rows.size:
@@ -214,12 +231,17 @@ def finish(pre: PreScan) -> tuple[GuestView, list[PteRef]] | None:
     types = survey.types
     types[check] = D.XEN_DOMCTL_PFINFO_XTAB
     types[back] = t
-    keep = ~np.isin(old_pfns, check)
-    tp = np.concatenate([old_pfns[keep], again])
-    tl = np.concatenate([old_lvls[keep], again_lvl])
-    order = np.argsort(tp, kind="stable")
-    view = GuestView(domid, p2m, frames, np.asarray(fl, dtype=np.int64), fll, types,
-                     stats={"prescan": True}, tables=(tp[order], tl[order]))
+    # the survey's tables (sorted) without the ones looked at again, with those that are
+    # tables now put in their places: no pass over the guest's tables but one copy
+    keep = np.ones(old_pfns.size, dtype=bool)
+    at = np.searchsorted(old_pfns, check)
+    hit = at < old_pfns.size
+    hit[hit] = old_pfns[at[hit]] == check[hit]
+    keep[at[hit]] = False
+    kp, kl = old_pfns[keep], old_lvls[keep]
+    ins = np.searchsorted(kp, again)
+    view = GuestView(domid, p2m, frames, fl, fll, types, stats={"prescan": True},
+                     tables=(np.insert(kp, ins, again), np.insert(kl, ins, again_lvl)))
     part = GuestView(domid, p2m, frames, view.fl_frames, fll, types, tables=(again, again_lvl))
     ts = time.perf_counter()
     rc, fresh = scan(hv, part, pre.targets)
