@@ -507,8 +507,8 @@ class SimForeignMap:
             raise PermissionError("read-only foreign mapping")
         ft = self.hv.host.ft
         changed = np.flatnonzero((self.array != self._orig).any(axis=1))
-        for i in changed.tolist():
-            ft.write_page(int(self.mfns[i]), self.array[i])
+        if changed.size:
+            ft.write_pages(self.mfns[changed], self.array[changed])
         self._orig = self.array.copy()
         self.hv.dirty = True
 

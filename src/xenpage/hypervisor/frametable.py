@@ -140,6 +140,19 @@ class FrameTable:
         else:
             self.pages[mfn] = words.copy()
 
+    def write_pages(self, mfns, rows: np.ndarray) -> None:
+        """:meth:`write_page` for many frames at once (the compact test vectorised)."""
+        mfns = np.asarray(mfns, dtype=np.int64).ravel()
+        rows = np.asarray(rows, dtype=np.uint64).reshape(-1, 512)
+        fp = rows[:, 0]
+        compact = (rows == (fp[:, None] ^ (_IDX * _EXPAND_K)[None, :])).all(axis=1)
+        for m, c, i in zip(mfns.tolist(), compact.tolist(), range(mfns.size)):
+            if c:
+                self.pages.pop(m, None)
+            else:
+                self.pages[m] = rows[i].copy()
+        self.content[mfns[compact]] = fp[compact]
+
     def table(self, mfn: int) -> np.ndarray:
         """The live 512-entry array of a frame used as a page table (created on demand)."""
         p = self.pages.get(mfn)

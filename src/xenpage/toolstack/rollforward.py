@@ -60,7 +60,8 @@ def _write_rows(hv: Hypervisor, domid: int, mfns: list[int], rows: list[np.ndarr
     cur = _read(hv, domid, mfns)
     if isinstance(cur, int):
         return cur
-    need = [i for i in range(len(mfns)) if not np.array_equal(cur[i], rows[i])]
+    want = np.stack([np.asarray(r, dtype=np.uint64).reshape(512) for r in rows])
+    need = np.flatnonzero((cur != want).any(axis=1)).tolist()  # one pass for a batch
     if not need:
         return 0
     wm = hv.map_foreign(domid, [mfns[i] for i in need], True)
