@@ -65,7 +65,7 @@ def _act(g, op, target_pfns):
         vps = [v for v, (pf, _) in pr.pages.items() if g.role[pf] == L.FREE]
         if vps:
             g.unmap_vp(op[1], vps[-1], op[2])
-    elif kind == "map_target" and g.role[target_pfns[op[2]]] == L.FREE:  # not if now a table
+    elif kind == "map_target":  # when it is in the free pool (not mapped, not made a table)
         g.map_pfn(op[1], target_pfns[op[2]], op[3])
     elif kind == "unmap_target":
         for i, pr in enumerate(g.procs):

@@ -580,6 +580,8 @@ class LinuxPV:
     def map_pfn(self, proc: int, pf: int, via: str = "mmu") -> int | None:
         """Map ``pf`` read-write at the lowest free user page of process ``proc`` (a page of
         the free pool: it leaves the pool); returns the virtual page or ``None``."""
+        if pf not in self.free:
+            return None  # in use (mapped, or a table): a kernel maps only free pages anew
         pr = self.procs[proc % len(self.procs)]
         vp = next((v for v in range(512 * len(pr.ul1)) if v not in pr.pages), None)
         if vp is None:
@@ -588,8 +590,7 @@ class LinuxPV:
         if rc:
             self.faults.append(f"map of pfn {pf:#x} failed ({rc})")
             return None
-        if pf in self.free:
-            self.free.remove(pf)
+        self.free.remove(pf)
         pr.pages[vp] = [pf, USER_RW]
         return vp
 
@@ -602,9 +603,7 @@ class LinuxPV:
         if rc:
             self.faults.append(f"unmap of va {self.user_va(vp):#x} failed ({rc})")
             return False
-        pf = pr.pages.pop(vp)[0]
-        if not any(pf == q[0] for p2 in self.procs for q in p2.pages.values()):
-            self.free.append(pf)
+        self.free.append(pr.pages.pop(vp)[0])
         return True
 
     def grow_l1(self, proc: int) -> int | None:
