@@ -240,3 +240,19 @@ def test_dirty_pfns_reads_xens_packed_bitmap(n):
     np.testing.assert_array_equal(prescan.dirty_pfns(bits, n), want)
     assert prescan.dirty_pfns(np.zeros((n + 7) // 8, np.uint8), n).size == 0
     assert paging is not None
+
+
+def test_prescan_switched_off_takes_the_full_path(monkeypatch):
+    """XENPAGE_PRESCAN=0: log-dirty is never turned on; every table is scanned under the
+    suspend, with the same outcome."""
+    host, hv, g = small_host()
+    monkeypatch.setattr(prescan, "ENABLED", False)
+    calls = []
+    orig = hv.logdirty_control
+    monkeypatch.setattr(hv, "logdirty_control", lambda *a, **k: calls.append(a) or orig(*a, **k))
+    pfns = _targets(g)
+    r = mem_offline(hv, [g.mfn(p) for p in pfns])
+    assert [o.kind for o in r.outcomes] == [Kind.EXCHANGED] * len(pfns)
+    pst = r.timings["guests"][1]["prescan"]
+    assert pst["path"] == "full" and pst["fallback"] == "pre-scan switched off" and calls == []
+    assert g.verify() == [] and invariants.check(host) == []

@@ -28,6 +28,7 @@ dirtied.  Log-dirty is always turned off again: right after the bitmap is read, 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -40,9 +41,9 @@ from .exchange import GuestView, PteRef, exchange_pages, load_guest, scan
 from .hypervisor import Hypervisor
 from .outcomes import Outcome
 
-#: off: the survey alone is taken while the guest runs, every table scanned under the suspend
-#: (the path before the pre-scan; the benchmark measures both)
-ENABLED = True
+#: off (``XENPAGE_PRESCAN=0``): the survey alone is taken while the guest runs, every table
+#: scanned under the suspend (the path before the pre-scan; the benchmarks measure both)
+ENABLED = os.environ.get("XENPAGE_PRESCAN", "1").strip().lower() not in ("0", "no", "off", "false")
 #: rescan at most this share of the guest's tables; past it the full scan is as cheap
 FALLBACK_FRACTION = 0.25
 #: ... but never fall back for fewer dirty tables than this
