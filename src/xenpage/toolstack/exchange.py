@@ -476,7 +476,8 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     try:
         frames, fixed = rollforward.complete(hv, domid, exchanged, content, refs_by, unpinned,
                                              view.p2m_frames, view.fl_frames, hook)
-        view.p2m_frames[:] = frames
+        if frames is not view.p2m_frames:
+            view.p2m_frames[:] = frames
         for old, g, lvl, new in exchanged:
             view.p2m[g] = new
         fix = [(n, 0) for n in fixed]

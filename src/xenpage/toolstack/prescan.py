@@ -72,6 +72,18 @@ class PreScan:
         self.stats.setdefault("fallback", why)
 
 
+class _View(GuestView):
+    """The pre-scan's view of the suspended guest: its list of tables is merged only when
+    asked for (a batch of data frames never needs it)."""
+
+    merge = None
+
+    def table_pfns(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.tables is None and self.merge is not None:
+            self.tables = self.merge()
+        return super().table_pfns()
+
+
 def start(hv: Hypervisor, domid: int, mfns) -> PreScan:
     """Log-dirty on, survey, scan -- while the guest runs.  Without log-dirty the survey alone
     is taken (the full path then refreshes it under the suspend)."""
@@ -232,17 +244,22 @@ def finish(pre: PreScan) -> tuple[GuestView, list[PteRef]] | None:
     types = survey.types
     types[check] = D.XEN_DOMCTL_PFINFO_XTAB
     types[back] = t
-    # the survey's tables (sorted) without the ones looked at again, with those that are
-    # tables now put in their places: no pass over the guest's tables but one copy
-    keep = np.ones(old_pfns.size, dtype=bool)
-    at = np.searchsorted(old_pfns, check)
-    hit = at < old_pfns.size
-    hit[hit] = old_pfns[at[hit]] == check[hit]
-    keep[at[hit]] = False
-    kp, kl = old_pfns[keep], old_lvls[keep]
-    ins = np.searchsorted(kp, again)
-    view = GuestView(domid, p2m, frames, fl, fll, types, stats={"prescan": True},
-                     tables=(np.insert(kp, ins, again), np.insert(kl, ins, again_lvl)))
+
+    def merged() -> tuple[np.ndarray, np.ndarray]:
+        """The survey's tables (sorted) without the ones looked at again, with those that
+        are tables now put in their places (one copy, no pass over the guest's pfns); only
+        built if a page-table frame is among the targets or the full path is needed."""
+        keep = np.ones(old_pfns.size, dtype=bool)
+        at = np.searchsorted(old_pfns, check)
+        hit = at < old_pfns.size
+        hit[hit] = old_pfns[at[hit]] == check[hit]
+        keep[at[hit]] = False
+        kp, kl = old_pfns[keep], old_lvls[keep]
+        ins = np.searchsorted(kp, again)
+        return np.insert(kp, ins, again), np.insert(kl, ins, again_lvl)
+
+    view = _View(domid, p2m, frames, fl, fll, types, stats={"prescan": True})
+    view.merge = merged
     part = GuestView(domid, p2m, frames, view.fl_frames, fll, types, tables=(again, again_lvl))
     ts = time.perf_counter()
     rc, fresh = scan(hv, part, pre.targets)
