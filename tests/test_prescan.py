@@ -256,3 +256,20 @@ def test_prescan_switched_off_takes_the_full_path(monkeypatch):
     pst = r.timings["guests"][1]["prescan"]
     assert pst["path"] == "full" and pst["fallback"] == "pre-scan switched off" and calls == []
     assert g.verify() == [] and invariants.check(host) == []
+
+
+def test_xen_without_shadow_paging_falls_back_as_in_the_lab():
+    """The lab's Xen 4.17.7 has no shadow paging: ENABLE_LOGDIRTY of a PV guest is
+    -EOPNOTSUPP, OFF -EINVAL (tests_xen/test_prescan_memtest.py); mem-offline retires the
+    frames by the full path and says why."""
+    host, hv, g = small_host()
+    host.quirks.no_shadow_paging = True
+    from xenpage.abi import errno as E
+    assert hv.logdirty_control(1, H.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY)[0] == -E.EOPNOTSUPP
+    assert hv.logdirty_control(1, H.XEN_DOMCTL_SHADOW_OP_OFF)[0] == -E.EINVAL
+    pfns = _targets(g)
+    r = mem_offline(hv, [g.mfn(p) for p in pfns])
+    assert [o.kind for o in r.outcomes] == [Kind.EXCHANGED] * len(pfns)
+    pst = r.timings["guests"][1]["prescan"]
+    assert pst["path"] == "full" and pst["fallback"] == "log-dirty could not be enabled (EOPNOTSUPP)"
+    assert g.verify() == [] and invariants.check(host) == []

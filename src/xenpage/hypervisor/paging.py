@@ -160,6 +160,9 @@ def _pv_shadow_control(host: "Host", domid: int, op: int, pages: int, packed: bo
     """``paging_log_dirty_enable`` / ``_disable`` / ``paging_log_dirty_op`` of a PV guest
     (shadow mode): the bitmap covers ``pages`` pfns; CLEAN also empties it and zeroes the
     counts."""
+    if getattr(host.quirks, "no_shadow_paging", False):
+        # shadow/none.c: no log-dirty ops for a PV guest (the lab's real answers)
+        return (-E.EOPNOTSUPP if op == H.XEN_DOMCTL_SHADOW_OP_ENABLE_LOGDIRTY else -E.EINVAL), None, None
     lds = host.__dict__.setdefault("pv_logdirty", {})
     st = lds.get(domid)
     if op == H.XEN_DOMCTL_SHADOW_OP_OFF:
