@@ -106,21 +106,34 @@ def test_shadow_op_errors():
     assert paging.shadow_control(h, 0, 1, 99)[0] == -E.EINVAL
 
 
-def test_pv_log_dirty_sees_every_changed_page():
+def test_pv_log_dirty_marks_pfns_the_guest_writes():
+    """A PV guest's bitmap is indexed by pfn (paging_mark_dirty reads the M2P), marked by
+    the first write after a CLEAN (the shadow write fault); frames that are not the guest's,
+    or have no valid M2P entry, are never marked."""
     h, hv, g = hvm_host(guest_mib=4)
     pv = h.create_domain("pv", 256).domid
+    m = h.p2m[pv].astype(np.int64)
+    hc = h.hypercalls(pv)
     assert paging.shadow_control(h, 0, pv, ENABLE)[0] == 0
     assert paging.shadow_control(h, 0, pv, ENABLE)[0] == -E.EINVAL
-    h.ft.set_fingerprint(int(h.p2m[pv][5]), 123)
-    h.ft.write_page(int(h.p2m[pv][9]), np.arange(512, dtype=np.uint64))   # a full page
+    h.ft.set_m2p(int(m[7]), 200)           # frame m[7] now claims pfn 200
+    hc.wrote([int(m[5]), int(m[9])])
+    hc.wrote([int(m[9]), int(m[7])])       # a second write to a dirty page: no new fault
+    hc.wrote([int(h.p2m[1][0])])           # not this guest's frame: ignored
+    h.ft.set_m2p(int(m[11]), -1)
+    hc.wrote([int(m[11])])                 # no valid M2P entry: ignored
     rc, bm, stt = paging.shadow_control(h, 0, pv, PEEK, 256)
-    assert np.flatnonzero(bm).tolist() == [5, 9] and stt.dirty_count == 2
+    assert rc == 0 and np.flatnonzero(bm).tolist() == [5, 9, 200]
+    assert (stt.dirty_count, stt.fault_count) == (3, 3)
+    rc, packed, _ = paging.shadow_control(h, 0, pv, CLEAN, 256, packed=True)
+    assert packed.dtype == np.uint8 and packed.size == 32
+    assert np.flatnonzero(np.unpackbits(packed, bitorder="little")).tolist() == [5, 9, 200]
     rc, bm, stt = paging.shadow_control(h, 0, pv, CLEAN, 256)
-    assert np.flatnonzero(bm).tolist() == [5, 9]
-    assert not paging.shadow_control(h, 0, pv, CLEAN, 256)[1].any()
-    h.ft.table(int(h.p2m[pv][9]))[3] = 7                                  # one word changed
-    assert np.flatnonzero(paging.shadow_control(h, 0, pv, CLEAN, 256)[1]).tolist() == [9]
+    assert not bm.any() and (stt.dirty_count, stt.fault_count) == (0, 0)
+    hc.wrote([int(m[9])])
+    assert np.flatnonzero(paging.shadow_control(h, 0, pv, CLEAN, 100)[1]).tolist() == [9]
     assert paging.shadow_control(h, 0, pv, OFF)[0] == 0
+    hc.wrote([int(m[3])])                  # log-dirty off: nothing recorded
     assert paging.shadow_control(h, 0, pv, CLEAN, 256)[0] == -E.EINVAL
 
 

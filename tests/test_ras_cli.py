@@ -251,6 +251,7 @@ def _sql(stmt):
         import sqlite3
         c = sqlite3.connect(db, isolation_level=None)
         c.execute(stmt)
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the damage in the file itself, no WAL left
         c.close()
     return damage
 

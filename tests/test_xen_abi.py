@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from xenpage.abi import domctl, errno as errno_mod, grant, memory, sysctl, xen
+from xenpage.abi import domctl, errno as errno_mod, grant, hvm, memory, sysctl, xen
 from xenpage.backends.xen import libs, structs
 
 INCLUDE = Path("/usr/include")
@@ -61,6 +61,9 @@ def _abi_constants() -> dict[str, int]:
     for k in ("sysctl_page_offline", "sysctl_page_online", "sysctl_query_page_offline"):
         out[k] = getattr(sysctl, k)
     out["XBT_NULL"] = structs.XBT_NULL
+    for k, v in vars(hvm).items():          # log-dirty control (public/domctl.h)
+        if k.startswith("XEN_DOMCTL_SHADOW_") and isinstance(v, int):
+            out[k] = v
     return out
 
 

@@ -140,6 +140,19 @@ class FrameTable:
         else:
             self.pages[mfn] = words.copy()
 
+    def write_pages(self, mfns, rows: np.ndarray) -> None:
+        """:meth:`write_page` for many frames at once (the compact test vectorised)."""
+        mfns = np.asarray(mfns, dtype=np.int64).ravel()
+        rows = np.asarray(rows, dtype=np.uint64).reshape(-1, 512)
+        fp = rows[:, 0]
+        compact = (rows == (fp[:, None] ^ (_IDX * _EXPAND_K)[None, :])).all(axis=1)
+        for m, c, i in zip(mfns.tolist(), compact.tolist(), range(mfns.size)):
+            if c:
+                self.pages.pop(m, None)
+            else:
+                self.pages[m] = rows[i].copy()
+        self.content[mfns[compact]] = fp[compact]
+
     def table(self, mfn: int) -> np.ndarray:
         """The live 512-entry array of a frame used as a page table (created on demand)."""
         p = self.pages.get(mfn)
@@ -159,9 +172,14 @@ class FrameTable:
     def set_fingerprint(self, mfn, fp) -> None:
         if np.isscalar(mfn):
             self.pages.pop(int(mfn), None)
-        else:
-            for m in np.asarray(mfn).tolist():
-                self.pages.pop(m, None)
+        elif self.pages:
+            # only the frames that hold real arrays are looked at (a guest's boot sets 10^7
+            # fingerprints at once: no Python int per frame)
+            m = np.asarray(mfn, dtype=np.int64).ravel()
+            if m.size:
+                keys = np.fromiter(self.pages.keys(), dtype=np.int64, count=len(self.pages))
+                for k in keys[np.isin(keys, m, kind="table")].tolist():
+                    del self.pages[k]
         self.content[mfn] = fp
 
     # -- persistence ------------------------------------------------------------------------

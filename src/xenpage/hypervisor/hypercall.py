@@ -32,6 +32,18 @@ class Hypercalls:
     def mmuext_op(self, ops, foreigndom: int = X.DOMID_SELF, vcpu: int = 0) -> tuple[int, int]:
         return mm.mmuext_op(self.host, self.caller, ops, foreigndom, vcpu)
 
+    def ptwr_write(self, table: int, idx: int, val: int) -> int:
+        """Not a hypercall: a write to an entry of one of the caller's L1 tables through a
+        read-only mapping, which Xen emulates (``ptwr_emulated_update``)."""
+        return mm.ptwr_emulated_update(self.host, self.caller, table, idx, val)
+
+    def wrote(self, mfns) -> None:
+        """Not a hypercall: the caller wrote these frames of its own through its mappings
+        (in log-dirty mode the first such write faults and marks the frame dirty)."""
+        if "pv_logdirty" in self.host.__dict__:
+            from . import paging
+            paging.guest_write_pv(self.host, self.caller, mfns)
+
     def memory_exchange(self, inp: memory.Reservation, out: memory.Reservation,
                         nr_exchanged: int = 0) -> memory.ExchangeResult:
         return memory.memory_exchange(self.host, self.caller, inp, out, nr_exchanged)

@@ -13,6 +13,9 @@ Rules modelled (xen-semantics.md §2.3-2.6, §4):
   the next level down (``get_page_and_type_from_mfn``).
 * 64-bit PV L4 tables carry Xen-private slots (256-271), filled by Xen when validated and
   never counted; guest updates to them fail.
+* In log-dirty mode every table frame Xen writes, validates, devalidates, pins or unpins is
+  marked dirty by its pfn (:func:`_dirty`); a write to an L1 the guest maps read-only is
+  emulated (:func:`ptwr_emulated_update`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..abi import errno as E
 from ..abi import mm
 from ..abi import pte as P
 from ..abi import xen as X
+from . import paging
 from .e820 import PDX_GROUP_FRAMES_SHIFT
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -138,6 +142,7 @@ def get_page_type(host: "Host", mfn: int, want: int) -> int:
             host.ft.type_info[mfn] = _U(want | 1)
             return 0
         host.ft.type_info[mfn] = _U(want | 1)  # in-progress: counted, not yet validated
+        _dirty(host, host.ft.owner(mfn), mfn)  # validate_page: type count becomes non-zero
         rc = _alloc_table(host, mfn, level)
         if rc:
             host.ft.type_info[mfn] = _U(0)
@@ -157,6 +162,7 @@ def put_page_type(host: "Host", mfn: int) -> None:
     if cnt == 1 and mm.level_of(t) and t & mm.PGT_validated:
         # free_page_type: drop what the entries hold, then the type count.
         host.ft.type_info[mfn] = _U((t - 1) & ~mm.PGT_validated & ~mm.PGT_pinned)
+        _dirty(host, host.ft.owner(mfn), mfn)  # devalidate_page: type count becomes zero
         _free_table(host, mfn, mm.level_of(t))
         return
     host.ft.type_info[mfn] = _U(t - 1)
@@ -174,6 +180,13 @@ def get_page_and_type(host: "Host", mfn: int, domid: int, want: int) -> int:
 def put_page_and_type(host: "Host", mfn: int) -> None:
     put_page_type(host, mfn)
     put_page(host, mfn)
+
+
+def _dirty(host: "Host", domid: int | None, mfns) -> None:
+    """``paging_mark_dirty(d, mfn)`` where Xen calls it for a PV domain's page tables (a
+    no-op unless the domain is in log-dirty mode; the bit is the frame's pfn)."""
+    if domid is not None and "pv_logdirty" in host.__dict__:
+        paging.mark_dirty_pv(host, domid, mfns)
 
 
 # -- PTE adjustment (xen/arch/x86/pv/mm.h) ----------------------------------------------------
@@ -446,6 +459,7 @@ def mod_l1_entry(host: "Host", table: int, idx: int, new: int, pt_owner: int, pg
             new = P.make_pte(int(p2m[g]), new & P.PTE_FLAGS_MASK)
         if (old & P._PAGE_PRESENT) and not ((old ^ new) & _FRAME_AND_FLAGS):
             _write(tab, idx, adjust_guest_l1e(new), preserve_ad)  # fast path
+            _dirty(host, pt_owner, table)
             return 0
         fr = np.array([P.pte_frame(new)], dtype=np.int64)
         rw = np.array([bool(new & P._PAGE_RW)])
@@ -456,6 +470,9 @@ def mod_l1_entry(host: "Host", table: int, idx: int, new: int, pt_owner: int, pg
         _write(tab, idx, adjust_guest_l1e(new), preserve_ad)
     else:
         _write(tab, idx, new, preserve_ad)
+    # update_intpte -> paging_write_guest_entry / paging_cmpxchg_guest_entry -> (shadow)
+    # sh_validate_guest_entry marks the table's frame, for the page-table owner's vCPU
+    _dirty(host, pt_owner, table)
     if old & P._PAGE_PRESENT:
         _l1_refs_drop(host, np.array([P.pte_frame(old)], dtype=np.int64),
                       np.array([bool(old & P._PAGE_RW)]), pt_owner)
@@ -476,6 +493,7 @@ def mod_upper_entry(host: "Host", table: int, level: int, idx: int, new: int, d:
             return -E.EINVAL  # "Bad L%d flags"
         if (old & P._PAGE_PRESENT) and not ((old ^ new) & _FRAME_AND_FLAGS):
             _write(tab, idx, adjust_guest_upper(new, level), preserve_ad)  # fast path
+            _dirty(host, d, table)
             return 0
         f = P.pte_frame(new)
         if f == table:
@@ -487,6 +505,7 @@ def mod_upper_entry(host: "Host", table: int, level: int, idx: int, new: int, d:
                 return rc
         new = adjust_guest_upper(new, level)
     _write(tab, idx, new, preserve_ad)
+    _dirty(host, d, table)  # update_intpte, as in mod_l1_entry
     if old & P._PAGE_PRESENT and P.pte_frame(old) != table:
         put_page_and_type(host, P.pte_frame(old))
     return 0
@@ -573,6 +592,7 @@ def mmu_update(host: "Host", caller: int, reqs: np.ndarray, foreigndom: int) -> 
                         rc = -E.EINVAL  # "Could not get page for mach->phys update"
                     else:
                         host.ft.set_m2p(mfn, val)
+                        paging.mark_pfn_dirty(host, pg_owner, val)  # paging_mark_pfn_dirty
                         put_page(host, mfn)
         else:
             rc = -E.ENOSYS
@@ -645,6 +665,7 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     out = np.where(pres_ad, out | (old & _U(P._PAGE_ACCESSED | P._PAGE_DIRTY)), out)
     for t, i, v in zip(tl, idx.tolist(), out):
         ft.pages[t][i] = v
+    _dirty(host, pt_owner, np.unique(table))  # each update_intpte marks its table
     if df.size:
         _l1_refs_drop(host, df, (old[drop] & _U(P._PAGE_RW)) != 0, pt_owner)
     return n
@@ -668,6 +689,7 @@ def _normal_update(host: "Host", caller: int, ptr: int, val: int, cmd: int, pt_o
             mod_upper_entry(host, table, lvl, idx, val, pt_owner, pres)
     elif (t & _TYPE) == mm.PGT_writable_page and t & _TCOUNT:
         host.ft.table(table)[idx] = _U(val)  # page_lock'ed writable page: a plain write
+        _dirty(host, pt_owner, table)  # paging_write_guest_entry (shadow mode)
         rc = 0
     elif t & _TCOUNT:
         rc = -E.EINVAL  # locked with another type (or a type in use)
@@ -676,9 +698,30 @@ def _normal_update(host: "Host", caller: int, ptr: int, val: int, cmd: int, pt_o
         rc = get_page_type(host, table, mm.PGT_writable_page)
         if rc == 0:
             host.ft.table(table)[idx] = _U(val)
+            _dirty(host, pt_owner, table)
             put_page_type(host, table)
     put_page(host, table)
     return rc
+
+
+def ptwr_emulated_update(host: "Host", domid: int, table: int, idx: int, val: int) -> int:
+    """A PV guest's write of one entry of an L1 table it maps read-only (Linux's
+    ``native_set_pte`` outside a lazy-MMU batch): the write faults and Xen emulates it
+    (``ptwr_do_page_fault`` -> ``ptwr_emulated_update``): the frame must be an L1 table of
+    the writer with a type count, the new entry must pass ``get_page_from_l1e(nl1e, d, d)``
+    and is adjusted and written through ``paging_cmpxchg_guest_entry`` (which in log-dirty
+    mode marks the table's frame dirty), the old entry's references are dropped.  Returns 0,
+    or -EFAULT when the write is not emulated (the guest takes the page fault)."""
+    if not 0 <= table < host.nframes or host.ft.owner(table) != domid or not 0 <= idx < 512:
+        return -E.EFAULT
+    t = _ti(host, table)
+    if (t & _TYPE) != mm.PGT_l1_page_table or not t & _TCOUNT:
+        return -E.EFAULT  # not a page table: an ordinary fault
+    if not get_page(host, table, domid):
+        return -E.EFAULT
+    rc = mod_l1_entry(host, table, idx, val, domid, domid, False, domid)
+    put_page(host, table)
+    return -E.EFAULT if rc else 0
 
 
 _PIN_CMDS = (X.MMUEXT_PIN_L1_TABLE, X.MMUEXT_PIN_L2_TABLE, X.MMUEXT_PIN_L3_TABLE,
@@ -722,6 +765,7 @@ def mmuext_op(host: "Host", caller: int, ops: list[tuple[int, int]], foreigndom:
                     put_page_and_type(host, mfn)
                     return -E.EINVAL, done  # "mfn already pinned"
                 host.ft.type_info[mfn] = _U(t | mm.PGT_pinned)
+                _dirty(host, pg_owner, mfn)  # "a page is dirtied when its pin status is set"
         elif cmd == X.MMUEXT_UNPIN_TABLE:
             if not d.hvm:
                 if not get_page(host, mfn, pg_owner):
@@ -733,6 +777,7 @@ def mmuext_op(host: "Host", caller: int, ops: list[tuple[int, int]], foreigndom:
                 host.ft.type_info[mfn] = _U(t & ~mm.PGT_pinned)
                 put_page_and_type(host, mfn)
                 put_page(host, mfn)
+                _dirty(host, pg_owner, mfn)  # ... "when its pin status is cleared"
         elif cmd in (X.MMUEXT_NEW_BASEPTR, X.MMUEXT_NEW_USER_BASEPTR):
             if pg_owner != caller:
                 return -E.EPERM, done

@@ -40,6 +40,11 @@ class Quirks:
     #: machine-check offline of a free frame and a destroyed domain's pending frame cannot be
     #: guarded.  Tests of the fixed split (xen-semantics.md 1.8) turn it off.
     reserve_misaligned: bool = True
+    #: A Xen built without shadow paging (``CONFIG_SHADOW_PAGING=n``: ``mm/shadow/none.c``),
+    #: as the lab's Debian 4.17.7 is (its boot log: "PV L1TF shadowing: Dom0 disabled, DomU
+    #: disabled"): a PV guest has no log-dirty -- ENABLE_LOGDIRTY answers -EOPNOTSUPP and OFF
+    #: -EINVAL (both seen in the lab).  A build option, not a defect: off by default.
+    no_shadow_paging: bool = False
 
     def to_state(self) -> dict:
         return asdict(self)

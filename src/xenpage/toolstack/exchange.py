@@ -253,12 +253,16 @@ def _statuses(hv: Hypervisor, mfns) -> dict[int, int]:
 
 
 def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView | None = None,
-                   hook=None, survey: GuestView | None = None) -> list[Outcome]:
+                   hook=None, survey: GuestView | None = None,
+                   prefound: list[PteRef] | None = None) -> list[Outcome]:
     """Exchange each of ``mfns`` (offline-pending frames of suspended PV guest ``domid``).
     ``hook(step, **info)`` is called between steps (fault injection, journaling).
     ``view``: the guest as loaded while suspended; ``survey``: as loaded before it was
     suspended (:func:`refresh` brings it up to date at a fraction of a full load -- the
-    suspended time of a large guest is then not spent typing every pfn)."""
+    suspended time of a large guest is then not spent typing every pfn).  ``prefound``:
+    every entry mapping any of ``mfns`` as of now, found by the pre-scan (:mod:`.prescan`);
+    it stands in for the first group's scan (a frame still referenced afterwards is tried
+    once more with a full view)."""
     hook = hook or (lambda step, **kw: None)
     info = hv.domain_info(domid)
     mfns = [int(m) for m in mfns]
@@ -276,7 +280,7 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
         return all_(Kind.REFUSED, Reason.HVM, "HVM guest: its frames are retired by migration")
     if not (info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend):
         return all_(Kind.REFUSED, Reason.NOT_SUSPENDED, f"d{domid} is not suspended")
-    surveyed = False
+    surveyed = prefound is not None
     if view is None and survey is not None and survey.domid == domid:
         view = refresh(hv, survey, mfns)
         surveyed = view is not None
@@ -345,8 +349,9 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     for grp in groups:
         if not grp:
             continue
-        for o in _exchange_group(hv, view, grp, hook):
+        for o in _exchange_group(hv, view, grp, hook, prefound):
             out[o.mfn] = o
+        prefound = None  # later groups see the tables this one moved: scanned again
         if any(c[2] for c in grp):
             # types changed (a table frame moved, P2M updated in the view): type the tables
             # again for the next group
@@ -381,12 +386,17 @@ def _domain_gone(hv: Hypervisor, o: Outcome, domid: int) -> Outcome:
                    status=st if st >= 0 else None)
 
 
-def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, int]], hook) -> list[Outcome]:
+def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, int]], hook,
+                    prefound: list[PteRef] | None = None) -> list[Outcome]:
     domid = view.domid
     fd = X.foreigndom(domid, domid)
     targets = np.array([c[0] for c in grp], dtype=np.int64)
     t0 = time.perf_counter()
-    rc, refs = scan(hv, view, targets)
+    if prefound is not None:
+        mine = set(targets.tolist())
+        rc, refs = 0, [r for r in prefound if P.pte_frame(r.value) in mine]
+    else:
+        rc, refs = scan(hv, view, targets)
     scan_s = time.perf_counter() - t0
     if rc:
         return [Outcome(m, Kind.REFUSED, Reason.CLEAR_FAILED, f"cannot map page tables ({E.name(rc)})",
@@ -466,7 +476,8 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     try:
         frames, fixed = rollforward.complete(hv, domid, exchanged, content, refs_by, unpinned,
                                              view.p2m_frames, view.fl_frames, hook)
-        view.p2m_frames[:] = frames
+        if frames is not view.p2m_frames:
+            view.p2m_frames[:] = frames
         for old, g, lvl, new in exchanged:
             view.p2m[g] = new
         fix = [(n, 0) for n in fixed]

@@ -197,6 +197,15 @@ class Hypervisor(Protocol):
         """``XENMEM_exchange`` of order-0 extents: ``(rc, nr_exchanged, out_mfns)``."""
         ...
 
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0,
+                         packed: bool = False
+                         ) -> tuple[int, np.ndarray | None, LogDirtyStats | None]:
+        """``xc_shadow_control`` / ``xc_logdirty_control``: ENABLE_LOGDIRTY, OFF, CLEAN, PEEK.
+        For CLEAN/PEEK the bitmap of ``pages`` gfns (bool array) and the stats; ``packed``:
+        the bitmap as Xen hands it out, ``ceil(pages / 8)`` bytes, bit ``p & 7`` of byte
+        ``p >> 3`` (a PV guest's pfns: the pre-scan reads a big guest's without unpacking)."""
+        ...
+
     def wait(self, seconds: float) -> None:
         """Let time pass (the simulator runs its guests; real Xen just sleeps)."""
         ...

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 
 from ..abi import sysctl as S
 from ..abi import xen as X
-from . import hptool, journal
-from .exchange import exchange_pages, load_guest
+from . import hptool, journal, prescan
 from .hvm_exchange import JournalError as HvmJournalError
 from .hvm_exchange import journal_path as hvm_journal_path
 from .hvm_exchange import recover as recover_hvm
@@ -188,10 +187,10 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             for m in group:
                 outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED, held, domid=domid)
             continue
-        # survey the guest while it still runs (its P2M and every frame's type): under the
-        # suspend only its page tables are typed again (exchange.refresh)
+        # while the guest still runs: log-dirty on, survey (its P2M, every frame's type) and
+        # scan; under the suspend only what it dirtied is looked at again (prescan.py)
         ts = time.perf_counter()
-        survey, _ = load_guest(hv, domid)
+        pre = prescan.start(hv, domid, group)
         t0 = time.perf_counter()
         jn = journal.Journal(hv, jdir) if jdir is not None else None
         was = bool(info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend)
@@ -200,6 +199,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         ok, ours, msg = suspend_guest(hv, domid, suspend_timeout)
         t1 = time.perf_counter()
         if not ok:
+            prescan.stop(pre)
             for m in group:
                 outcomes[m] = Outcome(m, Kind.PENDING, Reason.SUSPEND_FAILED, msg, domid=domid)
             if jn:
@@ -208,7 +208,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         if jn:
             jn.step("suspended")
         step_hook = _hooks(hook, jn.hook if jn else None)
-        res = exchange_pages(hv, domid, group, hook=step_hook, survey=survey)
+        res = prescan.exchange(pre, group, hook=step_hook)
         t2 = time.perf_counter()
         broken = any(o.kind == Kind.FAILED for o in res)
         # an exchange that could not be completed leaves the guest suspended (its memory is
@@ -227,7 +227,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         timings["guests"][domid] = {"pages": len(group), "survey_s": t0 - ts, "suspend_s": t1 - t0,
                                     "toolstack_s": t2 - t1, "resume_s": t3 - t2,
                                     "suspended_s": (t3 - t0) if ours else None,
-                                    "resume_rc": rrc}
+                                    "resume_rc": rrc, "prescan": pre.stats}
     for o in fallback_pv(hv, outcomes, retire):  # --fallback=migrate (retire.py)
         outcomes[o.mfn] = o
     if guard is not None:

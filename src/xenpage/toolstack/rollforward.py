@@ -60,7 +60,8 @@ def _write_rows(hv: Hypervisor, domid: int, mfns: list[int], rows: list[np.ndarr
     cur = _read(hv, domid, mfns)
     if isinstance(cur, int):
         return cur
-    need = [i for i in range(len(mfns)) if not np.array_equal(cur[i], rows[i])]
+    want = np.stack([np.asarray(r, dtype=np.uint64).reshape(512) for r in rows])
+    need = np.flatnonzero((cur != want).any(axis=1)).tolist()  # one pass for a batch
     if not need:
         return 0
     wm = hv.map_foreign(domid, [mfns[i] for i in need], True)
@@ -147,9 +148,13 @@ def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_targe
     _retry("copy", lambda: _write_rows(hv, domid, news, [np.asarray(content[old], dtype=np.uint64)
                                                           for old, _, _, _ in exchanged]))
     hook("copied")
-    p2m_frames = np.array(p2m_frames, dtype=np.int64)
-    pos = {int(m): i for i, m in enumerate(p2m_frames.tolist())}
+    p2m_frames = np.asarray(p2m_frames, dtype=np.int64)
+    olds = np.array([old for old, _, _, _ in exchanged], dtype=np.int64)
+    hit = np.flatnonzero(np.isin(p2m_frames, olds))  # vectorised: a big guest has 10^5 frames
+    pos = dict(zip(p2m_frames[hit].tolist(), hit.tolist()))
     moved = [(pos[old], new) for old, _, _, new in exchanged if old in pos]
+    if moved:  # a copy only when a P2M frame itself moved
+        p2m_frames = p2m_frames.copy()
     for i, new in moved:
         p2m_frames[i] = new
     # A guest that publishes only the linear P2M (p2m_cr3/p2m_vaddr) has no frame list to

@@ -178,7 +178,9 @@ class SimHypervisor:
         ok = np.flatnonzero((mfns >= 0) & (mfns < self.host.nframes))
         if ok.size == 0:
             return out
-        chunks = np.array(self._hc.machphys_mfn_list(1 << 30), dtype=np.int64)
+        chunks = getattr(self, "_m2p_chunks", None)
+        if chunks is None:  # fixed at boot: asked once, as xc_map_m2p maps it once
+            chunks = self._m2p_chunks = np.array(self._hc.machphys_mfn_list(1 << 30), dtype=np.int64)
         frame = mfns[ok] // 512                      # which M2P frame holds the entry
         need, inv = np.unique(frame, return_inverse=True)
         m = self.map_foreign(DOMID_XEN, chunks[need // 512] + need % 512, False)
@@ -294,10 +296,11 @@ class SimHypervisor:
             return -E.ESRCH
         return hvm.maximum_gpfn(self.host, domid)
 
-    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0):
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0,
+                         packed: bool = False):
         from ...hypervisor import paging
         from ...toolstack.hypervisor import LogDirtyStats
-        rc, bm, st = paging.shadow_control(self.host, self.caller, domid, op, pages, mode)
+        rc, bm, st = paging.shadow_control(self.host, self.caller, domid, op, pages, mode, packed)
         self.dirty = True
         return rc, bm, (LogDirtyStats(st.fault_count, st.dirty_count) if st else None)
 
@@ -545,8 +548,8 @@ class SimForeignMap:
             raise PermissionError("read-only foreign mapping")
         ft = self.hv.host.ft
         changed = np.flatnonzero((self.array != self._orig).any(axis=1))
-        for i in changed.tolist():
-            ft.write_page(int(self.mfns[i]), self.array[i])
+        if changed.size:
+            ft.write_pages(self.mfns[changed], self.array[changed])
         self._orig = self.array.copy()
         self.hv.dirty = True
 

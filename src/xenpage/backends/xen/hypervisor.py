@@ -32,6 +32,7 @@ import numpy as np
 
 from ...abi import domctl as D
 from ...abi import errno as E
+from ...abi import hvm as H
 from ...abi import memory as M
 from ...abi import sysctl as S
 from ...abi import xen as X
@@ -505,6 +506,41 @@ class XenHypervisor:
         finally:
             self.L.libc.munmap(p, nframes * PAGE)
         return 0, words
+
+    # -- log-dirty (XEN_DOMCTL_shadow_op) ------------------------------------------------------------
+    def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0,
+                         packed: bool = False):
+        """``xc_shadow_control`` (ENABLE_LOGDIRTY, OFF) and ``xc_logdirty_control`` (CLEAN,
+        PEEK: the bitmap of ``pages`` pfns -- a PV guest's log-dirty is indexed by pfn -- into a
+        hypercall buffer, then copied out).  ``(rc, bitmap, stats)`` as the simulator gives
+        them: a bool array, or with ``packed`` Xen's bytes (bit ``p & 7`` of byte ``p >> 3``)."""
+        from ...toolstack.hypervisor import LogDirtyStats
+        if op not in (H.XEN_DOMCTL_SHADOW_OP_CLEAN, H.XEN_DOMCTL_SHADOW_OP_PEEK):
+            L.clear_errno()
+            r = self.L.xc_shadow_control(self.xch, domid, op, None, mode)
+            return (0 if r >= 0 else L.neg_errno()), None, None
+        nbytes = (int(pages) + 7) // 8
+        npages = max(1, -(-nbytes // PAGE))
+        buf = T.XcHypercallBuffer()
+        stats = T.XcShadowOpStats()
+        if not self.L.xc__hypercall_buffer_alloc_pages(self.xch, byref(buf), npages):
+            return -E.ENOMEM, None, None
+        try:
+            ctypes.memset(buf.hbuf, 0, npages * PAGE)
+            L.clear_errno()
+            r = self.L.xc_logdirty_control(self.xch, domid, op, byref(buf), int(pages), mode, byref(stats))
+            if r < 0:
+                return L.neg_errno(), None, None
+            bits = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(buf.hbuf), dtype=np.uint8).copy() \
+                if nbytes else np.zeros(0, dtype=np.uint8)
+        finally:
+            self.L.xc__hypercall_buffer_free_pages(self.xch, byref(buf), npages)
+        if pages % 8 and nbytes:
+            bits[-1] &= np.uint8((1 << (pages % 8)) - 1)
+        st = LogDirtyStats(int(stats.fault_count), int(stats.dirty_count))
+        if packed:
+            return 0, bits, st
+        return 0, np.unpackbits(bits, count=int(pages), bitorder="little").astype(bool), st
 
     # -- hypercalls through libxencall --------------------------------------------------------------
     @contextmanager

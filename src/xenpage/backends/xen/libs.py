@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
-from ctypes import POINTER, c_char_p, c_int, c_size_t, c_uint, c_uint32, c_uint64, c_ulong, c_void_p
+from ctypes import POINTER, c_char_p, c_int, c_longlong, c_size_t, c_uint, c_uint32, c_uint64, c_ulong, c_void_p
 from dataclasses import dataclass
 
 from . import structs as T
@@ -95,6 +95,17 @@ PROTOTYPES: list[Proto] = [
     # unsigned int num, xen_pfn_t *arr)
     P("ctrl", "xc_get_pfn_type_batch", c_int, [c_void_p, c_uint32, c_uint, c_uint64_p],
       "int", [XCH, "uint32_t", "unsigned int", "xen_pfn_t *"], header=False),
+    # log-dirty (XEN_DOMCTL_shadow_op): on/off, and the dirty bitmap into a hypercall buffer
+    P("ctrl", "xc_shadow_control", c_int, [c_void_p, c_uint32, c_uint, c_uint_p, c_uint],
+      "int", [XCH, "uint32_t", "unsigned int", "unsigned int *", "unsigned int"]),
+    P("ctrl", "xc_logdirty_control", c_longlong,
+      [c_void_p, c_uint32, c_uint, POINTER(T.XcHypercallBuffer), c_ulong, c_uint, POINTER(T.XcShadowOpStats)],
+      "long long", [XCH, "uint32_t", "unsigned int", "xc_hypercall_buffer_t *", "unsigned long",
+                    "unsigned int", "xc_shadow_op_stats_t *"]),
+    P("ctrl", "xc__hypercall_buffer_alloc_pages", c_void_p, [c_void_p, POINTER(T.XcHypercallBuffer), c_int],
+      "void *", [XCH, "xc_hypercall_buffer_t *", "int"]),
+    P("ctrl", "xc__hypercall_buffer_free_pages", None, [c_void_p, POINTER(T.XcHypercallBuffer), c_int],
+      "void", [XCH, "xc_hypercall_buffer_t *", "int"]),
     P("ctrl", "xc_gnttab_get_version", c_int, [c_void_p, c_uint32], "int", [XCH, "uint32_t"]),
     P("ctrl", "xc_gnttab_map_table_v1", c_void_p, [c_void_p, c_uint32, c_int_p],
       "grant_entry_v1_t *", [XCH, "uint32_t", "int *"]),

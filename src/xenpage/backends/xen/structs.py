@@ -9,7 +9,7 @@ and compares them with these definitions, so an ABI mismatch fails loudly.
 from __future__ import annotations
 
 import ctypes
-from ctypes import Structure, Union, c_int8, c_uint, c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p
+from ctypes import Structure, Union, c_int, c_int8, c_size_t, c_uint, c_uint8, c_uint16, c_uint32, c_uint64, c_ulong, c_void_p
 
 from ...abi import xen as X
 
@@ -60,6 +60,21 @@ class XenDomctlGetDomainInfo(Structure):
         ("pad2", c_uint8 * 7),
         ("arch_config", XenArchDomainconfig),
     ]
+
+
+class XcShadowOpStats(Structure):
+    """``xc_shadow_op_stats_t`` (``struct xen_domctl_shadow_op_stats``): what the last
+    log-dirty CLEAN/PEEK saw."""
+    _c_name_ = "xc_shadow_op_stats_t"
+    _fields_ = [("fault_count", c_uint32), ("dirty_count", c_uint32)]
+
+
+class XcHypercallBuffer(Structure):
+    """``xc_hypercall_buffer_t``: libxenctrl's handle of hypercall-safe memory (the dirty
+    bitmap ``xc_logdirty_control`` fills); zeroed = ``DECLARE_HYPERCALL_BUFFER``."""
+    _c_name_ = "xc_hypercall_buffer_t"
+    _fields_ = [("hbuf", c_void_p), ("param_shadow", c_void_p), ("dir", c_int), ("ubuf", c_void_p),
+                ("sz", c_size_t)]
 
 
 class XenSysctlPhysinfo(Structure):
@@ -175,7 +190,7 @@ class SharedInfo(Structure):
 
 
 #: Every structure the ABI test checks against the C headers.
-ABI_STRUCTS = [XenArchDomainconfig, XenDomctlGetDomainInfo, XenSysctlPhysinfo, MmuUpdate, MmuextOp,
+ABI_STRUCTS = [XcShadowOpStats, XcHypercallBuffer, XenArchDomainconfig, XenDomctlGetDomainInfo, XenSysctlPhysinfo, MmuUpdate, MmuextOp,
                XenMemoryReservation, XenMemoryExchange, GrantEntryV1, VcpuTimeInfo, ArchVcpuInfo,
                VcpuInfo, ArchSharedInfo, SharedInfo]
 
