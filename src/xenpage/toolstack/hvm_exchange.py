@@ -44,7 +44,6 @@ kept paused until then: resuming it with a hole in its memory could corrupt it).
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -63,7 +62,7 @@ from ..abi import sysctl as S
 from ..abi import xen as X
 from .guest_type import domain_type, has_device_model
 from .hypervisor import MigrationHypervisor
-from .journal import checkpoint, crash_point
+from .journal import _b64, _unb64, checkpoint, crash_point
 from .outcomes import Kind, Outcome, Reason, not_pending
 
 UNPAUSE_RETRIES = 3
@@ -110,14 +109,6 @@ def _granted_gfns(hv, domid: int) -> tuple[int, set[int]]:
 
 def journal_path(journal_dir) -> Path:
     return Path(journal_dir) / JOURNAL_NAME
-
-
-def _b64(words: np.ndarray) -> str:
-    return base64.b64encode(np.asarray(words, dtype="<u8").tobytes()).decode()
-
-
-def _unb64(s: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(s), dtype="<u8").astype(np.uint64)
 
 
 class _Journal:
