@@ -51,6 +51,8 @@ class HostShape:
     dom0_mib: int
     pv: tuple[tuple[str, int], ...] = ()
     hvm: tuple[tuple[str, int], ...] = ()
+    #: PVH guests (translated like HVM: retired in place or live-migrated as HVM guests are)
+    pvh: tuple[tuple[str, int], ...] = ()
     #: DIMMs per channel (2 channels, dual-rank DIMMs): the DRAM address map of the trace
     dimms_per_channel: int = 2
     weight: float = 1.0
@@ -58,18 +60,19 @@ class HostShape:
     def spec(self):
         from .hypervisor import DefaultHostSpec
         return DefaultHostSpec(mem_mib=self.mem_mib, dom0_mib=self.dom0_mib, pv_guests=self.pv,
-                               hvm_guests=self.hvm)
+                               hvm_guests=self.hvm, pvh_guests=self.pvh)
 
     def to_json(self) -> dict:
         return {"name": self.name, "mem_mib": self.mem_mib, "dom0_mib": self.dom0_mib,
                 "pv": [list(g) for g in self.pv], "hvm": [list(g) for g in self.hvm],
-                "dimms_per_channel": self.dimms_per_channel, "weight": self.weight}
+                "pvh": [list(g) for g in self.pvh], "dimms_per_channel": self.dimms_per_channel, "weight": self.weight}
 
     @classmethod
     def from_json(cls, d: dict) -> "HostShape":
         return cls(d["name"], int(d["mem_mib"]), int(d["dom0_mib"]),
                    tuple((str(n), int(m)) for n, m in d.get("pv", ())),
                    tuple((str(n), int(m)) for n, m in d.get("hvm", ())),
+                   tuple((str(n), int(m)) for n, m in d.get("pvh", ())),
                    int(d.get("dimms_per_channel", 2)), float(d.get("weight", 1.0)))
 
 
@@ -86,13 +89,19 @@ class Fleet:
 
 
 #: the embedded default fleet: the year study's full host, hosts with room to live-migrate
-#: their HVM guest, PV-only and HVM-heavy hosts, one- and two-DIMM-per-channel boards
+#: their HVM and PVH guests, PV-only and HVM-heavy hosts, one- and two-DIMM-per-channel boards
+#: (the PVH guests are named: a shape without ``pvh`` has none)
 DEFAULT_FLEET = Fleet((
-    HostShape("mixed-full", 2048, 384, (("web", 512), ("db", 512)), (("win", 384),), 2, 0.3),
-    HostShape("mixed-roomy", 2048, 256, (("web", 512),), (("win", 384),), 2, 0.2),
-    HostShape("pv-only", 1536, 256, (("web", 384), ("db", 384), ("cache", 256)), (), 1, 0.25),
-    HostShape("hvm-heavy", 2048, 256, (("app", 256),), (("win1", 512), ("win2", 512)), 2, 0.15),
-    HostShape("small", 1024, 256, (("edge", 384),), (("vm", 128),), 1, 0.1),
+    HostShape("mixed-full", 2048, 384, (("web", 512), ("db", 512)), (("win", 384),),
+              (("pvh1", 64),), dimms_per_channel=2, weight=0.3),
+    HostShape("mixed-roomy", 2048, 256, (("web", 512),), (("win", 384),), (("api", 256),),
+              dimms_per_channel=2, weight=0.2),
+    HostShape("pv-only", 1536, 256, (("web", 384), ("db", 384), ("cache", 256)),
+              dimms_per_channel=1, weight=0.25),
+    HostShape("hvm-heavy", 2048, 256, (("app", 256),), (("win1", 512), ("win2", 512)),
+              (("pvh1", 128),), dimms_per_channel=2, weight=0.15),
+    HostShape("small", 1024, 256, (("edge", 384),), (("vm", 128),), (("pvh1", 64),),
+              dimms_per_channel=1, weight=0.1),
 ))
 
 
@@ -184,13 +193,16 @@ def _row_frames(m: int, nchan: int, rf: int) -> list[int]:
     return [(base + f) * nchan + ch for f in range(rf)]
 
 
-def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> dict:
+def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
+              frames: dict | None = None) -> dict:
     """One host-year under ``policy`` without the simulated host (see the module docstring):
     the service's buckets and decisions, the frame map's answer to each soft retirement, and
     Xen's machine-check handler's answer to each uncorrected error (``mc_memerr_dhandler``
     over ``offline_page(broken=1)``: a free frame offlined, a PV owner crashed and the frame
     freed, dom0 and HVM owners a vMCE with the frame left pending, an already-broken frame's
-    owner crashed), as :func:`xenpage.hypervisor.mce.mc_memerr_dhandler` models them."""
+    owner crashed), as :func:`xenpage.hypervisor.mce.mc_memerr_dhandler` models them.
+    ``frames``, when given, receives the service's state of each frame it acted on (mfn ->
+    retired | pending | failed), to compare with the full host's store."""
     n = len(trace)
     out = dict.fromkeys(METRICS, 0)
     out["errors"], out["uncorrected"] = n, int(trace.uc.sum()) if n else 0
@@ -222,6 +234,29 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
     def kind(m: int) -> int:
         return int(cls[m])
 
+    own_map = False  # cls/owner still the booted host's (shared): copied on first change
+
+    def _live_migrate(dom: int, need: int) -> None:
+        """``xl migrate`` to the same host (:mod:`.migrate`): the new copy is populated while
+        the old one still runs, so it lands on frames that were free -- ``alloc_order0``
+        hands out the top of the heap first -- and then the old copy is destroyed: all its
+        frames go back to the heap, its offline-pending ones become offlined."""
+        nonlocal cls, owner, own_map, free_pages
+        if not own_map:
+            cls, owner, own_map = cls.copy(), owner.copy(), True
+        old = np.flatnonzero(owner == dom + 1)
+        free = np.flatnonzero(cls == FREE)
+        if offlined:
+            free = free[~np.isin(free, np.fromiter(offlined, dtype=np.int64))]
+        new = free[::-1][:need]
+        cls[new], owner[new] = HVM, dom + 1
+        cls[old], owner[old] = FREE, 0
+        for p in old[np.isin(old, np.fromiter(state, dtype=np.int64))].tolist():
+            if state[p] == "pending" and p not in broken:
+                offlined.add(p)
+                state[p] = "retired"
+                free_pages -= 1
+
     def soft(m: int) -> None:
         nonlocal free_pages
         if m in offlined:
@@ -248,18 +283,11 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
                 dom = int(owner[m]) - 1
                 need = hm.hvm_pages.get(dom, 0)
                 if free_pages >= need:
-                    # restored on this host, into the frames its old copy just freed (the
-                    # full path's allocator hands them back): only the erring frame and the
-                    # guest's pending frames (freed with the old copy) are offlined
                     out["migrations"] += 1
+                    _live_migrate(dom, need)
                     offlined.add(m)
                     state[m] = "retired"
                     free_pages -= 1
-                    for p, s in list(state.items()):
-                        if s == "pending" and p not in broken and int(cls[p]) == HVM \
-                                and int(owner[p]) - 1 == dom:
-                            offlined.add(p)
-                            state[p] = "retired"
                 else:
                     state[m] = "pending"
             else:
@@ -328,6 +356,8 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
     out["seen"], out["seen_uncorrected"] = seen, seen_uc
     out["retired"] = sum(1 for s in state.values() if s == "retired")
     out["pending"] = sum(1 for s in state.values() if s == "pending")
+    if frames is not None:
+        frames.update(state)
     return out
 
 
