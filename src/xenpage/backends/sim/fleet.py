@@ -121,25 +121,26 @@ def draw(fleet: Fleet, study_seed: int, index: int) -> tuple[int, int]:
 
 @dataclass
 class HostMap:
-    """What the fast path needs of a booted host: each frame's class, the HVM guests (frames
-    and size), and the free frames a live migration to the same host could use."""
+    """What the fast path needs of a booted host: each frame's class, the HVM/PVH guests
+    (frames and size), the free frames a live migration to the same host could use."""
 
     host: object
     cls: np.ndarray
     owner: np.ndarray  # domid + 1, 0 = none
     free_pages: int
     hvm_pages: dict = field(default_factory=dict)  # domid -> tot_pages
+    xen_wait: frozenset = frozenset()  # Xen frames offline_page leaves pending
 
 
-@functools.lru_cache(maxsize=16)
-def host_map(shape: HostShape) -> HostMap:
-    from . import ras as sim_ras
-    host = sim_ras.boot(shape.spec())
-    owner = np.asarray(host.ft.owner1).astype(np.int64)
+def _classify(host):
+    """Each frame's class and owner (domid + 1), the translated guests' sizes and the Xen
+    frames offline_page leaves pending."""
+    raw = np.asarray(host.ft.owner1).astype(np.int64)
+    owner = raw
     cls = np.full(host.nframes, FREE, dtype=np.int8)
     hvm_pages = {}
     for domid, d in host.domains.items():
-        sel = owner == domid + 1
+        sel = raw == domid + 1
         if d.is_system:
             cls[sel] = XEN
         elif domid == 0:
@@ -149,12 +150,28 @@ def host_map(shape: HostShape) -> HostMap:
             hvm_pages[domid] = int(d.tot_pages)
         else:
             cls[sel] = PV
+    # Xen's frames that offline_page leaves offline-pending (the service waits for them):
+    # the system domains' (Domain-IO, Domain-Xen), Xen-heap pages (PGC_xen_heap, no owner)
+    # and anonymous allocations; only Xen's own image is refused (failed)
+    from ...abi import mm
+    ci = np.asarray(host.ft.count_info)
+    xh = (raw == 0) & ((ci & np.uint64(mm.PGC_xen_heap)) != 0)
+    sysd = np.isin(raw - 1, [d for d, x in host.domains.items() if x.is_system])
+    wait = np.flatnonzero(xh | (sysd & (raw > 0)))
+    anon = np.asarray([m for m in host.anonymous if m < cls.size], dtype=np.int64)
+    wait = np.union1d(wait, anon)
     xs, xe = host.xen_image
     cls[xs:xe] = XEN
-    for m in host.anonymous:
-        if m < cls.size:
-            cls[m] = XEN
-    return HostMap(host, cls, owner, _free_pages(host), hvm_pages)
+    cls[wait] = XEN
+    return cls, owner, hvm_pages, frozenset(wait.tolist())
+
+
+@functools.lru_cache(maxsize=16)
+def host_map(shape: HostShape) -> HostMap:
+    from . import ras as sim_ras
+    host = sim_ras.boot(shape.spec())
+    cls, owner, hvm_pages, anon = _classify(host)
+    return HostMap(host, cls, owner, _free_pages(host), hvm_pages, anon)
 
 
 def _free_pages(host) -> int:
@@ -229,7 +246,7 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
     rbk: dict[int, Bucket] = {}
     rseen: dict[int, list[int]] = {}
     free_pages = hm.free_pages
-    anonymous = hm.host.anonymous
+    xen_wait = hm.xen_wait
 
     def kind(m: int) -> int:
         return int(cls[m])
@@ -238,9 +255,10 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
 
     def _live_migrate(dom: int, need: int) -> None:
         """``xl migrate`` to the same host (:mod:`.migrate`): the new copy is populated while
-        the old one still runs, so it lands on frames that were free -- ``alloc_order0``
+        the old one still runs, so it lands on frames that are free now -- ``alloc_order0``
         hands out the top of the heap first -- and then the old copy is destroyed: all its
-        frames go back to the heap, its offline-pending ones become offlined."""
+        frames go back to the heap, its offline-pending ones become offlined.  (Xen's own
+        allocations for the new domain -- P2M tables, Xen-heap pages -- are not followed.)"""
         nonlocal cls, owner, own_map, free_pages
         if not own_map:
             cls, owner, own_map = cls.copy(), owner.copy(), True
@@ -295,7 +313,7 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
         elif c == DOM0:
             state[m] = "pending"
         else:
-            state[m] = "failed" if int(cls[m]) == XEN and m not in anonymous else "pending"
+            state[m] = "failed" if int(cls[m]) == XEN and m not in xen_wait else "pending"
 
     def decide(m: int, acts: bool) -> None:
         if state.get(m) in ("retired", "pending", "failed"):
