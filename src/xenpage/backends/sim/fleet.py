@@ -1,8 +1,8 @@
 """The fleet study: N host-years of field-like memory errors under each retirement policy,
 on a Dask cluster, aggregated as distributions across hosts.
 
-A *fleet description* (:class:`Fleet`) lists host shapes -- memory size, dom0, a mix of PV
-and HVM guests, DIMMs per channel -- with their share of the fleet.  Host-year ``i`` of a
+A *fleet description* (:class:`Fleet`) lists host shapes -- memory size, dom0, a mix of PV,
+HVM and PVH guests, DIMMs per channel -- with their share of the fleet.  Host-year ``i`` of a
 study with seed ``s`` draws its shape and its error trace (:mod:`.field`) from a seed derived
 from ``(s, i)`` only (``numpy.random.SeedSequence``), so a study gives the same rows for any
 number of workers, threads or partitions.
@@ -15,10 +15,10 @@ Each host-year is replayed under every policy, on one of two paths:
   (:class:`xenpage.ras.policy.Bucket`) and the same decisions, with what a soft retirement
   does to a frame read from a map of the booted host's frames (who owns each frame, whether
   the host has room to live-migrate an HVM guest) instead of running the toolstack.  What it
-  does not follow: where a restarted or migrated guest's new frames land (the full path
-  allocates them; the fast path keeps the booted host's map: a guest restored on the same
-  host gets back the frames its old copy freed), and PV frames that stay pending because a
-  backend maps them (granted).  ``tests/test_fleet.py`` compares
+  does not follow: where a restarted guest's new frames land, Xen's own allocations for a
+  live-migrated guest's new domain (a migrated guest's old copy is freed and its new copy put
+  on the top of the free frames, where ``alloc_order0`` takes them), and PV frames that stay
+  pending because a backend maps them (granted).  ``tests/test_fleet.py`` compares
   both paths on sampled host-years.
 """
 
@@ -257,7 +257,8 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
         """``xl migrate`` to the same host (:mod:`.migrate`): the new copy is populated while
         the old one still runs, so it lands on frames that are free now -- ``alloc_order0``
         hands out the top of the heap first -- and then the old copy is destroyed: all its
-        frames go back to the heap, its offline-pending ones become offlined.  (Xen's own
+        frames go back to the heap, its offline-pending ones (broken or not) become offlined
+        (``free_heap_pages``: an offlining frame is offlined when freed).  (Xen's own
         allocations for the new domain -- P2M tables, Xen-heap pages -- are not followed.)"""
         nonlocal cls, owner, own_map, free_pages
         if not own_map:
@@ -270,8 +271,9 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
         cls[new], owner[new] = HVM, dom + 1
         cls[old], owner[old] = FREE, 0
         for p in old[np.isin(old, np.fromiter(state, dtype=np.int64))].tolist():
-            if state[p] == "pending" and p not in broken:
+            if state[p] == "pending":  # broken ones too: freed, Xen offlines them
                 offlined.add(p)
+                broken.discard(p)
                 state[p] = "retired"
                 free_pages -= 1
 
