@@ -263,19 +263,18 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
         nonlocal cls, owner, own_map, free_pages
         if not own_map:
             cls, owner, own_map = cls.copy(), owner.copy(), True
-        old = np.flatnonzero(owner == dom + 1)
-        free = np.flatnonzero(cls == FREE)
+        old = owner == dom + 1
+        free = cls == FREE
         if offlined:
-            free = free[~np.isin(free, np.fromiter(offlined, dtype=np.int64))]
-        new = free[::-1][:need]
-        cls[new], owner[new] = HVM, dom + 1
+            free[np.fromiter(offlined, dtype=np.int64, count=len(offlined))] = False
+        new = np.flatnonzero(free)[-need:] if need else np.zeros(0, dtype=np.int64)
         cls[old], owner[old] = FREE, 0
-        for p in old[np.isin(old, np.fromiter(state, dtype=np.int64))].tolist():
-            if state[p] == "pending":  # broken ones too: freed, Xen offlines them
-                offlined.add(p)
-                broken.discard(p)
-                state[p] = "retired"
-                free_pages -= 1
+        cls[new], owner[new] = HVM, dom + 1
+        for p in [p for p, s in state.items() if s == "pending" and old[p]]:
+            offlined.add(p)  # broken ones too: freed, Xen offlines them
+            broken.discard(p)
+            state[p] = "retired"
+            free_pages -= 1
 
     def soft(m: int) -> None:
         nonlocal free_pages
