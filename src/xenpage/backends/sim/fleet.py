@@ -1,8 +1,8 @@
 """The fleet study: N host-years of field-like memory errors under each retirement policy,
 on a Dask cluster, aggregated as distributions across hosts.
 
-A *fleet description* (:class:`Fleet`) lists host shapes -- memory size, dom0, a mix of PV
-and HVM guests, DIMMs per channel -- with their share of the fleet.  Host-year ``i`` of a
+A *fleet description* (:class:`Fleet`) lists host shapes -- memory size, dom0, a mix of PV,
+HVM and PVH guests, DIMMs per channel -- with their share of the fleet.  Host-year ``i`` of a
 study with seed ``s`` draws its shape and its error trace (:mod:`.field`) from a seed derived
 from ``(s, i)`` only (``numpy.random.SeedSequence``), so a study gives the same rows for any
 number of workers, threads or partitions.
@@ -15,10 +15,10 @@ Each host-year is replayed under every policy, on one of two paths:
   (:class:`xenpage.ras.policy.Bucket`) and the same decisions, with what a soft retirement
   does to a frame read from a map of the booted host's frames (who owns each frame, whether
   the host has room to live-migrate an HVM guest) instead of running the toolstack.  What it
-  does not follow: where a restarted or migrated guest's new frames land (the full path
-  allocates them; the fast path keeps the booted host's map: a guest restored on the same
-  host gets back the frames its old copy freed), and PV frames that stay pending because a
-  backend maps them (granted).  ``tests/test_fleet.py`` compares
+  does not follow: where a restarted guest's new frames land, Xen's own allocations for a
+  live-migrated guest's new domain (a migrated guest's old copy is freed and its new copy put
+  on the top of the free frames, where ``alloc_order0`` takes them), and PV frames that stay
+  pending because a backend maps them (granted).  ``tests/test_fleet.py`` compares
   both paths on sampled host-years.
 """
 
@@ -51,6 +51,8 @@ class HostShape:
     dom0_mib: int
     pv: tuple[tuple[str, int], ...] = ()
     hvm: tuple[tuple[str, int], ...] = ()
+    #: PVH guests (translated like HVM: retired in place or live-migrated as HVM guests are)
+    pvh: tuple[tuple[str, int], ...] = ()
     #: DIMMs per channel (2 channels, dual-rank DIMMs): the DRAM address map of the trace
     dimms_per_channel: int = 2
     weight: float = 1.0
@@ -58,18 +60,19 @@ class HostShape:
     def spec(self):
         from .hypervisor import DefaultHostSpec
         return DefaultHostSpec(mem_mib=self.mem_mib, dom0_mib=self.dom0_mib, pv_guests=self.pv,
-                               hvm_guests=self.hvm)
+                               hvm_guests=self.hvm, pvh_guests=self.pvh)
 
     def to_json(self) -> dict:
         return {"name": self.name, "mem_mib": self.mem_mib, "dom0_mib": self.dom0_mib,
                 "pv": [list(g) for g in self.pv], "hvm": [list(g) for g in self.hvm],
-                "dimms_per_channel": self.dimms_per_channel, "weight": self.weight}
+                "pvh": [list(g) for g in self.pvh], "dimms_per_channel": self.dimms_per_channel, "weight": self.weight}
 
     @classmethod
     def from_json(cls, d: dict) -> "HostShape":
         return cls(d["name"], int(d["mem_mib"]), int(d["dom0_mib"]),
                    tuple((str(n), int(m)) for n, m in d.get("pv", ())),
                    tuple((str(n), int(m)) for n, m in d.get("hvm", ())),
+                   tuple((str(n), int(m)) for n, m in d.get("pvh", ())),
                    int(d.get("dimms_per_channel", 2)), float(d.get("weight", 1.0)))
 
 
@@ -86,13 +89,19 @@ class Fleet:
 
 
 #: the embedded default fleet: the year study's full host, hosts with room to live-migrate
-#: their HVM guest, PV-only and HVM-heavy hosts, one- and two-DIMM-per-channel boards
+#: their HVM and PVH guests, PV-only and HVM-heavy hosts, one- and two-DIMM-per-channel boards
+#: (the PVH guests are named: a shape without ``pvh`` has none)
 DEFAULT_FLEET = Fleet((
-    HostShape("mixed-full", 2048, 384, (("web", 512), ("db", 512)), (("win", 384),), 2, 0.3),
-    HostShape("mixed-roomy", 2048, 256, (("web", 512),), (("win", 384),), 2, 0.2),
-    HostShape("pv-only", 1536, 256, (("web", 384), ("db", 384), ("cache", 256)), (), 1, 0.25),
-    HostShape("hvm-heavy", 2048, 256, (("app", 256),), (("win1", 512), ("win2", 512)), 2, 0.15),
-    HostShape("small", 1024, 256, (("edge", 384),), (("vm", 128),), 1, 0.1),
+    HostShape("mixed-full", 2048, 384, (("web", 512), ("db", 512)), (("win", 384),),
+              (("pvh1", 64),), dimms_per_channel=2, weight=0.3),
+    HostShape("mixed-roomy", 2048, 256, (("web", 512),), (("win", 384),), (("api", 256),),
+              dimms_per_channel=2, weight=0.2),
+    HostShape("pv-only", 1536, 256, (("web", 384), ("db", 384), ("cache", 256)),
+              dimms_per_channel=1, weight=0.25),
+    HostShape("hvm-heavy", 2048, 256, (("app", 256),), (("win1", 512), ("win2", 512)),
+              (("pvh1", 128),), dimms_per_channel=2, weight=0.15),
+    HostShape("small", 1024, 256, (("edge", 384),), (("vm", 128),), (("pvh1", 64),),
+              dimms_per_channel=1, weight=0.1),
 ))
 
 
@@ -112,25 +121,26 @@ def draw(fleet: Fleet, study_seed: int, index: int) -> tuple[int, int]:
 
 @dataclass
 class HostMap:
-    """What the fast path needs of a booted host: each frame's class, the HVM guests (frames
-    and size), and the free frames a live migration to the same host could use."""
+    """What the fast path needs of a booted host: each frame's class, the HVM/PVH guests
+    (frames and size), the free frames a live migration to the same host could use."""
 
     host: object
     cls: np.ndarray
     owner: np.ndarray  # domid + 1, 0 = none
     free_pages: int
     hvm_pages: dict = field(default_factory=dict)  # domid -> tot_pages
+    xen_wait: frozenset = frozenset()  # Xen frames offline_page leaves pending
 
 
-@functools.lru_cache(maxsize=16)
-def host_map(shape: HostShape) -> HostMap:
-    from . import ras as sim_ras
-    host = sim_ras.boot(shape.spec())
-    owner = np.asarray(host.ft.owner1).astype(np.int64)
+def _classify(host):
+    """Each frame's class and owner (domid + 1), the translated guests' sizes and the Xen
+    frames offline_page leaves pending."""
+    raw = np.asarray(host.ft.owner1).astype(np.int64)
+    owner = raw
     cls = np.full(host.nframes, FREE, dtype=np.int8)
     hvm_pages = {}
     for domid, d in host.domains.items():
-        sel = owner == domid + 1
+        sel = raw == domid + 1
         if d.is_system:
             cls[sel] = XEN
         elif domid == 0:
@@ -140,12 +150,28 @@ def host_map(shape: HostShape) -> HostMap:
             hvm_pages[domid] = int(d.tot_pages)
         else:
             cls[sel] = PV
+    # Xen's frames that offline_page leaves offline-pending (the service waits for them):
+    # the system domains' (Domain-IO, Domain-Xen), Xen-heap pages (PGC_xen_heap, no owner)
+    # and anonymous allocations; only Xen's own image is refused (failed)
+    from ...abi import mm
+    ci = np.asarray(host.ft.count_info)
+    xh = (raw == 0) & ((ci & np.uint64(mm.PGC_xen_heap)) != 0)
+    sysd = np.isin(raw - 1, [d for d, x in host.domains.items() if x.is_system])
+    wait = np.flatnonzero(xh | (sysd & (raw > 0)))
+    anon = np.asarray([m for m in host.anonymous if m < cls.size], dtype=np.int64)
+    wait = np.union1d(wait, anon)
     xs, xe = host.xen_image
     cls[xs:xe] = XEN
-    for m in host.anonymous:
-        if m < cls.size:
-            cls[m] = XEN
-    return HostMap(host, cls, owner, _free_pages(host), hvm_pages)
+    cls[wait] = XEN
+    return cls, owner, hvm_pages, frozenset(wait.tolist())
+
+
+@functools.lru_cache(maxsize=16)
+def host_map(shape: HostShape) -> HostMap:
+    from . import ras as sim_ras
+    host = sim_ras.boot(shape.spec())
+    cls, owner, hvm_pages, anon = _classify(host)
+    return HostMap(host, cls, owner, _free_pages(host), hvm_pages, anon)
 
 
 def _free_pages(host) -> int:
@@ -184,13 +210,16 @@ def _row_frames(m: int, nchan: int, rf: int) -> list[int]:
     return [(base + f) * nchan + ch for f in range(rf)]
 
 
-def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> dict:
+def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None,
+              frames: dict | None = None) -> dict:
     """One host-year under ``policy`` without the simulated host (see the module docstring):
     the service's buckets and decisions, the frame map's answer to each soft retirement, and
     Xen's machine-check handler's answer to each uncorrected error (``mc_memerr_dhandler``
     over ``offline_page(broken=1)``: a free frame offlined, a PV owner crashed and the frame
     freed, dom0 and HVM owners a vMCE with the frame left pending, an already-broken frame's
-    owner crashed), as :func:`xenpage.hypervisor.mce.mc_memerr_dhandler` models them."""
+    owner crashed), as :func:`xenpage.hypervisor.mce.mc_memerr_dhandler` models them.
+    ``frames``, when given, receives the service's state of each frame it acted on (mfn ->
+    retired | pending | failed), to compare with the full host's store."""
     n = len(trace)
     out = dict.fromkeys(METRICS, 0)
     out["errors"], out["uncorrected"] = n, int(trace.uc.sum()) if n else 0
@@ -217,10 +246,35 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
     rbk: dict[int, Bucket] = {}
     rseen: dict[int, list[int]] = {}
     free_pages = hm.free_pages
-    anonymous = hm.host.anonymous
+    xen_wait = hm.xen_wait
 
     def kind(m: int) -> int:
         return int(cls[m])
+
+    own_map = False  # cls/owner still the booted host's (shared): copied on first change
+
+    def _live_migrate(dom: int, need: int) -> None:
+        """``xl migrate`` to the same host (:mod:`.migrate`): the new copy is populated while
+        the old one still runs, so it lands on frames that are free now -- ``alloc_order0``
+        hands out the top of the heap first -- and then the old copy is destroyed: all its
+        frames go back to the heap, its offline-pending ones (broken or not) become offlined
+        (``free_heap_pages``: an offlining frame is offlined when freed).  (Xen's own
+        allocations for the new domain -- P2M tables, Xen-heap pages -- are not followed.)"""
+        nonlocal cls, owner, own_map, free_pages
+        if not own_map:
+            cls, owner, own_map = cls.copy(), owner.copy(), True
+        old = owner == dom + 1
+        free = cls == FREE
+        if offlined:
+            free[np.fromiter(offlined, dtype=np.int64, count=len(offlined))] = False
+        new = np.flatnonzero(free)[-need:] if need else np.zeros(0, dtype=np.int64)
+        cls[old], owner[old] = FREE, 0
+        cls[new], owner[new] = HVM, dom + 1
+        for p in [p for p, s in state.items() if s == "pending" and old[p]]:
+            offlined.add(p)  # broken ones too: freed, Xen offlines them
+            broken.discard(p)
+            state[p] = "retired"
+            free_pages -= 1
 
     def soft(m: int) -> None:
         nonlocal free_pages
@@ -248,18 +302,11 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
                 dom = int(owner[m]) - 1
                 need = hm.hvm_pages.get(dom, 0)
                 if free_pages >= need:
-                    # restored on this host, into the frames its old copy just freed (the
-                    # full path's allocator hands them back): only the erring frame and the
-                    # guest's pending frames (freed with the old copy) are offlined
                     out["migrations"] += 1
+                    _live_migrate(dom, need)
                     offlined.add(m)
                     state[m] = "retired"
                     free_pages -= 1
-                    for p, s in list(state.items()):
-                        if s == "pending" and p not in broken and int(cls[p]) == HVM \
-                                and int(owner[p]) - 1 == dom:
-                            offlined.add(p)
-                            state[p] = "retired"
                 else:
                     state[m] = "pending"
             else:
@@ -267,7 +314,7 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
         elif c == DOM0:
             state[m] = "pending"
         else:
-            state[m] = "failed" if int(cls[m]) == XEN and m not in anonymous else "pending"
+            state[m] = "failed" if int(cls[m]) == XEN and m not in xen_wait else "pending"
 
     def decide(m: int, acts: bool) -> None:
         if state.get(m) in ("retired", "pending", "failed"):
@@ -328,6 +375,8 @@ def fast_year(hm: HostMap, trace, policy: Policy, prep: dict | None = None) -> d
     out["seen"], out["seen_uncorrected"] = seen, seen_uc
     out["retired"] = sum(1 for s in state.values() if s == "retired")
     out["pending"] = sum(1 for s in state.values() if s == "pending")
+    if frames is not None:
+        frames.update(state)
     return out
 
 
