@@ -59,6 +59,15 @@ GROUPS = {
     "flagship": "tests/contract tests_xen/test_memtest_offline.py tests_xen/test_page_kinds.py",
     "stock": "tests_xen/test_stock_exchange.py",
     "hang": "tests_xen/test_hang_guard.py",
+    "pvh": "tests_xen/test_pvh.py",
+    "hvm": "tests_xen/test_hvm.py",
+}
+
+#: Scenario arguments of a group: the PVH and HVM groups start their own guest, not the PV
+#: memtest guest the others share.
+GROUP_ARGS = {
+    "pvh": {"LAB_XEN_PV_MEMTEST": "0"},
+    "hvm": {"LAB_XEN_PV_MEMTEST": "0"},
 }
 
 #: Groups run only when named (``--group split``): the split-guard churn passed in three
@@ -107,7 +116,8 @@ def main(argv: list[str]) -> int:
     for g in groups:
         for attempt in (1, 2):
             xenlab.log(f"group {g}: {GROUPS[g]}" + (" (second boot)" if attempt == 2 else ""))
-            rc = xenlab.main(["run", "xenpage-xen", *argv, "--arg", f"LAB_XEN_PYTEST_ARGS={GROUPS[g]}"])
+            extra = [a for k, v in GROUP_ARGS.get(g, {}).items() for a in ("--arg", f"{k}={v}")]
+            rc = xenlab.main(["run", "xenpage-xen", *argv, *extra, "--arg", f"LAB_XEN_PYTEST_ARGS={GROUPS[g]}"])
             runs[g] = (xenlab.cache_dir() / "results" / "xenpage-xen-latest").resolve()
             if not rc or attempt == 2:
                 break

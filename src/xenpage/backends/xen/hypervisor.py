@@ -10,6 +10,9 @@ What goes through which library:
   mapped read-only once);
 * libxenforeignmemory: guest frames as an ``(n, 512)`` uint64 numpy view;
 * libxenstore: reads and writes;
+* translated (HVM/PVH) guests (:mod:`.physmap`): pages by gfn, ``XENMEM_decrease_reservation``
+  and ``XENMEM_populate_physmap`` for the guest, gfn -> mfn through dom0's own page tables;
+* live migration (:mod:`.migration`): ``xl migrate`` (libxl), both ends on this host;
 * libxencall: ``mmu_update``, ``mmuext_op`` and ``XENMEM_exchange`` issued directly with
   hypercall buffers -- libxenctrl's wrappers cannot express what xenpage needs (the page-table
   owner field of ``foreigndom``, the real GPFN in the exchange's out list,
@@ -38,6 +41,8 @@ from ...abi import xen as X
 from ...toolstack.hypervisor import DomainInfo, PhysInfo
 from . import libs as L
 from . import structs as T
+from .migration import MigrationMixin
+from .physmap import PhysmapMixin, XenPageData  # noqa: F401  (XenPageData: read_pages' result)
 
 PAGE = X.PAGE_SIZE
 _U64 = np.uint64
@@ -58,7 +63,7 @@ def _u64ptr(a: np.ndarray):
     return a.ctypes.data_as(POINTER(c_uint64))
 
 
-class XenHypervisor:
+class XenHypervisor(PhysmapMixin, MigrationMixin):
     """dom0's privileged interface to the Xen host it runs on."""
 
     kind = "xen"
