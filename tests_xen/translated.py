@@ -147,7 +147,7 @@ def frames(xen, g: TGuest, idx: list[int]) -> tuple[np.ndarray, np.ndarray]:
     pf = g.pfns()
     gfns = np.array([pf[i] for i in idx], dtype=np.int64)
     rc, mfns, types, orders = xen.hvm_p2m(g.domid, gfns)
-    assert rc == 0, f"hvm_p2m(d{g.domid}) -> {rc}"
+    assert rc == 0, f"hvm_p2m(d{g.domid}) -> {rc}: {xen.hvm_p2m_failed}"
     return gfns, mfns
 
 
@@ -164,7 +164,10 @@ def check_frames(xen, g: TGuest, rec) -> None:
     t0 = time.perf_counter()
     rc, mfns, types, orders = xen.hvm_p2m(g.domid, gfns)
     t_p2m = time.perf_counter() - t0
-    assert rc == 0, f"hvm_p2m -> {rc}"
+    if rc:
+        diag = _diagnose(xen, g.domid, gfns[:4])
+        rec.add(f"{g.kind}-hvm-p2m-failed", rc=rc, step=xen.hvm_p2m_failed, diag=diag)
+    assert rc == 0, f"hvm_p2m -> {rc}: {xen.hvm_p2m_failed}"
     m2p = xen.m2p(mfns).astype(np.int64)
     same_2m = int(((mfns % 512) == (gfns % 512)).sum())
     # the operator's path: an MFN, whose owner the offline sysctl names
@@ -182,6 +185,20 @@ def check_frames(xen, g: TGuest, rec) -> None:
     assert (m2p == gfns).all(), "the M2P does not name the gfns back"
     assert owned_pending(st, g.domid), f"offline of {probe:#x}: status {st:#x}, want pending+owned by d{g.domid}"
     assert rc_on == 0 and st_q == 0, f"online {probe:#x}: rc {rc_on} status after {st_q:#x}"
+
+
+def _diagnose(xen, domid: int, gfns) -> dict:
+    """Each step of hvm_p2m on its own, for the record when it fails."""
+    out: dict = {}
+    out["page_types"] = [xen.page_types(domid, gfns)[0]]
+    m = xen.map_foreign(domid, gfns, False)
+    out["map_gfns"] = m if isinstance(m, int) else "ok"
+    if not isinstance(m, int):
+        m.unmap()
+    for cpu in sorted(os.sched_getaffinity(0)):
+        out[f"getvcpucontext_d0v{cpu}"] = xen._vcpu_cr3(cpu)
+    out["own_cr3"] = xen._own_cr3()
+    return out
 
 
 def retire_in_place(xen, g: TGuest, idx: list[int], rec, label: str) -> dict:

@@ -15,15 +15,19 @@ frames behind them, and giving a gfn back to Xen or getting a fresh frame for it
   (``XEN_DOMCTL_getmemlist`` was removed; ``getpageframeinfo3`` answers types, not frames;
   the M2P answers mfn -> gfn only).  But dom0 is a PV domain: when it foreign-maps a gfn, Xen
   writes the *machine* frame into dom0's own L1 entry.  So this backend maps the gfns, reads
-  its own page-table entries for that mapping (the vCPU's page-table base from
-  ``xc_vcpu_getcontext`` of the dom0 vCPU the thread is pinned to, then read-only maps of the
-  four table levels) and unmaps: the exact frames, at that moment.
+  its own page-table entries for that mapping and unmaps: the frames, at that moment.  Its
+  page-table base comes from ``xc_vcpu_getcontext`` of another dom0 vCPU on which a thread of
+  this process spins (Xen refuses the calling vCPU itself, -EINVAL); the tables are mapped
+  read-only as ``DOMID_SELF`` (as domid 0 Xen's ``get_pg_owner`` refuses, -ESRCH); the M2P
+  must name every gfn back, else the walk is retried (another process ran there).
 """
 
 from __future__ import annotations
 
-import os
 import ctypes
+import os
+import threading
+import time
 from ctypes import POINTER, c_uint64
 
 import numpy as np
@@ -31,6 +35,7 @@ import numpy as np
 from ...abi import domctl as D
 from ...abi import errno as E
 from ...abi import hvm as H
+from ...abi import xen as X
 from . import libs as L
 from . import structs as T
 
@@ -72,6 +77,9 @@ def _u64p(a: np.ndarray):
 class PhysmapMixin:
     """Methods of :class:`~xenpage.backends.xen.hypervisor.XenHypervisor` for translated
     guests' memory (kept apart: a module per Xen concept)."""
+
+    #: the step of the last failed :meth:`hvm_p2m`, with its errno
+    hvm_p2m_failed: str | None = None
 
     # -- copies through foreign mappings ----------------------------------------------------
     def read_pages(self, domid: int, frames) -> tuple[int, XenPageData | None]:
@@ -134,23 +142,50 @@ class PhysmapMixin:
         return (r if r >= 0 else L.neg_errno()), g.astype(np.int64)
 
     # -- gfn -> mfn through dom0's own page tables ------------------------------------------------
-    def _own_cr3(self, cpu: int) -> tuple[int, int]:
-        """(rc, mfn of the page-table base) of dom0's vCPU ``cpu``, on which this thread
-        runs: ``XEN_DOMCTL_getvcpucontext`` of the calling vCPU itself is not paused and
-        reports ``v->arch.guest_table``, this process's page tables."""
+    def _vcpu_cr3(self, vcpu: int) -> tuple[int, int]:
+        """(rc, mfn of the page-table base) of dom0's ``vcpu`` (``XEN_DOMCTL_getvcpucontext``:
+        ``ctrlreg[3]`` from ``v->arch.guest_table``).  Xen 4.17 refuses the calling vCPU
+        itself with -EINVAL (lab, 2026-12-05)."""
         buf = ctypes.create_string_buffer(T.VCPU_CONTEXT_ANY_SIZE)
         L.clear_errno()
-        if self.L.xc_vcpu_getcontext(self.xch, 0, cpu, buf):
+        if self.L.xc_vcpu_getcontext(self.xch, 0, vcpu, buf):
             return L.neg_errno(), 0
         ctx = T.VcpuGuestContextX8664.from_buffer(buf)
         return 0, int(ctx.ctrlreg[3]) >> 12
+
+    def _own_cr3(self) -> tuple[int, int]:
+        """(rc, mfn) of this process's page tables: a sibling thread spins in this process on
+        dom0 vCPU ``a`` while this thread, on vCPU ``b``, asks Xen for vCPU ``a``'s context
+        (Xen pauses it there, in this process's address space).  -EOPNOTSUPP with one vCPU."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return -E.EOPNOTSUPP, 0
+        spin_cpu, ask_cpu = cpus[0], cpus[1]
+        ready, stop = threading.Event(), threading.Event()
+
+        def spin() -> None:
+            os.sched_setaffinity(0, {spin_cpu})     # this thread only
+            ready.set()
+            while not stop.is_set():
+                pass
+
+        th = threading.Thread(target=spin, daemon=True)
+        th.start()
+        try:
+            ready.wait(10)
+            os.sched_setaffinity(0, {ask_cpu})
+            time.sleep(0.01)
+            return self._vcpu_cr3(spin_cpu)
+        finally:
+            stop.set()
+            th.join(10)
 
     def _walk_own(self, cr3: int, va: np.ndarray) -> tuple[int, np.ndarray]:
         """The L1 entries mapping the virtual addresses ``va`` in dom0's page tables."""
         table = np.full(va.size, cr3, dtype=np.uint64)
         ent = np.zeros(va.size, dtype=np.uint64)
         for shift in (39, 30, 21, 12):
-            rc, ent = self._read_entries(0, table, ((va >> _U64(shift)) & _U64(511)).astype(np.int64))
+            rc, ent = self._read_entries(X.DOMID_SELF, table, ((va >> _U64(shift)) & _U64(511)).astype(np.int64))
             if rc:
                 return rc, ent
             if not ((ent & _U64(_PRESENT)) != 0).all():
@@ -168,7 +203,8 @@ class PhysmapMixin:
         ``p2m_ram_rw``; a log-dirty entry is RAM too), broken (``p2m_ram_broken``) or nothing
         (``p2m_invalid``, mfn -1); Xen 4.17 shows dom0 no finer p2m type.  Orders: -1, the
         guest's NPT/EPT leaf size is not visible to dom0.  -EINVAL for a PV guest, -ESRCH for
-        no domain; a gfn that cannot be mapped fails the whole batch with Xen's errno."""
+        no domain; a gfn that cannot be mapped fails the whole batch with Xen's errno, and
+        ``hvm_p2m_failed`` names the step that failed."""
         g = np.asarray(gfns, dtype=np.int64).ravel()
         z = np.zeros(0, dtype=np.int64)
         info = self.domain_info(domid)
@@ -182,8 +218,10 @@ class PhysmapMixin:
         orders = np.full(n, -1, dtype=np.int64)
         if n == 0:
             return 0, mfns, types, orders
+        self.hvm_p2m_failed = None
         rc, pt = self.page_types(domid, g)
         if rc:
+            self.hvm_p2m_failed = f"getpageframeinfo3: {E.name(rc)}"
             return rc, z, z, z
         kind = pt.astype(np.uint64) & _U64(D.XEN_DOMCTL_PFINFO_LTAB_MASK)
         broken = kind == _U64(D.XEN_DOMCTL_PFINFO_BROKEN)
@@ -194,23 +232,37 @@ class PhysmapMixin:
         if idx.size == 0:
             return 0, mfns, types, orders
         saved = os.sched_getaffinity(0)
-        cpu = min(saved)
+        m = self.map_foreign(domid, g[idx], False)
+        if isinstance(m, int):
+            self.hvm_p2m_failed = f"foreign map of the gfns: {E.name(m)}"
+            return m, z, z, z
+        tries = []
         try:
-            os.sched_setaffinity(0, {cpu})      # migrates this thread before it returns
-            m = self.map_foreign(domid, g[idx], False)
-            if isinstance(m, int):
-                return m, z, z, z
-            try:
-                rc, cr3 = self._own_cr3(cpu)
+            va = np.uint64(m.addr) + np.arange(idx.size, dtype=np.uint64) * _U64(4096)
+            for _ in range(8):
+                try:
+                    rc, cr3 = self._own_cr3()
+                finally:
+                    os.sched_setaffinity(0, saved)
                 if rc:
-                    return rc, z, z, z
-                va = np.uint64(m.addr) + np.arange(idx.size, dtype=np.uint64) * _U64(4096)
+                    tries.append(f"getvcpucontext: {E.name(rc)}")
+                    if rc in (-E.EOPNOTSUPP, -E.EPERM, -E.EACCES):
+                        break
+                    continue
                 rc, l1 = self._walk_own(cr3, va)
-            finally:
-                m.unmap()
+                if rc:
+                    tries.append(f"walk from {cr3:#x}: {E.name(rc)}")
+                    continue
+                found = ((l1 >> _U64(12)) & _U64(_FRAME_MASK)).astype(np.int64)
+                # another process may have run on that vCPU: the M2P must name every gfn back
+                if (self.m2p(found).astype(np.int64) == g[idx]).all():
+                    break
+                tries.append(f"walk from {cr3:#x}: frames whose M2P does not name the gfns")
+                rc = -E.EAGAIN
         finally:
-            os.sched_setaffinity(0, saved)
+            m.unmap()
         if rc:
+            self.hvm_p2m_failed = "reading dom0's own page tables: " + "; ".join(tries)
             return rc, z, z, z
-        mfns[idx] = ((l1 >> _U64(12)) & _U64(_FRAME_MASK)).astype(np.int64)
+        mfns[idx] = found
         return 0, mfns, types, orders
