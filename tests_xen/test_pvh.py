@@ -1,6 +1,13 @@
-"""A PVH memtest guest's frames retired on stock Xen 4.17 (lab group ``pvh``, its own boot):
-found through dom0's page tables, retired in place (one frame, then a batch under one pause),
-then by live migration through libxl.  See translated.py."""
+"""PVH memtest guests' frames retired on stock Xen 4.17 (lab group ``pvh``, its own boot):
+found through dom0's page tables, retired in place (one frame, then eight under one pause) in
+one guest, and by live migration through libxl in a second guest built at the start.  See
+translated.py.
+
+Two guests, because in three lab runs a live migration of a guest that had had a frame
+retired in place failed (the sender's libxenguest: ``Unknown type 0xffffffffffffffff for pfn
+0xfcbf0``, then ``Mapping of pfn 0x13400 (mfn 0x13400) failed -22``; then the receiving xl
+died of SIGSEGV), while the same migration without the in-place step passed twice
+(tests_xen/README.md)."""
 
 from __future__ import annotations
 
@@ -12,8 +19,14 @@ KIND = "pvh"
 
 
 @pytest.fixture(scope="module")
-def guest(xen, rec):
-    return T.start(KIND, rec)
+def guests(xen, rec):
+    # both built before anything is offlined (Xen 4.17's misaligned buddy split)
+    return T.start(KIND, rec), T.start(KIND, rec, name="pvhmig")
+
+
+@pytest.fixture(scope="module")
+def guest(guests):
+    return guests[0]
 
 
 def test_pvh_frames(xen, rec, guest):
@@ -34,5 +47,5 @@ def test_pvh_cli_exchange(xen, rec, guest):
     T.cli_exchange(xen, guest, rec)
 
 
-def test_pvh_live_migration(xen, rec, guest):
-    T.migrate_off(xen, guest, rec)
+def test_pvh_live_migration(xen, rec, guests):
+    T.migrate_off(xen, guests[1], rec)
