@@ -67,6 +67,7 @@ GROUPS = {
 GROUP_ARGS = {
     "pvh": {"LAB_XEN_PV_MEMTEST": "0"},
     "hvm": {"LAB_XEN_PV_MEMTEST": "0"},
+    "pvh-after": {"LAB_XEN_PV_MEMTEST": "0"},
 }
 
 #: Groups run only when named (``--group split``): the split-guard churn passed in three
@@ -77,6 +78,8 @@ EXTRA_GROUPS = {
     # an HVM guest takes more than 7 minutes to reach memtest here (SeaBIOS, direct kernel
     # boot, the kernel decompressing itself under Xen's HVM under TCG): too long for make test-xen
     "hvm": "tests_xen/test_hvm.py",
+    # does a PVH guest migrate after dom0 touched its memory (XENPAGE_LAB_AFTER=inplace|rewrite|none)?
+    "pvh-after": "tests_xen/test_pvh_after.py",
 }
 
 

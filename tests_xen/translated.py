@@ -35,11 +35,19 @@ from xenpage.abi import sysctl as S
 from xenpage.toolstack.pcpu import off_pcpu0
 
 CFG = {"pvh": ROOT / "lab/guest/pvh.cfg", "hvm": ROOT / "lab/guest/hvm.cfg"}
-#: memtest page indexes used by each step (16 MiB = 4096 pages)
-ONE = 100
-BATCH = [300, 700, 1100, 1500, 1900, 2300, 2700, 3100]
-CLI = 3500
-MIGRATE = 2000
+#: memtest page indexes used by each step, as fractions of memtest's pages (16 MiB = 4096
+#: pages for PVH, 2 MiB for HVM: see hvm.cfg)
+ONE = 0.025
+BATCH = [0.075 + 0.1 * k for k in range(8)]
+CLI = 0.85
+MIGRATE = 0.5
+RX_DONE = re.compile(r"^MEMTEST PFNS-DONE pages=(\d+)", re.M)
+
+
+def at(g: "TGuest", fracs) -> list[int]:
+    """memtest page indexes at these fractions of its pages."""
+    n = g.npages()
+    return [int(f * n) for f in fracs]
 
 
 @dataclass
@@ -69,6 +77,10 @@ class TGuest:
         for i, p in RX_PFN.findall(self.text()):
             out.setdefault(int(i), int(p, 16))
         return out
+
+    def npages(self) -> int:
+        m = RX_DONE.search(self.text())
+        return int(m.group(1)) if m else 0
 
     def heartbeats(self) -> list[tuple[int, int, int, int]]:
         return sorted({tuple(int(x) for x in m.groups()) for m in RX_OK.finditer(self.text())})
@@ -100,7 +112,7 @@ def domid_of(name: str) -> int | None:
 
 #: seconds until memtest's first heartbeat: an HVM guest boots through SeaBIOS and decompresses
 #: its kernel itself, every instruction emulated twice over (TCG, then Xen's HVM under TCG)
-BOOT_TIMEOUT = {"pvh": 420, "hvm": 1800}
+BOOT_TIMEOUT = {"pvh": 420, "hvm": 1500}
 
 
 def start(kind: str, rec, timeout: float | None = None, name: str | None = None) -> TGuest:
@@ -166,7 +178,7 @@ def check_frames(xen, g: TGuest, rec) -> None:
     guest's (the offline sysctl's owner field, then onlined again); a 2 MiB-aligned run of
     gfns sits on a 2 MiB-aligned run of frames (the builder's superpages)."""
     pf = g.pfns()
-    assert len(pf) == 4096, f"memtest printed {len(pf)} PFN lines"
+    assert len(pf) == g.npages() > 0, f"memtest printed {len(pf)} PFN lines of {g.npages()}"
     idx = sorted(pf)
     gfns = np.array([pf[i] for i in idx], dtype=np.int64)
     t0 = time.perf_counter()
@@ -179,7 +191,7 @@ def check_frames(xen, g: TGuest, rec) -> None:
     m2p = xen.m2p(mfns).astype(np.int64)
     same_2m = int(((mfns % 512) == (gfns % 512)).sum())
     # the operator's path: an MFN, whose owner the offline sysctl names
-    probe = int(mfns[ONE + 1])
+    probe = int(mfns[at(g, [ONE])[0] + 1])
     st = mark(xen, [probe])[0]
     rc_on, st_on = xen.page_offline_op(S.sysctl_page_online, probe, probe)
     st_q = status(xen, probe)
@@ -211,6 +223,7 @@ def _diagnose(xen, domid: int, gfns) -> dict:
 
 def retire_in_place(xen, g: TGuest, idx: list[int], rec, label: str) -> dict:
     """Mark, pause, copy out, decrease_reservation, populate_physmap, copy back, unpause."""
+    idx = at(g, idx)
     gfns, old = frames(xen, g, idx)
     n = gfns.size
     st_mark = mark(xen, old)
@@ -268,7 +281,7 @@ def retire_in_place(xen, g: TGuest, idx: list[int], rec, label: str) -> dict:
 def cli_exchange(xen, g: TGuest, rec) -> None:
     """``xenpage mem-offline --hvm=exchange`` of one memtest frame (the toolstack path of
     hvmsim's branch).  Enabled with XENPAGE_LAB_HVM_CLI=1 once that path is merged."""
-    gfns, old = frames(xen, g, [CLI])
+    gfns, old = frames(xen, g, at(g, [CLI]))
     gen = g.last_gen()
     r = xenpage("mem-offline", f"{int(old[0]):x}", "--hvm=exchange", timeout=300)
     hb = g.wait_after(gen, 2)
@@ -284,7 +297,7 @@ def cli_exchange(xen, g: TGuest, rec) -> None:
 def migrate_off(xen, g: TGuest, rec) -> None:
     """A frame marked offline stays pending; ``live_migrate`` (xl migrate to this host)
     moves the guest; the old domain's destruction offlines the frame."""
-    gfns, old = frames(xen, g, [MIGRATE])
+    gfns, old = frames(xen, g, at(g, [MIGRATE]))
     m = int(old[0])
     st = mark(xen, [m])[0]
     gen = g.last_gen()
