@@ -127,7 +127,7 @@ class MigrationMixin:
             th.join(timeout=10)
         log = [f"{t:9.3f} {s}" for t, s in lines]
         log.insert(0, "$ " + " ".join(shlex.quote(a) for a in argv))
-        if rc != 0:
+        if rc != 0:     # xl's exit status is no errno: -EIO, with xl's last error line
             errs = [s for _, s in lines if RX_FAILED.search(s)]
             return fail(-E.EIO, f"xl migrate exited {rc}: " + (errs[-1] if errs else (lines[-1][1] if lines else "")),
                         log)
@@ -137,8 +137,8 @@ class MigrationMixin:
             for d in self.domain_list():
                 if d.name == info.name and d.domid != domid:
                     new = d.domid
-        rounds = fig["rounds"]
-        return MigrationReport(ok=True, rc=0, error="", new_domid=new, same_host=same, rounds=rounds,
-                               live_rounds=(rounds - 1 if rounds else None), pages_sent=fig["pages_sent"],
+        # which iteration ran suspended is not in the log: live_rounds stays unknown
+        return MigrationReport(ok=True, rc=0, error="", new_domid=new, same_host=same, rounds=fig["rounds"],
+                               live_rounds=None, pages_sent=fig["pages_sent"],
                                downtime_s=fig["downtime_s"], total_s=round(time.monotonic() - t0, 3),
                                stop_reason=None, engine="libxl", log=log)
