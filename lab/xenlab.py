@@ -43,6 +43,8 @@ HOST_PACKAGES = [
 DOM0_PACKAGES = [
     "xen-utils-4.17", "xenstore-utils", "python3", "kmod", "procps", "busybox",
     "python3-numpy", "python3-click", "python3-rich", "python3-pytest", "python3-hypothesis", "python3-pytest-xdist",
+    # HVM guests: the device model (QEMU built for Xen) and its firmware
+    "qemu-system-xen", "seabios",
 ]
 DOM0_IMPORT_CHECK = "import numpy, click, rich, pytest, hypothesis, xdist"
 SUITE = "bookworm"

@@ -113,6 +113,7 @@ def _c_program() -> str:
         lines.append(f'  printf("C {k} %lld\\n", (long long)({k}));')
     for k in INTERFACE_VERSIONS:
         lines.append(f'  printf("C {k} %lld\\n", (long long)({k}));')
+    lines.append('  printf("Z vcpu_guest_context_any_t %zu\\n", sizeof(vcpu_guest_context_any_t));')
     for k in vars(errno_mod):
         if k.isupper() and isinstance(getattr(errno_mod, k), int):
             lines += [f"#ifdef {k}", f'  printf("E {k} %d\\n", {k});', "#else",
@@ -136,7 +137,7 @@ def c_side(tmp_path_factory):
                        capture_output=True, text=True)
     assert p.returncode == 0, f"the ABI program does not compile against libxen-dev's headers:\n{p.stderr[-4000:]}"
     out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
-    res: dict = {"S": {}, "M": {}, "C": {}, "E": {}, "A": {}, "R": {}}
+    res: dict = {"S": {}, "M": {}, "C": {}, "E": {}, "A": {}, "R": {}, "Z": {}}
     for line in out.splitlines():
         kind, rest = line.split(" ", 1)
         if kind == "S":
@@ -154,6 +155,9 @@ def c_side(tmp_path_factory):
         elif kind == "R":
             fn, size = rest.split()
             res["R"][fn] = int(size)
+        elif kind == "Z":
+            name, size = rest.split()
+            res["Z"][name] = int(size)
     return res
 
 
@@ -166,6 +170,13 @@ def test_struct_layout_matches_headers(c_side, cls):
         c_off, c_sz = c_side["M"][(cls.__name__, desig)]
         assert (off, sz) == (c_off, c_sz), \
             f"{cls._c_name_}.{desig}: C offset {c_off} size {c_sz}, structs.py offset {off} size {sz}"
+
+
+def test_vcpu_context_buffer_holds_the_union(c_side):
+    """The buffer handed to ``xc_vcpu_getcontext`` is as large as ``vcpu_guest_context_any_t``,
+    whose x86_64 member is the one read."""
+    assert structs.VCPU_CONTEXT_ANY_SIZE == c_side["Z"]["vcpu_guest_context_any_t"]
+    assert ctypes.sizeof(structs.VcpuGuestContextX8664) <= structs.VCPU_CONTEXT_ANY_SIZE
 
 
 def test_every_abi_constant_matches_headers(c_side):

@@ -23,8 +23,8 @@ HERE = Path(__file__).resolve().parent
 #: Run order.  Offlines that can leave misaligned free chunks in Xen 4.17's heap (a pending
 #: frame freed when its domain is destroyed; see xenpage/backends/xen/quirks.py) come last, after
 #: every domain creation, so that a later allocation cannot trip over them.
-ORDER = ["test_memtest_offline.py", "test_crash_recover.py", "test_stock_exchange.py", "test_page_kinds.py",
-         "test_split_guard.py", "test_hang_guard.py"]
+ORDER = ["test_pvh.py", "test_hvm.py", "test_pvh_after.py", "test_memtest_offline.py", "test_crash_recover.py",
+         "test_stock_exchange.py", "test_page_kinds.py", "test_split_guard.py", "test_hang_guard.py"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,9 @@ if [ ! -f tests_xen/conftest.py ]; then
   lab_fail xenpage-xen "tests_xen/ is not in the payload (use tests_xen/run_lab.py)"
   exit 1
 fi
+if [ "${LAB_XEN_PV_MEMTEST:-1}" = 0 ]; then
+  lab_note "no PV memtest guest (LAB_XEN_PV_MEMTEST=0): the tests start their own"
+else
 lab_begin memtest-domu
 sed 's/^name *=.*/name = "memtest"/' lab/guest/memtest.cfg > /tmp/memtest.cfg
 if xl create /tmp/memtest.cfg > "$LAB_OUT/memtest-create.log" 2>&1; then
@@ -25,6 +28,7 @@ if xl create /tmp/memtest.cfg > "$LAB_OUT/memtest-create.log" 2>&1; then
 else
   lab_fail memtest-domu "xl create: $(tail -n 1 "$LAB_OUT/memtest-create.log")"
 fi
+fi
 args=${LAB_XEN_PYTEST_ARGS:-tests/contract tests_xen}
 lab_begin xenpage-xen-pytest
 # shellcheck disable=SC2086
@@ -32,6 +36,7 @@ python3 -m pytest -v -p no:cacheprovider -o addopts= --junitxml="$LAB_OUT/junit-
 rc=$?
 summary=$(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$LAB_OUT/pytest-xen.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
 cp /var/log/xen/console/guest-*.log "$LAB_OUT/" 2>/dev/null
+cp /var/log/xen/qemu-dm-*.log /var/log/xen/xl-*.log "$LAB_OUT/" 2>/dev/null
 xl dmesg > "$LAB_OUT/xl-dmesg-xen.txt" 2>&1
 case $rc in
   0) lab_ok xenpage-xen-pytest "$summary" ;;

@@ -314,3 +314,36 @@ class MigrationHypervisor(Hypervisor, Protocol):
         the simulator reads its p2m.  ``-EOPNOTSUPP`` where a backend cannot; the toolstack
         uses it only to verify (the new frame's M2P)."""
         ...
+
+
+# -- capabilities and live migration's report -------------------------------------------------
+
+#: A backend that can live-migrate a guest (``live_migrate``).
+CAP_MIGRATE = "migrate"
+#: A backend that can retire an HVM/PVH guest's frame in place (pause, copy,
+#: ``XENMEM_decrease_reservation``, ``XENMEM_populate_physmap``, copy back, unpause).
+CAP_HVM_INPLACE = "hvm-inplace"
+
+
+@dataclass
+class MigrationReport:
+    """What one live migration did: on real Xen what libxl/libxenguest reported (``xl
+    migrate``), on the simulator what its model of ``xg_sr_save.c`` did.  ``None`` where the
+    engine says nothing."""
+
+    ok: bool
+    rc: int                      # 0 or -errno
+    error: str
+    new_domid: int | None
+    same_host: bool
+    rounds: int | None           # iterations of the save loop, the final (suspended) one included
+    live_rounds: int | None      # iterations while the guest ran
+    pages_sent: int | None
+    downtime_s: float | None
+    total_s: float
+    stop_reason: str | None
+    engine: str                  # "libxl" on real Xen, "sim" on the simulator
+    log: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)

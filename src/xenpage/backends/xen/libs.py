@@ -106,6 +106,14 @@ PROTOTYPES: list[Proto] = [
       "void *", [XCH, "xc_hypercall_buffer_t *", "int"]),
     P("ctrl", "xc__hypercall_buffer_free_pages", None, [c_void_p, POINTER(T.XcHypercallBuffer), c_int],
       "void", [XCH, "xc_hypercall_buffer_t *", "int"]),
+    P("ctrl", "xc_vcpu_getcontext", c_int, [c_void_p, c_uint32, c_uint32, c_void_p],
+      "int", [XCH, "uint32_t", "uint32_t", "vcpu_guest_context_any_t *"]),
+    # XENMEM_decrease_reservation / XENMEM_populate_physmap of another domain: the number of
+    # extents done, or -1 with errno
+    P("ctrl", "xc_domain_decrease_reservation", c_int, [c_void_p, c_uint32, c_ulong, c_uint, c_uint64_p],
+      "int", [XCH, "uint32_t", "unsigned long", "unsigned int", "xen_pfn_t *"]),
+    P("ctrl", "xc_domain_populate_physmap", c_int, [c_void_p, c_uint32, c_ulong, c_uint, c_uint, c_uint64_p],
+      "int", [XCH, "uint32_t", "unsigned long", "unsigned int", "unsigned int", "xen_pfn_t *"]),
     P("ctrl", "xc_gnttab_get_version", c_int, [c_void_p, c_uint32], "int", [XCH, "uint32_t"]),
     P("ctrl", "xc_gnttab_map_table_v1", c_void_p, [c_void_p, c_uint32, c_int_p],
       "grant_entry_v1_t *", [XCH, "uint32_t", "int *"]),

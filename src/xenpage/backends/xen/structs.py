@@ -189,10 +189,36 @@ class SharedInfo(Structure):
     ]
 
 
+class VcpuGuestContextX8664(Structure):
+    """``vcpu_guest_context_x86_64_t`` (``xc_vcpu_getcontext`` of a 64-bit PV vCPU): only
+    ``ctrlreg[3]`` (the vCPU's page-table base, an MFN shifted by 12) is read; the register
+    file and trap table are kept opaque."""
+    _c_name_ = "vcpu_guest_context_x86_64_t"
+    _fields_ = [
+        ("fpu_ctxt", c_uint8 * 512),
+        ("flags", c_uint64),
+        ("user_regs", c_uint8 * 200),        # struct cpu_user_regs_x86_64
+        ("trap_ctxt", c_uint8 * (16 * 256)),  # struct trap_info_x86_64[256]
+        ("ldt_base", c_uint64), ("ldt_ents", c_uint64),
+        ("gdt_frames", c_uint64 * 16), ("gdt_ents", c_uint64),
+        ("kernel_ss", c_uint64), ("kernel_sp", c_uint64),
+        ("ctrlreg", c_uint64 * 8),
+        ("debugreg", c_uint64 * 8),
+        ("event_callback_eip", c_uint64), ("failsafe_callback_eip", c_uint64),
+        ("syscall_callback_eip", c_uint64), ("vm_assist", c_uint64),
+        ("fs_base", c_uint64), ("gs_base_kernel", c_uint64), ("gs_base_user", c_uint64),
+    ]
+
+
+#: ``vcpu_guest_context_any_t`` is a union of the x86_64 and x86_32 layouts; the 64-bit one is
+#: the larger, checked by the ABI test against the union's own size.
+VCPU_CONTEXT_ANY_SIZE = 5168
+
+
 #: Every structure the ABI test checks against the C headers.
 ABI_STRUCTS = [XcShadowOpStats, XcHypercallBuffer, XenArchDomainconfig, XenDomctlGetDomainInfo, XenSysctlPhysinfo, MmuUpdate, MmuextOp,
                XenMemoryReservation, XenMemoryExchange, GrantEntryV1, VcpuTimeInfo, ArchVcpuInfo,
-               VcpuInfo, ArchSharedInfo, SharedInfo]
+               VcpuInfo, ArchSharedInfo, SharedInfo, VcpuGuestContextX8664]
 
 
 def layout(cls) -> list[tuple[str, int, int]]:
