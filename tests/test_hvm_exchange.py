@@ -66,7 +66,7 @@ def test_decrease_reservation_splits_the_superpage_and_frees_the_frame():
 
 def test_decrease_reservation_order_of_checks():
     h, hv, g = hvm_host(guest_mib=4, headroom=HEAD)
-    assert hv.decrease_reservation(9, [1]) == -E.ESRCH
+    assert hv.decrease_reservation(9, [1]) == 0   # no domain: 0 done, as real Xen 4.17.7 answers
     assert HV.decrease_reservation(h, 1, 0, [1]) == -E.EPERM          # xsm_memory_adjust_reservation
     snap = snapshot(h)
     assert hv.decrease_reservation(1, [5, 2000, 6]) == 1              # gfn 2000 is past the RAM: stops

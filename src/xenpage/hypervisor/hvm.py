@@ -148,7 +148,9 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
     c = host.domains.get(caller)
     d = host.domains.get(domid)
     if d is None or d.is_system:
-        return -E.ESRCH, np.zeros(0, dtype=np.int64)
+        # do_memory_op: no such domain ends the call before any extent -- it returns the
+        # extents done so far (0), not an errno (measured on the lab's Xen 4.17.7)
+        return 0, np.zeros(0, dtype=np.int64)
     if caller != domid and not (c and c.privileged):
         return -E.EPERM, np.zeros(0, dtype=np.int64)
     p = P.get(host, domid)
@@ -241,7 +243,8 @@ def guest_remove_page(host: "Host", d, gfn: int) -> int:
 def decrease_reservation(host: "Host", caller: int, domid: int, gfns) -> int:
     """``XENMEM_decrease_reservation`` of order-0 extents for a translated guest, as
     ``do_memory_op`` and ``decrease_reservation`` (``xen/common/memory.c``) run it: the target
-    domain (``rcu_lock_domain_by_any_id``: -ESRCH), ``xsm_memory_adjust_reservation``
+    domain (``rcu_lock_domain_by_any_id``; none: the call returns the extents done so far, 0 --
+    not -ESRCH: the lab's Xen 4.17.7 answered 0), ``xsm_memory_adjust_reservation``
     (a domain other than the caller's: the caller must be privileged, -EPERM); then per
     extent ``p2m_pod_decrease_reservation`` (no PoD entries here) and ``guest_remove_page``.
     The first extent that cannot be removed ends the call: the result is the number of
@@ -249,7 +252,7 @@ def decrease_reservation(host: "Host", caller: int, domid: int, gfns) -> int:
     c = host.domains.get(caller)
     d = host.domains.get(domid)
     if d is None or d.is_system:
-        return -E.ESRCH
+        return 0
     if caller != domid and not (c and c.privileged):
         return -E.EPERM
     gl = [int(g) for g in np.asarray(gfns, dtype=np.int64).ravel().tolist()]

@@ -326,6 +326,10 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
         if seconds > 0:
             time.sleep(seconds)
 
+    def now(self) -> float:
+        """The host's clock for the migration and in-place timings (``time.monotonic``)."""
+        return time.monotonic()
+
     # -- guest memory -----------------------------------------------------------------------------
     def _m2p_table(self) -> np.ndarray:
         if self._m2p is None:
