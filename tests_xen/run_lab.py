@@ -61,7 +61,6 @@ GROUPS = {
     "hang": "tests_xen/test_hang_guard.py",
     # mem-offline killed (SIGKILL, tests/crashrun.py) at journal points, recovered by a new process
     "crash": "tests_xen/test_crash_recover.py",
-    "pvh": "tests_xen/test_pvh.py",
 }
 
 #: Scenario arguments of a group: the PVH and HVM groups start their own guest, not the PV
@@ -77,6 +76,11 @@ GROUP_ARGS = {
 #: vCPUs busy, no Xen message; cause not found yet), so it stays out of ``make test-xen``.
 EXTRA_GROUPS = {
     "split": "tests_xen/test_split_guard.py",
+    # every test of the group passes (in place, batch, live migration), but in both runs on
+    # the merged tree the boot then hung (no further console output after the last test;
+    # the branch's own run lost its result export the same way): cause not found, so it runs
+    # by hand (--group pvh) until it ends cleanly
+    "pvh": "tests_xen/test_pvh.py",
     # an HVM guest takes more than 7 minutes to reach memtest here (SeaBIOS, direct kernel
     # boot, the kernel decompressing itself under Xen's HVM under TCG): too long for make test-xen
     "hvm": "tests_xen/test_hvm.py",
