@@ -12,7 +12,6 @@ Like :mod:`xenpage.paths`, this module imports nothing of xenpage: every layer m
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 from typing import IO
 
@@ -59,6 +58,13 @@ def fsync_dir(d: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_durably(path: str | os.PathLike) -> None:
+    """Remove ``path`` if it is there, and make that durable (the directory fsync'd)."""
+    p = Path(path)
+    p.unlink(missing_ok=True)
+    fsync_dir(p.parent)
 
 
 def replace_durably(path: str | os.PathLike, text: str) -> None:

@@ -136,11 +136,7 @@ class _Journal:
     def end(self) -> None:
         checkpoint(self.hv)
         crash_point("hvm-end", self.hv)
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        _fsync_dir(self.dir)
+        statefiles.remove_durably(self.path)
 
 
 

@@ -165,11 +165,7 @@ class Journal:
         """The guest is resumed: nothing left to recover."""
         self._checkpoint()
         crash_point("end", self.hv)
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        _fsync_dir(self.dir)
+        statefiles.remove_durably(self.path)
 
 
 class JournalError(Exception):
