@@ -163,14 +163,19 @@ def save(host: "Host", path: Path) -> None:
         if old.exists():
             old = parent / f"{name}.legacy"
         os.rename(path, old)
-    link = parent / f".{name}.link{os.getpid()}"
-    if os.path.lexists(link):
-        link.unlink()
-    os.symlink(tmp.name, link)
-    os.replace(link, path)  # the one rename: readers see the old host or the new one
-    _fsync_dir(parent)
+    _point(path, tmp)  # the one rename: readers see the old host or the new one
     if old is not None and old.name != tmp.name:
         _remove_tree(old)
+
+
+def _point(path: Path, generation: Path) -> None:
+    """Make the link ``path`` name ``generation`` with one rename of a fresh link over it."""
+    link = path.parent / f".{path.name}.link{os.getpid()}"
+    if os.path.lexists(link):
+        link.unlink()
+    os.symlink(generation.name, link)
+    os.replace(link, path)
+    _fsync_dir(path.parent)
 
 
 def _remove_tree(d: Path) -> None:
@@ -231,12 +236,7 @@ def tidy(path: Path) -> str | None:
     best = max(complete, key=lambda p: (p / "host.json").stat().st_mtime_ns)
     gen = max([g for g in (_generation(p, path.name) for p in left) if g is not None], default=0) + 1
     target = best if _generation(best, path.name) is not None else best.rename(path.parent / f"{path.name}.g{gen}")
-    link = path.parent / f".{path.name}.link{os.getpid()}"
-    if os.path.lexists(link):
-        link.unlink()
-    os.symlink(target.name, link)
-    os.replace(link, path)
-    _fsync_dir(path.parent)
+    _point(path, target)
     for p in leftovers(path):
         _remove_tree(p)
     return f"recovered the saved host from {best.name} (an interrupted save had left it)"
