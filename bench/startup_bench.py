@@ -7,10 +7,10 @@ slows them all alike:
 * ``python -c pass`` -- the interpreter alone (the floor);
 * ``python -c "import numpy"`` -- numpy alone, on the same interpreter;
 * ``xenpage -V`` -- the CLI loaded (click and the command tree: no numpy, rich or simulator);
-* ``xenpage --backend xen mem-status 0`` -- the real-Xen path: the CLI, ctypes, the real
-  backend and numpy (the status words of the ``Hypervisor`` protocol are a numpy array); off
-  Xen it stops where the libraries or privcmd are missing, before any hypercall, so it is the
-  start-up alone;
+* ``xenpage --backend xen mem-status 0`` -- the real-Xen path: the CLI, ctypes and the real
+  backend, no numpy (the backend answers the status query in an ``array('I')`` and imports
+  numpy only for calls over many frames); off Xen it stops where the libraries or privcmd are
+  missing, before any hypercall, so it is the start-up alone;
 * ``xenpage --backend sim mem-status MFN`` -- the simulator's path, for contrast: it loads
   and checks a saved (small) simulated host.
 
@@ -99,8 +99,8 @@ def section_startup(ctx) -> str:
     ok = x <= TARGET_X_NUMPY
     lines += ["", f"Real-Xen `mem-status` start-up: {x:.2f}x `import numpy` (target <= "
               f"{TARGET_X_NUMPY:.1f}x{'' if ok else ': MISSED'}); xenpage's own share (its "
-              f"median minus numpy's) {own * 1000:.0f} ms. That path loads click, ctypes, the "
-              "real backend and numpy; no rich, no simulator, no service "
+              f"median minus numpy's) {own * 1000:.0f} ms. That path loads click, ctypes and the "
+              "real backend; no numpy, no rich, no simulator, no service "
               "(tests/test_packaging.py checks the modules).", ""]
     if not ok:
         ctx.failures.append(f"startup: real-Xen mem-status start-up {x:.2f}x import numpy > "

@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from ..abi import domctl
 
 if TYPE_CHECKING:  # annotations only: the CLI's start-up does not load numpy
+    from array import array
+
     import numpy as np
+
+    #: the offline sysctl's status words (see :meth:`Hypervisor.page_offline_op`)
+    StatusWords = np.ndarray | array
 # -- capabilities: what a backend can do beyond the base protocol ---------------------------
 #: live migration (and the HVM retirement paths' other calls): the backend is a
 #: :class:`MigrationHypervisor`
@@ -125,8 +130,11 @@ class Hypervisor(Protocol):
         """``XENMEM_maximum_ram_page``: first frame past the last RAM frame."""
         ...
 
-    def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
-        """``XEN_SYSCTL_page_offline_op`` over [start, end] (32-bit fields): ``(rc, status)``."""
+    def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, StatusWords | None]:
+        """``XEN_SYSCTL_page_offline_op`` over [start, end] (32-bit fields): ``(rc, status)``,
+        one uint32 word per frame in a buffer-protocol sequence (``len``, indexing,
+        ``tolist()``; ``np.asarray`` views it): numpy on the simulator, ``array('I')`` on real
+        Xen, so a one-frame query loads no numpy."""
         ...
 
     def split_misaligns(self) -> bool:
@@ -315,35 +323,3 @@ class MigrationHypervisor(Hypervisor, Protocol):
         uses it only to verify (the new frame's M2P)."""
         ...
 
-
-# -- capabilities and live migration's report -------------------------------------------------
-
-#: A backend that can live-migrate a guest (``live_migrate``).
-CAP_MIGRATE = "migrate"
-#: A backend that can retire an HVM/PVH guest's frame in place (pause, copy,
-#: ``XENMEM_decrease_reservation``, ``XENMEM_populate_physmap``, copy back, unpause).
-CAP_HVM_INPLACE = "hvm-inplace"
-
-
-@dataclass
-class MigrationReport:
-    """What one live migration did: on real Xen what libxl/libxenguest reported (``xl
-    migrate``), on the simulator what its model of ``xg_sr_save.c`` did.  ``None`` where the
-    engine says nothing."""
-
-    ok: bool
-    rc: int                      # 0 or -errno
-    error: str
-    new_domid: int | None
-    same_host: bool
-    rounds: int | None           # iterations of the save loop, the final (suspended) one included
-    live_rounds: int | None      # iterations while the guest ran
-    pages_sent: int | None
-    downtime_s: float | None
-    total_s: float
-    stop_reason: str | None
-    engine: str                  # "libxl" on real Xen, "sim" on the simulator
-    log: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return asdict(self)

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+from array import array
 import time
 from contextlib import contextmanager
 from ctypes import POINTER, byref, c_int, c_uint, c_uint32, c_uint64, c_ulong
 
-import numpy as np
+from .lazynp import np
 
 from ...abi import domctl as D
 from ...abi import errno as E
@@ -46,7 +47,6 @@ from .migration import MigrationMixin
 from .physmap import PhysmapMixin, XenPageData  # noqa: F401  (XenPageData: read_pages' result)
 
 PAGE = X.PAGE_SIZE
-_U64 = np.uint64
 #: frames per page-offline sysctl (Xen 4.17 handles the range without preemption)
 OFFLINE_CHUNK = 1 << 14
 FRAME_MASK = (1 << 40) - 1
@@ -171,7 +171,9 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
         (quirks.py); the fix (2026) is in no 4.17 release."""
         return True
 
-    def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
+    def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, array | None]:
+        """The status words come back as ``array('I')`` (uint32, buffer protocol): a query of
+        one frame imports no numpy; ``np.asarray`` views it without a copy."""
         if not (0 <= start <= S.MFN_FIELD_MAX and 0 <= end <= S.MFN_FIELD_MAX):
             raise ValueError("page_offline_op: start and end are 32-bit fields")
         fn = {S.sysctl_page_offline: self.L.xc_mark_page_offline,
@@ -179,15 +181,15 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
               S.sysctl_query_page_offline: self.L.xc_query_page_offline_status}.get(cmd)
         if end < start:
             return -E.EINVAL, None
-        status = np.full(end - start + 1, S.STATUS_UNTOUCHED, dtype=np.uint32)
+        status = array("I", [S.STATUS_UNTOUCHED]) * (end - start + 1)
         if fn is None:
             return -E.EINVAL, status
+        words = (c_uint32 * len(status)).from_buffer(status)
         with self._offline_guard(cmd == S.sysctl_page_offline):
             for s in range(start, end + 1, OFFLINE_CHUNK):
                 e = min(end, s + OFFLINE_CHUNK - 1)
-                part = status[s - start:e - start + 1]
                 L.clear_errno()
-                if fn(self.xch, s, e, part.ctypes.data_as(POINTER(c_uint32))):
+                if fn(self.xch, s, e, ctypes.byref(words, (s - start) * 4)):
                     return L.neg_errno(), status
         return 0, status
 
@@ -349,7 +351,7 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
 
     def m2p(self, mfns) -> np.ndarray:
         mfns = np.asarray(mfns, dtype=np.int64).ravel()
-        out = np.full(mfns.size, _U64(X.INVALID_M2P_ENTRY), dtype=np.uint64)
+        out = np.full(mfns.size, np.uint64(X.INVALID_M2P_ENTRY), dtype=np.uint64)
         ok = (mfns >= 0) & (mfns < self.max_mfn())
         if ok.any():
             out[ok] = self._m2p_table()[mfns[ok]]
@@ -406,17 +408,17 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
 
     def _linear_p2m_frames(self, domid: int, a: T.ArchSharedInfo) -> tuple[int, np.ndarray]:
         nframes = -(-a.max_pfn // 512)
-        va = np.uint64(a.p2m_vaddr) + np.arange(nframes, dtype=np.uint64) * _U64(PAGE)
+        va = np.uint64(a.p2m_vaddr) + np.arange(nframes, dtype=np.uint64) * np.uint64(PAGE)
         table = np.full(nframes, a.p2m_cr3 >> 12, dtype=np.uint64)
         for shift in (39, 30, 21, 12):
-            rc, ent = self._read_entries(domid, table, ((va >> _U64(shift)) & _U64(511)).astype(np.int64))
+            rc, ent = self._read_entries(domid, table, ((va >> np.uint64(shift)) & np.uint64(511)).astype(np.int64))
             if rc:
                 return rc, np.zeros(0, dtype=np.int64)
-            if not ((ent & _U64(_PRESENT)) != 0).all():
+            if not ((ent & np.uint64(_PRESENT)) != 0).all():
                 return -E.EFAULT, np.zeros(0, dtype=np.int64)
-            if shift in (30, 21) and ((ent & _U64(_PSE)) != 0).any():
+            if shift in (30, 21) and ((ent & np.uint64(_PSE)) != 0).any():
                 return -E.EOPNOTSUPP, np.zeros(0, dtype=np.int64)
-            table = (ent >> _U64(12)) & _U64(FRAME_MASK)
+            table = (ent >> np.uint64(12)) & np.uint64(FRAME_MASK)
         return 0, table.astype(np.int64)
 
     def pv_p2m_frames(self, domid: int) -> tuple[int, np.ndarray, int]:
@@ -492,7 +494,7 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
         step = D.GETPAGEFRAMEINFO3_MAX
         for s in range(0, mfns.size, step):
             part = mfns[s:s + step]
-            buf = np.where(part < 0, _U64(X.INVALID_MFN), part.astype(np.uint64)).astype(np.uint64)
+            buf = np.where(part < 0, np.uint64(X.INVALID_MFN), part.astype(np.uint64)).astype(np.uint64)
             L.clear_errno()
             if self.L.xc_get_pfn_type_batch(self.xch, domid, buf.size, _u64ptr(buf)):
                 return L.neg_errno(), np.zeros(0, dtype=np.uint32)

@@ -30,7 +30,7 @@ import threading
 import time
 from ctypes import POINTER, c_uint64
 
-import numpy as np
+from .lazynp import np
 
 from ...abi import domctl as D
 from ...abi import errno as E
@@ -39,7 +39,6 @@ from ...abi import xen as X
 from . import libs as L
 from . import structs as T
 
-_U64 = np.uint64
 _PRESENT, _PSE = 0x1, 0x80
 _FRAME_MASK = (1 << 40) - 1
 
@@ -185,14 +184,14 @@ class PhysmapMixin:
         table = np.full(va.size, cr3, dtype=np.uint64)
         ent = np.zeros(va.size, dtype=np.uint64)
         for shift in (39, 30, 21, 12):
-            rc, ent = self._read_entries(X.DOMID_SELF, table, ((va >> _U64(shift)) & _U64(511)).astype(np.int64))
+            rc, ent = self._read_entries(X.DOMID_SELF, table, ((va >> np.uint64(shift)) & np.uint64(511)).astype(np.int64))
             if rc:
                 return rc, ent
-            if not ((ent & _U64(_PRESENT)) != 0).all():
+            if not ((ent & np.uint64(_PRESENT)) != 0).all():
                 return -E.EFAULT, ent
-            if shift in (30, 21) and ((ent & _U64(_PSE)) != 0).any():
+            if shift in (30, 21) and ((ent & np.uint64(_PSE)) != 0).any():
                 return -E.EOPNOTSUPP, ent
-            table = (ent >> _U64(12)) & _U64(_FRAME_MASK)
+            table = (ent >> np.uint64(12)) & np.uint64(_FRAME_MASK)
         return 0, ent
 
     def hvm_p2m(self, domid: int, gfns) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
@@ -223,9 +222,9 @@ class PhysmapMixin:
         if rc:
             self.hvm_p2m_failed = f"getpageframeinfo3: {E.name(rc)}"
             return rc, z, z, z
-        kind = pt.astype(np.uint64) & _U64(D.XEN_DOMCTL_PFINFO_LTAB_MASK)
-        broken = kind == _U64(D.XEN_DOMCTL_PFINFO_BROKEN)
-        ram = ~broken & (kind != _U64(D.XEN_DOMCTL_PFINFO_XTAB))
+        kind = pt.astype(np.uint64) & np.uint64(D.XEN_DOMCTL_PFINFO_LTAB_MASK)
+        broken = kind == np.uint64(D.XEN_DOMCTL_PFINFO_BROKEN)
+        ram = ~broken & (kind != np.uint64(D.XEN_DOMCTL_PFINFO_XTAB))
         types[ram] = H.p2m_ram_rw
         types[broken] = H.p2m_ram_broken
         idx = np.flatnonzero(ram)
@@ -238,7 +237,7 @@ class PhysmapMixin:
             return m, z, z, z
         tries = []
         try:
-            va = np.uint64(m.addr) + np.arange(idx.size, dtype=np.uint64) * _U64(4096)
+            va = np.uint64(m.addr) + np.arange(idx.size, dtype=np.uint64) * np.uint64(4096)
             for _ in range(8):
                 try:
                     rc, cr3 = self._own_cr3()
@@ -253,7 +252,7 @@ class PhysmapMixin:
                 if rc:
                     tries.append(f"walk from {cr3:#x}: {E.name(rc)}")
                     continue
-                found = ((l1 >> _U64(12)) & _U64(_FRAME_MASK)).astype(np.int64)
+                found = ((l1 >> np.uint64(12)) & np.uint64(_FRAME_MASK)).astype(np.int64)
                 # another process may have run on that vCPU: the M2P must name every gfn back
                 if (self.m2p(found).astype(np.int64) == g[idx]).all():
                     break

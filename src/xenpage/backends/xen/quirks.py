@@ -21,7 +21,7 @@ use -- owned by some domain.  :func:`free_frames_followed_by_owned` finds such f
 
 from __future__ import annotations
 
-import numpy as np
+from .lazynp import np
 
 from ...abi import domctl as D
 
