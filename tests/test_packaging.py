@@ -280,3 +280,17 @@ def test_the_start_up_check_can_fail(tmp_path):
     code, mods = _modules_after(["--backend", "sim", "mem-status", "0"], tmp_path)
     assert code == 0
     assert "numpy" in mods and "xenpage.backends.sim" in mods and "xenpage.hypervisor.host" in mods
+
+
+@pytest.mark.parametrize("module", ["xenpage", "xenpage.cli.main"])
+def test_python_dash_m_has_every_command(module, tmp_path):
+    """``python -m xenpage`` (and ``-m xenpage.cli.main``, which dom0 scripts fall back to)
+    runs the same command tree as the ``xenpage`` script: the service's and the simulator's
+    commands included, not only the ones defined in main.py."""
+    env = {**os.environ, "XENPAGE_STATE_DIR": str(tmp_path / "state"),
+           "XENPAGE_LOCK": str(tmp_path / "xenpage.lock")}
+    for cmd in ("badpages", "retired", "recover", "year"):
+        r = subprocess.run([sys.executable, "-m", module, cmd, "--help"], capture_output=True,
+                           text=True, timeout=120, env=env)
+        assert r.returncode == 0, (cmd, r.stderr)
+        assert "Usage:" in r.stdout and cmd in r.stdout

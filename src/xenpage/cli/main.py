@@ -319,4 +319,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # ``python -m xenpage.cli.main``: this file runs as ``__main__``, while the command modules
+    # register on ``xenpage.cli.main.cli`` -- run that tree, not this copy's.
+    from xenpage.cli.main import main as _main
+    _main()
