@@ -242,3 +242,15 @@ def test_p2m_property_invariants_hold_after_any_sequence(ops):
             HV.machine_check_guest_frame(h, int(p.mfn[x]))
         assert invariants.check(h) == [], op
     assert g.verify() == []
+
+
+def test_maximum_gpfn_of_a_pv_guest_is_its_max_pfn_less_one():
+    """``domain_get_maximum_gpfn`` for a PV guest: the ``max_pfn`` its kernel wrote into the
+    shared info page, less one, and 0 (never -1) before it wrote any."""
+    from simworld import small_host
+    host, hv = small_host()
+    pv = next(d for d in hv.domain_list() if d.domid and not d.hvm)
+    n = int(host.domains[pv.domid].p2m_max_pfn)
+    assert n > 1 and hv.maximum_gpfn(pv.domid) == n - 1
+    host.domains[pv.domid].p2m_max_pfn = 0
+    assert hv.maximum_gpfn(pv.domid) == 0

@@ -339,11 +339,12 @@ def _populate_pv(host: "Host", d, gfns: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def maximum_gpfn(host: "Host", domid: int) -> int:
-    """``XENMEM_maximum_gpfn``: the highest gfn with an entry (-1 for none)."""
+    """``XENMEM_maximum_gpfn`` (``domain_get_maximum_gpfn``): for a translated guest the
+    highest gfn with an entry (-1 for none); for a PV guest the ``max_pfn`` its kernel wrote
+    into the shared info page, less one -- 0 while it has written none."""
     p = P.get(host, domid)
     if p is None:
-        arr = host.p2m.get(domid)
-        return (arr.size - 1) if arr is not None else -1
+        return max(int(host.domains[domid].p2m_max_pfn or 0), 1) - 1
     v = np.flatnonzero(p.type != H.p2m_invalid)
     return int(v[-1]) if v.size else -1
 
