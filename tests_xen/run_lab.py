@@ -58,7 +58,7 @@ def with_tests_xen(orig):
 GROUPS = {
     "flagship": "tests/contract tests_xen/test_memtest_offline.py tests_xen/test_page_kinds.py "
                 "tests_xen/test_dom0_package.py",
-    "stock": "tests_xen/test_stock_exchange.py",
+    "stock": "tests_xen/test_stock_exchange.py tests_xen/test_prescan_memtest.py",
     "hang": "tests_xen/test_hang_guard.py",
     # mem-offline killed (SIGKILL, tests/crashrun.py) at journal points, recovered by a new process
     "crash": "tests_xen/test_crash_recover.py",

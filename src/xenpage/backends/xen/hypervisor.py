@@ -184,12 +184,13 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
         status = array("I", [S.STATUS_UNTOUCHED]) * (end - start + 1)
         if fn is None:
             return -E.EINVAL, status
-        words = (c_uint32 * len(status)).from_buffer(status)
+        words = (c_uint32 * len(status)).from_buffer(status)   # held until the calls are done
+        base = ctypes.addressof(words)
         with self._offline_guard(cmd == S.sysctl_page_offline):
             for s in range(start, end + 1, OFFLINE_CHUNK):
                 e = min(end, s + OFFLINE_CHUNK - 1)
                 L.clear_errno()
-                if fn(self.xch, s, e, ctypes.byref(words, (s - start) * 4)):
+                if fn(self.xch, s, e, ctypes.cast(base + (s - start) * 4, POINTER(c_uint32))):
                     return L.neg_errno(), status
         return 0, status
 
