@@ -109,16 +109,31 @@ class Journal:
         self.dir = Path(state_dir)
         self.path = journal_path(state_dir)
         self.records = 0
+        #: this run's records of the open exchange, each kept here *before* it is written:
+        #: what :meth:`salvage` recovers from when a write (or memory) fails half-way
+        self.mem: list[dict] = []
+        #: (old, gpfn, level, new) of each frame of this run's complete groups
+        self.finished: list[tuple] = []
 
     def _checkpoint(self) -> None:
         checkpoint(self.hv)
 
     def write(self, op: str, truncate: bool = False, **data) -> None:
+        rec = {"op": op, **data}
+        if op == "done":  # a complete group needs nothing from its records any more
+            while self.mem and self.mem[-1]["op"] != "clearing":
+                r = self.mem.pop()
+                if r["op"] == "exchanged":
+                    self.finished += [tuple(x) for x in r["exchanged"]]
+            if self.mem and self.mem[-1]["op"] == "clearing":
+                self.mem.pop()
+        else:
+            self.mem.append(rec)
         self._checkpoint()
         crash_point(op, self.hv)
         new = truncate or not self.path.exists()
         with statefiles.open_private(self.path, "w" if truncate else "a") as f:
-            f.write(json.dumps({"op": op, **data}, separators=(",", ":")) + "\n")
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if new:
@@ -130,6 +145,7 @@ class Journal:
         if self.path.exists():  # never start over a journal that still holds a guest's pages
             raise JournalError(f"{self.path}: an exchange not yet recovered is recorded there; "
                                "run 'xenpage recover' first")
+        self.mem = []
         self.write("begin", truncate=True, domid=domid, mfns=[int(m) for m in mfns],
                    was_suspended=bool(was_suspended))
 
@@ -166,6 +182,32 @@ class Journal:
         self._checkpoint()
         crash_point("end", self.hv)
         statefiles.remove_durably(self.path)
+        self.mem = []
+
+    def salvage(self) -> "Recovery":
+        """In this process, after writing the journal or the host failed (``ENOSPC``,
+        ``EDQUOT``, ``EIO`` ...) or memory ran out in the middle of an exchange: complete the
+        groups whose frames were exchanged and roll back the others from this run's records
+        (kept in memory -- the last one may never have reached the disk), resume the guest
+        if xenpage suspended it, then remove the journal (the host checkpointed first).
+
+        What cannot be done here is left in ``errors``, with the journal on disk untouched
+        -- it and the host as last saved describe a consistent point for ``xenpage recover``.
+        Raises nothing for a disk or memory failure."""
+        res = Recovery(journal=True, records=len(self.mem))
+        try:
+            if self.mem and self.mem[0]["op"] == "begin":
+                res.domid = int(self.mem[0]["domid"])
+                if self.hv.domain_info(res.domid) is not None:
+                    _apply(self.hv, self.mem, res)
+            if not res.ok:
+                return res
+            self.end()
+        except MemoryError:
+            res.errors.append("out of memory while recovering")
+        except OSError as e:
+            res.errors.append(describe_os_error(e))
+        return res
 
 
 class JournalError(Exception):
@@ -310,22 +352,38 @@ def recover(hv: Hypervisor, state_dir) -> Recovery:
             p.unlink()
         return res
     recs = recs[begins[-1]:]
-    b = recs[0]
-    domid = int(b["domid"])
-    res.domid = domid
-    info = hv.domain_info(domid)
-    if info is None:
+    res.domid = int(recs[0]["domid"])
+    if hv.domain_info(res.domid) is None:
         # the guest is gone (destroyed): its memory went with it, nothing to complete
         p.unlink()
         _fsync_dir(Path(state_dir))
         return res
+    if not _apply(hv, recs, res):
+        return res  # keep the journal and the guest suspended: try again later
+    checkpoint(hv)  # the recovered host is saved before the journal that describes it goes
+    p.unlink()
+    _fsync_dir(Path(state_dir))
+    return res
+
+
+def describe_os_error(e: OSError) -> str:
+    """``<file>: <why>`` of a failed state-file write, on one line."""
+    why = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename}: {why}" if e.filename else why
+
+
+def _apply(hv: Hypervisor, recs: list[dict], res: Recovery) -> bool:
+    """Complete or roll back each open group of ``recs`` (one ``begin`` and what followed
+    it), then resume the guest if xenpage suspended it.  False when something is left."""
+    b = recs[0]
+    domid = int(b["domid"])
     for g in _groups(recs):
         try:
             _recover_group(hv, domid, g, res)
         except rollforward.Incomplete as e:
             res.errors.append(str(e))
     if res.errors:
-        return res  # keep the journal and the guest suspended: try again later
+        return False
     path = f"/local/domain/{domid}/control/shutdown"
     if not b.get("was_suspended") and hv.xs_read(path) == "suspend":
         hv.xs_write(path, "")  # died while asking: withdraw the request
@@ -339,10 +397,8 @@ def recover(hv: Hypervisor, state_dir) -> Recovery:
         hv.wait(0)
         if not res.resumed:
             res.errors.append(f"cannot resume d{domid}")
-            return res
+            return False
     # the guest runs (one the killed process resumed but never waited for maps its grant
     # frames and shared_info again)
     hv.wait(0)
-    p.unlink()
-    _fsync_dir(Path(state_dir))
-    return res
+    return True
