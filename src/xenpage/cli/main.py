@@ -158,15 +158,19 @@ def cli(ctx, state_dir, backend):
 
 
 @contextmanager
-def _host_errors():
+def _host_errors(before=None):
     """The refusals every hypervisor-backed command shares: a single-pCPU host (exit 1) and
-    a saved host that cannot be read (exit 2), each as one ``xenpage:`` line."""
+    a saved host that cannot be read or written (exit 2), each as one ``xenpage:`` line
+    (after what ``before()`` prints: the report of a command that did its work but whose host
+    could not be saved)."""
     try:
         yield
     except SinglePcpuHost as e:
         sys.stderr.write(f"xenpage: {e}\n")
         sys.exit(1)
     except HostFileError as e:
+        if before is not None:
+            before()
         sys.stderr.write(f"xenpage: {e}\n")
         sys.exit(2)
 
@@ -255,11 +259,17 @@ def mem_offline_cmd(obj: Ctx, args):
     except hptool.BadMfn as e:
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
+    done: list = []
+
+    def said_first() -> None:  # the report of what was done, before an error saving the host
+        if done:
+            emit(done[0].report, as_json)
     try:
-        with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
+        with _host_errors(said_first), obj.hypervisor() as hv, allow_single_pcpu(force), \
                 retire_args.open(hv, obj.paths.state_dir) as retire:
             res = mem_offline(hv, mfns, retire=retire, split_guard=guard,
                               journal_dir=obj.paths.journal_dir)
+            done.append(res)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
@@ -308,6 +318,13 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="xenpage", standalone_mode=True)
     except BrokenPipeError:  # pragma: no cover
         sys.exit(1)
+    except MemoryError:
+        # out of memory outside an exchange (loading, marking, saving): nothing half-done is
+        # kept -- an exchange in flight is rolled back or forward by mem-offline itself, or
+        # its journal stays for 'xenpage recover'
+        sys.stderr.write("xenpage: out of memory; nothing more done (an interrupted exchange, "
+                         "if any, is in the journal: run 'xenpage recover')\n")
+        sys.exit(2)
     except OSError as e:
         if e.filename is None:
             raise

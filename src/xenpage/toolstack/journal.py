@@ -112,19 +112,23 @@ class Journal:
         #: this run's records of the open exchange, each kept here *before* it is written:
         #: what :meth:`salvage` recovers from when a write (or memory) fails half-way
         self.mem: list[dict] = []
-        #: (old, gpfn, level, new) of each frame of this run's complete groups
+        #: (old, gpfn, level, new) of each frame of this run's complete groups: ``finished``
+        #: once their ``done`` record is durable, ``closing`` while it is not
         self.finished: list[tuple] = []
+        self.closing: list[tuple] = []
 
     def _checkpoint(self) -> None:
         checkpoint(self.hv)
 
     def write(self, op: str, truncate: bool = False, **data) -> None:
         rec = {"op": op, **data}
+        closing: list[tuple] = []
         if op == "done":  # a complete group needs nothing from its records any more
             while self.mem and self.mem[-1]["op"] != "clearing":
                 r = self.mem.pop()
                 if r["op"] == "exchanged":
-                    self.finished += [tuple(x) for x in r["exchanged"]]
+                    closing = [tuple(x) for x in r["exchanged"]]
+                    self.closing += closing
             if self.mem and self.mem[-1]["op"] == "clearing":
                 self.mem.pop()
         else:
@@ -139,6 +143,9 @@ class Journal:
         if new:
             _fsync_dir(self.dir)
         self.records += 1
+        if closing:  # its 'done' is durable
+            self.finished += closing
+            self.closing = [c for c in self.closing if c not in closing]
         crash_point(op + "+", self.hv)
 
     def begin(self, domid: int, mfns: list[int], was_suspended: bool) -> None:
@@ -194,7 +201,9 @@ class Journal:
         What cannot be done here is left in ``errors``, with the journal on disk untouched
         -- it and the host as last saved describe a consistent point for ``xenpage recover``.
         Raises nothing for a disk or memory failure."""
-        res = Recovery(journal=True, records=len(self.mem))
+        res = Recovery(journal=bool(self.mem), records=len(self.mem))
+        if not self.mem:
+            return res  # nothing begun, nothing written
         try:
             if self.mem and self.mem[0]["op"] == "begin":
                 res.domid = int(self.mem[0]["domid"])

@@ -289,14 +289,18 @@ def _salvage(hv: Hypervisor, jn, pre, domid: int, group: list[int], failure: str
         rec = journal.Recovery(errors=["no journal to recover from"])
     else:
         rec = jn.salvage()
+    # what is done for good: groups whose 'done' record is durable, and -- once this recovery
+    # is durable too -- the rest it completed
     done = {int(o): (int(g), int(n)) for o, g, _, n in (jn.finished if jn is not None else [])}
-    done.update({c["mfn"]: (c["gpfn"], c["new_mfn"]) for c in rec.completed})
+    if rec.ok:
+        done.update({int(o): (int(g), int(n)) for o, g, _, n in jn.closing})
+        done.update({c["mfn"]: (c["gpfn"], c["new_mfn"]) for c in rec.completed})
     for m in group:
         if m in done:
             g, n = done[m]
             outcomes[m] = Outcome(m, Kind.EXCHANGED, Reason.NONE,
-                                  f"exchanged: gpfn {g:#x} now at mfn {n:#x} (then: {failure})",
-                                  domid=domid, gpfn=g, new_mfn=n)
+                                  f"exchanged: gpfn {g:#x} now at mfn {n:#x}; then {failure}",
+                                  domid=domid, gpfn=g, new_mfn=n, extra={"then": failure})
         elif rec.ok:
             outcomes[m] = Outcome(m, Kind.PENDING, Reason.EXCHANGE_FAILED,
                                   f"the exchange was stopped ({failure}) and rolled back: the frame "
@@ -307,8 +311,8 @@ def _salvage(hv: Hypervisor, jn, pre, domid: int, group: list[int], failure: str
                                   "'xenpage recover'", domid=domid)
     if rec.ok:
         moved = sum(1 for m in group if m in done)
-        return (f"d{domid}'s exchange stopped: {failure}; in this process {moved} frame(s) "
-                f"completed and {len(group) - moved} rolled back, the guest's memory whole"
+        return (f"d{domid}'s exchange stopped: {failure}; {moved} frame(s) exchanged and "
+                f"{len(group) - moved} rolled back in this process, the guest's memory whole"
                 f"{' and the guest resumed' if rec.resumed else ''}; no other guest exchanged "
                 "in this run")
     return (f"d{domid}'s exchange stopped: {failure}; it could not be finished in this process "
@@ -416,6 +420,9 @@ def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
             r.out(f"xenpage: d{domid} gfn {o.gpfn:#x} moved from mfn {mfn:#x} to {to} in place "
                   f"(decrease_reservation + populate_physmap, guest paused "
                   f"{o.extra['downtime_s'] * 1e6:.0f} us); old frame offlined")
+        elif "then" in o.extra:  # completed after a failed write or memory ran out (_salvage)
+            r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn "
+                  f"{o.new_mfn:#x}; old frame offlined")
         else:
             r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x}; "
                   f"{o.ptes} page-table entries re-pointed with their flags; old frame offlined")
