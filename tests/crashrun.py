@@ -2,6 +2,7 @@
 
     python tests/crashrun.py --crash-at POINT[:K] -- <xenpage argv>
     python tests/crashrun.py --fill-at POINT[:K]=FILE -- <xenpage argv>
+    python tests/crashrun.py --limit-at POINT[:K][=KIB] -- <xenpage argv>
 
 The first kills the process with SIGKILL the K-th time (default the first) ``mem-offline`` reaches the
 named point (``xenpage.toolstack.crashpoint.POINTS``: ``clearing``, ``snapshot+``, ... and
@@ -10,7 +11,9 @@ save its host first -- what the machine would hold at that instant; real Xen kee
 state by itself.  The product reads no environment variable for this: only this wrapper
 installs the hook (:data:`xenpage.toolstack.crashpoint.hook`).  The second fills the file
 system holding FILE (zeros until ``ENOSPC``) at that point instead: the run goes on with a full
-disk (``tests/diskfault.py``).
+disk (``tests/diskfault.py``).  The third sets the address-space limit (``ulimit -v``) to what
+the process uses at that point (plus KIB): the next allocation needing more fails; the fourth
+also takes all the memory still free under that limit: the run goes on out of memory.
 """
 
 from __future__ import annotations
@@ -51,17 +54,19 @@ def install(spec: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 3 or argv[0] not in ("--crash-at", "--fill-at") or argv[2] != "--":
+    if len(argv) < 3 or argv[0] not in ("--crash-at", "--fill-at", "--limit-at", "--oom-at") \
+            or argv[2] != "--":
         sys.stderr.write("usage: crashrun.py --crash-at POINT[:K] | --fill-at POINT[:K]=FILE "
-                         "-- <xenpage argv>\n")
+                         "| --limit-at POINT[:K][=KIB] | --oom-at POINT[:K] -- <xenpage argv>\n")
         sys.exit(64)
     try:
         if argv[0] == "--crash-at":
             install(argv[1])
         else:
             sys.path.insert(0, str(HERE))
-            from diskfault import install_fill
-            install_fill(argv[1])
+            import diskfault
+            {"--fill-at": diskfault.install_fill, "--limit-at": diskfault.install_limit,
+             "--oom-at": diskfault.install_oom}[argv[0]](argv[1])
     except ValueError as e:
         sys.stderr.write(f"crashrun: {e}\n")
         sys.exit(64)

@@ -165,3 +165,79 @@ def install_fill(spec: str) -> None:
         raise ValueError(f"{spec!r}: expected POINT[:K]=FILE")
     plug = Plug(point, "fill", k=int(k) if k else 1, fill_path=Path(path))
     crashpoint.hook = plug.hook
+
+
+def vm_size_kib() -> int:
+    """This process's address space (``VmSize``), in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1])
+    raise OSError("no VmSize in /proc/self/status")
+
+
+def install_limit(spec: str) -> None:
+    """``POINT[:K][=KIB]`` (``tests/crashrun.py --limit-at``): the K-th time ``mem-offline``
+    reaches POINT, do what ``ulimit -v`` does -- set ``RLIMIT_AS`` -- to the address space in
+    use then, plus KIB (default 0; negative: less than in use): from then on an allocation
+    that needs more address space from the system fails for real (``MemoryError``)."""
+    import resource
+    where, _, extra = spec.partition("=")
+    point, _, k = where.partition(":")
+    if (k and not k.isdigit()) or (extra and not extra.lstrip("-").isdigit()):
+        raise ValueError(f"{spec!r}: expected POINT[:K][=KIB]")
+    want, seen = int(k) if k else 1, {}
+    if point not in crashpoint.POINTS + crashpoint.OTHER_POINTS:
+        raise ValueError(f"unknown point {point!r}")
+
+    def hook(name: str, hv) -> None:
+        seen[name] = seen.get(name, 0) + 1
+        if name == point and seen[name] == want:
+            limit = (vm_size_kib() + int(extra or 0)) * 1024
+            resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+    crashpoint.hook = hook
+
+
+_BALLAST: list = []
+
+
+def exhaust_memory() -> int:
+    """What filling a disk is to ``ENOSPC``: cap the address space at what is in use
+    (``ulimit -v``) and take every byte still free inside it; the bytes taken.  From then on
+    an allocation fails for real (``MemoryError``) until :func:`release_memory`."""
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (vm_size_kib() * 1024,
+                                            resource.getrlimit(resource.RLIMIT_AS)[1]))
+    taken = 0
+    for size in (1 << 24, 1 << 20, 1 << 16, 1 << 12, 1 << 9, 64, 8, 1):
+        while True:
+            try:
+                _BALLAST.append(bytearray(size))
+            except MemoryError:
+                break
+            taken += size
+    return taken
+
+
+def release_memory() -> None:
+    import resource
+    _BALLAST.clear()
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
+def install_oom(spec: str) -> None:
+    """``POINT[:K]`` (``tests/crashrun.py --oom-at``): the K-th time ``mem-offline`` reaches
+    POINT, :func:`exhaust_memory` -- the run goes on with no memory left."""
+    point, _, k = spec.partition(":")
+    if k and not k.isdigit():
+        raise ValueError(f"{spec!r}: expected POINT[:K]")
+    if point not in crashpoint.POINTS + crashpoint.OTHER_POINTS:
+        raise ValueError(f"unknown point {point!r}")
+    want, seen = int(k) if k else 1, {}
+
+    def hook(name: str, hv) -> None:
+        seen[name] = seen.get(name, 0) + 1
+        if name == point and seen[name] == want:
+            exhaust_memory()
+    crashpoint.hook = hook

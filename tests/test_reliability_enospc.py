@@ -298,3 +298,33 @@ def test_the_command_on_a_full_tmpfs(base, small_tmpfs, point):
     assert all(host.ft.owner(m) is None for m in mfns)
     _whole(host, before)
     shutil.rmtree(state)
+
+
+@pytest.mark.parametrize("point", ["clearing", "exchanged", "exchanged+", "done+"])
+def test_the_command_out_of_memory(base, fast_dir, point):
+    """The real CLI runs out of memory at ``point`` for real: ``ulimit -v`` (RLIMIT_AS) set to
+    what it uses there and every byte still free under it taken (``crashrun.py --oom-at``),
+    so allocations fail wherever they come next -- in the toolstack, numpy, the simulator.
+    Exit 2, `xenpage:` lines and no traceback; the journal and the host as last saved are
+    consistent: `xenpage recover` (with memory again) completes, the command again retires
+    every frame."""
+    state = fast_dir / "s"
+    shutil.copytree(base, state, symlinks=True)
+    host, _ = _open(state)
+    mfns = two_groups(host)
+    before = image(host, 1)
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], pre=["--oom-at", point, "--"])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "Error" not in r.stderr.replace("SystemError", ""), r.stderr
+    mine = [ln for ln in r.stderr.splitlines() if ln.startswith("xenpage:")]
+    assert any("out of memory" in ln or "Cannot allocate memory" in ln or "memory ran out" in ln
+               for ln in mine), r.stderr
+    rec = _run(state, "recover")
+    assert rec.returncode == 0, rec.stderr
+    host, hv = _open(state)
+    _whole(host, before)
+    assert not journal.journal_path(state).exists()
+    res = mem_offline(hv, mfns, journal_dir=state)
+    assert res.report.exit_code == 0, [ln.text for ln in res.report.lines]
+    assert all(host.ft.owner(m) is None for m in mfns)
+    _whole(host, before)

@@ -10,6 +10,7 @@ Xen, ``$XDG_STATE_HOME/xenpage`` on the simulator, whose saved host lives there 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -313,18 +314,21 @@ for _n in ("cpu-online", "cpu-offline", "smt-enable", "smt-disable"):
 from . import commands  # noqa: E402,F401  (registers list, host, demo, the service's commands)
 
 
+_OUT_OF_MEMORY = (b"xenpage: out of memory; nothing more done (an interrupted exchange, if any, "
+                  b"is in the journal: run 'xenpage recover')\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="xenpage", standalone_mode=True)
     except BrokenPipeError:  # pragma: no cover
         sys.exit(1)
-    except MemoryError:
-        # out of memory outside an exchange (loading, marking, saving): nothing half-done is
-        # kept -- an exchange in flight is rolled back or forward by mem-offline itself, or
-        # its journal stays for 'xenpage recover'
-        sys.stderr.write("xenpage: out of memory; nothing more done (an interrupted exchange, "
-                         "if any, is in the journal: run 'xenpage recover')\n")
-        sys.exit(2)
+    except (MemoryError, SystemError):
+        # out of memory (SystemError: as numpy and CPython say it from C code) outside what
+        # mem-offline salvages itself: nothing half-done is saved -- an exchange in flight is
+        # in the journal for 'xenpage recover'.  The line is written without allocating.
+        os.write(2, _OUT_OF_MEMORY)
+        os._exit(2)
     except OSError as e:
         if e.filename is None:
             raise

@@ -212,7 +212,7 @@ class Journal:
             if not res.ok:
                 return res
             self.end()
-        except MemoryError:
+        except (MemoryError, SystemError):  # SystemError: out of memory inside C code
             res.errors.append("out of memory while recovering")
         except OSError as e:
             res.errors.append(describe_os_error(e))

@@ -225,6 +225,8 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             t3 = time.perf_counter()
         except MemoryError:
             failure = "out of memory"
+        except SystemError as e:  # what numpy and CPython raise when memory runs out in C
+            failure = f"out of memory ({type(e).__name__}: {e})"
         except OSError as e:  # a state file (journal, saved host) could not be written
             failure = journal.describe_os_error(e)
         if failure is not None:
