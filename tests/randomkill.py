@@ -2,7 +2,8 @@
 
 Each round copies a saved simulated host, starts ``xenpage mem-offline`` of five frames of a PV
 guest (a data group and three table groups), sends it SIGKILL after a random delay (uniform
-over the time a whole run takes), runs ``xenpage recover`` in a new process, then checks that
+over the time a whole run takes; every other round the clock starts when the run's journal
+appears, the delay uniform over the time its exchanges take), runs ``xenpage recover`` in a new process, then checks that
 nothing was lost: the invariant checker, every guest's own content check, the guest running
 with the memory it had, and -- after ``mem-offline`` is run again -- every frame retired.
 """
@@ -57,6 +58,19 @@ def _check(state: Path, before, domid: int = 1) -> list[str]:
     return out
 
 
+def _wait_for_journal(p: subprocess.Popen, state: Path, timeout: float) -> float | None:
+    """Poll until ``state`` holds a journal (the time then) or ``p`` ends (None)."""
+    jp = journal.journal_path(state)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if jp.exists():
+            return time.monotonic()
+        if p.poll() is not None:
+            return None
+        time.sleep(0.0005)
+    return None
+
+
 def run(base: Path, work: Path, kills: int, seed: int = 1, log=None) -> Counter:
     """``kills`` rounds on copies of the host saved in ``base`` (scratch in ``work``).
     Returns the counts (``kills``, ``mid_run``, ``journal_open``, ``completed_by_recover``,
@@ -66,21 +80,30 @@ def run(base: Path, work: Path, kills: int, seed: int = 1, log=None) -> Counter:
     mfns = five_frames(host)
     before = image(host, 1)
     args = ["--backend", "sim", "mem-offline"] + [f"{m:x}" for m in mfns]
-    # how long a whole run takes here (and that it retires every frame)
+    # how long a whole run takes here, and when its first journal appears
     state = work / "calibrate"
     shutil.copytree(base, state, symlinks=True)
     t0 = time.monotonic()
-    r = subprocess.run(_cmd() + args, env=_env(state), capture_output=True, text=True, timeout=300)
+    p = subprocess.Popen(_cmd() + args, env=_env(state), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    first = _wait_for_journal(p, state, 300.0)
+    err = p.communicate(timeout=300)[1]
     whole = time.monotonic() - t0
-    assert r.returncode == 0, r.stderr
+    assert p.returncode == 0 and first is not None, (p.returncode, err)
+    first -= t0
     shutil.rmtree(state)
     c: Counter = Counter()
     for i in range(kills):
         state = work / f"kill{i}"
         shutil.copytree(base, state, symlinks=True)
-        delay = float(rng.uniform(0.0, whole * 1.1))
+        # every other round: the clock starts when the journal appears (the exchanges)
+        in_exchange = bool(i % 2)
+        span = (whole - first) if in_exchange else whole
+        delay = float(rng.uniform(0.0, span * 1.1))
         p = subprocess.Popen(_cmd() + args, env=_env(state), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
+        if in_exchange:
+            _wait_for_journal(p, state, 300.0)
         try:
             p.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -119,4 +142,5 @@ def run(base: Path, work: Path, kills: int, seed: int = 1, log=None) -> Counter:
                 f"{'mid-run' if mid else 'after the end'}"
                 f"{', journal open' if jopen else ''} -- nothing lost")
     c["whole_run_ms"] = int(whole * 1000)
+    c["exchange_ms"] = int((whole - first) * 1000)
     return c

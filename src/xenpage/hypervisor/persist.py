@@ -117,7 +117,7 @@ def save(host: "Host", path: Path) -> None:
     tmp.mkdir()
     try:
         _write_generation(host, tmp)
-    except BaseException:
+    except Exception:  # (a kill leaves it to tidy())
         # a full disk, a quota, an I/O error, no memory: the half-written generation goes
         # at once (it would keep the disk full); ``path`` still names the previous host
         _remove_tree(tmp)
@@ -130,7 +130,7 @@ def save(host: "Host", path: Path) -> None:
         os.rename(path, old)
     try:
         _point(path, tmp)  # the one rename: readers see the old host or the new one
-    except BaseException:
+    except Exception:
         if not (path.is_symlink() and os.readlink(path) == tmp.name):
             _remove_tree(tmp)  # never made current: nothing names it
         raise
