@@ -328,3 +328,30 @@ def test_the_command_out_of_memory(base, fast_dir, point):
     assert res.report.exit_code == 0, [ln.text for ln in res.report.lines]
     assert all(host.ft.owner(m) is None for m in mfns)
     _whole(host, before)
+
+
+def test_no_other_guest_is_exchanged_after_a_failure(base, fast_dir):
+    """The journal of d1's exchange fails (one-shot): d1's group is rolled back in this
+    process, and d2's frame -- the next guest -- is left alone in this run (offline-pending,
+    said so, its memory untouched); the next run retires both."""
+    state = fast_dir / "s"
+    shutil.copytree(base, state, symlinks=True)
+    host, hv = _open(state)
+    m1 = two_groups(host, 1)[0]
+    g2 = host.guests[2]
+    m2 = g2.mfn(g2.user_pages("shared")[0])
+    before1, before2 = image(host, 1), image(host, 2)
+    with Plug("clearing", "journal", "ENOSPC") as plug:
+        res = mem_offline(hv, [m1, m2], journal_dir=state)
+    assert plug.fired == "journal" and res.report.exit_code == 2
+    o1, o2 = res.outcomes
+    assert o1.kind == Kind.PENDING and o1.reason == Reason.EXCHANGE_FAILED
+    assert o2.kind == Kind.PENDING and o2.reason == Reason.EXCHANGE_FAILED
+    assert "no other guest exchanged" in o2.detail
+    assert host.ft.owner(m1) == 1 and host.ft.owner(m2) == 2
+    _whole(host, before1, 1)
+    _whole(host, before2, 2)
+    assert mem_offline(hv, [m1, m2], journal_dir=state).report.exit_code == 0
+    assert host.ft.owner(m1) is None and host.ft.owner(m2) is None
+    _whole(host, before1, 1)
+    _whole(host, before2, 2)

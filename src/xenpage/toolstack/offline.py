@@ -186,7 +186,8 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             continue
         if held is not None:
             for m in group:
-                outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED, held, domid=domid)
+                outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED if jn_kept(jdir)
+                                      else Reason.EXCHANGE_FAILED, held, domid=domid)
             continue
         # while the guest still runs: log-dirty on, survey (its P2M, every frame's type) and
         # scan; under the suspend only what it dirtied is looked at again (prescan.py)
@@ -320,6 +321,11 @@ def _salvage(hv: Hypervisor, jn, pre, domid: int, group: list[int], failure: str
     return (f"d{domid}'s exchange stopped: {failure}; it could not be finished in this process "
             f"({'; '.join(rec.errors)}): the journal is kept -- run 'xenpage recover' once there "
             "is space (or memory) again")
+
+
+def jn_kept(jdir) -> bool:
+    """A journal is left in ``jdir`` for 'xenpage recover'."""
+    return jdir is not None and journal.journal_path(jdir).exists()
 
 
 def _restore_affinity(hv: Hypervisor, jdir) -> dict[int, list[int]]:
