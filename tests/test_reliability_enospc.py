@@ -355,3 +355,26 @@ def test_no_other_guest_is_exchanged_after_a_failure(base, fast_dir):
     assert host.ft.owner(m1) is None and host.ft.owner(m2) is None
     _whole(host, before1, 1)
     _whole(host, before2, 2)
+
+
+def test_a_rolled_back_group_is_not_rolled_back_again_by_the_salvage(base, fast_dir):
+    """The data group's XENMEM_exchange fails (rolled back, no 'done'), the pinned L1 that
+    maps the shared page is exchanged and completed, then saving the host fails: the salvage
+    works from what the journal on disk would say -- only open groups -- and never writes
+    the first group's old entries into the L1's old frame."""
+    from xenpage.toolstack.faults import FaultPlan, FaultyHypervisor
+    state = fast_dir / "s"
+    shutil.copytree(base, state, symlinks=True)
+    host, hv = _open(state)
+    mfns = two_groups(host)
+    before = image(host, 1)
+    fh = FaultyHypervisor(hv, FaultPlan.fail_at(1, "memory_exchange"))
+    with Plug("done+", "host", "ENOSPC") as plug:
+        res = mem_offline(fh, mfns, journal_dir=state)
+    assert fh.injected and plug.fired == "host"
+    assert res.report.exit_code == 2
+    (line,) = _stop_lines(res.report)
+    assert "1 frame(s) exchanged and 1 rolled back in this process" in line, line
+    assert not journal.journal_path(state).exists()
+    assert host.ft.owner(mfns[0]) == 1 and host.ft.owner(mfns[1]) is None
+    _whole(host, before)

@@ -123,14 +123,17 @@ class Journal:
     def write(self, op: str, truncate: bool = False, **data) -> None:
         rec = {"op": op, **data}
         closing: list[tuple] = []
-        if op == "done":  # a complete group needs nothing from its records any more
-            while self.mem and self.mem[-1]["op"] != "clearing":
-                r = self.mem.pop()
+        # what is kept in memory is what _groups() would find open on disk: a group closed
+        # (done, or rolled back and followed by another) needs nothing from its records
+        if op == "done":
+            head, groups = _split(self.mem)
+            for r in groups[-1] if groups else []:
                 if r["op"] == "exchanged":
                     closing = [tuple(x) for x in r["exchanged"]]
                     self.closing += closing
-            if self.mem and self.mem[-1]["op"] == "clearing":
-                self.mem.pop()
+            self.mem = _open_only(head, groups[:-1])
+        elif op == "clearing":
+            self.mem = _open_only(*_split(self.mem)) + [rec]
         else:
             self.mem.append(rec)
         self._checkpoint()
@@ -217,6 +220,26 @@ class Journal:
         except OSError as e:
             res.errors.append(describe_os_error(e))
         return res
+
+
+def _split(recs: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """The records before the first group (``begin``), and each group from its ``clearing``."""
+    head: list[dict] = []
+    groups: list[list[dict]] = []
+    for r in recs:
+        if r["op"] == "clearing":
+            groups.append([r])
+        elif groups:
+            groups[-1].append(r)
+        else:
+            head.append(r)
+    return head, groups
+
+
+def _open_only(head: list[dict], groups: list[list[dict]]) -> list[dict]:
+    """``head`` and the groups that ended ``incomplete`` (before the current one, only those
+    are still open: see :func:`_groups`)."""
+    return head + [r for g in groups if any(x["op"] == "incomplete" for x in g) for r in g]
 
 
 class JournalError(Exception):
