@@ -378,3 +378,25 @@ def test_a_rolled_back_group_is_not_rolled_back_again_by_the_salvage(base, fast_
     assert not journal.journal_path(state).exists()
     assert host.ft.owner(mfns[0]) == 1 and host.ft.owner(mfns[1]) is None
     _whole(host, before)
+
+
+@pytest.mark.parametrize("kib", [40_000, 110_000, 121_000])
+def test_the_command_under_a_static_ulimit_v(base, fast_dir, kib):
+    """``ulimit -v`` set before the command, as a user would: too little to load numpy,
+    enough to load but not to finish, or (on another machine) enough -- wherever it runs out:
+    no traceback, at most one `xenpage:` line of its own, and whatever is on disk is whole or
+    completed by `xenpage recover`."""
+    state = fast_dir / "s"
+    shutil.copytree(base, state, symlinks=True)
+    host, _ = _open(state)
+    mfns = two_groups(host)
+    before = image(host, 1)
+    r = _run(state, "mem-offline", *[f"{m:x}" for m in mfns], limit_kib=kib)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode in (0, 1, 2), (r.returncode, r.stderr)  # 1: OpenBLAS gives up on its own
+    if r.returncode == 2:
+        assert "xenpage: out of memory" in r.stderr, r.stderr
+    rec = _run(state, "recover")
+    assert rec.returncode == 0, rec.stderr
+    host, _ = _open(state)
+    _whole(host, before)

@@ -318,11 +318,22 @@ _OUT_OF_MEMORY = (b"xenpage: out of memory; nothing more done (an interrupted ex
                   b"is in the journal: run 'xenpage recover')\n")
 
 
+_OUT_OF_MEMORY_LOADING = (b"xenpage: out of memory loading its libraries (failed to map a "
+                          b"shared object); nothing done\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="xenpage", standalone_mode=True)
     except BrokenPipeError:  # pragma: no cover
         sys.exit(1)
+    except ImportError as e:
+        # a library that cannot be mapped for want of address space (ulimit -v): said on one
+        # line; nothing was touched yet (the modules load before any state is read)
+        if "failed to map segment" not in str(e) and "Cannot allocate memory" not in str(e):
+            raise
+        os.write(2, _OUT_OF_MEMORY_LOADING)
+        os._exit(2)
     except (MemoryError, SystemError):
         # out of memory (SystemError: as numpy and CPython say it from C code) outside what
         # mem-offline salvages itself: nothing half-done is saved -- an exchange in flight is
