@@ -286,8 +286,8 @@ def _salvage(hv: Hypervisor, jn, pre, domid: int, group: list[int], failure: str
     if pre is not None:
         try:
             prescan.stop(pre)
-        except (MemoryError, OSError):
-            pass
+        except (MemoryError, SystemError, OSError):
+            pass  # the salvage below still runs; log-dirty left on loses nothing
     if jn is None:
         rec = journal.Recovery(errors=["no journal to recover from"])
     else:
