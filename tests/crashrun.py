@@ -1,13 +1,19 @@
 """Run the xenpage CLI with a crash hook installed -- test support, never shipped.
 
     python tests/crashrun.py --crash-at POINT[:K] -- <xenpage argv>
+    python tests/crashrun.py --fill-at POINT[:K]=FILE -- <xenpage argv>
+    python tests/crashrun.py --limit-at POINT[:K][=KIB] -- <xenpage argv>
 
-kills the process with SIGKILL the K-th time (default the first) ``mem-offline`` reaches the
+The first kills the process with SIGKILL the K-th time (default the first) ``mem-offline`` reaches the
 named point (``xenpage.toolstack.crashpoint.POINTS``: ``clearing``, ``snapshot+``, ... and
 ``guarded``, ``pinned``).  A backend claiming ``CAP_CHECKPOINT`` (the simulator) is asked to
 save its host first -- what the machine would hold at that instant; real Xen keeps its
 state by itself.  The product reads no environment variable for this: only this wrapper
-installs the hook (:data:`xenpage.toolstack.crashpoint.hook`).
+installs the hook (:data:`xenpage.toolstack.crashpoint.hook`).  The second fills the file
+system holding FILE (zeros until ``ENOSPC``) at that point instead: the run goes on with a full
+disk (``tests/diskfault.py``).  The third sets the address-space limit (``ulimit -v``) to what
+the process uses at that point (plus KIB): the next allocation needing more fails; the fourth
+also takes all the memory still free under that limit: the run goes on out of memory.
 """
 
 from __future__ import annotations
@@ -48,11 +54,19 @@ def install(spec: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 3 or argv[0] != "--crash-at" or argv[2] != "--":
-        sys.stderr.write("usage: crashrun.py --crash-at POINT[:K] -- <xenpage argv>\n")
+    if len(argv) < 3 or argv[0] not in ("--crash-at", "--fill-at", "--limit-at", "--oom-at") \
+            or argv[2] != "--":
+        sys.stderr.write("usage: crashrun.py --crash-at POINT[:K] | --fill-at POINT[:K]=FILE "
+                         "| --limit-at POINT[:K][=KIB] | --oom-at POINT[:K] -- <xenpage argv>\n")
         sys.exit(64)
     try:
-        install(argv[1])
+        if argv[0] == "--crash-at":
+            install(argv[1])
+        else:
+            sys.path.insert(0, str(HERE))
+            import diskfault
+            {"--fill-at": diskfault.install_fill, "--limit-at": diskfault.install_limit,
+             "--oom-at": diskfault.install_oom}[argv[0]](argv[1])
     except ValueError as e:
         sys.stderr.write(f"crashrun: {e}\n")
         sys.exit(64)

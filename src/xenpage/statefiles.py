@@ -43,7 +43,10 @@ def open_private(path: str | os.PathLike, mode: str = "a") -> IO[str]:
         os.fchmod(fd, FILE_MODE)  # an older file made under a laxer umask
         return os.fdopen(fd, mode)
     except BaseException:
-        os.close(fd)
+        try:
+            os.close(fd)
+        except OSError:  # fdopen closed it as it failed (out of memory): keep its error
+            pass
         raise
 
 

@@ -10,6 +10,7 @@ Xen, ``$XDG_STATE_HOME/xenpage`` on the simulator, whose saved host lives there 
 from __future__ import annotations
 
 import errno
+import os
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -158,15 +159,19 @@ def cli(ctx, state_dir, backend):
 
 
 @contextmanager
-def _host_errors():
+def _host_errors(before=None):
     """The refusals every hypervisor-backed command shares: a single-pCPU host (exit 1) and
-    a saved host that cannot be read (exit 2), each as one ``xenpage:`` line."""
+    a saved host that cannot be read or written (exit 2), each as one ``xenpage:`` line
+    (after what ``before()`` prints: the report of a command that did its work but whose host
+    could not be saved)."""
     try:
         yield
     except SinglePcpuHost as e:
         sys.stderr.write(f"xenpage: {e}\n")
         sys.exit(1)
     except HostFileError as e:
+        if before is not None:
+            before()
         sys.stderr.write(f"xenpage: {e}\n")
         sys.exit(2)
 
@@ -255,11 +260,17 @@ def mem_offline_cmd(obj: Ctx, args):
     except hptool.BadMfn as e:
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
+    done: list = []
+
+    def said_first() -> None:  # the report of what was done, before an error saving the host
+        if done:
+            emit(done[0].report, as_json)
     try:
-        with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
+        with _host_errors(said_first), obj.hypervisor() as hv, allow_single_pcpu(force), \
                 retire_args.open(hv, obj.paths.state_dir) as retire:
             res = mem_offline(hv, mfns, retire=retire, split_guard=guard,
                               journal_dir=obj.paths.journal_dir)
+            done.append(res)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
@@ -303,11 +314,32 @@ for _n in ("cpu-online", "cpu-offline", "smt-enable", "smt-disable"):
 from . import commands  # noqa: E402,F401  (registers list, host, demo, the service's commands)
 
 
+_OUT_OF_MEMORY = (b"xenpage: out of memory; nothing more done (an interrupted exchange, if any, "
+                  b"is in the journal: run 'xenpage recover')\n")
+
+
+_OUT_OF_MEMORY_LOADING = (b"xenpage: out of memory loading its libraries (failed to map a "
+                          b"shared object); nothing done\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="xenpage", standalone_mode=True)
     except BrokenPipeError:  # pragma: no cover
         sys.exit(1)
+    except ImportError as e:
+        # a library that cannot be mapped for want of address space (ulimit -v): said on one
+        # line; nothing was touched yet (the modules load before any state is read)
+        if "failed to map segment" not in str(e) and "Cannot allocate memory" not in str(e):
+            raise
+        os.write(2, _OUT_OF_MEMORY_LOADING)
+        os._exit(2)
+    except (MemoryError, SystemError):
+        # out of memory (SystemError: as numpy and CPython say it from C code) outside what
+        # mem-offline salvages itself: nothing half-done is saved -- an exchange in flight is
+        # in the journal for 'xenpage recover'.  The line is written without allocating.
+        os.write(2, _OUT_OF_MEMORY)
+        os._exit(2)
     except OSError as e:
         if e.filename is None:
             raise

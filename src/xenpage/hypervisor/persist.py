@@ -115,6 +115,31 @@ def save(host: "Host", path: Path) -> None:
     gen = max(gens, default=0) + 1
     tmp = parent / f"{name}.g{gen}"
     tmp.mkdir()
+    try:
+        _write_generation(host, tmp)
+    except Exception:  # (a kill leaves it to tidy())
+        # a full disk, a quota, an I/O error, no memory: the half-written generation goes
+        # at once (it would keep the disk full); ``path`` still names the previous host
+        _remove_tree(tmp)
+        raise
+    old = Path(os.path.join(parent, os.readlink(path))) if path.is_symlink() else None
+    if path.is_dir() and not path.is_symlink():  # an older xenpage's plain directory
+        old = parent / f"{name}.g{gen - 1 if gen > 1 else 0}"
+        if old.exists():
+            old = parent / f"{name}.legacy"
+        os.rename(path, old)
+    try:
+        _point(path, tmp)  # the one rename: readers see the old host or the new one
+    except Exception:
+        if not (path.is_symlink() and os.readlink(path) == tmp.name):
+            _remove_tree(tmp)  # never made current: nothing names it
+        raise
+    if old is not None and old.name != tmp.name:
+        _remove_tree(old)
+
+
+def _write_generation(host: "Host", tmp: Path) -> None:
+    """The host's files in the new generation directory ``tmp``, fsync'd."""
     arrays: dict[str, np.ndarray] = {}
     for k, a in host.ft.to_arrays().items():
         if k in host.ft.FIELDS:
@@ -157,15 +182,6 @@ def save(host: "Host", path: Path) -> None:
     with open(tmp / "frames.npz", "rb") as f:
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    old = Path(os.path.join(parent, os.readlink(path))) if path.is_symlink() else None
-    if path.is_dir() and not path.is_symlink():  # an older xenpage's plain directory
-        old = parent / f"{name}.g{gen - 1 if gen > 1 else 0}"
-        if old.exists():
-            old = parent / f"{name}.legacy"
-        os.rename(path, old)
-    _point(path, tmp)  # the one rename: readers see the old host or the new one
-    if old is not None and old.name != tmp.name:
-        _remove_tree(old)
 
 
 def _point(path: Path, generation: Path) -> None:

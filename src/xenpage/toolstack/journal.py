@@ -109,27 +109,53 @@ class Journal:
         self.dir = Path(state_dir)
         self.path = journal_path(state_dir)
         self.records = 0
+        #: this run's records of the open exchange, each kept here *before* it is written:
+        #: what :meth:`salvage` recovers from when a write (or memory) fails half-way
+        self.mem: list[dict] = []
+        #: (old, gpfn, level, new) of each frame of this run's complete groups: ``finished``
+        #: once their ``done`` record is durable, ``closing`` while it is not
+        self.finished: list[tuple] = []
+        self.closing: list[tuple] = []
 
     def _checkpoint(self) -> None:
         checkpoint(self.hv)
 
     def write(self, op: str, truncate: bool = False, **data) -> None:
+        rec = {"op": op, **data}
+        closing: list[tuple] = []
+        # what is kept in memory is what _groups() would find open on disk: a group closed
+        # (done, or rolled back and followed by another) needs nothing from its records
+        if op == "done":
+            head, groups = _split(self.mem)
+            for r in groups[-1] if groups else []:
+                if r["op"] == "exchanged":
+                    closing = [tuple(x) for x in r["exchanged"]]
+                    self.closing += closing
+            self.mem = _open_only(head, groups[:-1])
+        elif op == "clearing":
+            self.mem = _open_only(*_split(self.mem)) + [rec]
+        else:
+            self.mem.append(rec)
         self._checkpoint()
         crash_point(op, self.hv)
         new = truncate or not self.path.exists()
         with statefiles.open_private(self.path, "w" if truncate else "a") as f:
-            f.write(json.dumps({"op": op, **data}, separators=(",", ":")) + "\n")
+            f.write(json.dumps(rec, separators=(",", ":")) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if new:
             _fsync_dir(self.dir)
         self.records += 1
+        if closing:  # its 'done' is durable
+            self.finished += closing
+            self.closing = [c for c in self.closing if c not in closing]
         crash_point(op + "+", self.hv)
 
     def begin(self, domid: int, mfns: list[int], was_suspended: bool) -> None:
         if self.path.exists():  # never start over a journal that still holds a guest's pages
             raise JournalError(f"{self.path}: an exchange not yet recovered is recorded there; "
                                "run 'xenpage recover' first")
+        self.mem = []
         self.write("begin", truncate=True, domid=domid, mfns=[int(m) for m in mfns],
                    was_suspended=bool(was_suspended))
 
@@ -166,6 +192,54 @@ class Journal:
         self._checkpoint()
         crash_point("end", self.hv)
         statefiles.remove_durably(self.path)
+        self.mem = []
+
+    def salvage(self) -> "Recovery":
+        """In this process, after writing the journal or the host failed (``ENOSPC``,
+        ``EDQUOT``, ``EIO`` ...) or memory ran out in the middle of an exchange: complete the
+        groups whose frames were exchanged and roll back the others from this run's records
+        (kept in memory -- the last one may never have reached the disk), resume the guest
+        if xenpage suspended it, then remove the journal (the host checkpointed first).
+
+        What cannot be done here is left in ``errors``, with the journal on disk untouched
+        -- it and the host as last saved describe a consistent point for ``xenpage recover``.
+        Raises nothing for a disk or memory failure."""
+        res = Recovery(journal=bool(self.mem), records=len(self.mem))
+        if not self.mem:
+            return res  # nothing begun, nothing written
+        try:
+            if self.mem and self.mem[0]["op"] == "begin":
+                res.domid = int(self.mem[0]["domid"])
+                if self.hv.domain_info(res.domid) is not None:
+                    _apply(self.hv, self.mem, res)
+            if not res.ok:
+                return res
+            self.end()
+        except (MemoryError, SystemError):  # SystemError: out of memory inside C code
+            res.errors.append("out of memory while recovering")
+        except OSError as e:
+            res.errors.append(describe_os_error(e))
+        return res
+
+
+def _split(recs: list[dict]) -> tuple[list[dict], list[list[dict]]]:
+    """The records before the first group (``begin``), and each group from its ``clearing``."""
+    head: list[dict] = []
+    groups: list[list[dict]] = []
+    for r in recs:
+        if r["op"] == "clearing":
+            groups.append([r])
+        elif groups:
+            groups[-1].append(r)
+        else:
+            head.append(r)
+    return head, groups
+
+
+def _open_only(head: list[dict], groups: list[list[dict]]) -> list[dict]:
+    """``head`` and the groups that ended ``incomplete`` (before the current one, only those
+    are still open: see :func:`_groups`)."""
+    return head + [r for g in groups if any(x["op"] == "incomplete" for x in g) for r in g]
 
 
 class JournalError(Exception):
@@ -310,22 +384,38 @@ def recover(hv: Hypervisor, state_dir) -> Recovery:
             p.unlink()
         return res
     recs = recs[begins[-1]:]
-    b = recs[0]
-    domid = int(b["domid"])
-    res.domid = domid
-    info = hv.domain_info(domid)
-    if info is None:
+    res.domid = int(recs[0]["domid"])
+    if hv.domain_info(res.domid) is None:
         # the guest is gone (destroyed): its memory went with it, nothing to complete
         p.unlink()
         _fsync_dir(Path(state_dir))
         return res
+    if not _apply(hv, recs, res):
+        return res  # keep the journal and the guest suspended: try again later
+    checkpoint(hv)  # the recovered host is saved before the journal that describes it goes
+    p.unlink()
+    _fsync_dir(Path(state_dir))
+    return res
+
+
+def describe_os_error(e: OSError) -> str:
+    """``<file>: <why>`` of a failed state-file write, on one line."""
+    why = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename}: {why}" if e.filename else why
+
+
+def _apply(hv: Hypervisor, recs: list[dict], res: Recovery) -> bool:
+    """Complete or roll back each open group of ``recs`` (one ``begin`` and what followed
+    it), then resume the guest if xenpage suspended it.  False when something is left."""
+    b = recs[0]
+    domid = int(b["domid"])
     for g in _groups(recs):
         try:
             _recover_group(hv, domid, g, res)
         except rollforward.Incomplete as e:
             res.errors.append(str(e))
     if res.errors:
-        return res  # keep the journal and the guest suspended: try again later
+        return False
     path = f"/local/domain/{domid}/control/shutdown"
     if not b.get("was_suspended") and hv.xs_read(path) == "suspend":
         hv.xs_write(path, "")  # died while asking: withdraw the request
@@ -339,10 +429,8 @@ def recover(hv: Hypervisor, state_dir) -> Recovery:
         hv.wait(0)
         if not res.resumed:
             res.errors.append(f"cannot resume d{domid}")
-            return res
+            return False
     # the guest runs (one the killed process resumed but never waited for maps its grant
     # frames and shared_info again)
     hv.wait(0)
-    p.unlink()
-    _fsync_dir(Path(state_dir))
-    return res
+    return True

@@ -169,6 +169,7 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             owned.setdefault(hptool.owner_of(st), []).append(mfn)
     timings: dict = {"mark_s": time.perf_counter() - t_start, "guests": {}}
     held = None  # set when a group's journal could not be closed: later PV groups wait
+    stopped = None  # set when a state file or memory failed: said on one line, exit 2
     for domid, group in owned.items():
         info = hv.domain_info(domid)
         if info is not None and info.hvm and 0 < domid < X.DOMID_FIRST_RESERVED:
@@ -185,40 +186,55 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
             continue
         if held is not None:
             for m in group:
-                outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED, held, domid=domid)
+                outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED if jn_kept(jdir)
+                                      else Reason.EXCHANGE_FAILED, held, domid=domid)
             continue
         # while the guest still runs: log-dirty on, survey (its P2M, every frame's type) and
         # scan; under the suspend only what it dirtied is looked at again (prescan.py)
-        ts = time.perf_counter()
-        pre = prescan.start(hv, domid, group)
-        t0 = time.perf_counter()
         jn = journal.Journal(hv, jdir) if jdir is not None else None
-        was = bool(info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend)
-        if jn:
-            jn.begin(domid, group, was)
-        ok, ours, msg = suspend_guest(hv, domid, suspend_timeout)
-        t1 = time.perf_counter()
-        if not ok:
-            prescan.stop(pre)
-            for m in group:
-                outcomes[m] = Outcome(m, Kind.PENDING, Reason.SUSPEND_FAILED, msg, domid=domid)
+        pre = None
+        failure = None
+        try:
+            ts = time.perf_counter()
+            pre = prescan.start(hv, domid, group)
+            t0 = time.perf_counter()
+            was = bool(info.shutdown and info.shutdown_reason == X.SHUTDOWN_suspend)
             if jn:
-                jn.end()
+                jn.begin(domid, group, was)
+            ok, ours, msg = suspend_guest(hv, domid, suspend_timeout)
+            t1 = time.perf_counter()
+            if not ok:
+                prescan.stop(pre)
+                for m in group:
+                    outcomes[m] = Outcome(m, Kind.PENDING, Reason.SUSPEND_FAILED, msg, domid=domid)
+                if jn:
+                    jn.end()
+                continue
+            if jn:
+                jn.step("suspended")
+            step_hook = _hooks(hook, jn.hook if jn else None)
+            res = prescan.exchange(pre, group, hook=step_hook)
+            t2 = time.perf_counter()
+            broken = any(o.kind == Kind.FAILED for o in res)
+            # an exchange that could not be completed leaves the guest suspended (its memory
+            # is not whole): 'xenpage recover' finishes it from the journal and resumes it
+            rrc = resume_guest(hv, domid) if ours and not broken else 0
+            if jn and not broken:
+                jn.step("resumed")
+                if rrc == 0:
+                    jn.end()
+            t3 = time.perf_counter()
+        except MemoryError:
+            failure = "out of memory"
+        except SystemError as e:  # what numpy and CPython raise when memory runs out in C
+            failure = f"out of memory ({type(e).__name__}: {e})"
+        except OSError as e:  # a state file (journal, saved host) could not be written
+            failure = journal.describe_os_error(e)
+        if failure is not None:
+            # the frames of the exception are gone (the memory they held is free again):
+            # roll back or forward in this process from this run's records
+            held = stopped = _salvage(hv, jn, pre, domid, group, failure, outcomes)
             continue
-        if jn:
-            jn.step("suspended")
-        step_hook = _hooks(hook, jn.hook if jn else None)
-        res = prescan.exchange(pre, group, hook=step_hook)
-        t2 = time.perf_counter()
-        broken = any(o.kind == Kind.FAILED for o in res)
-        # an exchange that could not be completed leaves the guest suspended (its memory is
-        # not whole): 'xenpage recover' finishes it from the journal and resumes it
-        rrc = resume_guest(hv, domid) if ours and not broken else 0
-        if jn and not broken:
-            jn.step("resumed")
-            if rrc == 0:
-                jn.end()
-        t3 = time.perf_counter()
         if jn and jn.path.exists():
             held = (f"the exchange of d{domid} in this run could not be completed (its journal is "
                     "kept for 'xenpage recover'): no other guest is exchanged until it is")
@@ -249,11 +265,67 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
         _explain(report, mfn, rc, st, o)
         if not _exit_ok(rc, st, o):
             report.exit_code = 1
+    if stopped is not None:
+        report.err(f"xenpage: {stopped}")
+        report.exit_code = 2
     report.data = {"command": "mem-offline", "outcomes": [outcomes[m].to_json() for m in order],
                    "timings": timings}
+    if stopped is not None:
+        report.data["error"] = stopped
     if lock is not None:
         lock.close()
     return OfflineResult(report, [outcomes[m] for m in order], timings)
+
+
+def _salvage(hv: Hypervisor, jn, pre, domid: int, group: list[int], failure: str,
+             outcomes: dict[int, Outcome]) -> str:
+    """A state file could not be written (disk full, quota, I/O error) or memory ran out in
+    the middle of the exchange of ``domid``'s ``group``: complete or roll it back now
+    (:meth:`.journal.Journal.salvage`), resume the guest, and return the one line that says
+    what happened (later guests are not exchanged in this run)."""
+    if pre is not None:
+        try:
+            prescan.stop(pre)
+        except (MemoryError, SystemError, OSError):
+            pass  # the salvage below still runs; log-dirty left on loses nothing
+    if jn is None:
+        rec = journal.Recovery(errors=["no journal to recover from"])
+    else:
+        rec = jn.salvage()
+    # what is done for good: groups whose 'done' record is durable, and -- once this recovery
+    # is durable too -- the rest it completed
+    done = {int(o): (int(g), int(n)) for o, g, _, n in (jn.finished if jn is not None else [])}
+    if rec.ok:
+        done.update({int(o): (int(g), int(n)) for o, g, _, n in jn.closing})
+        done.update({c["mfn"]: (c["gpfn"], c["new_mfn"]) for c in rec.completed})
+    for m in group:
+        if m in done:
+            g, n = done[m]
+            outcomes[m] = Outcome(m, Kind.EXCHANGED, Reason.NONE,
+                                  f"exchanged: gpfn {g:#x} now at mfn {n:#x}; then {failure}",
+                                  domid=domid, gpfn=g, new_mfn=n, extra={"then": failure})
+        elif rec.ok:
+            outcomes[m] = Outcome(m, Kind.PENDING, Reason.EXCHANGE_FAILED,
+                                  f"the exchange was stopped ({failure}) and rolled back: the frame "
+                                  "stays offline-pending, the guest's memory as it was", domid=domid)
+        else:
+            outcomes[m] = Outcome(m, Kind.PENDING, Reason.RECOVERY_NEEDED,
+                                  f"the exchange was stopped ({failure}) and is left for "
+                                  "'xenpage recover'", domid=domid)
+    if rec.ok:
+        moved = sum(1 for m in group if m in done)
+        return (f"d{domid}'s exchange stopped: {failure}; {moved} frame(s) exchanged and "
+                f"{len(group) - moved} rolled back in this process, the guest's memory whole"
+                f"{' and the guest resumed' if rec.resumed else ''}; no other guest exchanged "
+                "in this run")
+    return (f"d{domid}'s exchange stopped: {failure}; it could not be finished in this process "
+            f"({'; '.join(rec.errors)}): the journal is kept -- run 'xenpage recover' once there "
+            "is space (or memory) again")
+
+
+def jn_kept(jdir) -> bool:
+    """A journal is left in ``jdir`` for 'xenpage recover'."""
+    return jdir is not None and journal.journal_path(jdir).exists()
 
 
 def _restore_affinity(hv: Hypervisor, jdir) -> dict[int, list[int]]:
@@ -356,6 +428,9 @@ def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
             r.out(f"xenpage: d{domid} gfn {o.gpfn:#x} moved from mfn {mfn:#x} to {to} in place "
                   f"(decrease_reservation + populate_physmap, guest paused "
                   f"{o.extra['downtime_s'] * 1e6:.0f} us); old frame offlined")
+        elif "then" in o.extra:  # completed after a failed write or memory ran out (_salvage)
+            r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn "
+                  f"{o.new_mfn:#x}; old frame offlined")
         else:
             r.out(f"xenpage: d{domid} gpfn {o.gpfn:#x} moved from mfn {mfn:#x} to mfn {o.new_mfn:#x}; "
                   f"{o.ptes} page-table entries re-pointed with their flags; old frame offlined")

@@ -24,6 +24,7 @@ from ...hypervisor.e820 import MiB
 from ...hypervisor.host import DomainError, Host, HostConfig
 from ...hypervisor import persist
 from ...hypervisor.persist import HostFileError
+from ...toolstack.journal import JOURNAL_NAME
 from ...toolstack.hypervisor import (CAP_CHECKPOINT, CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo,
                                     MigrationReport, PhysInfo)
 from .. import default_state_dir
@@ -54,13 +55,26 @@ class SimHypervisor:
         self.host = host
         self.caller = caller
         self.dirty = False
+        #: set when memory ran out *inside* a call of the simulated hypervisor: the simulated
+        #: machine in this process may then be half-way through a hypercall -- something a
+        #: real Xen never shows dom0 -- so it is never saved again (the host stays as last
+        #: saved, the journal beside it, for 'xenpage recover')
+        self.poisoned = False
 
     def checkpoint(self) -> None:
         """Save the host now: what a crash of the toolstack at this point leaves behind (a
         real machine keeps its state by itself; the write-ahead journal calls this before
         each record)."""
         if self.path is not None:
+            self.refuse_if_poisoned()
             self.host.save(self.path)
+
+    def refuse_if_poisoned(self) -> None:
+        """``MemoryError`` when this process's simulated machine may be half-way through a
+        hypercall (:attr:`poisoned`): it must not be saved."""
+        if self.poisoned:
+            raise MemoryError("the simulated host ran out of memory inside a hypercall: "
+                              "its copy in this process is not saved")
 
     # -- host -------------------------------------------------------------------------------
     def physinfo(self) -> PhysInfo:
@@ -625,6 +639,24 @@ def _state_lock(sd: Path, timeout: float | None) -> Iterator[None]:
         raise HostFileError(str(e)) from None
 
 
+def _poison_on_memory_error(fn):
+    def call(self, *args, **kw):
+        try:
+            return fn(self, *args, **kw)
+        except MemoryError:
+            self.poisoned = True
+            raise
+    call.__name__, call.__doc__, call.__wrapped__ = fn.__name__, fn.__doc__, fn
+    return call
+
+
+for _name, _fn in list(vars(SimHypervisor).items()):
+    if not _name.startswith("_") and _name not in ("checkpoint", "refuse_if_poisoned") \
+            and callable(_fn) and not isinstance(_fn, (staticmethod, classmethod, type)):
+        setattr(SimHypervisor, _name, _poison_on_memory_error(_fn))
+del _name, _fn
+
+
 @contextmanager
 def open_host(state_dir: Path | None = None, create: bool = True, save: bool = True,
               spec: DefaultHostSpec | None = None, timeout: float | None = None
@@ -659,8 +691,15 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         hv.state_dir, hv.path = sd, path
         yield hv
         if save and (hv.dirty or created):
+            kept = ""
+            if (sd / JOURNAL_NAME).exists():
+                kept = (f"; it stays as last saved, with the journal of an interrupted exchange "
+                        f"beside it: run 'xenpage recover' once this is fixed")
+            if hv.poisoned:
+                raise HostFileError(f"not saving the simulated host in {path}: memory ran out "
+                                    f"inside one of its hypercalls{kept}")
             try:
                 host.save(path)
             except OSError as e:  # a read-only or full state directory: say so, no traceback
                 raise HostFileError(f"cannot save the simulated host in {path}: "
-                                    f"{e.strerror or e}") from None
+                                    f"{e.strerror or e}{kept}") from None
