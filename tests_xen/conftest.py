@@ -19,6 +19,10 @@ from xenpage.backends import is_xen_control_domain  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
+#: every xenpage process a test starts prints its Python stack if it dies of a signal (a
+#: SIGSEGV in dom0 otherwise leaves only exit -11 and a kernel line)
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 #: Run order.  Offlines that can leave misaligned free chunks in Xen 4.17's heap (a pending
 #: frame freed when its domain is destroyed; see xenpage/backends/xen/quirks.py) come last, after
