@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from .main import cli
-from .output import print_json
+from .output import emit, fail
 
 
 def _cluster_options(f):
@@ -38,8 +38,7 @@ def _client(scheduler, workers, threads):
     try:
         return cluster.client(scheduler, workers, threads)
     except cluster.FleetExtraMissing as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
 
 
 def _need_extra() -> None:
@@ -47,8 +46,7 @@ def _need_extra() -> None:
     try:
         need_fleet_extra()
     except FleetExtraMissing as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
 
 
 @cli.group("fleet")
@@ -97,15 +95,13 @@ def study_cmd(hosts, seed, days, policies, fleet_file, path, partition, schedule
         for p in pols:
             Policy.named(p)
     except ThresholdError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     fleet = F.DEFAULT_FLEET
     if fleet_file:
         try:
             fleet = F.Fleet.from_json(json.loads(Path(fleet_file).read_text()))
         except (ValueError, KeyError, TypeError) as e:
-            click.echo(f"xenpage: bad fleet description {fleet_file}: {e}", err=True)
-            sys.exit(2)
+            fail(f"bad fleet description {fleet_file}: {e}", 2)
     t0 = time.perf_counter()
     with _client(scheduler, workers, threads) as c:
         where = describe(c)
@@ -122,7 +118,7 @@ def study_cmd(hosts, seed, days, policies, fleet_file, path, partition, schedule
     if plot_path:
         rep["plot"] = str(F.plot(tab, summary, plot_path))
     if as_json:
-        print_json(rep)
+        emit("fleet study", 0, **rep)
         return
     _print_study(rep, tab)
 
@@ -183,8 +179,7 @@ def inventory_cmd(lists, scheduler, workers, threads, chunk, out_dir, top, as_js
     from ..ras.cluster import describe
     paths = I.find_lists(lists)
     if not paths:
-        click.echo("xenpage: no *.json or *.db lists found", err=True)
-        sys.exit(2)
+        fail("no *.json or *.db lists found", 2)
     t0 = time.perf_counter()
     with _client(scheduler, workers, threads) as c:
         where = describe(c)
@@ -195,7 +190,7 @@ def inventory_cmd(lists, scheduler, workers, threads, chunk, out_dir, top, as_js
     s.update({"lists": len(paths), "cluster": where, "wall_s": wall,
               "parquet": [str(p) for p in written]})
     if as_json:
-        print_json(s)
+        emit("fleet inventory", 0, **s)
         return
     from rich.console import Console
     from rich.table import Table

@@ -20,7 +20,7 @@ import click
 
 from ..errors import HostFileError
 from .main import Ctx, cli
-from .output import print_json
+from .output import emit, fail
 from .ras import SIM_LOG_NAME, _state_dir, _store
 
 PLOT_EXTRA = "plot"
@@ -31,9 +31,8 @@ def _need_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        click.echo(f"xenpage: --plot needs matplotlib, which is not installed: install xenpage "
-                   f"with its [{PLOT_EXTRA}] extra (pip install 'xenpage[{PLOT_EXTRA}]')", err=True)
-        sys.exit(2)
+        fail(f"--plot needs matplotlib, which is not installed: install xenpage "
+                   f"with its [{PLOT_EXTRA}] extra (pip install 'xenpage[{PLOT_EXTRA}]')", 2)
 
 
 @cli.group("host")
@@ -81,13 +80,12 @@ def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, pvh, no_guests, pcpus, as_
     try:
         host = build_host(spec)
     except Exception as e:
-        click.echo(f"xenpage: cannot build that host: {e}", err=True)
-        sys.exit(1)
+        fail(f"cannot build that host: {e}", 1)
     path = host_path(obj.paths.state_dir)
     host.save(path)
     summary = host_summary(host)
     if as_json:
-        print_json(summary)
+        emit("host create", 0, path=str(path), **summary)
     else:
         click.echo(f"created a {mem_mib} MiB host with {len(host.guest_domains())} domains in {path}")
 
@@ -129,7 +127,7 @@ def host_show(obj: Ctx, as_json):
     with obj.simulated_host("host show", save=False) as hv:
         s = host_summary(hv.host)
     if as_json:
-        print_json(s)
+        emit("host show", 0, **s)
         return
     from rich.console import Console
     from rich.table import Table
@@ -202,8 +200,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     try:
         mfns = parse_mfn_args(list(frames))
     except hptool.BadMfn as e:
-        click.echo(f"xenpage: {e}; nothing done", err=True)
-        sys.exit(1)
+        fail(f"{e}; nothing done", 1)
     from ..backends.sim.ras import SimMachineCheck
     t0 = time.time() if at is None else at
     out, texts = [], []
@@ -216,20 +213,18 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
                         inj = mc.inject(m, uncorrected=uc, count=count, time=t0 + k * interval,
                                         scrub=scrub)
                     except ValueError as e:
-                        click.echo(f"xenpage: {e}", err=True)
-                        sys.exit(1)
+                        fail(f"{e}", 1)
                     texts.append(format_mcelog(inj.record, len(texts)))
                     out.append({"record": inj.record.to_json(), "xen": inj.xen.to_json()})
     except HostFileError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     logp = _state_dir(obj) / SIM_LOG_NAME
     from ..statefiles import open_private, state_dir
     state_dir(logp.parent)
     with open_private(logp, "a") as fh:
         fh.write("".join(texts))
     if as_json:
-        print_json({"log": str(logp), "injected": out})
+        emit("mce-inject", 0, log=str(logp), injected=out)
         return
     for o in out:
         r, x = o["record"], o["xen"]
@@ -265,13 +260,12 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
     try:
         rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
     except ThresholdError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     if plot_path:
         year.plot(rep, plot_path)
         rep["plot"] = str(plot_path)
     if as_json:
-        print_json(rep)
+        emit("year", 0, **rep)
         return
     click.echo(year.markdown(rep), nl=False)
     if plot_path:
@@ -292,19 +286,20 @@ def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     from ..backends.sim import ras as sim_ras
     from ..errors import HostFileError as HFE
     value = ""
+    store = _store(obj)
     if not no_badpage:
-        value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
+        value = badpage_opt if badpage_opt is not None else store.boot_option().value
     try:
         with obj.simulated_host("host reboot", save=False) as hv:
             new = sim_ras.reboot(hv.host, value)
             new.save(host_path(obj.paths.state_dir))
+            store.record_boot_option(value)  # what Xen was booted with (the service's replay)
     except HFE as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     res = {"badpage": value, "withheld": len(getattr(new, "withheld", [])), "domains": [
         {"domid": d.domid, "name": d.name, "hvm": d.hvm} for d in new.guest_domains()]}
     if as_json:
-        print_json(res)
+        emit("host reboot", 0, **res)
     else:
         click.echo("rebooted the simulated host" + (f" with badpage={value} ({res['withheld']} "
                                                     "frames withheld)" if value else " (no badpage=)"))
