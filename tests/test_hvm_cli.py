@@ -97,7 +97,7 @@ def test_pvh_guest_is_listed_and_retired_in_place(cli_state, xenpage_cli):
     rows = {ln.split()[0]: ln.split() for ln in r.stdout.splitlines()[1:]}
     assert rows["pvh1"][2] == "PVH" and rows["hvm1"][2] == "HVM" and rows["domu1"][2] == "PV"
     data = json.loads(xenpage_cli(cli_state, "list", "--json").stdout)
-    assert {d["name"]: d["type"] for d in data}["pvh1"] == "pvh"
+    assert {d["name"]: d["type"] for d in data["domains"]}["pvh1"] == "pvh"
     m = hvm_mfn(cli_state, 777, domid=3)
     r = xenpage_cli(cli_state, "mem-offline", f"{m:x}", "--hvm=exchange", "--json")
     assert r.returncode == 0, r.stderr

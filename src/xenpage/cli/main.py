@@ -124,8 +124,9 @@ class _Tee(io.TextIOBase):
         self.seen: list[str] = []
 
     def write(self, s: str) -> int:
-        self.seen.append(s)
-        return self.stream.write(s)
+        n = self.stream.write(s)  # a text stream refuses bytes (click probes with b"")
+        self.seen.append(s if isinstance(s, str) else bytes(s).decode(errors="replace"))
+        return n
 
     def flush(self) -> None:
         self.stream.flush()

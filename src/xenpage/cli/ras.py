@@ -388,7 +388,7 @@ def badpages_group(ctx, as_json, boot_option, history):
         f = store.frame(mfn)
         h = {"mfn": f"{mfn:#x}", "frame": f.to_json() if f else None, **store.history(mfn)}
         if as_json:
-            emit("badpages", 0, history=h)
+            emit("badpages", 0, **h)
         else:
             click.echo(f"mfn {mfn:#x}: " + (f"{f.state} ({f.xen_state}) -- {f.detail}" if f else "not in the list"))
             for d in h["decisions"]:

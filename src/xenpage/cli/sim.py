@@ -42,14 +42,48 @@ def host_group(obj: Ctx):
     obj.simulator_only("host")
 
 
-def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], ...]:
+#: the simulated host's RAM, MiB: the smallest a layout holds, the largest the simulator is
+#: meant for (1 TiB: ~8 GB of frame table in this process)
+MEM_MIB_RANGE = (64, 1 << 20)
+#: the simulated Linux PV kernel's layout needs this much (LinuxPV: "too small for its layout")
+PV_MIN_MIB = 2
+
+
+def _parse_guests(values: tuple[str, ...], what: str, min_mib: int = 1) -> tuple[tuple[str, int], ...]:
     out = []
     for v in values:
         name, _, mib = v.partition(":")
-        if not name or not mib.isdigit() or int(mib) <= 0:
-            raise click.BadParameter(f"{what} guests are NAME:MiB, got {v!r}")
+        if not name or not mib.isdigit() or not mib.isascii() or not name.isprintable() \
+                or any(c.isspace() for c in name):
+            fail(f"--{what.lower()} takes NAME:MiB (a name without blanks, a whole number of "
+                 f"MiB), got {v!r}; nothing done", 1)
+        if not min_mib <= int(mib) <= MEM_MIB_RANGE[1]:
+            fail(f"--{what.lower()} {v!r}: a {what} guest has {min_mib} to {MEM_MIB_RANGE[1]} MiB; "
+                 "nothing done", 1)
         out.append((name, int(mib)))
     return tuple(out)
+
+
+def check_host_sizes(spec) -> None:
+    """Refuse (exit 1, nothing written) a host whose parts cannot fit: dom0 and every guest
+    need RAM of their own, and Xen keeps some for itself (its image, the frame table, the
+    heap's own pages).  Unique guest names, as xl requires."""
+    guests = list(spec.pv_guests) + list(spec.hvm_guests) + list(spec.pvh_guests)
+    names = [n for n, _ in guests]
+    dup = sorted({n for n in names if names.count(n) > 1 or n == "Domain-0"})
+    if dup:
+        fail(f"guest names must be unique (and not Domain-0): {', '.join(dup)}; nothing done", 1)
+    if spec.mem_mib % 2 or not MEM_MIB_RANGE[0] <= spec.mem_mib <= MEM_MIB_RANGE[1]:
+        fail(f"--mem {spec.mem_mib}: the host has an even number of MiB from {MEM_MIB_RANGE[0]} to "
+             f"{MEM_MIB_RANGE[1]}; nothing done", 1)
+    if not 1 <= spec.dom0_mib < spec.mem_mib:
+        fail(f"the sizes do not fit: dom0 has {spec.dom0_mib} MiB of a {spec.mem_mib} MiB host "
+             "(dom0 needs at least 1 MiB, and less than the host's RAM); nothing done", 1)
+    need = spec.dom0_mib + sum(m for _, m in guests)
+    if need >= spec.mem_mib:
+        fail(f"the sizes do not fit: dom0 {spec.dom0_mib} MiB + guests "
+             f"{need - spec.dom0_mib} MiB = {need} MiB, and the host has {spec.mem_mib} MiB of "
+             "RAM (Xen keeps some for itself); nothing done", 1)
 
 
 @host_group.command("create")
@@ -59,30 +93,37 @@ def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], 
 @click.option("--hvm", multiple=True, help="an HVM guest NAME:MiB (repeatable; default hvm1:128)")
 @click.option("--pvh", multiple=True, help="a PVH guest NAME:MiB (repeatable; default pvh1:64)")
 @click.option("--no-guests", is_flag=True, help="only dom0")
-@click.option("--pcpus", type=int, default=2, show_default=True)
+@click.option("--pcpus", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, pvh, no_guests, pcpus, as_json):
     """Create (or replace) the saved simulated host."""
     from ..backends.sim import DefaultHostSpec, build_host, host_path
+    from ..errors import HostFileError as HFE
     spec = DefaultHostSpec(mem_mib=mem_mib, dom0_mib=dom0_mib, nr_pcpus=pcpus)
+    if no_guests and (pv or hvm or pvh):
+        fail("--no-guests and --pv/--hvm/--pvh contradict each other; nothing done", 1)
     if no_guests:
         spec.pv_guests, spec.hvm_guests, spec.pvh_guests = (), (), ()
     else:
         if pv:
-            spec.pv_guests = _parse_guests(pv, "PV")
+            spec.pv_guests = _parse_guests(pv, "PV", PV_MIN_MIB)
         if hvm:
             spec.hvm_guests = _parse_guests(hvm, "HVM")
         if pvh:
             spec.pvh_guests = _parse_guests(pvh, "PVH")
-    if mem_mib % 2 or mem_mib < 64 or pcpus < 1:
-        raise click.BadParameter("--mem must be an even number of MiB >= 64, --pcpus >= 1")
+    check_host_sizes(spec)
     try:
         host = build_host(spec)
-    except Exception as e:
-        fail(f"cannot build that host: {e}", 1)
+    except Exception as e:  # the simulator's DomainError/GuestError: the CLI imports neither
+        what = "dom0 does not fit" if "dom0" in str(e) else str(e)
+        fail(f"the sizes do not fit in a {mem_mib} MiB host once Xen has its own memory "
+             f"({what}); nothing done", 1)
     path = host_path(obj.paths.state_dir)
-    host.save(path)
+    try:
+        host.save(path)
+    except HFE as e:
+        fail(str(e), 2)
     summary = host_summary(host)
     if as_json:
         emit("host create", 0, path=str(path), **summary)
@@ -170,6 +211,14 @@ def _need_sim(obj: Ctx, what: str, hint: str = "") -> None:
     obj.simulator_only(what, hint)
 
 
+def days_option(param, v: float) -> float:
+    """A study's length in days: finite, more than 0, at most 100 years."""
+    if not (math.isfinite(v) and 0 < v <= 36525):
+        raise click.BadParameter(f"{v!r} is not a number of days (more than 0, at most 36525)",
+                                 param=param)
+    return v
+
+
 def _seconds(param, v: float | None) -> float | None:
     """A number of seconds: finite and not negative (click's FloatRange lets NaN through)."""
     if v is not None and not (math.isfinite(v) and 0 <= v < 2 ** 62):
@@ -237,9 +286,11 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
 
 
 @cli.command("year")
-@click.option("--hosts", type=int, default=3, show_default=True, help="host-years (one error trace each)")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--days", type=float, default=365.0, show_default=True)
+@click.option("--hosts", type=click.IntRange(1, 100000), default=3, show_default=True,
+              help="host-years (one error trace each)")
+@click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=1, show_default=True)
+@click.option("--days", type=float, default=365.0, show_default=True,
+              callback=lambda c, p, v: days_option(p, v))
 @click.option("--policy", "policies", multiple=True,
               help="policies to compare, presets with +modifiers (default: off, first-error, "
                    "first-error+hvm-exchange, mcelog, rasdaemon, row)")
