@@ -309,7 +309,7 @@ def _mfns_or_refuse(args: list[str]) -> list[int]:
         fail(f"{e}; nothing done", 1)
 
 
-def _mem_command(name: str, fn):
+def _mem_command(name: str, fn, writes: bool):
     @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                          "help_option_names": []},
                  add_help_option=False, help=_MEM_HELP[name])
@@ -322,7 +322,7 @@ def _mem_command(name: str, fn):
         if not rest:
             _usage(name)
         mfns = _mfns_or_refuse(rest)
-        with _host_errors(), obj.hypervisor() as hv:
+        with _host_errors(), obj.hypervisor(save=writes) as hv:
             reports = [fn(hv, m) for m in mfns]
         sys.exit(emit_report(name, _frames_report(reports), as_json))
     return cmd
@@ -342,8 +342,8 @@ def _frames_report(reports) -> "hptool.Report":
     return r
 
 
-_mem_command("mem-status", hptool.mem_status)
-_mem_command("mem-online", hptool.mem_online)
+_mem_command("mem-status", hptool.mem_status, writes=False)  # a query changes nothing
+_mem_command("mem-online", hptool.mem_online, writes=True)
 
 
 def parse_mfn_args(args: list[str]) -> list[int]:
@@ -403,6 +403,7 @@ def mem_offline_cmd(obj: Ctx, args):
     if not rest:
         _usage("mem-offline")
     mfns = _mfns_or_refuse(rest)
+    _check_migrate_to(obj, retire_args.migrate_to)
     try:
         with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
                 retire_args.open(hv, obj.paths.state_dir) as retire:
@@ -411,6 +412,19 @@ def mem_offline_cmd(obj: Ctx, args):
     except ValueError as e:  # --migrate-to on real Xen
         fail(f"{e}; nothing done", 1)
     sys.exit(emit_report("mem-offline", res.report, as_json))
+
+
+def _check_migrate_to(obj: Ctx, dest) -> None:
+    """``--migrate-to DIR`` names a saved simulated host, checked before this host is even
+    opened: a typo never creates a host (or takes a lock) anywhere."""
+    if dest is None or obj.kind != "sim":
+        return  # on real Xen retire_options' open() refuses --migrate-to itself
+    from ..backends.sim import host_path
+    if Path(dest).resolve() == Path(obj.paths.state_dir).resolve():
+        return
+    if not (host_path(Path(dest)) / "host.json").is_file():
+        fail(f"--migrate-to {dest}: no saved host there (create one with 'xenpage --state-dir "
+             f"{dest} host create'); nothing done", 1)
 
 
 def _rst_plain(text: str) -> str:

@@ -42,9 +42,12 @@ def _state_dir(obj: Ctx) -> Path:
 def _store(obj: Ctx):
     from ..ras.store import Store, StoreError
     try:
-        return Store.in_state_dir(_state_dir(obj))
+        store = Store.in_state_dir(_state_dir(obj))
     except StoreError as e:
         fail(f"{e}", 2)
+    # closed when the command ends (its WAL checkpointed then, not whenever it is collected)
+    click.get_current_context().call_on_close(store.close)
+    return store
 
 
 def _backend(obj: Ctx) -> str:
@@ -359,6 +362,13 @@ def badpages_group(ctx, as_json, boot_option, history):
         return
     obj: Ctx = ctx.obj
     from ..ras.service import status
+    mfn = None
+    if history:
+        from ..toolstack import hptool
+        try:
+            mfn = hptool.parse_mfn(history)
+        except hptool.BadMfn as e:
+            fail(f"{e}; nothing done", 1)
     store = _store(obj)
     if boot_option:
         opt = store.boot_option()
@@ -378,13 +388,7 @@ def badpages_group(ctx, as_json, boot_option, history):
                            + (" ..." if len(opt.missing) > 16 else ""), err=True)
                 sys.exit(1)
         return
-    if history:
-        from ..toolstack import hptool
-        try:
-            mfn = hptool.parse_mfn(history)
-        except hptool.BadMfn as e:
-            click.echo(f"xenpage: {e}", err=True)
-            sys.exit(1)
+    if mfn is not None:
         f = store.frame(mfn)
         h = {"mfn": f"{mfn:#x}", "frame": f.to_json() if f else None, **store.history(mfn)}
         if as_json:
