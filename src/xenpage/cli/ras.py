@@ -218,7 +218,6 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
         fail(f"--max-seconds {max_seconds!r} is not a number of seconds", 1)
     kind = _backend(obj)
     policy = _policy(obj, config, preset)
-    store = _store(obj)
     log = Log(as_json=as_json, verbose=verbose,
               stream=sys.stdout if not (once and as_json) else False)
     log.keep = once
@@ -227,9 +226,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     for line in policy.describe():
         log("policy", "info", message=line)
     rows = _RowFrames()
-    svc = _make_service(obj, store, policy, log, kind, rows)
     names = list(sources) or _default_sources(obj, kind)
-    srcs = _open_sources(names, store, follow)
     stop = _Stop()
     saved = {}
     if not once:
@@ -239,6 +236,11 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     t_end = time.monotonic() + max_seconds if max_seconds else None
     try:
         with obj.hypervisor() as hv:
+            # the list is opened once the backend is there: a service that cannot start
+            # (no Xen, an unreadable host) leaves the state directory as it was
+            store = _store(obj)
+            svc = _make_service(obj, store, policy, log, kind, rows)
+            srcs = _open_sources(names, store, follow)
             if kind == "sim":
                 from ..backends.sim.ras import geometry_of
                 rows.geometry = geometry_of(hv)
@@ -446,12 +448,13 @@ def badpages_clear(obj: Ctx, frames, all_, dimm, online, reason, as_json):
         mfns = None if all_ else parse_mfn_args(list(frames))
     except hptool.BadMfn as e:
         fail(f"{e}; nothing done", 1)
+    if dimm:
+        parts = dimm.split(":")
+        if len(parts) not in (2, 3) or not all(x.isdigit() and x.isascii() for x in parts):
+            fail(f"--dimm {dimm!r}: socket:channel[:dimm]; nothing done", 1)
     store = _store(obj)
     if dimm and not all_:
-        parts = dimm.split(":")
-        if len(parts) not in (2, 3) or not all(x.isdigit() for x in parts):
-            fail(f"--dimm {dimm!r}: socket:channel[:dimm]", 1)
-        want = dict(zip(("socketid", "channel", "dimm"), map(int, parts)))
+        want = dict(zip(("socketid", "channel", "dimm"), map(int, dimm.split(":"))))
         mfns = sorted(set(mfns or []) | {f.mfn for f in store.frames()
                                          if all(f.location.get(k) == v for k, v in want.items())})
     gone = store.clear(mfns, time.time(), reason)
