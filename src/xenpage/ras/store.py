@@ -232,8 +232,8 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: not a usable retired-page list ({e}); nothing was "
                              "changed -- move it away to start a new list") from None
-        except OSError as e:
-            raise StoreError(f"{self.path}: {e.strerror or e}") from None
+        except OSError as e:  # the file, or the state directory it should be in
+            raise StoreError(f"{e.filename or self.path}: {e.strerror or e}") from None
 
     def _check(self) -> None:
         """An existing list: readable by SQLite, every table there, a schema this xenpage
