@@ -8,11 +8,11 @@ most frames are compared under the very same MFN.  Where a lab MFN is a differen
 on the simulated host (the lab's dom0 layout moves with the size of its initrd), a frame of
 the same kind is used and the lab's text is compared with that MFN substituted.
 
-Documented differences (README): xenpage adds ``xenpage: ...`` explanation lines where
-xen-hptool is silent or misleading (they are set aside before comparing), refuses an MFN
-that is not hex (hptool reads an uninitialised variable), lists its own commands after
-hptool's help, accepts several MFNs for ``mem-offline``, and exchanges PV guests' pages
-instead of failing to suspend them.
+Documented differences (README, "Differences from stock xen-hptool"): xenpage adds
+``xenpage: ...`` explanation lines where xen-hptool is silent or misleading (they are set
+aside before comparing), refuses an MFN that is not hex (hptool reads an uninitialised
+variable), lists its own commands after hptool's help, accepts several MFNs, ranges and
+lists for ``mem-*``, and exchanges PV guests' pages instead of failing to suspend them.
 """
 
 from __future__ import annotations
