@@ -658,7 +658,7 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         hv = SimHypervisor(host)
         hv.state_dir, hv.path = sd, path
         yield hv
-        if save and (hv.dirty or created):
+        if (save and hv.dirty) or created:  # first use creates the host, whatever reads it
             try:
                 host.save(path)
             except OSError as e:  # a read-only or full state directory: say so, no traceback
