@@ -389,6 +389,9 @@ def test_status_words_decode_the_same_everywhere(state):
     assert (off["op"], off["flags"]) == ("offline", ["OFFLINED"])
     assert (st["op"], st["flags"], st["owner"]) == ("query", ["OFFLINED"], None)
     assert (on["op"], on["flags"]) == ("online", ["ONLINED"])
+    # Xen's own offline of a frame hit by an uncorrected error (mce-inject): the same object
+    mc = invoke(state, "mce-inject", f"{m + 1:x}", "--uc", "--json").doc["injected"][0]["xen"]["status"]
+    assert set(mc) == set(off) and (mc["op"], mc["flags"]) == ("offline", ["OFFLINED", "BROKEN"])
 
 
 # -- reading never writes ---------------------------------------------------------------------------------

@@ -244,6 +244,7 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     dom0's mcelog would; the service reads them from there."""
     from .main import parse_mfn_args
     from ..toolstack import hptool
+    from ..abi import sysctl as S
     from ..ras.sources import format_mcelog
     _need_sim(obj, "mce-inject", " (on real Xen: xen-mceinj, xen-utils-4.17)")
     try:
@@ -264,7 +265,9 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
                     except ValueError as e:
                         fail(f"{e}", 1)
                     texts.append(format_mcelog(inj.record, len(texts)))
-                    out.append({"record": inj.record.to_json(), "xen": inj.xen.to_json()})
+                    xen = inj.xen.to_json()  # Xen's offline_page answer, decoded as everywhere
+                    xen["status"] = S.decode(int(xen["status"]), S.sysctl_page_offline)
+                    out.append({"record": inj.record.to_json(), "xen": xen})
     except HostFileError as e:
         fail(f"{e}", 2)
     logp = _state_dir(obj) / SIM_LOG_NAME
