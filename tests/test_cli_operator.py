@@ -124,6 +124,14 @@ def test_other_commands_taking_frames_are_as_strict(state, cmd):
     assert r.code == 1 and "'3f1o0' is not a hexadecimal MFN" in r.err
 
 
+@pytest.mark.parametrize("value", ["zz", "3f1o0", "0x10,,0x20", "-1", "0x10;0x20", "0x1" * 40])
+def test_host_reboot_refuses_a_badpage_value_xen_would_misread(state, value):
+    before = snapshot(state)
+    r = invoke(state, "host", "reboot", "--badpage", value)
+    assert r.code == 1 and "nothing done" in r.err
+    assert snapshot(state) == before
+
+
 def test_parse_mfn_args_ranges_and_lists():
     from xenpage.cli.main import parse_mfn_args
     assert parse_mfn_args(["10-12,20", "0x30", "40,41-42"]) == [0x10, 0x11, 0x12, 0x20, 0x30,

@@ -326,6 +326,27 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
         click.echo(f"plot: {plot_path}")
 
 
+#: one item of Xen's ``badpage=``: a number as ``simple_strtoul`` reads it whole (0x hex,
+#: 0 octal, decimal), or a range of two
+_BADPAGE_NUM = r"(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)"
+_BADPAGE = rf"{_BADPAGE_NUM}(?:-{_BADPAGE_NUM})?(?:,{_BADPAGE_NUM}(?:-{_BADPAGE_NUM})?)*"
+BADPAGE_MAX_CHARS = 99
+
+
+def check_badpage(value: str) -> None:
+    """``host reboot --badpage V``: Xen's parser (``parse_badpage`` in the simulator) stops
+    silently at the first character it does not expect and cuts the value at 99 characters;
+    xenpage refuses such a value instead (nothing rebooted)."""
+    import re
+    if value and not re.fullmatch(_BADPAGE, value):
+        fail(f"--badpage {value!r}: Xen reads START[-END] items (0x hex, 0 octal or decimal) "
+             "separated by commas, and would silently stop at the first other character; "
+             "nothing done", 1)
+    if len(value) > BADPAGE_MAX_CHARS:
+        fail(f"--badpage: {len(value)} characters; Xen keeps only the first "
+             f"{BADPAGE_MAX_CHARS}; nothing done", 1)
+
+
 @host_group.command("reboot")
 @click.option("--no-badpage", is_flag=True, help="boot without badpage= (Xen forgets everything)")
 @click.option("--badpage", "badpage_opt", default=None, help="this badpage= value instead of the list's")
@@ -339,6 +360,8 @@ def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     from ..backends.sim import host_path
     from ..backends.sim import ras as sim_ras
     from ..errors import HostFileError as HFE
+    if badpage_opt is not None:
+        check_badpage(badpage_opt)
     value = ""
     store = _store(obj)
     if not no_badpage:
