@@ -10,7 +10,6 @@ Xen, ``$XDG_STATE_HOME/xenpage`` on the simulator, whose saved host lives there 
 from __future__ import annotations
 
 import errno
-import io
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -116,32 +115,6 @@ def host_file_error(e: Exception) -> None:
     fail(str(e), 2)
 
 
-class _Tee(io.TextIOBase):
-    """stderr, with what went through it kept (the error of a ``--json`` envelope)."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.seen: list[str] = []
-
-    def write(self, s: str) -> int:
-        n = self.stream.write(s)  # a text stream refuses bytes (click probes with b"")
-        self.seen.append(s if isinstance(s, str) else bytes(s).decode(errors="replace"))
-        return n
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    @property
-    def encoding(self):  # noqa: D401
-        return getattr(self.stream, "encoding", "utf-8")
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-
 def command_of(args: list[str]) -> str:
     """The command an argv names, as its envelope says it (``host show``, ``badpages
     clear``): global options skipped, xen-hptool's prefixes resolved."""
@@ -181,7 +154,7 @@ class HptoolGroup(click.Group):
         output.begin(name, as_json, lines=(name == "retired"))
         tee = None
         if as_json:
-            tee = _Tee(sys.stderr)
+            tee = output.StderrTee(sys.stderr)
             sys.stderr = tee
         try:
             try:

@@ -25,6 +25,7 @@ line, compact (:func:`begin` ``lines=True``).
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from typing import NoReturn
@@ -118,6 +119,32 @@ def finish(code: int, stderr_text: str) -> None:
     elif msg.startswith("Error: "):
         msg = msg[len("Error: "):]
     emit(_mode.command, code, error=msg)
+
+
+class StderrTee(io.TextIOBase):
+    """stderr, with what went through it kept (the error of a ``--json`` envelope)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.seen: list[str] = []
+
+    def write(self, s: str) -> int:
+        n = self.stream.write(s)  # a text stream refuses bytes (click probes with b"")
+        self.seen.append(s if isinstance(s, str) else bytes(s).decode(errors="replace"))
+        return n
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):  # noqa: D401
+        return getattr(self.stream, "encoding", "utf-8")
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
 
 
 def _default(o):
