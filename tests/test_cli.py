@@ -8,11 +8,11 @@ most frames are compared under the very same MFN.  Where a lab MFN is a differen
 on the simulated host (the lab's dom0 layout moves with the size of its initrd), a frame of
 the same kind is used and the lab's text is compared with that MFN substituted.
 
-Documented differences (README): xenpage adds ``xenpage: ...`` explanation lines where
-xen-hptool is silent or misleading (they are set aside before comparing), refuses an MFN
-that is not hex (hptool reads an uninitialised variable), lists its own commands after
-hptool's help, accepts several MFNs for ``mem-offline``, and exchanges PV guests' pages
-instead of failing to suspend them.
+Documented differences (README, "Differences from stock xen-hptool"): xenpage adds
+``xenpage: ...`` explanation lines where xen-hptool is silent or misleading (they are set
+aside before comparing), refuses an MFN that is not hex (hptool reads an uninitialised
+variable), lists its own commands after hptool's help, accepts several MFNs, ranges and
+lists for ``mem-*``, and exchanges PV guests' pages instead of failing to suspend them.
 """
 
 from __future__ import annotations
@@ -207,10 +207,17 @@ def test_lab_non_hex_mfn_is_refused_instead_of_garbage(cli_state, xenpage_cli, c
 def test_lab_two_mfns(cli_state, xenpage_cli):
     c = _lab_cmd("args.mem-offline-2args")
     assert (c["stderr"], c["exit"]) == (HELP, 1)  # xen-hptool: wrong argument count
-    # xenpage's mem-offline takes several MFNs (README); mem-status and mem-online keep
-    # xen-hptool's argument count
+    # xenpage's mem-* take several MFNs (README): each frame answered as xen-hptool run
+    # once per frame would answer it, in order
     for cmd in ("mem-status", "mem-online"):
         r = xenpage_cli(cli_state, cmd, "3fff0", "3fff1")
+        one = [xenpage_cli(cli_state, cmd, m) for m in ("3fff0", "3fff1")]
+        assert (r.stdout, r.stderr, r.returncode) == \
+            ("".join(x.stdout for x in one), "".join(x.stderr for x in one),
+             max(x.returncode for x in one))
+    # and no MFN at all is xen-hptool's wrong argument count
+    for cmd in ("mem-status", "mem-online", "mem-offline"):
+        r = xenpage_cli(cli_state, cmd)
         assert (r.stdout, r.stderr, r.returncode) == ("", HELP, 1)
     r = xenpage_cli(cli_state, "mem-offline", "3fff0", "3fff1")
     assert r.stdout.count("Prepare to offline MEMORY mfn") == 2
@@ -340,12 +347,20 @@ def test_json_output(cli_state, xenpage_cli):
     r = xenpage_cli(cli_state, "mem-status", "a0", "--json")
     d = json.loads(r.stdout)
     assert r.returncode == 1 and r.stderr == ""
-    assert d["rc"] == -22 and d["errno"] == 22 and d["status"]["untouched"] is True
+    assert (d["command"], d["exit"]) == ("mem-status", 1)
+    f, = d["frames"]
+    assert f["rc"] == -22 and f["errno"] == 22 and f["status"]["untouched"] is True and f["exit"] == 1
     assert d["stdout"] == ["Querying MEMORY mfn a0 status"]
     assert d["stderr"] == ["Querying page mfn a0 failed, error 16"]
     r = xenpage_cli(cli_state, "mem-offline", "20000", "--json")
     d = json.loads(r.stdout)
-    assert r.returncode == 0 and d["outcomes"][0]["kind"] == "offlined" and d["outcomes"][0]["status"] == 2
+    assert (d["command"], d["exit"], r.returncode) == ("mem-offline", 0, 0)
+    o, = d["outcomes"]
+    assert o["kind"] == "offlined" and o["status"]["status"] == 2 and o["status"]["op"] == "offline"
+    # the same word decoded the same way by mem-status (the query's own flags)
+    s = json.loads(xenpage_cli(cli_state, "mem-status", "20000", "--json").stdout)["frames"][0]
+    assert set(s["status"]) == set(o["status"]) and s["status"]["op"] == "query"
+    assert s["status"]["flags"] == ["OFFLINED"] and s["status"]["owner"] is None
 
 
 def test_offline_pins_and_restores_dom0_across_processes(cli_state, xenpage_cli, default_host):

@@ -210,7 +210,7 @@ def test_command_json(cli_state, xenpage_cli, host0):
     o1, o2 = d["outcomes"]
     assert (o1["mfn"], o1["mfn_hex"], o1["kind"], o1["reason"], o1["domid"], o1["gpfn"]) == \
         (ms[0], f"{ms[0]:x}", "exchanged", "", 1, pfs[0])
-    assert o1["new_mfn_hex"] == f"{o1['new_mfn']:x}" and o1["status"] == S.PG_OFFLINE_STATUS_OFFLINED
+    assert o1["new_mfn_hex"] == f"{o1['new_mfn']:x}" and o1["status"]["status"] == S.PG_OFFLINE_STATUS_OFFLINED
     assert o1["extra"]["toolstack_s"] > 0 and o1["ptes"] == 1
     assert (o2["kind"], o2["reason"], o2["new_mfn"]) == ("pending", "granted", None)
     assert o2["extra"]["grant_refs"] == [g.rings[1]["ref"]]

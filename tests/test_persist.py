@@ -329,7 +329,7 @@ def test_first_use_creates_the_default_host(tmp_path, xenpage_cli):
 @pytest.mark.parametrize("argv", [
     ("mem-offline", "zz"), ("mem-offline", "-1"), ("mem-offline", "100000000"),
     ("mem-offline", "0x1ffffffff"), ("mem-offline",), ("mem-online", "zz"), ("mem-status", "-a0"),
-    ("mem-online", "a0", "a1"), ("mem-status",), ("mem-query", "20000"), ("bogus",), ("-x",),
+    ("mem-online", "a0", "zz"), ("mem-status",), ("mem-query", "20000"), ("bogus",), ("-x",),
     ("mem-offline", "20000-1ffff"), ("mem-offline", "20000", "zz"),
 ], ids=lambda a: " ".join(a) or "none")
 def test_malformed_input_changes_nothing(cli_state, xenpage_cli, argv):

@@ -127,7 +127,8 @@ def test_clear_after_dimm_swap(cli_state, run):
 
 
 def test_switch_and_policy_file(cli_state, run):
-    assert js(run(cli_state, "retire-switch", "off", "--json")) == {"switch": "off"}
+    assert js(run(cli_state, "retire-switch", "off", "--json")) == \
+        {"command": "retire-switch", "exit": 0, "switch": "off"}
     run(cli_state, "mce-inject", FREE, "--repeat", "3")
     run(cli_state, "retire", "--from", cli_state / "mcelog")
     assert js(run(cli_state, "badpages", "--json"))["counts"]["retired"] == 0
@@ -193,8 +194,10 @@ def test_service_json_no_follow(cli_state, run):
     p = run(cli_state, "retired", "--no-follow", "--json")
     recs = [json.loads(l) for l in p.stdout.splitlines()]
     assert p.returncode == 0
-    assert [r["event"] for r in recs if r["event"] in ("started", "transition", "stopped")] == [
+    *events, env = recs                      # JSON lines: the events, then the envelope
+    assert [r["event"] for r in events if r["event"] in ("started", "transition", "stopped")] == [
         "started", "transition", "stopped"]
+    assert (env["command"], env["exit"], env["records"]) == ("retired", 0, 2)
 
 
 def test_simulator_only_commands_refuse_on_xen(cli_state, run):

@@ -350,6 +350,7 @@ def test_replay_after_reboot_with_badpage(w):
     opt = w.store.boot_option()
     assert parse_badpage_value(opt.value) == {f["pv"], f["dom0"], f["free"]}
     w.host = sim_ras.reboot(w.host, opt.value)
+    w.store.record_boot_option(opt.value)                           # as 'host reboot' does
     w.hv = SimHypervisor(w.host)
     w.svc = w.service()
     w.svc.replay(w.hv)

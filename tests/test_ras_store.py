@@ -111,7 +111,9 @@ def test_clear_keeps_history_and_updates_boot_option(tmp_path):
         s.put_frame(Frame(m, "retired"))
     s.put_frame(Frame(0x30, "failed"))
     assert s.boot_option().value == "0x10-0x11,0x20"          # failed frames are not listed
-    assert s.last_boot_option() == "0x10-0x11,0x20"
+    assert s.last_boot_option() == "0x10-0x11,0x20"        # no boot recorded: the list's
+    s.record_boot_option("0x10")                             # booted with this
+    assert s.last_boot_option() == "0x10" and s.boot_option().value == "0x10-0x11,0x20"
     assert s.clear([0x11, 0x99], 9.0, "DIMM replaced") == [0x11]
     assert s.boot_option().value == "0x10,0x20"
     assert s.history(0x11)["decisions"][0]["action"] == "clear"

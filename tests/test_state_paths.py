@@ -70,7 +70,7 @@ def test_switch_set_on_xen_is_the_switch_the_service_reads(tmp_path):
     r = CliRunner().invoke(cli, ["--backend", "xen", "--state-dir", str(tmp_path), "retire-switch", "off"])
     assert r.exit_code == 0 and "off" in r.output
     r = CliRunner().invoke(cli, ["--backend", "sim", "--state-dir", str(tmp_path), "retire-switch", "--json"])
-    assert json.loads(r.output) == {"switch": "off"}
+    assert json.loads(r.output) == {"command": "retire-switch", "exit": 0, "switch": "off"}
 
 
 SIM_ONLY = [("host", "show"), ("host", "create"), ("host", "reboot"), ("demo",),

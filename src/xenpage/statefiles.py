@@ -11,6 +11,7 @@ Like :mod:`xenpage.paths`, this module imports nothing of xenpage: every layer m
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import IO
@@ -25,6 +26,9 @@ def state_dir(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_symlink():
         raise PermissionError(f"{p}: the state directory is a symbolic link: refused")
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory (the state directory must be one)",
+                                 str(p))
     p.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
     st = os.lstat(p)
     if st.st_uid != os.geteuid():

@@ -69,15 +69,19 @@ QUERY_FLAG_NAMES = {
 }
 
 
+#: the ``cmd`` that answered a status word, by name (the CLI's ``--json`` says which)
+OP_NAMES = {sysctl_page_offline: "offline", sysctl_page_online: "online",
+            sysctl_query_page_offline: "query"}
+
+
 def decode(status: int, cmd: int = sysctl_page_offline) -> dict:
     """Decode one 32-bit status word into its named bits and owner field."""
     names = {sysctl_page_offline: OFFLINE_FLAG_NAMES, sysctl_page_online: ONLINE_FLAG_NAMES,
              sysctl_query_page_offline: QUERY_FLAG_NAMES}[cmd]
     low = status & 0xFFFF
     flags = [n for bit, n in sorted(names.items()) if low & bit]
-    out = {"status": status, "hex": f"0x{status:08x}", "flags": flags}
-    if cmd != sysctl_query_page_offline:
-        out["owner"] = status >> PG_OFFLINE_OWNER_SHIFT
-    if status == STATUS_UNTOUCHED:
-        out["untouched"] = True
-    return out
+    # one shape for every command's answer (the CLI's --json, every command): a query's
+    # word has no owner field (None); ``untouched``: the slot Xen never wrote (0x01010101)
+    return {"op": OP_NAMES[cmd], "status": status, "hex": f"0x{status:08x}", "flags": flags,
+            "owner": status >> PG_OFFLINE_OWNER_SHIFT if cmd != sysctl_query_page_offline else None,
+            "untouched": status == STATUS_UNTOUCHED}

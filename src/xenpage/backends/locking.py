@@ -22,9 +22,11 @@ class LockTimeout(Exception):
 
 
 @contextmanager
-def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = False
-           ) -> Iterator[Path]:
-    """Hold ``path``'s lock for the body; ``timeout`` None waits for ever (saying so once)."""
+def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = False,
+           record: bool = True) -> Iterator[Path]:
+    """Hold ``path``'s lock for the body; ``timeout`` None waits for ever (saying so once).
+    ``record``: write this process's pid in the lock file (and clear it on release); a
+    command that only reads (``open_host(save=False)``) leaves the file as it was."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
@@ -48,8 +50,13 @@ def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = 
                                      f"(pid {holder})\n")
                     said = True
                 time.sleep(POLL)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+        if record:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield path
+        finally:
+            if record:
+                os.ftruncate(fd, 0)  # no stale pid for the next waiter to name
     finally:
         os.close(fd)  # releases the lock

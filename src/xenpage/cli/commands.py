@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from .main import Ctx, cli
-from .output import print_json
+from .output import emit
 
 
 @cli.command("list")
@@ -21,7 +21,7 @@ def list_cmd(obj: Ctx, as_json: bool):
         doms = hv.domain_list()
         types = {d.domid: domain_type(hv, d) for d in doms}
     if as_json:
-        print_json([dict(d.to_json(), type=types[d.domid]) for d in doms])
+        emit("list", 0, domains=[dict(d.to_json(), type=types[d.domid]) for d in doms])
         return
     print(f"{'Name':<40} {'ID':>5} {'Type':>4} {'Mem':>6} {'VCPUs':>5}\tState")
     for d in doms:

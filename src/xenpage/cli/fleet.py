@@ -19,13 +19,18 @@ from pathlib import Path
 import click
 
 from .main import cli
-from .output import print_json
+from .output import emit, fail
+
+
+def _days(param, v: float) -> float:
+    from .sim import days_option
+    return days_option(param, v)
 
 
 def _cluster_options(f):
     f = click.option("--threads", is_flag=True,
                      help="a local cluster of threads in this process instead of worker processes")(f)
-    f = click.option("--workers", type=int, default=None,
+    f = click.option("--workers", type=click.IntRange(1, 1024), default=None,
                      help="local cluster: worker processes (default: one per core)")(f)
     f = click.option("--scheduler", metavar="ADDRESS", default=None,
                      help="an existing Dask cluster: its scheduler's address (tcp://host:8786) "
@@ -38,8 +43,7 @@ def _client(scheduler, workers, threads):
     try:
         return cluster.client(scheduler, workers, threads)
     except cluster.FleetExtraMissing as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
 
 
 def _need_extra() -> None:
@@ -47,8 +51,7 @@ def _need_extra() -> None:
     try:
         need_fleet_extra()
     except FleetExtraMissing as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
 
 
 @cli.group("fleet")
@@ -57,9 +60,12 @@ def fleet_group():
 
 
 @fleet_group.command("study")
-@click.option("--hosts", type=int, default=200, show_default=True, help="host-years")
-@click.option("--seed", type=int, default=1, show_default=True, help="the study's seed")
-@click.option("--days", type=float, default=365.0, show_default=True)
+@click.option("--hosts", type=click.IntRange(1, 10 ** 7), default=200, show_default=True,
+              help="host-years")
+@click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=1, show_default=True,
+              help="the study's seed")
+@click.option("--days", type=float, default=365.0, show_default=True,
+              callback=lambda c, p, v: _days(p, v))
 @click.option("--policy", "policies", multiple=True,
               help="policies to compare, presets with +modifiers (default: off, first-error, "
                    "first-error+hvm-exchange, mcelog, rasdaemon, row)")
@@ -70,7 +76,7 @@ def fleet_group():
 @click.option("--path", "path", type=click.Choice(["fast", "full"]), default="fast",
               show_default=True, help="fast: the service's decisions over a frame map; full: "
                                       "the whole simulated host (~1-2 s a host-year and policy)")
-@click.option("--partition", type=int, default=0, show_default=True,
+@click.option("--partition", type=click.IntRange(min=0), default=0, show_default=True,
               help="host-years per task (0: ~16 tasks per worker thread, at most 50 each)")
 @_cluster_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fleet-study",
@@ -97,15 +103,13 @@ def study_cmd(hosts, seed, days, policies, fleet_file, path, partition, schedule
         for p in pols:
             Policy.named(p)
     except ThresholdError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     fleet = F.DEFAULT_FLEET
     if fleet_file:
         try:
             fleet = F.Fleet.from_json(json.loads(Path(fleet_file).read_text()))
         except (ValueError, KeyError, TypeError) as e:
-            click.echo(f"xenpage: bad fleet description {fleet_file}: {e}", err=True)
-            sys.exit(2)
+            fail(f"bad fleet description {fleet_file}: {e}", 2)
     t0 = time.perf_counter()
     with _client(scheduler, workers, threads) as c:
         where = describe(c)
@@ -122,7 +126,7 @@ def study_cmd(hosts, seed, days, policies, fleet_file, path, partition, schedule
     if plot_path:
         rep["plot"] = str(F.plot(tab, summary, plot_path))
     if as_json:
-        print_json(rep)
+        emit("fleet study", 0, **rep)
         return
     _print_study(rep, tab)
 
@@ -168,10 +172,12 @@ def _print_study(rep: dict, tab) -> None:
 @fleet_group.command("inventory")
 @click.argument("lists", nargs=-1, required=True, type=click.Path(exists=True))
 @_cluster_options
-@click.option("--chunk", type=int, default=200, show_default=True, help="lists per task")
+@click.option("--chunk", type=click.IntRange(min=1), default=200, show_default=True,
+              help="lists per task")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="fleet-inventory",
               show_default=True, help="where the Parquet tables go")
-@click.option("--top", type=int, default=10, show_default=True, help="DIMMs to show")
+@click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
+              help="DIMMs to show")
 @click.option("--json", "as_json", is_flag=True)
 def inventory_cmd(lists, scheduler, workers, threads, chunk, out_dir, top, as_json):
     """Read many hosts' retired-page lists (their `badpages --json` exports or copies of
@@ -183,8 +189,7 @@ def inventory_cmd(lists, scheduler, workers, threads, chunk, out_dir, top, as_js
     from ..ras.cluster import describe
     paths = I.find_lists(lists)
     if not paths:
-        click.echo("xenpage: no *.json or *.db lists found", err=True)
-        sys.exit(2)
+        fail("no *.json or *.db lists found", 2)
     t0 = time.perf_counter()
     with _client(scheduler, workers, threads) as c:
         where = describe(c)
@@ -195,7 +200,7 @@ def inventory_cmd(lists, scheduler, workers, threads, chunk, out_dir, top, as_js
     s.update({"lists": len(paths), "cluster": where, "wall_s": wall,
               "parquet": [str(p) for p in written]})
     if as_json:
-        print_json(s)
+        emit("fleet inventory", 0, **s)
         return
     from rich.console import Console
     from rich.table import Table

@@ -22,19 +22,39 @@ from ..errors import HostFileError
 from ..paths import StatePaths, state_paths
 from ..toolstack import hptool
 from ..toolstack.pcpu import SinglePcpuHost
-from .output import emit
+from . import output
+from .output import emit_report, fail
 
-EXTRA_HELP = """
-xenpage also has (each takes --json):
-  list                     domains, like 'xl list'
-  host create|show         create or describe the saved simulated host
-  demo                     retire pages on a fresh simulated host, with a report
-  dump-p2m <domid>         a guest's pfn -> mfn with page types (like xen-mfndump)
-  mem-offline <mfn|a-b>... several frames or ranges; PV guests' frames are exchanged,
-                           HVM guests migrated (--hvm=migrate|exchange|none,
-                           --migrate-to=DIR, --link=MBITS[:MS]); --fallback=migrate
+#: what the ``mem-*`` commands take (xenpage's additions to xen-hptool's one MFN)
+MFN_ARGS = "<mfn>|<a>-<b>|<a>,<b>,..."
+
+EXTRA_HELP_TAIL = """\
+  mem-offline, mem-online and mem-status take several MFNs, START-END ranges and
+  comma-separated lists (hex); mem-offline also --hvm=migrate|exchange|none,
+  --fallback=migrate, --migrate-to=DIR, --link=MBITS[:MS], --force, --no-split-guard.
+  Every command takes -h/--help, and --json (one JSON document: command, exit, fields).
 Global options (before the command): --state-dir DIR, --backend sim|xen; -V, --version
 """
+
+
+def extra_help() -> str:
+    """xenpage's own commands after xen-hptool's help, from the command tree (never a
+    command missing): every command and subcommand with the first line of its help."""
+    rows: list[tuple[str, str]] = []
+    for name, c in sorted(cli.commands.items()):
+        if name in hptool.COMMANDS or name in _CPU_COMMANDS:
+            continue
+        if isinstance(c, click.Group):
+            for sub, sc in sorted(c.commands.items()):
+                rows.append((f"{name} {sub}", sc.get_short_help_str(64)))
+            if not c.invoke_without_command:
+                continue
+        rows.append((name, c.get_short_help_str(64)))
+    rows.sort()
+    rows = [("mem-offline|online|status", "as xen-hptool, for many frames (below)")] + rows
+    width = max(len(n) for n, _ in rows) + 2
+    body = "".join(f"  {n:<{width}}{h}\n" for n, h in rows)
+    return "\nxenpage also has (xenpage <command> -h for each):\n" + body + EXTRA_HELP_TAIL
 
 
 class Ctx:
@@ -59,9 +79,8 @@ class Ctx:
         """A command that exists only on the simulated host: on real Xen say so, exit 2,
         nothing done (the backend is never opened)."""
         if self.kind != "sim":
-            sys.stderr.write(f"xenpage: '{what}' exists only on the simulated host "
-                             f"(--backend sim); this is real Xen: nothing done{hint}\n")
-            sys.exit(2)
+            fail(f"'{what}' exists only on the simulated host (--backend sim); this is real "
+                 f"Xen: nothing done{hint}", 2)
 
     @contextmanager
     def simulated_host(self, what: str, save: bool = True):
@@ -94,13 +113,68 @@ class Ctx:
 
 
 def host_file_error(e: Exception) -> None:
-    sys.stderr.write(f"xenpage: {e}\n")
-    sys.exit(2)
+    fail(str(e), 2)
+
+
+def command_of(args: list[str]) -> str:
+    """The command an argv names, as its envelope says it (``host show``, ``badpages
+    clear``): global options skipped, xen-hptool's prefixes resolved."""
+    it = iter(args)
+    for a in it:
+        if a in ("--state-dir", "--backend"):
+            next(it, None)
+            continue
+        if a.startswith("-"):
+            continue
+        name = a if a in cli.commands and a not in hptool.COMMANDS else hptool.match_command(a)
+        if name is None:
+            return a
+        c = cli.commands.get(name)
+        if isinstance(c, click.Group):
+            for b in it:
+                if b.startswith("-"):
+                    continue
+                if b in c.commands:
+                    return f"{name} {b}"
+                break
+        return name
+    return "xenpage"
 
 
 class HptoolGroup(click.Group):
     """Resolves xen-hptool's commands by prefix in hptool's table order, then xenpage's own
     commands by exact name; unknown words get hptool's message and exit code."""
+
+    def main(self, args=None, **kwargs):
+        """Every command: ``--json`` mode for :mod:`.output` (a refusal becomes an envelope
+        too), and a state file that cannot be opened or written is one ``xenpage: <file>:
+        <why>`` line, exit 2 -- never a traceback."""
+        args = list(sys.argv[1:] if args is None else args)
+        name = command_of(args)
+        as_json = "--json" in args
+        output.begin(name, as_json, lines=(name == "retired"))
+        tee = None
+        if as_json:
+            tee = output.StderrTee(sys.stderr)
+            sys.stderr = tee
+        try:
+            try:
+                return super().main(args, **kwargs)
+            except OSError as e:
+                if e.filename is None or isinstance(e, BrokenPipeError):
+                    raise
+                # a state file that cannot be written or opened (read-only or full
+                # directory, a planted symbolic link: ELOOP) -- what and where
+                why = "a symbolic link: refused" if e.errno == errno.ELOOP else (e.strerror or str(e))
+                fail(f"{e.filename}: {why}", 2)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if tee is not None:
+                output.finish(code, "".join(tee.seen))
+            raise
+        finally:
+            if tee is not None:
+                sys.stderr = tee.stream
 
     def parse_args(self, ctx, args):
         # xen-hptool takes its first argument as a command whatever it looks like: an
@@ -167,13 +241,11 @@ def _host_errors(before=None):
     try:
         yield
     except SinglePcpuHost as e:
-        sys.stderr.write(f"xenpage: {e}\n")
-        sys.exit(1)
+        fail(str(e), 1)
     except HostFileError as e:
         if before is not None:
             before()
-        sys.stderr.write(f"xenpage: {e}\n")
-        sys.exit(2)
+        fail(str(e), 2)
 
 
 def _hptool_args(args: tuple[str, ...]) -> tuple[list[str], bool]:
@@ -181,47 +253,100 @@ def _hptool_args(args: tuple[str, ...]) -> tuple[list[str], bool]:
     return rest, len(rest) != len(args)
 
 
-def _mem_command(name: str, fn):
+_HELP_WORDS = ("-h", "--help")
+
+_MEM_HELP = {
+    "mem-status": "Query frames' offline state (xen-hptool mem-status): per frame, xen-hptool's "
+                  "two lines; exit 1 if any frame could not be queried.",
+    "mem-online": "Bring frames back online (xen-hptool mem-online): per frame, xen-hptool's "
+                  "lines; exit 1 if any frame could not be onlined.",
+}
+
+
+def _mem_help(name: str, text: str) -> None:
+    """``mem-* -h``/``--help`` (xen-hptool has no such option: it would read the word as an
+    MFN): the usage, on stdout, exit 0."""
+    click.echo(f"Usage: xenpage mem-{name.split('-', 1)[1]} {MFN_ARGS} [...] [--json]\n")
+    click.echo(text)
+    click.echo("\nMFNs are hex digits with an optional 0x, nothing else; a range A-B is "
+               "inclusive (at most 0x100000 frames);\na list is comma-separated. Anything else "
+               "is refused and nothing is done.")
+    sys.exit(0)
+
+
+def _usage(name: str) -> None:
+    """xen-hptool's answer to a mem command without its MFN: its help on stderr, exit 1."""
+    sys.stderr.write(hptool.HELP)
+    fail(f"{name} takes {MFN_ARGS}", 1) if output.json_mode() else sys.exit(1)
+
+
+def _mfns_or_refuse(args: list[str]) -> list[int]:
+    try:
+        return parse_mfn_args(args)
+    except hptool.BadMfn as e:
+        fail(f"{e}; nothing done", 1)
+
+
+def _mem_command(name: str, fn, writes: bool):
     @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
                                          "help_option_names": []},
-                 add_help_option=False, help=f"xen-hptool {name} <mfn> [--json]")
+                 add_help_option=False, help=_MEM_HELP[name])
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     @click.pass_obj
     def cmd(obj: Ctx, args):
+        if any(a in _HELP_WORDS for a in args):
+            _mem_help(name, _MEM_HELP[name])
         rest, as_json = _hptool_args(args)
-        if len(rest) != 1:
-            sys.stderr.write(hptool.HELP)
-            sys.exit(1)
-        try:
-            mfn = hptool.parse_mfn(rest[0])
-        except hptool.BadMfn as e:
-            sys.stderr.write(f"xenpage: {e}; nothing done\n")
-            sys.exit(1)
-        with _host_errors(), obj.hypervisor() as hv:
-            report = fn(hv, mfn)
-        sys.exit(emit(report, as_json))
-    cmd.__doc__ = f"xen-hptool {name} <mfn> [--json]"
+        if not rest:
+            _usage(name)
+        mfns = _mfns_or_refuse(rest)
+        with _host_errors(), obj.hypervisor(save=writes) as hv:
+            reports = [fn(hv, m) for m in mfns]
+        sys.exit(emit_report(name, _frames_report(reports), as_json))
     return cmd
 
 
-_mem_command("mem-status", hptool.mem_status)
-_mem_command("mem-online", hptool.mem_online)
+def _frames_report(reports) -> "hptool.Report":
+    """One report of many frames: each frame's lines in order (as xen-hptool run once per
+    frame prints them), exit 1 if any frame's would be, ``frames``: each frame's answer."""
+    from ..toolstack.report import Report
+    r = Report()
+    frames = []
+    for x in reports:
+        r.extend(x)
+        r.exit_code = max(r.exit_code, x.exit_code)
+        frames.append(dict({k: v for k, v in x.data.items() if k != "command"}, exit=x.exit_code))
+    r.data = {"frames": frames}
+    return r
+
+
+_mem_command("mem-status", hptool.mem_status, writes=False)  # a query changes nothing
+_mem_command("mem-online", hptool.mem_online, writes=True)
 
 
 def parse_mfn_args(args: list[str]) -> list[int]:
-    """MFNs and inclusive ranges ``START-END`` (hex, as xen-hptool reads MFNs)."""
+    """MFNs, inclusive ranges ``START-END`` and comma-separated lists of either (hex, each
+    MFN as strict as :func:`~xenpage.toolstack.hptool.parse_mfn`), in the order given."""
     out: list[int] = []
     for a in args:
-        if "-" in a.strip()[1:]:
-            lo, hi = a.strip().split("-", 1) if not a.strip().startswith("-") else (a, "")
-            s, e = hptool.parse_mfn(lo), hptool.parse_mfn(hi)
+        for part in a.split(","):
+            if not part:
+                raise hptool.BadMfn(f"'{a}' has an empty item")
+            if "-" not in part[1:]:
+                out.append(hptool.parse_mfn(part))
+                continue
+            lo, _, hi = part.partition("-") if not part.startswith("-") else ("-", "", "")
+            if not lo or lo == "-":
+                raise hptool.BadMfn(f"'{part}' is negative")
+            try:
+                s, e = hptool.parse_mfn(lo), hptool.parse_mfn(hi)
+            except hptool.BadMfn as err:
+                raise hptool.BadMfn(f"range '{part}': {err}") from None
             if e < s:
-                raise hptool.BadMfn(f"range '{a}' ends before it starts")
+                raise hptool.BadMfn(f"range '{part}' ends before it starts")
             if e - s >= MAX_RANGE:
-                raise hptool.BadMfn(f"range '{a}' is longer than {MAX_RANGE:#x} frames")
+                raise hptool.BadMfn(f"range '{part}' is longer than {MAX_RANGE:#x} frames")
             out.extend(range(s, e + 1))
-        else:
-            out.append(hptool.parse_mfn(a))
     return out
 
 
@@ -243,6 +368,8 @@ def mem_offline_cmd(obj: Ctx, args):
     from ..toolstack.offline import mem_offline
     from ..toolstack.pcpu import allow_single_pcpu
     from .retire_opts import retire_options
+    if any(a in _HELP_WORDS for a in args):
+        _mem_help("mem-offline", _rst_plain(mem_offline_cmd.__doc__ or ""))
     rest, as_json = _hptool_args(args)
     force = "--force" in rest
     guard = None if "--no-split-guard" not in rest else False
@@ -250,21 +377,17 @@ def mem_offline_cmd(obj: Ctx, args):
     try:
         rest, retire_args = retire_options(rest)
     except ValueError as e:
-        sys.stderr.write(f"xenpage: {e}; nothing done\n")
-        sys.exit(1)
+        fail(f"{e}; nothing done", 1)
     if not rest:
-        sys.stderr.write(hptool.HELP)
-        sys.exit(1)
-    try:
-        mfns = parse_mfn_args(rest)
-    except hptool.BadMfn as e:
-        sys.stderr.write(f"xenpage: {e}; nothing done\n")
-        sys.exit(1)
+        _usage("mem-offline")
+    mfns = _mfns_or_refuse(rest)
+    _check_migrate_to(obj, retire_args.migrate_to)
     done: list = []
 
     def said_first() -> None:  # the report of what was done, before an error saving the host
-        if done:
-            emit(done[0].report, as_json)
+        if done and not as_json:  # (under --json the error envelope is the one document)
+            emit_report("mem-offline", done[0].report, as_json)
+
     try:
         with _host_errors(said_first), obj.hypervisor() as hv, allow_single_pcpu(force), \
                 retire_args.open(hv, obj.paths.state_dir) as retire:
@@ -272,43 +395,68 @@ def mem_offline_cmd(obj: Ctx, args):
                               journal_dir=obj.paths.journal_dir)
             done.append(res)
     except ValueError as e:  # --migrate-to on real Xen
-        sys.stderr.write(f"xenpage: {e}; nothing done\n")
-        sys.exit(1)
-    sys.exit(emit(res.report, as_json))
+        fail(f"{e}; nothing done", 1)
+    sys.exit(emit_report("mem-offline", res.report, as_json))
+
+
+def _check_migrate_to(obj: Ctx, dest) -> None:
+    """``--migrate-to DIR`` names a saved simulated host, checked before this host is even
+    opened: a typo never creates a host (or takes a lock) anywhere."""
+    if dest is None or obj.kind != "sim":
+        return  # on real Xen retire_options' open() refuses --migrate-to itself
+    from ..backends.sim import host_path
+    if Path(dest).resolve() == Path(obj.paths.state_dir).resolve():
+        return
+    if not (host_path(Path(dest)) / "host.json").is_file():
+        fail(f"--migrate-to {dest}: no saved host there (create one with 'xenpage --state-dir "
+             f"{dest} host create'); nothing done", 1)
+
+
+def _rst_plain(text: str) -> str:
+    import inspect
+    import re
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", inspect.cleandoc(text)).replace("``", "'")
 
 
 @cli.command("dump-p2m")
-@click.argument("domid", type=int)
+@click.argument("domid", type=click.IntRange(0, 0x7FEF))
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--limit", type=int, default=None, help="only the first N pfns")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="only the first N pfns")
 @click.pass_obj
 def dump_p2m_cmd(obj: Ctx, domid, as_json, limit):
     """A guest's pfn -> mfn with page types, like 'xen-mfndump dump-p2m'."""
     from ..toolstack.mfndump import dump_p2m
-    with obj.hypervisor(save=False) as hv:
+    with _host_errors(), obj.hypervisor(save=False) as hv:
         r = dump_p2m(hv, domid, limit)
-    sys.exit(emit(r, as_json))
+    extra = {}
+    if r.exit_code and "error" not in r.data:
+        extra["error"] = "; ".join(l.text for l in r.lines if l.stream == "err")
+        extra["domid"] = domid
+    sys.exit(emit_report("dump-p2m", r, as_json, **extra))
 
 
 @cli.command("help")
 def help_cmd():
-    """xen-hptool's help (on stderr), then xenpage's own commands."""
+    """xen-hptool's help (on stderr), then every xenpage command."""
     sys.stderr.write(hptool.HELP)
-    sys.stderr.write(EXTRA_HELP)
+    sys.stderr.write(extra_help())
+
+
+_CPU_COMMANDS = ("cpu-online", "cpu-offline", "smt-enable", "smt-disable")
 
 
 def _not_memory(name: str):
-    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    @cli.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []},
                  add_help_option=False, help=f"xen-hptool {name} (not handled by xenpage)")
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     def cmd(args):
-        sys.stderr.write(f"xenpage: '{name}' is an xen-hptool CPU command; xenpage only handles "
-                         "memory (use xen-hptool itself)\n")
-        sys.exit(1)
+        fail(f"'{name}' is an xen-hptool CPU command; xenpage only handles memory (use "
+             "xen-hptool itself)", 1)
     cmd.__doc__ = f"xen-hptool {name} (not handled by xenpage)"
 
 
-for _n in ("cpu-online", "cpu-offline", "smt-enable", "smt-disable"):
+for _n in _CPU_COMMANDS:
     _not_memory(_n)
 
 from . import commands  # noqa: E402,F401  (registers list, host, demo, the service's commands)
@@ -320,6 +468,19 @@ _OUT_OF_MEMORY = (b"xenpage: out of memory; nothing more done (an interrupted ex
 
 _OUT_OF_MEMORY_LOADING = (b"xenpage: out of memory loading its libraries (failed to map a "
                           b"shared object); nothing done\n")
+
+
+def _short_help(group: click.Group) -> None:
+    """``-h`` as well as ``--help`` on every command (not before the command: xen-hptool
+    answers ``-h`` with "Unrecognised command"); the mem-* commands handle both themselves."""
+    for c in group.commands.values():
+        if c.context_settings.get("help_option_names") != []:
+            c.context_settings["help_option_names"] = ["-h", "--help"]
+        if isinstance(c, click.Group):
+            _short_help(c)
+
+
+_short_help(cli)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -340,14 +501,6 @@ def main(argv: list[str] | None = None) -> None:
         # in the journal for 'xenpage recover'.  The line is written without allocating.
         os.write(2, _OUT_OF_MEMORY)
         os._exit(2)
-    except OSError as e:
-        if e.filename is None:
-            raise
-        # a state file that cannot be written or opened (read-only or full directory, a
-        # planted symbolic link: ELOOP) -- what went wrong and where, never a traceback
-        why = "a symbolic link: refused" if e.errno == errno.ELOOP else (e.strerror or str(e))
-        sys.stderr.write(f"xenpage: {e.filename}: {why}\n")
-        sys.exit(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,6 +59,14 @@ failed operation or bad usage (xen-hptool's own codes, kept for scripts). Other 
 on success, 1 when they refuse their input (nothing is done) and 2 when the state directory,
 the saved host, the journal or the policy file cannot be used."""
 
+JSON_OUTPUT = """\
+With --json every command writes one JSON object on stdout: "command" (the command's path,
+e.g. "host show"), "exit" (the exit status) and the command's own typed fields, described by
+the JSON Schema schema/envelope.json installed with the package (xenpage/cli/schema). A
+refusal under --json is {"command", "exit", "error"} on stdout, with the usual xenpage: line on
+stderr. retired --json writes JSON lines (one event each) and its envelope last. Status words
+are decoded the same way by every command: {op, status, hex, flags, owner, untouched}."""
+
 SEE_ALSO = ["xen-hptool(8)", "xl(1)", "mcelog(8)", "rasdaemon(8)", "systemd.service(5)"]
 
 
@@ -160,6 +168,7 @@ def render(cli: click.Group | None = None, version: str | None = None) -> str:
     for v, what in ENVIRONMENT:
         out += [".TP", f"\\fB{esc(v)}\\fR", esc(what)]
     out += [".SH EXIT STATUS", esc(EXIT_STATUS.replace("\n", " ")),
+            ".SH JSON OUTPUT", esc(JSON_OUTPUT.replace("\n", " ")),
             ".SH SERVICE",
             esc("contrib/xenpage-retired.service in the source tree runs the retirement service "
                 "under systemd (Type=notify; state in /var/lib/xenpage, policy in "

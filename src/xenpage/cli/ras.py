@@ -13,6 +13,7 @@ The simulator's side of it (``mce-inject``, ``year``, ``host reboot``) is in :mo
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ import click
 from ..errors import HostFileError
 from ..paths import CONFIG_NAME, XEN_MCE_DEVICE
 from .main import Ctx, cli
-from .output import print_json
+from .output import emit, fail
 
 SIM_LOG_NAME = "mcelog"
 XEN_LOG = "/var/log/mcelog"
@@ -41,10 +42,12 @@ def _state_dir(obj: Ctx) -> Path:
 def _store(obj: Ctx):
     from ..ras.store import Store, StoreError
     try:
-        return Store.in_state_dir(_state_dir(obj))
+        store = Store.in_state_dir(_state_dir(obj))
     except StoreError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
+    # closed when the command ends (its WAL checkpointed then, not whenever it is collected)
+    click.get_current_context().call_on_close(store.close)
+    return store
 
 
 def _backend(obj: Ctx) -> str:
@@ -60,8 +63,7 @@ def _policy(obj: Ctx, config: str | None, preset: str | None):
     try:
         return load_policy(path, env=dict(os.environ), preset=preset)
     except (ThresholdError, OSError) as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
 
 
 def _hard_action(kind: str, policy, journal_dir=None):
@@ -117,6 +119,29 @@ def _is_device(name: str) -> bool:
         return name == XEN_DEVICE
 
 
+def check_sources(names) -> None:
+    """Named ``--from`` sources that cannot be a machine-check log are refused before
+    anything is read or recorded (exit 1): a missing file (a typo would otherwise be
+    followed for ever), a directory, a binary file (no mcelog text: it holds NUL bytes),
+    one that cannot be read (exit 2)."""
+    for n in names:
+        if n == "-" or _is_device(n):
+            continue
+        p = Path(n)
+        if not p.exists():
+            fail(f"{n}: no such file (an mcelog text log, /dev/mcelog or - for stdin); "
+                 "nothing done", 1)
+        if p.is_dir():
+            fail(f"{n}: is a directory, not a machine-check log; nothing done", 1)
+        try:
+            with open(p, "rb") as fh:
+                head = fh.read(1 << 16)
+        except OSError as e:
+            fail(f"{n}: {e.strerror or e}; nothing done", 2)
+        if b"\0" in head:
+            fail(f"{n}: a binary file, not an mcelog text log; nothing done", 1)
+
+
 def _open_sources(names, store, follow: bool):
     """``-``: stdin; a character device (``/dev/mcelog``): read natively, binary
     ``struct mce`` records; anything else: an mcelog-format text log."""
@@ -130,9 +155,8 @@ def _open_sources(names, store, follow: bool):
             try:
                 out.append(DevMcelog(n))
             except DeviceError as e:
-                click.echo(f"xenpage: {e}; an mcelog text log can be named with --from "
-                           f"{XEN_LOG}", err=True)
-                sys.exit(2)
+                fail(f"{e}; an mcelog text log can be named with --from "
+                           f"{XEN_LOG}", 2)
         else:
             out.append(McelogFile(n, store=store, settle=1.0))
     return out
@@ -187,8 +211,12 @@ class _StdinSource:
 def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interval: float,
          verbose: bool, once: bool = False, max_seconds: float | None = None) -> dict:
     from ..ras.service import Log, sd_notify, status
+    check_sources(sources)  # refused before anything is opened or written
+    if not (math.isfinite(interval) and 0 <= interval <= 86400):
+        fail(f"--interval {interval!r} is not a number of seconds (0 to 86400)", 1)
+    if max_seconds is not None and not (math.isfinite(max_seconds) and max_seconds >= 0):
+        fail(f"--max-seconds {max_seconds!r} is not a number of seconds", 1)
     kind = _backend(obj)
-    store = _store(obj)
     policy = _policy(obj, config, preset)
     log = Log(as_json=as_json, verbose=verbose,
               stream=sys.stdout if not (once and as_json) else False)
@@ -198,9 +226,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     for line in policy.describe():
         log("policy", "info", message=line)
     rows = _RowFrames()
-    svc = _make_service(obj, store, policy, log, kind, rows)
     names = list(sources) or _default_sources(obj, kind)
-    srcs = _open_sources(names, store, follow)
     stop = _Stop()
     saved = {}
     if not once:
@@ -210,6 +236,11 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
     t_end = time.monotonic() + max_seconds if max_seconds else None
     try:
         with obj.hypervisor() as hv:
+            # the list is opened once the backend is there: a service that cannot start
+            # (no Xen, an unreadable host) leaves the state directory as it was
+            store = _store(obj)
+            svc = _make_service(obj, store, policy, log, kind, rows)
+            srcs = _open_sources(names, store, follow)
             if kind == "sim":
                 from ..backends.sim.ras import geometry_of
                 rows.geometry = geometry_of(hv)
@@ -242,8 +273,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
                     time.sleep(min(0.1, interval - slept))
                 slept += 0.1
     except HostFileError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     finally:
         sd_notify("STOPPING=1")
         for sig, h in saved.items():
@@ -267,7 +297,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
 @click.option("--policy", "preset", help="start from a preset: first-error, mcelog, mcelog-default, "
               "rasdaemon, row, account, off; +hvm-exchange, +hvm-none, +pv-migrate modify it")
 @click.option("--interval", type=float, default=2.0, show_default=True, help="seconds between polls")
-@click.option("--json", "as_json", is_flag=True, help="log JSON lines")
+@click.option("--json", "as_json", is_flag=True, help="log JSON lines; the last is the envelope")
 @click.option("--verbose", is_flag=True, help="also log every record")
 @click.option("--max-seconds", type=float, default=None, hidden=True)
 @click.pass_obj
@@ -280,7 +310,10 @@ def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, ve
     uncorrected errors are followed through what Xen's machine-check handler did.  One log
     line per state transition (Xen's states: online, offlining, offlined, +broken).  Stops
     cleanly on SIGTERM; tells systemd READY=1 when Type=notify."""
-    _run(obj, sources, follow, config, preset, as_json, interval, verbose, max_seconds=max_seconds)
+    res = _run(obj, sources, follow, config, preset, as_json, interval, verbose,
+               max_seconds=max_seconds)
+    if as_json:  # the last JSON line: the envelope (the lines before it are the log's events)
+        emit("retired", 0, **{k: v for k, v in res.items() if k != "log"})
 
 
 @cli.command("retire")
@@ -294,14 +327,11 @@ def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, ve
 def retire_cmd(obj: Ctx, sources, config, preset, as_json, verbose):
     """One pass: read the records of FILE (from where the last pass stopped), decide, act,
     record, exit."""
-    for s in sources:
-        if s != "-" and not Path(s).exists():
-            click.echo(f"xenpage: {s}: no such file", err=True)
-            sys.exit(1)
+    check_sources(sources)
     res = _run(obj, sources, False, config, preset, as_json, 0.0, verbose, once=True)
     if as_json:
         res["transitions"] = [l for l in res.pop("log") if l["event"] == "transition"]
-        print_json(res)
+        emit("retire", 0, **res)
     else:
         c = res["status"]["counts"]
         click.echo(f"xenpage: {res['records']} records; {res['stats']['transitions']} transitions; "
@@ -334,11 +364,18 @@ def badpages_group(ctx, as_json, boot_option, history):
         return
     obj: Ctx = ctx.obj
     from ..ras.service import status
+    mfn = None
+    if history:
+        from ..toolstack import hptool
+        try:
+            mfn = hptool.parse_mfn(history)
+        except hptool.BadMfn as e:
+            fail(f"{e}; nothing done", 1)
     store = _store(obj)
     if boot_option:
         opt = store.boot_option()
         if as_json:
-            print_json(opt.to_json())
+            sys.exit(emit("badpages", 1 if opt.missing else 0, boot_option=opt.to_json()))
         else:
             if opt.text:
                 click.echo(opt.text)
@@ -353,17 +390,11 @@ def badpages_group(ctx, as_json, boot_option, history):
                            + (" ..." if len(opt.missing) > 16 else ""), err=True)
                 sys.exit(1)
         return
-    if history:
-        from ..toolstack import hptool
-        try:
-            mfn = hptool.parse_mfn(history)
-        except hptool.BadMfn as e:
-            click.echo(f"xenpage: {e}", err=True)
-            sys.exit(1)
+    if mfn is not None:
         f = store.frame(mfn)
         h = {"mfn": f"{mfn:#x}", "frame": f.to_json() if f else None, **store.history(mfn)}
         if as_json:
-            print_json(h)
+            emit("badpages", 0, **h)
         else:
             click.echo(f"mfn {mfn:#x}: " + (f"{f.state} ({f.xen_state}) -- {f.detail}" if f else "not in the list"))
             for d in h["decisions"]:
@@ -375,7 +406,7 @@ def badpages_group(ctx, as_json, boot_option, history):
         return
     st = status(store)
     if as_json:
-        print_json(st)
+        emit("badpages", 0, **st)  # boot_option: computed from the list (nothing written)
         return
     c = st["counts"]
     click.echo(f"page retirement: {'on' if st['enabled'] else 'OFF'}; {c['retired']} retired "
@@ -412,21 +443,18 @@ def badpages_clear(obj: Ctx, frames, all_, dimm, online, reason, as_json):
     from .main import parse_mfn_args
     from ..toolstack import hptool
     if not frames and not all_ and not dimm:
-        click.echo("xenpage: name the frames to clear (MFN or START-END), --dimm S:C:D or --all",
-                   err=True)
-        sys.exit(1)
+        fail("name the frames to clear (MFN or START-END), --dimm S:C:D or --all", 1)
     try:
         mfns = None if all_ else parse_mfn_args(list(frames))
     except hptool.BadMfn as e:
-        click.echo(f"xenpage: {e}; nothing done", err=True)
-        sys.exit(1)
+        fail(f"{e}; nothing done", 1)
+    if dimm:
+        parts = dimm.split(":")
+        if len(parts) not in (2, 3) or not all(x.isdigit() and x.isascii() for x in parts):
+            fail(f"--dimm {dimm!r}: socket:channel[:dimm]; nothing done", 1)
     store = _store(obj)
     if dimm and not all_:
-        parts = dimm.split(":")
-        if len(parts) not in (2, 3) or not all(x.isdigit() for x in parts):
-            click.echo(f"xenpage: --dimm {dimm!r}: socket:channel[:dimm]", err=True)
-            sys.exit(1)
-        want = dict(zip(("socketid", "channel", "dimm"), map(int, parts)))
+        want = dict(zip(("socketid", "channel", "dimm"), map(int, dimm.split(":"))))
         mfns = sorted(set(mfns or []) | {f.mfn for f in store.frames()
                                          if all(f.location.get(k) == v for k, v in want.items())})
     gone = store.clear(mfns, time.time(), reason)
@@ -447,12 +475,11 @@ def badpages_clear(obj: Ctx, frames, all_, dimm, online, reason, as_json):
                     onlined.append({"mfn": f"{m:#x}", "exit": r.exit_code,
                                     "lines": [l.text for l in r.lines]})
         except HostFileError as e:
-            click.echo(f"xenpage: {e}", err=True)
-            sys.exit(2)
+            fail(f"{e}", 2)
     opt = store.boot_option()
     res = {"cleared": [f"{m:#x}" for m in gone], "onlined": onlined, "boot_option": opt.to_json()}
     if as_json:
-        print_json(res)
+        emit("badpages clear", 0, **res)
         return
     click.echo(f"xenpage: cleared {len(gone)} frames" + (f": {', '.join(res['cleared'][:16])}"
                                                           if gone else ""))
@@ -474,7 +501,7 @@ def retire_switch(obj: Ctx, state, as_json):
         store.set_switch(state == "on")
     on = store.switch()
     if as_json:
-        print_json({"switch": "on" if on else "off"})
+        emit("retire-switch", 0, switch="on" if on else "off")
     else:
         click.echo(f"page retirement is {'on' if on else 'off'}")
 

@@ -9,7 +9,7 @@ import sys
 import click
 
 from .main import Ctx, cli
-from .output import print_json
+from .output import emit, fail
 
 
 @cli.command("recover")
@@ -25,28 +25,26 @@ def recover_cmd(obj: Ctx, as_json: bool):
             try:
                 res = recover(hv, sd)
             except JournalError as e:
-                sys.stderr.write(f"xenpage: {e}\n")
-                sys.exit(2)
+                fail(str(e), 2)
             from ..toolstack import hvm_exchange
             try:
                 hres = hvm_exchange.recover(hv, sd)
             except hvm_exchange.JournalError as e:
-                sys.stderr.write(f"xenpage: {e}\n")
-                sys.exit(2)
+                fail(str(e), 2)
             from ..toolstack import split_guard
             try:
                 back = split_guard.recover(hv, sd)
             except ValueError as e:
-                sys.stderr.write(f"xenpage: {e}\n")
-                sys.exit(2)
+                fail(str(e), 2)
             try:
                 affinity = pcpu.restore_recorded(hv, sd)
             except (ValueError, OSError) as e:
-                sys.stderr.write(f"xenpage: {e}\n")
-                sys.exit(2)
+                fail(str(e), 2)
+    code = 0 if res.ok and hres.ok else 1
     if as_json:
-        print_json(dict(res.to_json(), guard_frames_onlined=back, hvm=hres.to_json(),
-                        dom0_affinity_restored={str(v): c for v, c in affinity.items()}))
+        sys.exit(emit("recover", code, **dict(res.to_json(), guard_frames_onlined=back,
+                                              hvm=hres.to_json(),
+                                              dom0_affinity_restored={str(v): c for v, c in affinity.items()})))
     else:
         for line in res.lines():
             click.echo(line, err=bool(res.errors))
@@ -59,4 +57,4 @@ def recover_cmd(obj: Ctx, as_json: bool):
         for v, cpus in sorted(affinity.items()):
             click.echo(f"xenpage: dom0 vCPU {v} a killed mem-offline left pinned off pCPU 0 "
                        f"may run on pCPUs {','.join(map(str, cpus))} again")
-    sys.exit(0 if res.ok and hres.ok else 1)
+    sys.exit(code)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,9 @@ def retire_options(args: list[str]) -> tuple[list[str], RetireArgs]:
             try:
                 bw, _, lat = val.partition(":")
                 out.link = (float(bw), float(lat) if lat else 0.1)
-                if out.link[0] <= 0 or out.link[1] < 0:
+                # finite: float() reads 'inf' and 'nan', and NaN passes every comparison
+                if not (math.isfinite(out.link[0]) and math.isfinite(out.link[1])) \
+                        or out.link[0] <= 0 or out.link[1] < 0:
                     raise ValueError
             except ValueError:
                 raise ValueError("--link takes MBITS[:LATENCY_MS], e.g. 1000:0.1") from None

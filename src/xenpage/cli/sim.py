@@ -20,7 +20,7 @@ import click
 
 from ..errors import HostFileError
 from .main import Ctx, cli
-from .output import print_json
+from .output import emit, fail
 from .ras import SIM_LOG_NAME, _state_dir, _store
 
 PLOT_EXTRA = "plot"
@@ -31,9 +31,8 @@ def _need_plotting() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        click.echo(f"xenpage: --plot needs matplotlib, which is not installed: install xenpage "
-                   f"with its [{PLOT_EXTRA}] extra (pip install 'xenpage[{PLOT_EXTRA}]')", err=True)
-        sys.exit(2)
+        fail(f"--plot needs matplotlib, which is not installed: install xenpage "
+                   f"with its [{PLOT_EXTRA}] extra (pip install 'xenpage[{PLOT_EXTRA}]')", 2)
 
 
 @cli.group("host")
@@ -43,14 +42,48 @@ def host_group(obj: Ctx):
     obj.simulator_only("host")
 
 
-def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], ...]:
+#: the simulated host's RAM, MiB: the smallest a layout holds, the largest the simulator is
+#: meant for (1 TiB: ~8 GB of frame table in this process)
+MEM_MIB_RANGE = (64, 1 << 20)
+#: the simulated Linux PV kernel's layout needs this much (LinuxPV: "too small for its layout")
+PV_MIN_MIB = 2
+
+
+def _parse_guests(values: tuple[str, ...], what: str, min_mib: int = 1) -> tuple[tuple[str, int], ...]:
     out = []
     for v in values:
         name, _, mib = v.partition(":")
-        if not name or not mib.isdigit() or int(mib) <= 0:
-            raise click.BadParameter(f"{what} guests are NAME:MiB, got {v!r}")
+        if not name or not mib.isdigit() or not mib.isascii() or not name.isprintable() \
+                or any(c.isspace() for c in name):
+            fail(f"--{what.lower()} takes NAME:MiB (a name without blanks, a whole number of "
+                 f"MiB), got {v!r}; nothing done", 1)
+        if not min_mib <= int(mib) <= MEM_MIB_RANGE[1]:
+            fail(f"--{what.lower()} {v!r}: a {what} guest has {min_mib} to {MEM_MIB_RANGE[1]} MiB; "
+                 "nothing done", 1)
         out.append((name, int(mib)))
     return tuple(out)
+
+
+def check_host_sizes(spec) -> None:
+    """Refuse (exit 1, nothing written) a host whose parts cannot fit: dom0 and every guest
+    need RAM of their own, and Xen keeps some for itself (its image, the frame table, the
+    heap's own pages).  Unique guest names, as xl requires."""
+    guests = list(spec.pv_guests) + list(spec.hvm_guests) + list(spec.pvh_guests)
+    names = [n for n, _ in guests]
+    dup = sorted({n for n in names if names.count(n) > 1 or n == "Domain-0"})
+    if dup:
+        fail(f"guest names must be unique (and not Domain-0): {', '.join(dup)}; nothing done", 1)
+    if spec.mem_mib % 2 or not MEM_MIB_RANGE[0] <= spec.mem_mib <= MEM_MIB_RANGE[1]:
+        fail(f"--mem {spec.mem_mib}: the host has an even number of MiB from {MEM_MIB_RANGE[0]} to "
+             f"{MEM_MIB_RANGE[1]}; nothing done", 1)
+    if not 1 <= spec.dom0_mib < spec.mem_mib:
+        fail(f"the sizes do not fit: dom0 has {spec.dom0_mib} MiB of a {spec.mem_mib} MiB host "
+             "(dom0 needs at least 1 MiB, and less than the host's RAM); nothing done", 1)
+    need = spec.dom0_mib + sum(m for _, m in guests)
+    if need >= spec.mem_mib:
+        fail(f"the sizes do not fit: dom0 {spec.dom0_mib} MiB + guests "
+             f"{need - spec.dom0_mib} MiB = {need} MiB, and the host has {spec.mem_mib} MiB of "
+             "RAM (Xen keeps some for itself); nothing done", 1)
 
 
 @host_group.command("create")
@@ -60,34 +93,40 @@ def _parse_guests(values: tuple[str, ...], what: str) -> tuple[tuple[str, int], 
 @click.option("--hvm", multiple=True, help="an HVM guest NAME:MiB (repeatable; default hvm1:128)")
 @click.option("--pvh", multiple=True, help="a PVH guest NAME:MiB (repeatable; default pvh1:64)")
 @click.option("--no-guests", is_flag=True, help="only dom0")
-@click.option("--pcpus", type=int, default=2, show_default=True)
+@click.option("--pcpus", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
 def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, pvh, no_guests, pcpus, as_json):
     """Create (or replace) the saved simulated host."""
     from ..backends.sim import DefaultHostSpec, build_host, host_path
+    from ..errors import HostFileError as HFE
     spec = DefaultHostSpec(mem_mib=mem_mib, dom0_mib=dom0_mib, nr_pcpus=pcpus)
+    if no_guests and (pv or hvm or pvh):
+        fail("--no-guests and --pv/--hvm/--pvh contradict each other; nothing done", 1)
     if no_guests:
         spec.pv_guests, spec.hvm_guests, spec.pvh_guests = (), (), ()
     else:
         if pv:
-            spec.pv_guests = _parse_guests(pv, "PV")
+            spec.pv_guests = _parse_guests(pv, "PV", PV_MIN_MIB)
         if hvm:
             spec.hvm_guests = _parse_guests(hvm, "HVM")
         if pvh:
             spec.pvh_guests = _parse_guests(pvh, "PVH")
-    if mem_mib % 2 or mem_mib < 64 or pcpus < 1:
-        raise click.BadParameter("--mem must be an even number of MiB >= 64, --pcpus >= 1")
+    check_host_sizes(spec)
     try:
         host = build_host(spec)
-    except Exception as e:
-        click.echo(f"xenpage: cannot build that host: {e}", err=True)
-        sys.exit(1)
+    except Exception as e:  # the simulator's DomainError/GuestError: the CLI imports neither
+        what = "dom0 does not fit" if "dom0" in str(e) else str(e)
+        fail(f"the sizes do not fit in a {mem_mib} MiB host once Xen has its own memory "
+             f"({what}); nothing done", 1)
     path = host_path(obj.paths.state_dir)
-    host.save(path)
+    try:
+        host.save(path)
+    except HFE as e:
+        fail(str(e), 2)
     summary = host_summary(host)
     if as_json:
-        print_json(summary)
+        emit("host create", 0, path=str(path), **summary)
     else:
         click.echo(f"created a {mem_mib} MiB host with {len(host.guest_domains())} domains in {path}")
 
@@ -129,7 +168,7 @@ def host_show(obj: Ctx, as_json):
     with obj.simulated_host("host show", save=False) as hv:
         s = host_summary(hv.host)
     if as_json:
-        print_json(s)
+        emit("host show", 0, **s)
         return
     from rich.console import Console
     from rich.table import Table
@@ -172,6 +211,14 @@ def _need_sim(obj: Ctx, what: str, hint: str = "") -> None:
     obj.simulator_only(what, hint)
 
 
+def days_option(param, v: float) -> float:
+    """A study's length in days: finite, more than 0, at most 100 years."""
+    if not (math.isfinite(v) and 0 < v <= 36525):
+        raise click.BadParameter(f"{v!r} is not a number of days (more than 0, at most 36525)",
+                                 param=param)
+    return v
+
+
 def _seconds(param, v: float | None) -> float | None:
     """A number of seconds: finite and not negative (click's FloatRange lets NaN through)."""
     if v is not None and not (math.isfinite(v) and 0 <= v < 2 ** 62):
@@ -197,13 +244,13 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
     dom0's mcelog would; the service reads them from there."""
     from .main import parse_mfn_args
     from ..toolstack import hptool
+    from ..abi import sysctl as S
     from ..ras.sources import format_mcelog
     _need_sim(obj, "mce-inject", " (on real Xen: xen-mceinj, xen-utils-4.17)")
     try:
         mfns = parse_mfn_args(list(frames))
     except hptool.BadMfn as e:
-        click.echo(f"xenpage: {e}; nothing done", err=True)
-        sys.exit(1)
+        fail(f"{e}; nothing done", 1)
     from ..backends.sim.ras import SimMachineCheck
     t0 = time.time() if at is None else at
     out, texts = [], []
@@ -216,20 +263,20 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
                         inj = mc.inject(m, uncorrected=uc, count=count, time=t0 + k * interval,
                                         scrub=scrub)
                     except ValueError as e:
-                        click.echo(f"xenpage: {e}", err=True)
-                        sys.exit(1)
+                        fail(f"{e}", 1)
                     texts.append(format_mcelog(inj.record, len(texts)))
-                    out.append({"record": inj.record.to_json(), "xen": inj.xen.to_json()})
+                    xen = inj.xen.to_json()  # Xen's offline_page answer, decoded as everywhere
+                    xen["status"] = S.decode(int(xen["status"]), S.sysctl_page_offline)
+                    out.append({"record": inj.record.to_json(), "xen": xen})
     except HostFileError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     logp = _state_dir(obj) / SIM_LOG_NAME
     from ..statefiles import open_private, state_dir
     state_dir(logp.parent)
     with open_private(logp, "a") as fh:
         fh.write("".join(texts))
     if as_json:
-        print_json({"log": str(logp), "injected": out})
+        emit("mce-inject", 0, log=str(logp), injected=out)
         return
     for o in out:
         r, x = o["record"], o["xen"]
@@ -242,9 +289,11 @@ def mce_inject(obj: Ctx, frames, uc, count, repeat, scrub, at, interval, as_json
 
 
 @cli.command("year")
-@click.option("--hosts", type=int, default=3, show_default=True, help="host-years (one error trace each)")
-@click.option("--seed", type=int, default=1, show_default=True)
-@click.option("--days", type=float, default=365.0, show_default=True)
+@click.option("--hosts", type=click.IntRange(1, 100000), default=3, show_default=True,
+              help="host-years (one error trace each)")
+@click.option("--seed", type=click.IntRange(0, 2 ** 32 - 1), default=1, show_default=True)
+@click.option("--days", type=float, default=365.0, show_default=True,
+              callback=lambda c, p, v: days_option(p, v))
 @click.option("--policy", "policies", multiple=True,
               help="policies to compare, presets with +modifiers (default: off, first-error, "
                    "first-error+hvm-exchange, mcelog, rasdaemon, row)")
@@ -265,17 +314,37 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
     try:
         rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
     except ThresholdError as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     if plot_path:
         year.plot(rep, plot_path)
         rep["plot"] = str(plot_path)
     if as_json:
-        print_json(rep)
+        emit("year", 0, **rep)
         return
     click.echo(year.markdown(rep), nl=False)
     if plot_path:
         click.echo(f"plot: {plot_path}")
+
+
+#: one item of Xen's ``badpage=``: a number as ``simple_strtoul`` reads it whole (0x hex,
+#: 0 octal, decimal), or a range of two
+_BADPAGE_NUM = r"(?:0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)"
+_BADPAGE = rf"{_BADPAGE_NUM}(?:-{_BADPAGE_NUM})?(?:,{_BADPAGE_NUM}(?:-{_BADPAGE_NUM})?)*"
+BADPAGE_MAX_CHARS = 99
+
+
+def check_badpage(value: str) -> None:
+    """``host reboot --badpage V``: Xen's parser (``parse_badpage`` in the simulator) stops
+    silently at the first character it does not expect and cuts the value at 99 characters;
+    xenpage refuses such a value instead (nothing rebooted)."""
+    import re
+    if value and not re.fullmatch(_BADPAGE, value):
+        fail(f"--badpage {value!r}: Xen reads START[-END] items (0x hex, 0 octal or decimal) "
+             "separated by commas, and would silently stop at the first other character; "
+             "nothing done", 1)
+    if len(value) > BADPAGE_MAX_CHARS:
+        fail(f"--badpage: {len(value)} characters; Xen keeps only the first "
+             f"{BADPAGE_MAX_CHARS}; nothing done", 1)
 
 
 @host_group.command("reboot")
@@ -291,20 +360,23 @@ def host_reboot(obj: Ctx, no_badpage, badpage_opt, as_json):
     from ..backends.sim import host_path
     from ..backends.sim import ras as sim_ras
     from ..errors import HostFileError as HFE
+    if badpage_opt is not None:
+        check_badpage(badpage_opt)
     value = ""
+    store = _store(obj)
     if not no_badpage:
-        value = badpage_opt if badpage_opt is not None else _store(obj).boot_option().value
+        value = badpage_opt if badpage_opt is not None else store.boot_option().value
     try:
         with obj.simulated_host("host reboot", save=False) as hv:
             new = sim_ras.reboot(hv.host, value)
             new.save(host_path(obj.paths.state_dir))
+            store.record_boot_option(value)  # what Xen was booted with (the service's replay)
     except HFE as e:
-        click.echo(f"xenpage: {e}", err=True)
-        sys.exit(2)
+        fail(f"{e}", 2)
     res = {"badpage": value, "withheld": len(getattr(new, "withheld", [])), "domains": [
         {"domid": d.domid, "name": d.name, "hvm": d.hvm} for d in new.guest_domains()]}
     if as_json:
-        print_json(res)
+        emit("host reboot", 0, **res)
     else:
         click.echo("rebooted the simulated host" + (f" with badpage={value} ({res['withheld']} "
                                                     "frames withheld)" if value else " (no badpage=)"))

@@ -14,7 +14,7 @@ from ..toolstack.offline import mem_offline, resume_guest, suspend_guest
 from ..toolstack.outcomes import Kind
 from ..toolstack.report import Report
 from ..toolstack.upstream import Defects, xc_exchange_page
-from .output import print_json
+from .output import emit
 
 
 def _pick_free(host) -> int:
@@ -101,7 +101,7 @@ def run_demo(state_dir: Path, as_json: bool = False, keep: bool = False) -> int:
         p = host_path(state_dir)
         host.save(p)
     if as_json:
-        print_json({"ok": ok, "steps": steps})
+        emit("demo", 0 if ok else 1, ok=ok, steps=steps)
     else:
         off = len(host.heap.offlined_list) + len(host.heap.broken_list)
         con.print(f"[bold]{'All steps behaved as Xen 4.17 does' if ok else 'Some steps misbehaved'}[/bold]; "

@@ -724,5 +724,5 @@ def status(store: Store, policy: Policy | None = None) -> dict:
         "frames": [f.to_json() for f in frames],
         "events": store.counts()["events"],
         "quarantined": store.quarantined(),
-        "boot_option": store.last_boot_option(),
+        "boot_option": store.boot_option().to_json(),
     }

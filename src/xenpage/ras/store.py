@@ -232,8 +232,8 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: not a usable retired-page list ({e}); nothing was "
                              "changed -- move it away to start a new list") from None
-        except OSError as e:
-            raise StoreError(f"{self.path}: {e.strerror or e}") from None
+        except OSError as e:  # the file, or the state directory it should be in
+            raise StoreError(f"{e.filename or self.path}: {e.strerror or e}") from None
 
     def _check(self) -> None:
         """An existing list: readable by SQLite, every table there, a schema this xenpage
@@ -523,12 +523,18 @@ class Store:
         return self.frames(("retired", "pending"))
 
     def boot_option(self, max_chars: int = BADPAGE_MAX_CHARS) -> BootOption:
+        """Xen's ``badpage=`` for the list as it is now (computed: reading writes nothing)."""
         fr = self.bad_frames()
         prio = {f.mfn: (int(f.broken), f.uncorrected, f.errors) for f in fr}
-        opt = badpage_value([f.mfn for f in fr], prio, max_chars)
-        self.set_meta("boot_option", json.dumps({"value": opt.value, "time": _time.time()}))
-        return opt
+        return badpage_value([f.mfn for f in fr], prio, max_chars)
+
+    def record_boot_option(self, value: str) -> None:
+        """The ``badpage=`` value Xen was booted with (written by what boots it: the
+        simulator's ``host reboot``)."""
+        self.set_meta("boot_option", json.dumps({"value": value, "time": _time.time()}))
 
     def last_boot_option(self) -> str:
+        """The ``badpage=`` value of the last recorded boot; with none recorded, the list's
+        own value (what a boot from ``badpages --boot-option`` was given)."""
         v = self.meta("boot_option")
-        return json.loads(v)["value"] if v else ""
+        return json.loads(v)["value"] if v else self.boot_option().value

@@ -352,24 +352,24 @@ def _classify(mfn: int, rc: int, st: int) -> Outcome:
     low = st & S.PG_OFFLINE_STATUS_MASK
     if rc < 0:
         if rc == -1:
-            return Outcome(mfn, Kind.REFUSED, Reason.XEN_IMAGE, "a frame of Xen's own image", status=st, errno=1)
+            return Outcome(mfn, Kind.REFUSED, Reason.XEN_IMAGE, "a frame of Xen's own image", status=st, status_op=S.sysctl_page_offline, errno=1)
         if st == S.STATUS_UNTOUCHED:
             return Outcome(mfn, Kind.REFUSED, Reason.INVALID_MFN, "no such frame (beyond the frame table or in a hole)",
-                           status=st, errno=-rc)
-        return Outcome(mfn, Kind.REFUSED, Reason.NOT_RAM, "not conventional RAM (E820)", status=st, errno=-rc)
+                           status=st, status_op=S.sysctl_page_offline, errno=-rc)
+        return Outcome(mfn, Kind.REFUSED, Reason.NOT_RAM, "not conventional RAM (E820)", status=st, status_op=S.sysctl_page_offline, errno=-rc)
     if low == S.PG_OFFLINE_OFFLINED:
-        return Outcome(mfn, Kind.OFFLINED, status=st, detail="offlined")
+        return Outcome(mfn, Kind.OFFLINED, status=st, status_op=S.sysctl_page_offline, detail="offlined")
     if low == S.PG_OFFLINE_AGAIN:
         return Outcome(mfn, Kind.PENDING, Reason.OWNER_CRASHED,
-                       "already broken and still owned: Xen crashed the owner (PG_OFFLINE_AGAIN)", status=st)
+                       "already broken and still owned: Xen crashed the owner (PG_OFFLINE_AGAIN)", status=st, status_op=S.sysctl_page_offline)
     if low == S.PG_OFFLINE_FAILED:
         return Outcome(mfn, Kind.PENDING, Reason.ANONYMOUS,
                        "an anonymous Xen allocation: Xen reports FAILED but marked it offline-pending; "
-                       "it is offlined when Xen frees it", status=st)
+                       "it is offlined when Xen frees it", status=st, status_op=S.sysctl_page_offline)
     if st & S.PG_OFFLINE_XENPAGE:
         return Outcome(mfn, Kind.PENDING, Reason.XEN_HEAP,
-                       "a Xen-heap page: offline-pending until Xen frees it", status=st, domid=X.DOMID_XEN)
-    return Outcome(mfn, Kind.PENDING, Reason.NONE, "offline-pending", status=st,
+                       "a Xen-heap page: offline-pending until Xen frees it", status=st, status_op=S.sysctl_page_offline, domid=X.DOMID_XEN)
+    return Outcome(mfn, Kind.PENDING, Reason.NONE, "offline-pending", status=st, status_op=S.sysctl_page_offline,
                    domid=hptool.owner_of(st))
 
 

@@ -71,12 +71,19 @@ class Outcome:
     status: int | None = None
     errno: int = 0
     extra: dict = field(default_factory=dict)
+    #: the sysctl ``cmd`` whose answer ``status`` is: a query (the exchange's and the
+    #: migration's checks), or the offline itself (:func:`xenpage.toolstack.offline._classify`)
+    status_op: int = S.sysctl_query_page_offline
 
     def to_json(self) -> dict:
         d = asdict(self)
+        del d["status_op"]
         d["kind"] = self.kind.value
         d["reason"] = self.reason.value
         d["mfn_hex"] = f"{self.mfn:x}"
+        # the status word decoded as every command decodes it (hptool._base, the CLI)
+        d["status"] = None if self.status is None or self.status < 0 else \
+            S.decode(int(self.status), self.status_op)
         if self.new_mfn is not None:
             d["new_mfn_hex"] = f"{self.new_mfn:x}"
         return d

@@ -631,9 +631,9 @@ def host_path(state_dir: Path | None = None) -> Path:
 
 
 @contextmanager
-def _state_lock(sd: Path, timeout: float | None) -> Iterator[None]:
+def _state_lock(sd: Path, timeout: float | None, record: bool = True) -> Iterator[None]:
     try:
-        with locked(sd / "lock", timeout):
+        with locked(sd / "lock", timeout, record=record):
             yield
     except LockTimeout as e:
         raise HostFileError(str(e)) from None
@@ -671,7 +671,7 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         statefiles.state_dir(sd)
     except OSError as e:
         raise HostFileError(f"{sd}: {e.strerror or e}") from None
-    with _state_lock(sd, timeout):
+    with _state_lock(sd, timeout, record=save):  # a reader leaves the lock file as it was
         path = sd / HOST_DIRNAME
         created = False
         said = persist.tidy(path)  # what a killed save left: removed, or recovered
@@ -690,7 +690,7 @@ def open_host(state_dir: Path | None = None, create: bool = True, save: bool = T
         hv = SimHypervisor(host)
         hv.state_dir, hv.path = sd, path
         yield hv
-        if save and (hv.dirty or created):
+        if (save and hv.dirty) or created:  # first use creates the host, whatever reads it
             kept = ""
             if (sd / JOURNAL_NAME).exists():
                 kept = (f"; it stays as last saved, with the journal of an interrupted exchange "
