@@ -51,7 +51,7 @@ def measure() -> dict:
     from xenpage.abi import mce as M
     from xenpage.backends.sim import SimHypervisor, build_host
     from xenpage.backends.sim.ras import SimMachineCheck
-    from xenpage.ras.devmcelog import decode_records
+    from xenpage.ras.devmcelog import decode_batch, decode_records
     from xenpage.ras.service import RetireService
     from xenpage.ras.store import Store
     from xenpage.ras.thresholds import Policy
@@ -70,11 +70,10 @@ def measure() -> dict:
                              mc.inject(0x3F100 + k, time=1.7e9 + k + 1).record])
         retired0 = len(svc.retired_mfns())
         t, c = time.perf_counter(), time.process_time()
-        for i in range(0, N, BATCH):
-            recs = []
-            for j in range(i, min(N, i + BATCH), READ):
-                recs += decode_records(data[j * rl:(j + READ) * rl], rl, M.DEV_MCELOG, j)
-            svc.process(hv, recs)
+        for i in range(0, N, BATCH):   # as the service's loop reads the device
+            batches = [decode_batch(data[j * rl:(j + READ) * rl], rl, M.DEV_MCELOG, j)
+                       for j in range(i, min(N, i + BATCH), READ)]
+            svc.process(hv, [], batches)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         events = sum(store.counts()["events"].values())
         st = svc.stats
