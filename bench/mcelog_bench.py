@@ -1,8 +1,9 @@
 """The retirement service's throughput on ``/dev/mcelog``-shaped records (issue 14).
 
 100,000 records of the xen-mcelog driver's layout (112-byte ``struct mce`` prefixes, bank
-7, a TSC each) are decoded 32 at a time -- one ``read()`` of the driver's log -- and handed to
-the service on the simulated default host in poll batches of 1,024 records (32 reads), in a
+7, a TSC each) are decoded 32 at a time -- one ``read()`` of the driver's log, as
+``DevMcelog.read_batches`` leaves them -- and handed to the service (column-wise, as its loop
+does) on the simulated default host in poll batches of 1,024 records (32 reads), in a
 SQLite list on disk (WAL, as the service runs): 95% first corrected errors on distinct
 frames (below mcelog's 2 / 24h), 5% a storm on 20 frames the service retired before the
 clock starts (errors on retired frames are counted, never acted on again).  Every record is
