@@ -82,6 +82,21 @@ def parse_badpage_value(value: str) -> set[int]:
     return out
 
 
+def boot_badpages(hv) -> set[int]:
+    """The frames the running Xen was booted with in ``badpage=`` (its command line,
+    ``XENVER_commandline``): withheld from its heap since boot (``init_boot_pages``), they stay
+    in use with no owner, which the page-offline query reports as online."""
+    try:
+        cmdline = hv.physinfo().extra.get("xen_commandline") or ""
+    except Exception:  # a backend that cannot tell: nothing is known withheld
+        return set()
+    out: set[int] = set()
+    for word in cmdline.split():
+        if word.startswith("badpage="):
+            out |= parse_badpage_value(word[len("badpage="):])
+    return out
+
+
 # -- logging --------------------------------------------------------------------------------
 
 _PRIO = {"error": 3, "warning": 4, "notice": 5, "info": 6, "debug": 7}
@@ -781,10 +796,11 @@ class RetireService:
     def replay(self, hv) -> dict:
         """At start: what was retired is retired again (Xen forgets offlined frames at
         reboot unless ``badpage=`` withheld them); pending frames are retried now."""
-        out = {"checked": 0, "still_offlined": 0, "retired_again": 0, "pending": 0}
+        out = {"checked": 0, "still_offlined": 0, "withheld": 0, "retired_again": 0, "pending": 0}
         if not self.enabled:
             self.log("replay-skipped", "warning", reason="page retirement is off")
             return out
+        withheld = boot_badpages(hv)
         with self.store.batch():
             now = self.clock()
             for f in self.store.frames(("retired", "pending")):
@@ -792,6 +808,16 @@ class RetireService:
                 rc, st = query(hv, f.mfn)
                 if rc == 0 and st is not None and st & S.PG_OFFLINE_STATUS_OFFLINED:
                     out["still_offlined"] += 1
+                    continue
+                if f.mfn in withheld and rc == 0 and st == 0:
+                    # Xen kept it out of its heap from boot (badpage=): retired as it is;
+                    # offlining it would only mark an unowned page offline-pending
+                    out["withheld"] += 1
+                    if f.state == "pending":  # e.g. dom0's: now out of everybody's reach
+                        xs = xen_state(rc, st)
+                        self._settle(hv, f, "soft", None, xs, xs, None, "withheld",
+                                     "withheld from Xen's heap at boot (badpage=)",
+                                     kind="withheld", forced_state="retired")
                     continue
                 if f.state == "pending":
                     f.next_retry = now
