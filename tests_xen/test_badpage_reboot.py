@@ -146,5 +146,11 @@ def test_boot2_badpage_honoured_and_replay(xen, rec):
     assert os.environ.get("XENPAGE_REBOOT_BADPAGE", "x") in xcmd, xcmd
     assert r.rc == 0, r.stderr[-2000:]
     assert replay is not None and replay["checked"] == len(frames), replay
-    # what the tools say, side by side, is recorded; the service's list keeps every frame retired
+    # what the tools say, side by side, is recorded; the replay finds every frame retired
+    # (withheld by Xen since boot, or offlined) and changes nothing: no decision, no outcome,
+    # no frame row, no page-offline status
+    assert replay["withheld"] + replay["still_offlined"] == len(frames), replay
+    assert after["decisions"] == before["decisions"] and after["outcomes"] == before["outcomes"]
+    assert after["frames"] == before["frames"]
+    assert st1 == st0
     assert {row[0]: row[1] for row in after["frames"]} == {m: "retired" for m in frames}
