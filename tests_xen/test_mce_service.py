@@ -204,7 +204,7 @@ def test_uncorrected_error_on_a_memtest_frame(xen, memtest, service, rec):
     r = _uncorrected(xen, mfn, rec, "memtest", domid=memtest.domid)
     # whatever Xen did with the guest, the service's row says what Xen's status says
     assert r["xen_status"] & S.PG_OFFLINE_STATUS_BROKEN, r
-    assert r["frame"] and r["frame"]["xen_state"] == r["xen_state"] or r["frame"]["broken"] == 1, r
+    assert r["frame"] is not None and r["frame"]["action"] == "hard" and r["frame"]["broken"] == 1, r
     out = OUT / "mce-service-db.json"
     with db() as c:
         out.write_text(json.dumps({t: c.execute(f"SELECT * FROM {t}").fetchall()
