@@ -62,6 +62,8 @@ def tables() -> dict:
 def _free_frames(xen, n: int) -> list[int]:
     out = []
     for mfn in free_frames_followed_by_owned(xen, limit=40):
+        if status(xen, mfn) != 0:   # the probe's online would put a retired frame back
+            continue
         with off_pcpu0(xen):
             rc, st = xen.page_offline_op(S.sysctl_page_offline, mfn, mfn)
         xen.page_offline_op(S.sysctl_page_online, mfn, mfn)

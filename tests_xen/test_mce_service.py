@@ -162,7 +162,12 @@ def test_corrected_errors_retire_a_memtest_frame(xen, memtest, service, rec):
 
 
 def _free_frame(xen) -> int | None:
+    """A free frame that ends its free buddy: probed with an offline and an online (only
+    frames Xen reports online: the probe's online would put a retired frame back -- the
+    first run took the frame the corrected errors had just retired)."""
     for mfn in free_frames_followed_by_owned(xen, limit=30):
+        if status(xen, mfn) != 0:
+            continue
         with off_pcpu0(xen):
             rc, st = xen.page_offline_op(S.sysctl_page_offline, mfn, mfn)
         xen.page_offline_op(S.sysctl_page_online, mfn, mfn)
@@ -201,7 +206,10 @@ def test_uncorrected_error_on_a_free_frame(xen, service, rec):
 
 def test_uncorrected_error_on_a_memtest_frame(xen, memtest, service, rec):
     (pfn, mfn), = _memtest_frames(xen, memtest, 4)[3:]
+    mark = memtest.mark()
     r = _uncorrected(xen, mfn, rec, "memtest", domid=memtest.domid)
+    hb, bad = _clean(memtest, mark)
+    rec.add("mce-uc-memtest", heartbeats=hb[-3:], bad=bad, guest_alive=r.get("guest_alive"))
     # whatever Xen did with the guest, the service's row says what Xen's status says
     assert r["xen_status"] & S.PG_OFFLINE_STATUS_BROKEN, r
     assert r["frame"] is not None and r["frame"]["action"] == "hard" and r["frame"]["broken"] == 1, r
