@@ -353,11 +353,18 @@ def test_replay_after_reboot_with_badpage(w):
     w.store.record_boot_option(opt.value)                           # as 'host reboot' does
     w.hv = SimHypervisor(w.host)
     w.svc = w.service()
-    w.svc.replay(w.hv)
+    decisions = w.store.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0]
+    out = w.svc.replay(w.hv)
+    # Xen's command line names them (XENVER_commandline): withheld from the heap since boot,
+    # unowned and reported online; the replay offlines nothing (that would only make them
+    # offline-pending) -- dom0's frame, pending before, is now out of everybody's reach
+    assert out == {"checked": 3, "still_offlined": 0, "withheld": 3, "retired_again": 0, "pending": 0}
+    assert w.store.db.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == decisions
     for k in ("pv", "dom0", "free"):
         fr = w.store.frame(f[k])
-        assert fr.state == "retired" and "badpage" in fr.detail    # withheld at boot
-        assert w.host.ft.owner(f[k]) is None
+        assert fr.state == "retired"
+        assert w.host.ft.owner(f[k]) is None and w.xen(f[k]) == "online"
+    assert "badpage" in w.store.frame(f["dom0"]).detail
     assert w.svc.stats.suspends == 0                                # nothing to exchange
     w.healthy()
 
@@ -366,7 +373,7 @@ def test_replay_when_still_offlined_does_nothing(w):
     m = frames(w.host)["free"]
     w.ce(m, 2)
     out = w.svc.replay(w.hv)
-    assert out == {"checked": 1, "still_offlined": 1, "retired_again": 0, "pending": 0}
+    assert out == {"checked": 1, "still_offlined": 1, "withheld": 0, "retired_again": 0, "pending": 0}
 
 
 def test_action_exception_is_logged_and_retried(w):

@@ -37,6 +37,7 @@ PROJECT_ONLY = {
     "STATUS_UNTOUCHED", "MFN_FIELD_MAX", "SHARED_M2P_ENTRY", "INVALID_M2P_ENTRY",
     "M2P_SHIFT", "M2P_CHUNK_SIZE", "M2P_ENTRIES_PER_CHUNK", "GRANT_V1_ENTRY_SIZE",
     "GRANT_V1_PER_FRAME", "GETPAGEFRAMEINFO3_MAX", "MMU_CMD_MASK",
+    "XEN_COMMANDLINE_LEN",   # sizeof(xen_commandline_t): a typedef, checked below
 }
 #: xenpage name -> C name, where they differ.
 C_NAME = {"PAGE_SHIFT": "XC_PAGE_SHIFT", "PAGE_SIZE": "XC_PAGE_SIZE"}
@@ -114,6 +115,7 @@ def _c_program() -> str:
     for k in INTERFACE_VERSIONS:
         lines.append(f'  printf("C {k} %lld\\n", (long long)({k}));')
     lines.append('  printf("Z vcpu_guest_context_any_t %zu\\n", sizeof(vcpu_guest_context_any_t));')
+    lines.append('  printf("Z xen_commandline_t %zu\\n", sizeof(xen_commandline_t));')
     for k in vars(errno_mod):
         if k.isupper() and isinstance(getattr(errno_mod, k), int):
             lines += [f"#ifdef {k}", f'  printf("E {k} %d\\n", {k});', "#else",
@@ -177,6 +179,11 @@ def test_vcpu_context_buffer_holds_the_union(c_side):
     whose x86_64 member is the one read."""
     assert structs.VCPU_CONTEXT_ANY_SIZE == c_side["Z"]["vcpu_guest_context_any_t"]
     assert ctypes.sizeof(structs.VcpuGuestContextX8664) <= structs.VCPU_CONTEXT_ANY_SIZE
+
+
+def test_commandline_buffer_is_xen_commandline_t(c_side):
+    """``XENVER_commandline`` writes a ``xen_commandline_t`` (version.h)."""
+    assert xen.XEN_COMMANDLINE_LEN == c_side["Z"]["xen_commandline_t"]
 
 
 def test_every_abi_constant_matches_headers(c_side):

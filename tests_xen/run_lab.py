@@ -21,6 +21,7 @@ the payload already has it.  Results land in ~/.cache/xenpage-lab/results/xenpag
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def build_shim(work: Path) -> Path:
     return so
 
 
+#: files added to the next payload (path in the payload -> bytes): the reboot group's second
+#: boot gets the first boot's state directory this way
+CARRY: dict[str, bytes] = {}
+
+
 def with_tests_xen(orig):
     def build_payload(work: Path, scenario: Path, run_env: dict) -> Path:
         path = orig(work, scenario, run_env)
@@ -48,6 +54,8 @@ def with_tests_xen(orig):
             if b"xenpage/tests_xen/conftest.py\0" not in data:
                 c.add_tree("xenpage/tests_xen", HERE)
             c.add_bytes("xenpage/tests_xen/pfdshim.so", build_shim(work).read_bytes(), 0o755)
+            for name, blob in CARRY.items():
+                c.add_bytes(name, blob, 0o644)
             c.close()
         with open(path, "ab") as f:
             f.write(extra.read_bytes())
@@ -72,6 +80,14 @@ GROUP_ARGS = {
     "pvh-after": {"LAB_XEN_PV_MEMTEST": "0"},
 }
 
+#: Lab options of a group (xenlab.py reads them from the environment of its run): the
+#: machine-check group boots Xen 4.17 rebuilt with upstream's bank-mask fix (without it no
+#: machine check reaches dom0: tests_xen/README.md), on an Intel CPU model (Xen's Intel
+#: handler), with QEMU's monitor for the injections.
+GROUP_ENV = {
+    "mce": {"XENLAB_XEN": "mca", "XENLAB_CPU": "Haswell-noTSX", "XENLAB_MONITOR": "1"},
+}
+
 #: Groups run only when named (``--group split``): the split-guard churn passed in three
 #: runs of four and hung the lab machine in the other after its last check had passed (both
 #: vCPUs busy, no Xen message; cause not found yet), so it stays out of ``make test-xen``.
@@ -85,9 +101,44 @@ EXTRA_GROUPS = {
     # an HVM guest takes more than 7 minutes to reach memtest here (SeaBIOS, direct kernel
     # boot, the kernel decompressing itself under Xen's HVM under TCG): too long for make test-xen
     "hvm": "tests_xen/test_hvm.py",
+    # the retirement service on machine checks the emulated hardware raises (Xen with the
+    # bank-mask fix, -cpu Haswell-noTSX, QEMU's monitor)
+    "mce": "tests_xen/test_mce_service.py",
+    # the service's badpage= through a real reboot: two boots (run_reboot)
+    "reboot": "tests_xen/test_badpage_reboot.py",
     # does a PVH guest migrate after dom0 touched its memory (XENPAGE_LAB_AFTER=inplace|rewrite|none)?
     "pvh-after": "tests_xen/test_pvh_after.py",
 }
+
+
+def run_reboot(argv: list[str]) -> tuple[int, Path]:
+    """Group ``reboot``: boot 1 retires frames and hands back the service's state directory
+    and ``xenpage badpages --boot-option``; boot 2 runs Xen with that option on its command
+    line and the state directory in its payload (tests_xen/test_badpage_reboot.py)."""
+    import json
+    args = ["run", "xenpage-xen", *argv, "--arg", f"LAB_XEN_PYTEST_ARGS={EXTRA_GROUPS['reboot']}"]
+    CARRY.clear()
+    rc = xenlab.main(args + ["--arg", "XENPAGE_REBOOT_PHASE=1"])
+    first = (xenlab.cache_dir() / "results" / "xenpage-xen-latest").resolve()
+    if rc:
+        return rc, first
+    opt = (first / "badpage.txt").read_text().strip()
+    frames = json.loads((first / "reboot-frames.json").read_text())
+    CARRY["xenpage/reboot-state.tar"] = (first / "reboot-state.tar").read_bytes()
+    value = opt.split("=", 1)[1]
+    saved = os.environ.get("XENLAB_XEN_ARGS")
+    os.environ["XENLAB_XEN_ARGS"] = ((saved + " ") if saved else "") + opt
+    xenlab.log(f"group reboot: second boot with {opt} on Xen's command line (boot 1: {first.name})")
+    try:
+        rc = xenlab.main(args + ["--arg", "XENPAGE_REBOOT_PHASE=2", "--arg", "LAB_XEN_PV_MEMTEST=0", "--arg", f"XENPAGE_REBOOT_BADPAGE={value}",
+                                 "--arg", "XENPAGE_REBOOT_FRAMES=" + json.dumps(frames).replace(" ", "")])
+    finally:
+        CARRY.clear()
+        if saved is None:
+            os.environ.pop("XENLAB_XEN_ARGS", None)
+        else:
+            os.environ["XENLAB_XEN_ARGS"] = saved
+    return rc, (xenlab.cache_dir() / "results" / "xenpage-xen-latest").resolve()
 
 
 def save(runs: dict[str, Path], out: Path = HERE / "results" / "lab-xenpage-xen.json") -> Path:
@@ -129,7 +180,22 @@ def main(argv: list[str]) -> int:
         for attempt in (1, 2):
             xenlab.log(f"group {g}: {GROUPS[g]}" + (" (second boot)" if attempt == 2 else ""))
             extra = [a for k, v in GROUP_ARGS.get(g, {}).items() for a in ("--arg", f"{k}={v}")]
-            rc = xenlab.main(["run", "xenpage-xen", *argv, *extra, "--arg", f"LAB_XEN_PYTEST_ARGS={GROUPS[g]}"])
+            env = GROUP_ENV.get(g, {})
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update({k: v for k, v in env.items() if k not in os.environ})
+            if env.get("XENLAB_XEN") and not os.environ.get("XENLAB_XEN_ELF"):
+                xenlab.build_xen_mca()
+            try:
+                if g == "reboot":
+                    rc, runs[g] = run_reboot(argv)
+                    break
+                rc = xenlab.main(["run", "xenpage-xen", *argv, *extra, "--arg", f"LAB_XEN_PYTEST_ARGS={GROUPS[g]}"])
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
             runs[g] = (xenlab.cache_dir() / "results" / "xenpage-xen-latest").resolve()
             if not rc or attempt == 2:
                 break

@@ -60,6 +60,9 @@ PAGE_SIZE = 1 << PAGE_SHIFT
 # xen_version sub-commands (version.h).
 XENVER_version = 0
 XENVER_extraversion = 1
+#: Xen's own command line (``xen_commandline_t``: char[1024])
+XENVER_commandline = 9
+XEN_COMMANDLINE_LEN = 1024
 
 #: vcpu_info slots in shared_info (``XEN_LEGACY_MAX_VCPUS``, x86).
 XEN_LEGACY_MAX_VCPUS = 32

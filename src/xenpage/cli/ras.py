@@ -249,15 +249,18 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
         log("started", "info", backend=kind, sources=",".join(names), follow=follow,
             enabled=svc.enabled, replayed=replay.get("checked", 0))
         while True:
-            recs = []
+            recs, batches = [], []
             final = once or not follow
             for s in srcs:
-                recs += s.read(final=final)
-            read += len(recs)
+                if hasattr(s, "read_batches"):  # /dev/mcelog: handled column-wise
+                    batches += s.read_batches(final=final)
+                else:
+                    recs += s.read(final=final)
+            read += len(recs) + sum(len(b) for b in batches)
             due = store.next_due()
-            if recs or (due is not None and due <= time.time()):
+            if recs or batches or (due is not None and due <= time.time()):
                 with obj.hypervisor() as hv:
-                    svc.process(hv, recs)
+                    svc.process(hv, recs, batches)
                 sd_notify(f"STATUS={read} records, {svc.stats.transitions} transitions")
             if final or stop.flag or (t_end and time.monotonic() >= t_end):
                 break

@@ -68,6 +68,9 @@ class Host:
 
     def __init__(self, e820: E820Map, nr_pcpus: int = 2, quirks: Quirks | None = None):
         self.e820 = e820
+        #: Xen's command line as booted (``XENVER_commandline``); the simulator sets only
+        #: ``badpage=`` (:func:`xenpage.backends.sim.ras.boot`)
+        self.cmdline = ""
         self.nframes = e820.max_page
         self.max_page = e820.max_page
         self.ft = FrameTable(self.nframes)

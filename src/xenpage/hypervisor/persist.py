@@ -170,6 +170,7 @@ def _write_generation(host: "Host", tmp: Path) -> None:
         "xenheap_internal": host.xenheap_internal,
         "m2p_chunks": host.m2p_chunks,
         "anonymous": host.anonymous,
+        "cmdline": host.cmdline,
         "log": host.log[-1000:],
         "extra": host.extra_state(),
     }
@@ -335,6 +336,7 @@ def load(cls, path: Path) -> "Host":
         host.m2p_chunks = header.get("m2p_chunks", [])
         host.ft.set_m2p_frames(host.m2p_chunks)
         host.anonymous = header["anonymous"]
+        host.cmdline = header.get("cmdline", "")
         host.log = header["log"]
         host.load_extra_state(header.get("extra", {}), extra_arrays)
     except HostFileError:

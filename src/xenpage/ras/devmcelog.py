@@ -41,36 +41,107 @@ def _cpu_signature(cpuid: int) -> tuple[int, int]:
     return fam, mod
 
 
+class McBatch:
+    """The records of one ``read()`` of the device, kept as read: a numpy structured array of
+    ``struct mce`` (:func:`xenpage.abi.mce.numpy_dtype`), the source's name and the index of
+    its first record there.  The service handles a batch column-wise
+    (:meth:`xenpage.ras.service.RetireService.process`); :meth:`records` and :meth:`record`
+    give the same records one by one (:class:`McRecord`)."""
+
+    __slots__ = ("array", "source", "first", "overflow")
+
+    def __init__(self, array: np.ndarray, source: str = M.DEV_MCELOG, first: int = 0,
+                 overflow: bool = False):
+        self.array = array
+        self.source = source
+        self.first = first
+        #: the driver dropped records before these (its log was full)
+        self.overflow = overflow
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def record(self, i: int) -> McRecord:
+        """Record ``i`` of the batch."""
+        return self._build(i, i + 1)[0]
+
+    def records(self) -> list[McRecord]:
+        return self._build(0, len(self.array))
+
+    _FIELDS = ("status", "misc", "addr", "mcgstatus", "tsc", "time", "bank", "extcpu",
+               "socketid", "apicid", "mcgcap", "cpuvendor", "cpuid")
+
+    def _build(self, lo: int, hi: int) -> list[McRecord]:
+        a = self.array[lo:hi]
+        if hi - lo == 1:  # one record: its fields as a tuple, no column per field
+            names = a.dtype.names
+            row = a[0].item()
+            cols = [[row[names.index(k)]] for k in self._FIELDS]
+        else:
+            cols = [a[k].tolist() for k in self._FIELDS]
+        out = []
+        template = McRecord().__dict__
+        new = object.__new__
+        source, first = self.source, self.first + lo
+        extra = {"overflow": True} if self.overflow else None
+        for i, (st, misc, addr, mcg, tsc, t, bank, cpu, sock, apic, cap, vend, cpuid) in enumerate(
+                zip(*cols)):
+            fam = mod = vendor = None
+            if cpuid:
+                fam, mod = _cpu_signature(cpuid)
+                vendor = M.X86_VENDOR_NAMES.get(vend)
+            r = new(McRecord)  # McRecord(...), without its __init__'s cost
+            r.__dict__ = {**template, "status": st, "addr": addr, "misc": misc, "mcgstatus": mcg,
+                          "cpu": cpu, "bank": bank, "time": float(t) if t else None,
+                          "tsc": tsc or None, "socketid": sock, "apicid": apic,
+                          "mcgcap": cap or None, "cpuvendor": vendor, "cpufamily": fam,
+                          "cpumodel": mod, "source": f"{source}#{first + i}",
+                          "extra": dict(extra) if extra else {}}
+            out.append(r)
+        return out
+
+
+def merged(batches: list[McBatch]) -> list[McBatch]:
+    """Consecutive reads of one source (each batch numbered on from the one before, the same
+    overflow flag) as one batch: the service's columns are computed once for them."""
+    out: list[McBatch] = []
+    run: list[McBatch] = []
+
+    def close() -> None:
+        if len(run) == 1:
+            out.append(run[0])
+        elif run:
+            out.append(McBatch(np.concatenate([b.array for b in run]), run[0].source,
+                               run[0].first, run[0].overflow))
+        run.clear()
+
+    for b in batches:
+        if run and not (b.source == run[-1].source and b.first == run[-1].first + len(run[-1])
+                        and b.overflow == run[-1].overflow
+                        and b.array.dtype == run[-1].array.dtype):
+            close()
+        run.append(b)
+    close()
+    return out
+
+
+def decode_batch(data: bytes, record_len: int, source: str = M.DEV_MCELOG,
+                 first: int = 0, overflow: bool = False) -> McBatch:
+    """The records in ``data`` (what one ``read()`` returned: whole records of
+    ``record_len`` bytes; a trailing partial record is ignored as mcelog ignores it), as one
+    numpy view of the buffer."""
+    n = len(data) // record_len
+    a = np.frombuffer(data, dtype=M.numpy_dtype(record_len), count=n)
+    return McBatch(a, source, first, overflow)
+
+
 def decode_records(data: bytes, record_len: int, source: str = "/dev/mcelog",
                    first: int = 0) -> list[McRecord]:
-    """The records in ``data`` (what one ``read()`` returned: whole records of
-    ``record_len`` bytes; a trailing partial record is ignored as mcelog ignores it), as
-    the service's records.  Decoded with one numpy view of the buffer; a zero TSC, ADDR or
-    MISC the status does not declare valid are absent (``None``)."""
-    n = len(data) // record_len
-    if n == 0:
+    """The records in ``data`` as the service's records (:func:`decode_batch`, one by one):
+    a zero TSC, ADDR or MISC the status does not declare valid are absent (``None``)."""
+    if len(data) < record_len:
         return []
-    a = np.frombuffer(data, dtype=M.numpy_dtype(record_len), count=n)
-    cols = {k: a[k].tolist() for k in ("status", "misc", "addr", "mcgstatus", "tsc", "time",
-                                       "bank", "extcpu", "socketid", "apicid", "mcgcap",
-                                       "cpuvendor", "cpuid")}
-    out = []
-    template = McRecord().__dict__
-    new = object.__new__
-    for i, (st, misc, addr, mcg, tsc, t, bank, cpu, sock, apic, cap, vend, cpuid) in enumerate(
-            zip(*cols.values())):
-        fam = mod = vendor = None
-        if cpuid:
-            fam, mod = _cpu_signature(cpuid)
-            vendor = M.X86_VENDOR_NAMES.get(vend)
-        r = new(McRecord)  # McRecord(...), without its __init__'s cost
-        r.__dict__ = {**template, "status": st, "addr": addr, "misc": misc, "mcgstatus": mcg,
-                      "cpu": cpu, "bank": bank, "time": float(t) if t else None,
-                      "tsc": tsc or None, "socketid": sock, "apicid": apic,
-                      "mcgcap": cap or None, "cpuvendor": vendor, "cpufamily": fam,
-                      "cpumodel": mod, "source": f"{source}#{first + i}", "extra": {}}
-        out.append(r)
-    return out
+    return decode_batch(data, record_len, source, first).records()
 
 
 def _ioctl_int(fd: int, request: int) -> int:
@@ -131,10 +202,11 @@ class DevMcelog:
     #: reads of a full log in a row before the service gets to handle them
     MAX_READS = 64
 
-    def read(self, final: bool = False) -> list[McRecord]:
-        """Every record the driver holds now (the driver wants one read of the whole log;
-        a full log is read again, as more may have come meanwhile)."""
-        out: list[McRecord] = []
+    def read_batches(self, final: bool = False) -> list[McBatch]:
+        """Every record the driver holds now, as batches (one per ``read()``; the driver
+        wants one read of the whole log; a full log is read again, as more may have come
+        meanwhile)."""
+        out: list[McBatch] = []
         for _ in range(self.MAX_READS):
             if self.fd is None:
                 break
@@ -143,13 +215,17 @@ class DevMcelog:
             except BlockingIOError:
                 data = b""
             flags = self._ioctl(self.fd, M.MCE_GETCLEAR_FLAGS)
-            recs = decode_records(data, self.record_len, self.path, self.records_read)
-            self.records_read += len(recs)
-            if flags & (1 << M.MCE_OVERFLOW):
-                self.overflows += 1
-                for r in recs:
-                    r.extra["overflow"] = True  # some records before these were lost
-            out += recs
-            if len(recs) < self.log_len:
+            over = bool(flags & (1 << M.MCE_OVERFLOW))
+            b = decode_batch(data, self.record_len, self.path, self.records_read, over)
+            if over:
+                self.overflows += 1  # some records before these were lost
+            self.records_read += len(b)
+            if len(b):
+                out.append(b)
+            if len(b) < self.log_len:
                 break
         return out
+
+    def read(self, final: bool = False) -> list[McRecord]:
+        """:meth:`read_batches`, one record at a time."""
+        return [r for b in self.read_batches(final) for r in b.records()]

@@ -37,7 +37,9 @@ from ..abi.mca import McRecord
 from ..toolstack.offline import mem_offline
 from ..toolstack.outcomes import Kind, Reason
 from ..toolstack.retire import RetireOptions
-from .policy import Accountant
+from .columns import columns
+from .devmcelog import McBatch, merged
+from .policy import Accountant, Bucket, Trigger
 from .store import Frame, Store
 from .thresholds import Action, Policy
 
@@ -77,6 +79,21 @@ def parse_badpage_value(value: str) -> set[int]:
         except ValueError:
             continue
         out.update(range(lo, max(lo, hi) + 1))
+    return out
+
+
+def boot_badpages(hv) -> set[int]:
+    """The frames the running Xen was booted with in ``badpage=`` (its command line,
+    ``XENVER_commandline``): withheld from its heap since boot (``init_boot_pages``), they stay
+    in use with no owner, which the page-offline query reports as online."""
+    try:
+        cmdline = hv.physinfo().extra.get("xen_commandline") or ""
+    except Exception:  # a backend that cannot tell: nothing is known withheld
+        return set()
+    out: set[int] = set()
+    for word in cmdline.split():
+        if word.startswith("badpage="):
+            out |= parse_badpage_value(word[len("badpage="):])
     return out
 
 
@@ -267,29 +284,119 @@ class RetireService:
         return set(self._retired)
 
     # -- records ------------------------------------------------------------------------
-    def process(self, hv, records: Iterable[McRecord]) -> None:
+    def process(self, hv, records: Iterable[McRecord], batches: Iterable[McBatch] = ()) -> None:
         """Handle records, then retry what is due; one transaction.  The off switch is read
         once per batch.  A corrected error that crosses no threshold (most of them) is only
         written down: its event, identity and frame counts are buffered and written with one
         statement each per batch (:class:`_Writes`); anything that decides or acts first
         writes the buffer out, so it reads the list as if each record had been written at
-        once."""
+        once.  ``batches``: ``/dev/mcelog`` reads, handled column-wise (:meth:`_batch`) with
+        the same outcome as their records one by one."""
         records = records if isinstance(records, list) else list(records)
+        batches = merged([b for b in batches if len(b)])
         with self.store.batch():
             self._on = self.enabled
             whys = [r.defect() for r in records]
             idents = [None if why is not None else (r.ident or r.identity())
                       for r, why in zip(records, whys)]
-            self._w = _Writes(self.store, {i for i in idents if i})
+            known = {i for i in idents if i}
+            cols = [columns(b) for b in batches]
+            for c in cols:
+                known.update(i for i in c.ident if i)
+            self._w = _Writes(self.store, known)
             try:
                 for rec, ident, why in zip(records, idents, whys):
                     self.handle_safely(hv, rec, ident, why)
+                for b, c in zip(batches, cols):
+                    self._batch(hv, b, c)
                 self._w.flush()
             finally:
                 self._on = None
                 self._w = None
             self.retry_due(hv)
             self.store.save_buckets(self.acct.buckets, self.acct.unit_frames, self.acct.dirty)
+
+    def _batch(self, hv, b: McBatch, c) -> None:
+        """A ``/dev/mcelog`` batch: what :meth:`handle_safely` does for each record, in
+        order, with the columns of :func:`.columns.columns`.  Corrected errors and records
+        without an address are written down through the buffer, a run of them at a time;
+        a record the columns mark slow (a defect to quarantine, an uncorrected error) goes
+        to :meth:`handle_safely`, a threshold crossed to :meth:`_crossed` -- each after the
+        records before it are in the buffer."""
+        w = self._w
+        st = self.stats
+        now = self.clock()
+        known = w.known
+        retired = self._retired
+        acct = self.acct
+        p = self.policy
+        page_on = self._on and p.enabled and p.page_action != Action.OFF
+        rate, buckets, dirty = p.page, acct.buckets, acct.dirty
+        slow, has_addr, mfns, times, incs, idents = c.slow, c.has_addr, c.mfn, c.time, c.inc, c.ident
+        keep: list[int] = []    # records of the current run, written down on emit()
+        eids: list[int] = []
+
+        def emit() -> None:
+            if not keep:
+                return
+            w.events.extend(zip(eids, [times[i] for i in keep], [now] * len(keep),
+                                [c.source[i] for i in keep], [c.kind[i] for i in keep],
+                                [mfns[i] for i in keep], [c.addr[i] for i in keep],
+                                [c.status_hex[i] for i in keep], [incs[i] for i in keep],
+                                [c.location[i] for i in keep], [None] * len(keep)))
+            w.seen.extend((idents[i], e) for i, e in zip(keep, eids) if idents[i])
+            w.next_id = eids[-1] + 1
+            keep.clear()
+            eids.clear()
+
+        nid = w.next_id
+        for i in range(len(slow)):
+            if slow[i]:
+                emit()
+                self.handle_safely(hv, b.record(i), None if idents[i] == "" else idents[i])
+                nid = w.next_id
+                continue
+            ident = idents[i]
+            if ident:
+                first = known.get(ident)
+                if first is not None:
+                    st.duplicates += 1
+                    self.log("event-duplicate", "debug", source=c.source[i], first_event=first,
+                             ident=ident)
+                    continue
+                known[ident] = nid
+            keep.append(i)
+            eids.append(nid)
+            nid += 1
+            st.events += 1
+            if not has_addr[i]:
+                st.other += 1
+                self.log("event-ignored", "debug", source=c.source[i], reason="no valid address",
+                         status=c.status_hex[i])
+                continue
+            m = mfns[i]
+            t = times[i]
+            if t is None:
+                t = now
+            w.count(m, t)
+            st.corrected += 1
+            if m in retired:
+                st.on_retired += 1
+            if not page_on:
+                continue
+            key = f"page:{m:#x}"
+            dirty.add(key)
+            bk = buckets.get(key)
+            if bk is None:
+                bk = buckets[key] = Bucket()
+            if bk.account(rate, incs[i], t):
+                eid = nid - 1
+                emit()
+                self._crossed(hv, b.record(i), [Trigger(
+                    "page", key, p.page_action, [m],
+                    f"corrected errors on frame {m:#x} exceeded {rate}", rate)], eid)
+                nid = w.next_id
+        emit()
 
     def _seen(self, ident: str) -> int | None:
         w = self._w
@@ -365,10 +472,16 @@ class RetireService:
         if not self._on:
             return
         trigs = self.acct.account_ce(rec, t)
-        if not trigs:
-            return
+        if trigs:
+            self._crossed(hv, rec, trigs, eid)
+
+    def _crossed(self, hv, rec: McRecord, trigs, eid: int) -> None:
+        """Thresholds a buffered corrected error crossed: decided and acted on, the buffer
+        written out first (a record the store cannot hold is quarantined, its writes
+        undone)."""
+        w = self._w
         if all(self.store.frame_state(m) in _SETTLED for trig in trigs for m in trig.mfns):
-            self._triggered(hv, rec, trigs, eid)  # nothing to decide: only counted and logged
+            self._triggered(hv, rec, trigs, eid, settled=True)  # only counted and logged
             return
         w.flush()
         self.store.db.execute("SAVEPOINT record")
@@ -412,14 +525,16 @@ class RetireService:
             return
         self._triggered(hv, rec, self.acct.account_ce(rec, t), eid)
 
-    def _triggered(self, hv, rec: McRecord, trigs, eid: int) -> None:
+    def _triggered(self, hv, rec: McRecord, trigs, eid: int, settled: bool = False) -> None:
+        """Log each threshold crossed and decide for its frames not yet settled
+        (``settled``: the caller found them all settled)."""
         mfn = rec.mfn
         for trig in trigs:
             self.stats.thresholds += 1
             self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
                      action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
                      source=rec.source)
-            for m in trig.mfns:
+            for m in ([] if settled else trig.mfns):
                 if self.store.frame_state(m) in _SETTLED:
                     continue
                 self.decide(hv, m, trig.action, trig.unit, trig.reason, eid, rec if m == mfn else None)
@@ -681,10 +796,11 @@ class RetireService:
     def replay(self, hv) -> dict:
         """At start: what was retired is retired again (Xen forgets offlined frames at
         reboot unless ``badpage=`` withheld them); pending frames are retried now."""
-        out = {"checked": 0, "still_offlined": 0, "retired_again": 0, "pending": 0}
+        out = {"checked": 0, "still_offlined": 0, "withheld": 0, "retired_again": 0, "pending": 0}
         if not self.enabled:
             self.log("replay-skipped", "warning", reason="page retirement is off")
             return out
+        withheld = boot_badpages(hv)
         with self.store.batch():
             now = self.clock()
             for f in self.store.frames(("retired", "pending")):
@@ -692,6 +808,16 @@ class RetireService:
                 rc, st = query(hv, f.mfn)
                 if rc == 0 and st is not None and st & S.PG_OFFLINE_STATUS_OFFLINED:
                     out["still_offlined"] += 1
+                    continue
+                if f.mfn in withheld and rc == 0 and st == 0:
+                    # Xen kept it out of its heap from boot (badpage=): retired as it is;
+                    # offlining it would only mark an unowned page offline-pending
+                    out["withheld"] += 1
+                    if f.state == "pending":  # e.g. dom0's: now out of everybody's reach
+                        xs = xen_state(rc, st)
+                        self._settle(hv, f, "soft", None, xs, xs, None, "withheld",
+                                     "withheld from Xen's heap at boot (badpage=)",
+                                     kind="withheld", forced_state="retired")
                     continue
                 if f.state == "pending":
                     f.next_retry = now

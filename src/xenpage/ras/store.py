@@ -490,18 +490,18 @@ class Store:
 
     def save_buckets(self, buckets: dict, unit_frames: dict, dirty: set) -> None:
         put, gone = [], []
+        get = buckets.get
         for k in dirty:
-            if k.startswith("frames:"):
+            b = get(k)
+            if b is not None:
+                put.append((k, b.count, b.excess, b.tstamp, b.total))  # Bucket.to_row()
+            elif k.startswith("frames:"):
                 key = k[len("frames:"):]
                 self.db.execute("DELETE FROM unit_frames WHERE key=?", (key,))
                 self.db.executemany("INSERT OR IGNORE INTO unit_frames(key, mfn) VALUES(?,?)",
                                     [(key, m) for m in unit_frames.get(key, [])])
-                continue
-            b = buckets.get(k)
-            if b is None:
-                gone.append((k,))
             else:
-                put.append((k, *b.to_row()))
+                gone.append((k,))
         if gone:
             self.db.executemany("DELETE FROM buckets WHERE key=?", gone)
         if put:

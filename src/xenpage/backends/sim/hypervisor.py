@@ -80,7 +80,8 @@ class SimHypervisor:
     def physinfo(self) -> PhysInfo:
         h = self.host
         return PhysInfo(nr_cpus=h.nr_pcpus, total_pages=int(sum(t - s for s, t in h.e820.ram_frame_ranges())),
-                        free_pages=h.heap.free_pages, max_mfn=h.max_page, backend="sim")
+                        free_pages=h.heap.free_pages, max_mfn=h.max_page, backend="sim",
+                        extra={"xen_commandline": h.cmdline})
 
     def max_mfn(self) -> int:
         return self.host.max_page

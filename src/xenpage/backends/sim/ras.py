@@ -114,6 +114,7 @@ def boot(spec: DefaultHostSpec | None = None, badpage: str = "", quirks=None) ->
     h._init_memory(cfg)
     h.anonymous.extend(zapped)
     h.withheld = list(zapped)  # for reports (not saved)
+    h.cmdline = f"badpage={badpage}" if badpage else ""  # what XENVER_commandline reports
     if zapped:
         h.log.append(f"(XEN) badpage: {len(zapped)} frames withheld from the heap")
     h.create_domain("Domain-0", spec.dom0_mib * 256, domid=0)

@@ -148,11 +148,19 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
         self.L.xc_version(self.xch, X.XENVER_extraversion, extra)
         return f"{v >> 16}.{v & 0xFFFF}{extra.value.decode(errors='replace')}" if v >= 0 else ""
 
+    def xen_commandline(self) -> str:
+        """Xen's command line as it booted (``XENVER_commandline``), "" when refused."""
+        buf = ctypes.create_string_buffer(X.XEN_COMMANDLINE_LEN)
+        if self.L.xc_version(self.xch, X.XENVER_commandline, buf) < 0:
+            return ""
+        return buf.value.decode(errors="replace")
+
     def physinfo(self) -> PhysInfo:
         pi = self._physinfo_raw()
         return PhysInfo(nr_cpus=pi.nr_cpus, total_pages=pi.total_pages, free_pages=pi.free_pages,
                         max_mfn=self.max_mfn(), backend="xen",
-                        extra={"xen_version": self.xen_version(), "max_cpu_id": pi.max_cpu_id, "cpu_khz": pi.cpu_khz,
+                        extra={"xen_version": self.xen_version(), "xen_commandline": self.xen_commandline(),
+                               "max_cpu_id": pi.max_cpu_id, "cpu_khz": pi.cpu_khz,
                                "physinfo_max_mfn": pi.max_mfn, "scrub_pages": pi.scrub_pages,
                                "threads_per_core": pi.threads_per_core,
                                "cores_per_socket": pi.cores_per_socket})
