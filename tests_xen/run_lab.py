@@ -48,6 +48,8 @@ def with_tests_xen(orig):
             if b"xenpage/tests_xen/conftest.py\0" not in data:
                 c.add_tree("xenpage/tests_xen", HERE)
             c.add_bytes("xenpage/tests_xen/pfdshim.so", build_shim(work).read_bytes(), 0o755)
+            # the guests' memtest, for dom0 itself (test_dom0_watch.py)
+            c.add_bytes("xenpage/tests_xen/memtest", xenlab.build_memtest(work).read_bytes(), 0o755)
             c.close()
         with open(path, "ab") as f:
             f.write(extra.read_bytes())
@@ -69,6 +71,7 @@ GROUP_ARGS = {
     "pvh": {"LAB_XEN_PV_MEMTEST": "0"},
     "hvm": {"LAB_XEN_PV_MEMTEST": "0"},
     "pvh-after": {"LAB_XEN_PV_MEMTEST": "0"},
+    "dom0-watch": {"LAB_XEN_PV_MEMTEST": "0"},
 }
 
 #: Groups run only when named (``--group split``): the split-guard churn passed in three
@@ -86,6 +89,8 @@ EXTRA_GROUPS = {
     "hvm": "tests_xen/test_hvm.py",
     # does a PVH guest migrate after dom0 touched its memory (XENPAGE_LAB_AFTER=inplace|rewrite|none)?
     "pvh-after": "tests_xen/test_pvh_after.py",
+    # which step on a PVH guest's memory disturbs dom0's own memory (dom0 runs memtest too)
+    "dom0-watch": "tests_xen/test_dom0_watch.py",
 }
 
 
