@@ -776,6 +776,12 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
                 if monitor is not None:
                     for probe in ("info cpus", "info registers -a"):
                         monitor.command(probe, now)
+                    if killed.startswith("timeout"):
+                        # an NMI of unknown reason is fatal to Xen by default (opt_nmi
+                        # "fatal"): it prints each CPU's state and call trace, with symbols,
+                        # on the serial console before QEMU is stopped
+                        monitor.command("nmi", now)
+                        time.sleep(15)
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(10)
