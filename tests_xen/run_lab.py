@@ -79,10 +79,10 @@ GROUP_ARGS = {
 #: vCPUs busy, no Xen message; cause not found yet), so it stays out of ``make test-xen``.
 EXTRA_GROUPS = {
     "split": "tests_xen/test_split_guard.py",
-    # every test of the group passes (in place, batch, live migration), but in both runs on
-    # the merged tree the boot then hung (no further console output after the last test;
-    # the branch's own run lost its result export the same way): cause not found, so it runs
-    # by hand (--group pvh) until it ends cleanly
+    # after its in-place steps a boot goes wrong: dom0 processes die of corrupted memory (the
+    # CLI at import, pytest itself) and Xen stops with both pCPUs spinning on one lock
+    # (tests_xen/README.md, "What goes wrong after in-place steps"): by hand until that is
+    # understood
     "pvh": "tests_xen/test_pvh.py",
     # an HVM guest takes more than 7 minutes to reach memtest here (SeaBIOS, direct kernel
     # boot, the kernel decompressing itself under Xen's HVM under TCG): too long for make test-xen
