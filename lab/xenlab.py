@@ -753,8 +753,10 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
     cpu_model = os.environ.get("XENLAB_CPU") or str(opts.get("cpu", "max"))
     if os.environ.get("XENLAB_XEN_ARGS"):
         xen_args += " " + os.environ["XENLAB_XEN_ARGS"]
-    monitor = (MceMonitor(work / "monitor.sock", results / "monitor.log")
-               if opts.get("monitor") or os.environ.get("XENLAB_MONITOR") == "1" else None)
+    # XENLAB_MONITOR=1 gives any scenario a monitor: a run killed for a timeout then records
+    # every vCPU's registers first (where a hung Xen or dom0 is spinning)
+    want_monitor = opts.get("monitor") or os.environ.get("XENLAB_MONITOR") == "1"
+    monitor = MceMonitor(work / "monitor.sock", results / "monitor.log") if want_monitor else None
     # No commas allowed in a module command line (',' separates -initrd modules).
     dom0_args = f"console=hvc0 earlyprintk=xen rdinit={DOM0_INIT} loglevel=6"
     cmd = ["qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu_model, "-smp", "2", "-m", str(mem),
@@ -815,6 +817,15 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
             elif done_at is not None and now - done_at > POWEROFF_GRACE:
                 killed = f"poweroff: QEMU still running {POWEROFF_GRACE} s after '{MARK} DONE'"
             if killed:
+                if monitor is not None:
+                    for probe in ("info cpus", "info registers -a"):
+                        monitor.command(probe, now)
+                    if killed.startswith("timeout"):
+                        # an NMI of unknown reason is fatal to Xen by default (opt_nmi
+                        # "fatal"): it prints each CPU's state and call trace, with symbols,
+                        # on the serial console before QEMU is stopped
+                        monitor.command("nmi", now)
+                        time.sleep(15)
                 proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(10)

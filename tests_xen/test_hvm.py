@@ -28,8 +28,7 @@ def test_hvm_in_place_batch(xen, rec, guest):
     T.retire_in_place(xen, guest, T.BATCH, rec, f"in-place-{len(T.BATCH)}")
 
 
-@pytest.mark.skipif(not T.cli_enabled(), reason="the CLI path (xenpage mem-offline --hvm=exchange on "
-                    "decrease/populate) is hvmsim's branch: XENPAGE_LAB_HVM_CLI=1 once merged")
+@pytest.mark.skipif(not T.cli_enabled(), reason="XENPAGE_LAB_HVM_CLI=0")
 def test_hvm_cli_exchange(xen, rec, guest):
     T.cli_exchange(xen, guest, rec)
 

@@ -41,11 +41,15 @@ def test_pvh_in_place_batch(xen, rec, guest):
     T.retire_in_place(xen, guest, T.BATCH, rec, f"in-place-{len(T.BATCH)}")
 
 
-@pytest.mark.skipif(not T.cli_enabled(), reason="the CLI path (xenpage mem-offline --hvm=exchange on "
-                    "decrease/populate) is hvmsim's branch: XENPAGE_LAB_HVM_CLI=1 once merged")
+@pytest.mark.skipif(not T.cli_enabled(), reason="XENPAGE_LAB_HVM_CLI=0")
 def test_pvh_cli_exchange(xen, rec, guest):
     T.cli_exchange(xen, guest, rec)
 
 
 def test_pvh_live_migration(xen, rec, guests):
-    T.migrate_off(xen, guests[1], rec)
+    """``xenpage mem-offline`` with the default policy (XENPAGE_LAB_HVM_CLI=0: the backend's
+    ``live_migrate`` called directly)."""
+    if T.cli_enabled():
+        T.cli_migrate(xen, guests[1], rec)
+    else:
+        T.migrate_off(xen, guests[1], rec)

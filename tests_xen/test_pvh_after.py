@@ -6,6 +6,9 @@ touched its memory?  ``XENPAGE_LAB_AFTER`` picks what dom0 does first:
   the migration then failed (tests_xen/README.md);
 * ``rewrite``: pause, copy one gfn out and back through a writable foreign mapping, unpause
   (the same mappings, no change to the guest's physmap);
+* ``decpop``: pause, copy one gfn out, ``decrease_reservation``, ``populate_physmap``, copy
+  back, unpause -- the in-place step without marking the frame offline first (the old frame
+  goes back to Xen's heap as a free frame) and without ``hvm_p2m``;
 * ``none``: nothing.
 
 Then the guest is live-migrated with ``xl migrate``; the test asserts that it migrated and
@@ -38,6 +41,24 @@ def test_migrate_after(xen, rec):
         hb = g.wait_after(gen, 2)
         rec.add("pvh-after-rewrite", gfns=[hex(int(x)) for x in gfns], write_rc=wrc, heartbeats=hb[-2:])
         assert wrc == 0 and all(c == 0 for _, _, c, _ in hb)
+    elif what == "decpop":
+        gfns = np.array([g.pfns()[T.at(g, [T.ONE])[0]]], dtype=np.int64)
+        gen = g.last_gen()
+        assert xen.pause(g.domid) == 0
+        try:
+            rc, data = xen.read_pages(g.domid, gfns)
+            assert rc == 0
+            done = xen.decrease_reservation(g.domid, gfns)
+            pdone, _ = xen.populate_physmap(g.domid, gfns)
+            wrc = xen.write_pages(g.domid, gfns, data)
+            rc2, back = xen.read_pages(g.domid, gfns)
+        finally:
+            xen.unpause(g.domid)
+        hb = g.wait_after(gen, 2)
+        rec.add("pvh-after-decpop", gfns=[hex(int(x)) for x in gfns], decrease_done=done, populate_done=pdone,
+                write_rc=wrc, identical=bool(rc2 == 0 and back == data), heartbeats=hb[-2:])
+        assert done == 1 and pdone == 1 and wrc == 0 and rc2 == 0 and back == data
+        assert all(c == 0 for _, _, c, _ in hb)
     rep = xen.live_migrate(g.domid)
     rec.add("pvh-after-migrate", after=what, report=rep.to_json())
     assert rep.ok, f"after {what}: {rep.error}\n" + "\n".join(l for l in rep.log if "rror" in l)

@@ -278,20 +278,68 @@ def retire_in_place(xen, g: TGuest, idx: list[int], rec, label: str) -> dict:
     return res
 
 
+def _one_outcome(r) -> dict:
+    outs = (r.data or {}).get("outcomes") or [{}]
+    return outs[0]
+
+
 def cli_exchange(xen, g: TGuest, rec) -> None:
-    """``xenpage mem-offline --hvm=exchange`` of one memtest frame (the toolstack path of
-    hvmsim's branch).  Enabled with XENPAGE_LAB_HVM_CLI=1 once that path is merged."""
+    """``xenpage mem-offline <mfn> --hvm=exchange --json`` of one memtest frame: the product's
+    path (split guard, mark, checks, journal, pause, decrease, populate, copy back, unpause)
+    in a process of its own, as an operator runs it."""
     gfns, old = frames(xen, g, at(g, [CLI]))
     gen = g.last_gen()
-    r = xenpage("mem-offline", f"{int(old[0]):x}", "--hvm=exchange", timeout=300)
+    r = xenpage("mem-offline", f"{int(old[0]):x}", "--hvm=exchange", as_json=True, timeout=600)
+    o = _one_outcome(r)
     hb = g.wait_after(gen, 2)
     st = status(xen, int(old[0]))
     rc, new, _, _ = xen.hvm_p2m(g.domid, gfns)
-    rec.add(f"{g.kind}-cli-exchange", run=r.to_json(), status=hex(st), new_mfn=hex(int(new[0])) if rc == 0 else rc,
-            heartbeats=hb[-2:])
-    assert r.rc == 0, r.stderr
-    assert st == S.PG_OFFLINE_STATUS_OFFLINED and rc == 0 and int(new[0]) != int(old[0])
-    assert len(hb) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in hb) and not g.bad_lines()
+    m2p_ok = rc == 0 and int(xen.m2p(new)[0]) == int(gfns[0])
+    tim = (r.data or {}).get("timings") or {}
+    rec.add(f"{g.kind}-cli-exchange", domid=g.domid, mfn=hex(int(old[0])), gfn=hex(int(gfns[0])),
+            exit=r.rc, wall_s=round(r.elapsed_s, 2), outcome=o, timings=tim, status=hex(st),
+            new_mfn=hex(int(new[0])) if rc == 0 else rc, new_m2p_ok=m2p_ok, heartbeats=hb[-2:],
+            stderr=r.stderr[-1500:], bad_lines=g.bad_lines()[:10])
+    assert r.rc == 0, f"exit {r.rc}: {r.stderr[-1500:]} {r.stdout[-1500:]}"
+    assert o.get("kind") == "exchanged", o
+    assert st == S.PG_OFFLINE_STATUS_OFFLINED, f"{int(old[0]):#x}: {st:#x}"
+    assert rc == 0 and int(new[0]) != int(old[0]) and m2p_ok
+    assert o.get("new_mfn") in (None, int(new[0])), (o.get("new_mfn"), int(new[0]))
+    assert len(hb) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in hb), hb
+    assert not g.bad_lines(), g.bad_lines()[:5]
+
+
+def cli_migrate(xen, g: TGuest, rec) -> None:
+    """``xenpage mem-offline <mfn> --json`` with the default HVM policy (live migration to this
+    host through ``xl migrate``): the frame is marked offline, the guest migrated, the old
+    domain's destruction offlines it."""
+    gfns, old = frames(xen, g, at(g, [MIGRATE]))
+    m = int(old[0])
+    gen = g.last_gen()
+    free_before = xen.physinfo().free_pages
+    r = xenpage("mem-offline", f"{m:x}", as_json=True, timeout=1200)
+    o = _one_outcome(r)
+    st_after = status(xen, m)
+    old_gone = xen.domain_info(g.domid) is None
+    ex = o.get("extra") or {}
+    new_domid = ex.get("new_domid")
+    hb = g.wait_after(gen, 2, timeout=180)
+    new_frame = None
+    if new_domid is not None:
+        rc, nm, _, _ = xen.hvm_p2m(new_domid, gfns)
+        new_frame = hex(int(nm[0])) if rc == 0 else rc
+    rec.add(f"{g.kind}-cli-migrate", old_domid=g.domid, mfn=hex(m), gfn=hex(int(gfns[0])), exit=r.rc,
+            wall_s=round(r.elapsed_s, 2), free_pages_before=free_before, outcome=o,
+            timings=(r.data or {}).get("timings"), status_after=hex(st_after), old_gone=old_gone,
+            new_mfn_of_gfn=new_frame, heartbeats=hb[-3:], bad_lines=g.bad_lines()[:10],
+            stderr=r.stderr[-1500:])
+    assert r.rc == 0, f"exit {r.rc}: {r.stderr[-1500:]} {r.stdout[-1500:]}"
+    assert o.get("kind") == "migrated", o
+    assert new_domid is not None and new_domid != g.domid and old_gone
+    assert st_after == S.PG_OFFLINE_STATUS_OFFLINED, f"{m:#x} after migration: {st_after:#x}"
+    assert len(hb) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in hb), hb
+    assert not g.bad_lines(), g.bad_lines()[:5]
+    g.domid = new_domid
 
 
 def migrate_off(xen, g: TGuest, rec) -> None:
@@ -324,4 +372,5 @@ def migrate_off(xen, g: TGuest, rec) -> None:
 
 
 def cli_enabled() -> bool:
-    return os.environ.get("XENPAGE_LAB_HVM_CLI") == "1"
+    """The CLI tests run unless ``XENPAGE_LAB_HVM_CLI=0``."""
+    return os.environ.get("XENPAGE_LAB_HVM_CLI", "1") != "0"

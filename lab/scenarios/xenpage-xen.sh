@@ -30,14 +30,25 @@ else
 fi
 fi
 args=${LAB_XEN_PYTEST_ARGS:-tests/contract tests_xen}
+# LAB_XEN_WATCH=N: a note every N s while the scenario runs (uptime, load, busiest processes),
+# so that a hung boot shows whether dom0 still ran and what
+if [ "${LAB_XEN_WATCH:-0}" -gt 0 ]; then
+  ( while :; do
+      sleep "$LAB_XEN_WATCH"
+      lab_note "watch uptime=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1-3 /proc/loadavg) top=$(ps -eo stat=,pcpu=,comm= --sort=-pcpu | head -n 4 | tr -s ' \n' ' ')"
+    done ) &
+  watch_pid=$!
+fi
 lab_begin xenpage-xen-pytest
 # shellcheck disable=SC2086
 python3 -m pytest -v -p no:cacheprovider -o addopts= --junitxml="$LAB_OUT/junit-xen.xml" $args > "$LAB_OUT/pytest-xen.log" 2>&1
 rc=$?
+lab_note "pytest exited $rc uptime=$(cut -d' ' -f1 /proc/uptime)"
 summary=$(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$LAB_OUT/pytest-xen.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
 cp /var/log/xen/console/guest-*.log "$LAB_OUT/" 2>/dev/null
 cp /var/log/xen/qemu-dm-*.log /var/log/xen/xl-*.log "$LAB_OUT/" 2>/dev/null
 xl dmesg > "$LAB_OUT/xl-dmesg-xen.txt" 2>&1
+[ -n "${watch_pid:-}" ] && kill "$watch_pid" 2>/dev/null
 case $rc in
   0) lab_ok xenpage-xen-pytest "$summary" ;;
   *) lab_fail xenpage-xen-pytest "pytest exit $rc: ${summary:-$(tail -n 1 "$LAB_OUT/pytest-xen.log")}" ;;

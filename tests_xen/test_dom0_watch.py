@@ -1,0 +1,129 @@
+"""By hand (``run_lab.py --group dom0-watch``): which operation on a PVH guest's memory
+disturbs dom0?  Two watchers: dom0 runs the lab's memtest over 128 MiB of its own memory
+(another process), and this process keeps 32 MiB of known random words and checks their
+SHA-256 after every few operations (its own memory: in earlier runs it was the process doing
+the in-place steps that died -- a Python ``SystemError`` at compile, a segfault in a list
+comprehension).  Then, on a running PVH memtest guest, one kind of operation at a time:
+
+A. ``decpop`` x20: pause, copy a gfn out, ``decrease_reservation``, ``populate_physmap``,
+   copy back, unpause (the frame not marked offline; no gfn -> mfn lookup at all);
+B. ``p2m`` x20: ``hvm_p2m`` of all of memtest's gfns (dom0's own page tables read through a
+   paused dom0 vCPU's context);
+C. ``inplace`` x8: the frame marked offline first (found through the M2P alone: the frame
+   whose M2P entry names the gfn and which is not dom0's), then as A: the old frame is
+   offlined when it is freed;
+D. ``migrate``: ``xl migrate`` of the guest (group pvh-after's failure).
+
+Each record says how many of dom0's memtest pages changed behind its back and whether this
+process's own words still hash the same."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+import translated as T
+
+HERE = Path(__file__).resolve().parent
+LOG = Path("/tmp/dom0-memtest.log")
+RX_OK = re.compile(r"^MEMTEST OK gen=(\d+) pages=(\d+) corrupt=(\d+) moved=(\d+)", re.M)
+
+
+def _dom0() -> tuple[int, int]:
+    text = LOG.read_text(errors="replace") if LOG.exists() else ""
+    ok = RX_OK.findall(text)
+    return (int(ok[-1][0]) if ok else -1), (int(ok[-1][2]) if ok else -1)
+
+
+def _frame_of(xen, domid: int, gfn: int) -> int:
+    """The machine frame behind ``gfn`` of translated guest ``domid`` from the M2P alone: the
+    frames whose M2P entry is ``gfn``, minus dom0's (its P2M names them); one must remain."""
+    m2p = xen.m2p(np.arange(xen.max_mfn(), dtype=np.int64)).astype(np.int64)
+    cand = np.flatnonzero(m2p == gfn)
+    rc, frames, n = xen.pv_p2m_frames(0)
+    mine = set()
+    if rc == 0:
+        m = xen.map_foreign(0, frames, False)
+        if not isinstance(m, int):
+            p2m0 = m.array.reshape(-1)[:n].astype(np.int64)
+            m.unmap()
+            mine = set(p2m0[p2m0 < xen.max_mfn()].tolist())
+    left = [int(c) for c in cand if int(c) not in mine]
+    assert len(left) == 1, f"gfn {gfn:#x}: frames {[hex(c) for c in cand]}, not dom0's {left}"
+    return left[0]
+
+
+def test_dom0_memory_across_operations(xen, rec):
+    exe = HERE / "memtest"
+    proc = subprocess.Popen(["sh", "-c", f"exec {exe} 128 1 > {LOG} 2>&1"])
+    end = time.time() + 300
+    while time.time() < end and _dom0()[0] < 1:
+        time.sleep(1)
+    assert _dom0()[0] >= 1, f"dom0 memtest did not start: {LOG.read_text()[-500:] if LOG.exists() else ''}"
+    words = np.random.default_rng(12).integers(0, 2 ** 63, size=4 << 20, dtype=np.uint64)
+    digest = hashlib.sha256(words.tobytes()).hexdigest()
+    g = T.start("pvh", rec)
+    pf = g.pfns()
+    n = len(pf)
+    seen = {"ok": True}
+
+    def check(phase: str, i: int, info: dict) -> None:
+        own = hashlib.sha256(words.tobytes()).hexdigest() == digest
+        d0 = _dom0()
+        r = dict(phase=phase, i=i, own_words_intact=own, dom0_gen=d0[0], dom0_corrupt=d0[1],
+                 guest_last=g.heartbeats()[-1:] if g.heartbeats() else None, guest_bad=g.bad_lines()[:3], **info)
+        rec.add("dom0-watch", **r)
+        if not own or d0[1] > 0:
+            seen["ok"] = False
+            seen.setdefault("first", f"{phase} #{i}")
+
+    def decpop(gfn: int) -> dict:
+        gf = np.array([gfn], dtype=np.int64)
+        assert xen.pause(g.domid) == 0
+        try:
+            rc, data = xen.read_pages(g.domid, gf)
+            done = xen.decrease_reservation(g.domid, gf)
+            pdone, _ = xen.populate_physmap(g.domid, gf)
+            wrc = xen.write_pages(g.domid, gf, data)
+            rc2, back = xen.read_pages(g.domid, gf)
+        finally:
+            xen.unpause(g.domid)
+        assert rc == 0 and done == 1 and pdone == 1 and wrc == 0 and rc2 == 0 and back == data, \
+            (rc, done, pdone, wrc, rc2)
+        return {"gfn": hex(gfn)}
+
+    check("start", 0, {})
+    for i in range(20):                                   # A
+        info = decpop(pf[(37 + 97 * i) % n])
+        if i % 5 == 4:
+            check("decpop", i, info)
+    gf_all = np.array([pf[i] for i in sorted(pf)], dtype=np.int64)
+    for i in range(20):                                   # B
+        rc = xen.hvm_p2m(g.domid, gf_all)[0]
+        assert rc == 0, xen.hvm_p2m_failed
+        if i % 5 == 4:
+            check("p2m", i, {"rc": rc})
+    for i in range(8):                                    # C
+        gfn = pf[(1011 + 211 * i) % n]
+        mfn = _frame_of(xen, g.domid, gfn)
+        st = T.mark(xen, [mfn])[0]
+        assert T.owned_pending(st, g.domid), hex(st)
+        info = decpop(gfn)
+        info.update(mfn=hex(mfn), status_after=hex(T.status(xen, mfn)))
+        check("inplace", i, info)
+    time.sleep(10)
+    check("idle", 0, {})
+    rep = xen.live_migrate(g.domid)                       # D
+    if rep.ok and rep.new_domid is not None:
+        g.domid = rep.new_domid
+    time.sleep(10)
+    check("migrate", 0, {"ok": rep.ok, "error": rep.error, "downtime_s": rep.downtime_s, "total_s": rep.total_s,
+                         "errors": [ln for ln in rep.log if "rror" in ln or "fail" in ln][:12]})
+    proc.terminate()
+    assert seen["ok"], f"dom0 disturbed first after {seen.get('first')}"
+    assert rep.ok, rep.error
