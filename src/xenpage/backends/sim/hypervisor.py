@@ -88,8 +88,10 @@ class SimHypervisor:
 
     # -- domains ----------------------------------------------------------------------------
     def _info(self, d) -> DomainInfo:
+        # the name comes from xenstore, as libxl reads it: a dying domain's nodes are gone
+        # (``xl list`` shows it as "(null)")
         return DomainInfo(domid=d.domid, flags=d.flags(), tot_pages=d.tot_pages,
-                          max_pages=d.max_pages, nr_vcpus=d.vcpus, name=d.name)
+                          max_pages=d.max_pages, nr_vcpus=d.vcpus, name="" if d.dying else d.name)
 
     def domain_list(self) -> list[DomainInfo]:
         return [self._info(d) for d in self.host.guest_domains()]
