@@ -530,6 +530,11 @@ class Host:
                 pre = f"guest.{k}."
                 arrs = {n[len(pre):]: a for n, a in arrays.items() if n.startswith(pre)}
                 self.guests[int(k)] = restore_guest(self, int(k), gs, arrs)
+        for g in self.guests.values():  # hosts saved before dom0 daemons' maps were tagged
+            for m in getattr(g, "daemon_maps", []):
+                fm = self.foreign.maps.get(m.get("handle"))
+                if fm is not None and not fm.what:
+                    fm.what = m.get("what", "")
 
     def save(self, path: str | os.PathLike) -> None:
         persist.save(self, Path(path))
