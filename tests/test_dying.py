@@ -225,3 +225,21 @@ def test_zombie_frames_go_as_their_references_go(data):
         assert h.ft.owner(m) is None
         ok(h)
     assert X.DOMID_FIRST_RESERVED > dom
+
+
+def test_bare_destroydomain_keeps_libxl_nodes_and_the_name():
+    """``XEN_DOMCTL_destroydomain`` alone (``xc_domain_destroy``, what the lab's test calls)
+    leaves libxl's xenstore nodes: the dying domain keeps its name in ``xl list`` (seen on the
+    lab: "memtest-dying", state "-----d"); ``xl destroy`` removes them ("(null)")."""
+    h, g, hv = linux_host()
+    dom = g.domid
+    frame, _ = buddy_pair(h, g)
+    m = hv.map_foreign(dom, [frame], False)
+    h.domain_kill(dom)
+    info = hv.domain_info(dom)
+    assert info.dying and info.name == "lin" and info.state_letters() == "-----d"
+    h.destroy_domain(dom)  # xl destroy of the zombie: its xenstore nodes go
+    assert hv.domain_info(dom).name == ""
+    m.unmap()
+    assert hv.domain_info(dom) is None
+    ok(h)

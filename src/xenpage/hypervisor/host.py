@@ -347,7 +347,7 @@ class Host:
         from . import foreign, grant_table
         from .hvm import MAPCACHE
         mfns = self.owned_frames(domid)
-        if backends_unmap and not d.dying:
+        if backends_unmap:
             for h, m in list(self.grants.maptrack.items()):
                 if m.granter == domid and m.mapper != domid:
                     grant_table.unmap_grant_ref(self, m.mapper, h)
