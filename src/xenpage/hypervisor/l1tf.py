@@ -26,6 +26,10 @@ facts live in :class:`.quirks.Quirks` (``cpu_l1tf``, ``paddr_bits``, ``l1d_maxph
 ``pv_l1tf_dom0``, ``pv_l1tf_domu``, with ``no_shadow_paging``); its default is the lab's
 QEMU/TCG CPU, an AMD model Xen never believes vulnerable (both checks off).
 
+Not modelled: the same check when a table is validated (``alloc_l1_table`` ... ``alloc_l4_table``
+on a pin or a new CR3), and the 4 MiB shadow pool the tasklet allocates (its failure crashes
+the domain).
+
 xenpage's exchange clears entries to 0 -- safe on every setting; upstream's
 ``xc_exchange_page`` clears only ``_PAGE_PRESENT`` and leaves the frame's address in the
 entry (:mod:`xenpage.toolstack.upstream`).
