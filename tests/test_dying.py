@@ -243,3 +243,30 @@ def test_bare_destroydomain_keeps_libxl_nodes_and_the_name():
     m.unmap()
     assert hv.domain_info(dom) is None
     ok(h)
+
+
+def test_cli_lists_the_dying_domain_and_leaves_its_frame_pending(cli_state, xenpage_cli):
+    """The saved default host with domu1 destroyed (``xl destroy``) while a dom0 process
+    still maps one of its frames: ``xenpage list`` shows it as xl does, ``mem-offline`` of the
+    frame answers pending with the reason, exit 1, and asks nothing of the domain."""
+    from xenpage.backends.sim import host_path
+    h = Host.load(host_path(cli_state))
+    g = h.guests[1]
+    m = g.mfn(int(g.pfns_of(L.DATA)[7]))
+    rc, _ = h.hypercalls(0).foreign_map(1, [m], False)
+    assert rc == 0
+    h.destroy_domain(1)
+    h.save(host_path(cli_state))
+    r = xenpage_cli(cli_state, "list")
+    row = next(line.split() for line in r.stdout.splitlines()[1:] if line.split()[1] == "1")
+    assert row[0] == "(null)" and row[-1] == "-----d", r.stdout
+    r = xenpage_cli(cli_state, "mem-offline", f"{m:x}")
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [f"Prepare to offline MEMORY mfn {m:x}"]
+    assert r.stderr.splitlines() == [
+        "DOM1: No suspend port, try live migration", f"Failed to suspend guest 1 for mfn {m:x}",
+        f"xenpage: mfn {m:x}: owner d1 is dying; offlined when its last reference goes"]
+    r = xenpage_cli(cli_state, "mem-status", f"{m:x}")
+    assert r.stdout.splitlines()[-1].startswith("Memory Status 8: [ PAGE_OFFLINE_PENDING")
+    h = Host.load(host_path(cli_state))
+    assert h.domains[1].dying and invariants.check(h) == []
