@@ -265,8 +265,9 @@ class World:
             return
         d = self._pick(ds)
         self.host.destroy_domain(d)
+        # libxl tore the devices down (the backends' grant maps went); a dom0 process's
+        # foreign mappings stay, and keep the domain dying until foreign_unmap drops them
         self.grant_maps = [(g, h) for g, h in self.grant_maps if g != d]
-        self.foreign_maps = [(g, h) for g, h in self.foreign_maps if g != d]
 
     def workload(self, n: int = 20) -> None:
         d = self._pick(self.pv_guests())

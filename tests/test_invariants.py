@@ -25,7 +25,7 @@ from xenpage.hypervisor import grant_table, invariants, sysctl
 from xenpage.hypervisor.host import Host, HostConfig
 from xenpage.hypervisor.quirks import Quirks
 from xenpage.toolstack.exchange import exchange_pages
-from xenpage.toolstack.outcomes import Kind
+from xenpage.toolstack.outcomes import Kind, Reason
 
 ST_OFFLINED = 0x0800000000000000
 P, RW, US = 0x1, 0x2, 0x4
@@ -167,6 +167,8 @@ class HostMachine(RuleBasedStateMachine):
         self.next_ref = 20
         self.pending: set[int] = set()
         self.offlined: set[int] = set()
+        #: the guest destroyed while dom0 still mapped some of its frames (dying)
+        self.dead: int | None = None
 
     # helpers
     @property
@@ -209,8 +211,17 @@ class HostMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.maps)
     @rule(i=st.integers(0, 10**6))
     def dom0_unmaps(self, i):
-        hnd, _ = self.maps.pop(i % len(self.maps))
+        hnd, dom = self.maps.pop(i % len(self.maps))
         assert self.h.hypercalls(0).foreign_unmap(hnd) == 0
+        if dom == self.dead:  # a dying guest: its frame may have been the last reference
+            for m in [m for m in self.pending if self.h.ft.owner(m) is None]:
+                assert self.h.ft.state(m) == 2  # freed while offline-pending: offlined
+                self.pending.discard(m)
+                self.offlined.add(m)
+            gone = not any(d == dom for _, d in self.maps)
+            assert (self.hv.domain_info(dom) is None) == gone
+            if gone:
+                self.dead = None
 
     @precondition(lambda self: self.alive and self.next_ref < 500)
     @rule(i=st.integers(0, 10**6), flags=st.sampled_from([
@@ -313,16 +324,39 @@ class HostMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.alive)
     @rule()
     def destroy(self):
+        """xl destroy: the backends' grant maps go with the devices; dom0's foreign mappings
+        stay and keep the frames they map -- and the domain, dying -- until unmapped."""
         d = self.g.domid
-        self.maps = [(hnd, dom) for hnd, dom in self.maps if dom != d]
         self.grants = []
+        held = {m for hnd, dom in self.maps if dom == d for m in self.h.foreign.maps[hnd].mfns}
         mine = [m for m in self.pending if self.h.ft.owner(m) == d]
         assert self.hv.destroy(d) == 0
         for m in mine:
+            if m in held:
+                assert self.h.ft.state(m) == 1 and self.h.ft.owner(m) == d  # still pending
+                continue
             assert self.h.ft.state(m) == 2
             self.pending.discard(m)
             self.offlined.add(m)
+        info = self.hv.domain_info(d)
+        assert (info is not None) == bool(held)
+        if held:
+            assert info.dying and info.tot_pages == len(held)
+            self.dead = d
         self.g = None
+
+    @precondition(lambda self: self.dead is not None)
+    @rule(i=st.integers(0, 10**6))
+    def offline_dying_frame(self, i):
+        """mem-offline of a frame the dying guest still holds: pending, no suspend asked."""
+        from xenpage.toolstack.offline import mem_offline
+        mine = [hnd for hnd, d in self.maps if d == self.dead]
+        m = self.h.foreign.maps[mine[i % len(mine)]].mfns[0]
+        if self.h.ft.state(m) != 0:
+            return
+        o = mem_offline(self.hv, [m]).outcomes[0]
+        assert (o.kind, o.reason) == (Kind.PENDING, Reason.DYING), o
+        self.pending.add(m)
 
     # checked after every step
     @invariant()

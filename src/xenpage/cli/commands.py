@@ -25,7 +25,7 @@ def list_cmd(obj: Ctx, as_json: bool):
         return
     print(f"{'Name':<40} {'ID':>5} {'Type':>4} {'Mem':>6} {'VCPUs':>5}\tState")
     for d in doms:
-        print(f"{d.name:<40} {d.domid:>5} {types[d.domid].upper():>4} {d.tot_pages // 256:>6} "
+        print(f"{d.name or '(null)':<40} {d.domid:>5} {types[d.domid].upper():>4} {d.tot_pages // 256:>6} "
               f"{d.nr_vcpus:>5}\t{d.state_letters()}")
 
 

@@ -425,6 +425,7 @@ class LinuxPV:
             rc, handle = h.hypercalls(0).foreign_map(self.domid, [int(mfn[pf])], True)
             if rc:
                 raise GuestError(f"{what} could not map the ring ({rc})")
+            h.foreign.maps[handle].what = what  # a dom0 daemon's: let go when the guest dies
             self.daemon_maps.append({"pfn": pf, "handle": handle, "what": what})
         # vcpu_info placement and the FIFO event-channel ABI: Xen maps those pages itself
         regs = (self.hc.register_vcpu_info, self.hc.evtchn_init_control, self.hc.evtchn_expand_array)
@@ -812,6 +813,7 @@ class LinuxPV:
             rc, handle = h.hypercalls(0).foreign_map(self.domid, [int(p2m[m["pfn"]])], True)
             if rc:
                 raise GuestError(f"{m['what']} could not map the ring ({rc})")
+            h.foreign.maps[handle].what = m["what"]
             m["handle"] = handle
         regs = {"vcpu_info": self.hc.register_vcpu_info,
                 "evtchn_fifo_control": self.hc.evtchn_init_control,

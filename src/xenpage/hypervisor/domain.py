@@ -57,6 +57,9 @@ class Domain:
     #: ``v->mapcache_invalidate`` (one flag for all vCPUs here): the device model must drop
     #: its map cache on the guest's next hypercall
     mapcache_invalidate: bool = False
+    #: ``PG_SH_forced``: a PV domain switched to shadow paging by the L1TF check
+    #: (``pv_l1tf_tasklet``; see :mod:`.l1tf`)
+    sh_forced: bool = False
     #: free-form per-domain data kept by the guest layer (kernel model state)
     guest: dict = field(default_factory=dict)
 

@@ -109,6 +109,10 @@ def unmap(host: "Host", handle: int, mapper: int | None = None) -> int:
     return 0
 
 
+#: dom0 daemons that map a guest's rings and unmap them when they see it die (xenstored and
+#: xenconsoled watch ``@releaseDomain``, which ``domain_kill`` fires through ``VIRQ_DOM_EXC``)
+DAEMON_KINDS = ("xenstored", "xenconsoled")
+
 #: Xen's own mappings of guest pages a PV guest registers (``xen/common/domain.c``
 #: ``map_vcpu_info``, ``xen/common/event_fifo.c`` via ``map_guest_page``)
 XEN_MAPPED_KINDS = ("vcpu_info", "evtchn_fifo_control", "evtchn_fifo_array")

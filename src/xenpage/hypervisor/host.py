@@ -240,9 +240,17 @@ class Host:
         self.ft.count_info[mfn] = _U(c)
         if cnt == n:
             owner = self.ft.owner(mfn)
-            if owner is not None and owner in self.domains and mfn not in self.domains[owner].xenheap_pages:
-                self.domains[owner].tot_pages -= 1
-            return self.free_domheap_pages(np.array([mfn]))
+            d = self.domains.get(owner) if owner is not None else None
+            if d is not None:
+                if mfn in d.xenheap_pages:
+                    if d.dying:  # free_xenheap_pages: d->xenheap_pages drops
+                        d.xenheap_pages.remove(mfn)
+                else:
+                    d.tot_pages -= 1
+            out = self.free_domheap_pages(np.array([mfn]))
+            if d is not None and d.dying:
+                self._put_dying(d)
+            return out
         return []
 
     # -- domains (xen/common/domain.c, domctl.c) --------------------------------------------
@@ -326,47 +334,107 @@ class Host:
     def owned_frames(self, domid: int) -> np.ndarray:
         return np.flatnonzero(self.ft.owner1 == domid + 1)
 
-    def destroy_domain(self, domid: int) -> list[int]:
-        """``domain_kill`` + relinquish: every frame the domain owns loses its references and
-        is freed; its offlining frames become offlined.  Returns the frames offlined.
+    def destroy_domain(self, domid: int, backends_unmap: bool = True) -> list[int]:
+        """What ``xl destroy`` does (``libxl__destroy_domid``): the guest's devices are torn
+        down first -- the backends in dom0 (blkback, netback, xenconsoled) unmap what they had
+        grant-mapped of it and its device model exits, dropping its map cache -- then
+        ``XEN_DOMCTL_destroydomain`` (:meth:`domain_kill`) and the guest's xenstore nodes go.
 
-        Simplification: on Xen a dying domain lingers as a zombie until the backends and
-        daemons that still map its frames (grant maps, foreign maps) unmap them; here they are
-        taken to react at once (their mappings are dropped on their behalf), so the domain and
-        its frames go in one step."""
+        ``backends_unmap=False``: a backend that does not let go (a stuck blkback) keeps its
+        grant maps, and with them the domain as a zombie.  Foreign mappings dom0 processes
+        hold (``xenforeignmemory_map``) are no device: they stay, and so does the domain, until
+        they are unmapped.  Returns the frames offlined by the frees done now."""
         d = self.domain(domid)
         if d.domid == 0:
             raise DomainError(-1, "dom0 cannot be destroyed")
-        if self.quirks.pod_lock_hang and d.pod_lock == POD_LOCK_CORRUPT:
-            raise HostHang(f"destroying d{domid} takes its corrupted PoD lock: the host would hang")
-        d.dying = True
         from . import foreign, grant_table
-        # Mappings this domain holds of other domains' grants go away; backends and dom0
-        # daemons unmap what they had mapped of this domain (they see it die).
-        grant_table.release_domain(self, domid)
-        for h, m in list(self.grants.maptrack.items()):
-            if m.granter == domid:
-                grant_table.unmap_grant_ref(self, m.mapper, h)
-        for h, m in list(self.foreign.maps.items()):
-            if m.domid == domid or m.mapper == domid:
-                foreign.unmap(self, h)
-        self.guests.pop(domid, None)
+        from .hvm import MAPCACHE
         mfns = self.owned_frames(domid)
-        ci = self.ft.count_info[mfns]
-        self.ft.count_info[mfns] = ci & _U(mm.PGC_state | mm.PGC_broken | mm.PGC_xen_heap)
-        # Xen-heap pages go back through free_xenheap_pages, which clears PGC_xen_heap first.
-        self.ft.count_info[mfns] &= _U(~mm.PGC_xen_heap & 0xFFFFFFFFFFFFFFFF)
-        offlined = self.free_domheap_pages(mfns)
-        del self.domains[domid]
-        self.p2m.pop(domid, None)
-        self.ept.pop(domid, None)
+        if backends_unmap:
+            for h, m in list(self.grants.maptrack.items()):
+                if m.granter == domid and m.mapper != domid:
+                    grant_table.unmap_grant_ref(self, m.mapper, h)
+            for h, fm in list(self.foreign.maps.items()):
+                if fm.domid == domid and fm.what == MAPCACHE:
+                    foreign.unmap(self, h)
+        self.domain_kill(domid)
         for path in (f"/local/domain/{domid}", f"/libxl/{domid}",
                      f"/local/domain/0/device-model/{domid}"):
             try:
                 self.xenstore.rm(0, path)
             except Exception:
                 pass
-        return offlined
+        return self._offlined_among(mfns)
+
+    def _offlined_among(self, mfns: np.ndarray) -> list[int]:
+        """Those of ``mfns`` (frames a domain owned) that are offlined now."""
+        st = (self.ft.count_info[mfns] & _U(mm.PGC_state)) >> _U(mm.PGC_state_shift)
+        return mfns[st == _U(mm.STATE_OFFLINED)].tolist()
+
+    def domain_kill(self, domid: int) -> list[int]:
+        """``domain_kill`` (``XEN_DOMCTL_destroydomain``), Xen's half of a destruction: the
+        domain becomes dying (``DOMDYING_dying``, then ``DOMDYING_dead``; getdomaininfo says
+        ``XEN_DOMINF_dying``), its mappings of other domains' grants go
+        (``gnttab_release_mappings``), Xen drops its own mappings of the guest's pages
+        (``unmap_vcpu_info``, ``evtchn_destroy``), and ``domain_relinquish_resources``
+        unpins and devalidates its page tables and drops each page's allocation reference
+        (``relinquish_memory`` -> ``put_page_alloc_ref``).  A frame nobody else references is
+        freed (an offline-pending one becomes offlined); a frame still referenced -- granted
+        to a backend that keeps it mapped, mapped by a dom0 process -- stays allocated to
+        the domain, which lingers as a zombie until the last such reference goes:
+        ``free_domheap_pages`` then drops the domain's reference once ``tot_pages`` reaches 0
+        and ``put_domain`` destroys it (:meth:`_put_dying`).  Returns the frames offlined."""
+        d = self.domain(domid)
+        if d.domid == 0:
+            raise DomainError(-1, "dom0 cannot be destroyed")
+        if d.dying:
+            return []  # DOMDYING_dead: nothing left to do
+        if self.quirks.pod_lock_hang and d.pod_lock == POD_LOCK_CORRUPT:
+            raise HostHang(f"destroying d{domid} takes its corrupted PoD lock: the host would hang")
+        d.dying = True
+        from . import foreign, grant_table
+        from .mm import relinquish_tables
+        grant_table.release_domain(self, domid)
+        for h, m in list(self.foreign.maps.items()):
+            if m.mapper == domid or (m.domid == domid and m.mapper == DOMID_XEN):
+                foreign.unmap(self, h)
+        self.guests.pop(domid, None)
+        if not d.hvm:
+            relinquish_tables(self, d)
+        else:
+            d.pod_cache = []
+        mfns = self.owned_frames(domid)
+        ci = self.ft.count_info[mfns]
+        alloc = (ci & _U(mm.PGC_allocated)) != 0
+        ci = np.where(alloc, (ci & _U(~mm.PGC_allocated & 0xFFFFFFFFFFFFFFFF)) - _U(1), ci)
+        self.ft.count_info[mfns] = ci
+        gone = mfns[(ci & _U(mm.PGC_count_mask)) == 0]
+        xh = np.isin(gone, np.array(d.xenheap_pages, dtype=np.int64))
+        # Xen-heap pages go back through free_xenheap_pages, which clears PGC_xen_heap first.
+        self.ft.count_info[gone] &= _U(mm.PGC_state | mm.PGC_broken)
+        self.free_domheap_pages(gone)
+        d.tot_pages -= int((~xh).sum())
+        kept = set(d.xenheap_pages) - set(gone[xh].tolist())
+        d.xenheap_pages = [m for m in d.xenheap_pages if m in kept]
+        self.p2m.pop(domid, None)
+        self.ept.pop(domid, None)
+        d.p2m_fll_mfn = 0
+        d.guest_table = [0] * len(d.guest_table)
+        d.guest_table_user = [0] * len(d.guest_table_user)
+        self._put_dying(d)
+        # send_global_virq(VIRQ_DOM_EXC): xenstored and xenconsoled see the domain dying
+        # (@releaseDomain) and unmap its rings
+        for h, fm in list(self.foreign.maps.items()):
+            if fm.domid == domid and fm.what in foreign.DAEMON_KINDS:
+                foreign.unmap(self, h)
+        return self._offlined_among(mfns)
+
+    def _put_dying(self, d: Domain) -> None:
+        """``put_domain`` of a dying domain once its last page is freed (``free_domheap_pages``
+        drops the reference ``assign_pages`` took when ``tot_pages`` left 0; the Xen-heap
+        share likewise): ``domain_destroy`` removes it from the domain list."""
+        if d.dying and d.tot_pages == 0 and not d.xenheap_pages and self.domains.get(d.domid) is d:
+            del self.domains[d.domid]
 
     def pause(self, domid: int) -> None:
         self.domain(domid).pause_count += 1
@@ -465,6 +533,11 @@ class Host:
                 pre = f"guest.{k}."
                 arrs = {n[len(pre):]: a for n, a in arrays.items() if n.startswith(pre)}
                 self.guests[int(k)] = restore_guest(self, int(k), gs, arrs)
+        for g in self.guests.values():  # hosts saved before dom0 daemons' maps were tagged
+            for m in getattr(g, "daemon_maps", []):
+                fm = self.foreign.maps.get(m.get("handle"))
+                if fm is not None and not fm.what:
+                    fm.what = m.get("what", "")
 
     def save(self, path: str | os.PathLike) -> None:
         persist.save(self, Path(path))

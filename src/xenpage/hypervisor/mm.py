@@ -28,8 +28,9 @@ from ..abi import errno as E
 from ..abi import mm
 from ..abi import pte as P
 from ..abi import xen as X
-from . import paging
+from . import l1tf, paging
 from .e820 import PDX_GROUP_FRAMES_SHIFT
+from .quirks import HypercallLivelock
 
 if TYPE_CHECKING:  # pragma: no cover
     from .domain import Domain
@@ -468,6 +469,8 @@ def mod_l1_entry(host: "Host", table: int, idx: int, new: int, pt_owner: int, pg
             return rc
         _l1_refs_take(host, fr, rw, pt_owner)
         _write(tab, idx, adjust_guest_l1e(new), preserve_ad)
+    elif l1tf.pv_l1tf_check_pte(host, pt_owner, 1, new):
+        return -E.ERESTART  # not written: shadowed or crashed first (l1tf.py)
     else:
         _write(tab, idx, new, preserve_ad)
     # update_intpte -> paging_write_guest_entry / paging_cmpxchg_guest_entry -> (shadow)
@@ -504,6 +507,8 @@ def mod_upper_entry(host: "Host", table: int, level: int, idx: int, new: int, d:
             if rc:
                 return rc
         new = adjust_guest_upper(new, level)
+    elif l1tf.pv_l1tf_check_pte(host, d, level, new):
+        return -E.ERESTART  # pv_l1tf_check_l2e/l3e/l4e
     _write(tab, idx, new, preserve_ad)
     _dirty(host, d, table)  # update_intpte, as in mod_l1_entry
     if old & P._PAGE_PRESENT and P.pte_frame(old) != table:
@@ -576,6 +581,11 @@ def mmu_update(host: "Host", caller: int, reqs: np.ndarray, foreigndom: int) -> 
                         and _priv_over(host, caller, pt_owner)
                     xsm_normal = 0 if ok else -E.EPERM
                 rc = xsm_normal or _normal_update(host, caller, ptr, val, cmd, pt_owner, pg_owner)
+                if rc == -E.ERESTART:
+                    rc = _continued(host, caller, pt_owner, ptr, val, lambda: _normal_update(
+                        host, caller, ptr, val, cmd, pt_owner, pg_owner))
+                    if rc == -E.ERESTART:
+                        return rc, done
         elif cmd == X.MMU_MACHPHYS_UPDATE:
             mfn = ptr >> 12
             if pt_owner != caller:
@@ -600,6 +610,25 @@ def mmu_update(host: "Host", caller: int, reqs: np.ndarray, foreigndom: int) -> 
             return rc, done
         done += 1
     return 0, done
+
+
+def _continued(host: "Host", caller: int, pt_owner: int, ptr: int, val: int, again) -> int:
+    """An entry update answered -ERESTART by the L1TF check (:mod:`.l1tf`): Xen continues
+    the hypercall at that request (``hypercall_create_continuation``).  A domain shadowed
+    meanwhile passes the second time.  A guest that crashed itself never runs again (its
+    call answers -ERESTART here).  A toolstack's call for a domain that stays checked -- a
+    suspended guest, which ``domain_crash`` leaves as it is -- is continued for ever."""
+    rc = again()
+    if rc != -E.ERESTART:
+        return rc
+    cd = host.domains.get(caller)
+    if cd is not None and cd.is_shutting_down and cd.shutdown_code == X.SHUTDOWN_crash:
+        return rc
+    raise HypercallLivelock(
+        f"mmu_update by d{caller}: the L1TF check refuses the non-present entry {val:#018x} "
+        f"for d{pt_owner}'s table at {ptr & ~X.MMU_CMD_MASK:#x} on every continuation "
+        "(no shadow paging; domain_crash of an already shut-down domain changes nothing): "
+        "the call never returns")
 
 
 #: below this many requests the one-by-one path is as fast as the batched one
@@ -646,6 +675,8 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     new_p, old_p = _present(val), _present(old)
     if (new_p & ((val & _U(l1_disallow(host, pt_owner))) != 0)).any():
         return 0
+    if l1tf.unsafe(host, pt_owner, 1, val[~new_p]).any():
+        return 0  # the L1TF check stops one: the one-by-one path takes it in order
     fast = new_p & old_p & (((old ^ val) & _U(_FRAME_AND_FLAGS)) == 0)
     take, drop = new_p & ~fast, old_p & ~fast
     tf, df = _frames(val[take]), _frames(old[drop])
@@ -720,6 +751,13 @@ def ptwr_emulated_update(host: "Host", domid: int, table: int, idx: int, val: in
     if not get_page(host, table, domid):
         return -E.EFAULT
     rc = mod_l1_entry(host, table, idx, val, domid, domid, False, domid)
+    if rc == -E.ERESTART:  # the L1TF check: X86EMUL_RETRY, the guest writes again
+        d = host.domains[domid]
+        rc = -E.ERESTART if d.is_shutting_down else \
+            mod_l1_entry(host, table, idx, val, domid, domid, False, domid)
+        if rc == -E.ERESTART:  # crashed: it never runs again
+            put_page(host, table)
+            return rc
     put_page(host, table)
     return -E.EFAULT if rc else 0
 

@@ -20,6 +20,13 @@ class HostHang(Exception):
     Raised instead of hanging, loudly, so that tests can prove a tool never gets here."""
 
 
+class HypercallLivelock(Exception):
+    """The real hypervisor would restart this hypercall for ever (a continuation that can
+    never make progress): the calling dom0 process never returns from it.
+
+    Raised loudly, like :class:`HostHang`, so that tests can prove a tool never gets here."""
+
+
 @dataclass
 class Quirks:
     #: Xen 4.17: ``p2m_pod_offline_or_broken_hit`` takes a PV domain's never-initialised PoD
@@ -45,6 +52,19 @@ class Quirks:
     #: disabled"): a PV guest has no log-dirty -- ENABLE_LOGDIRTY answers -EOPNOTSUPP and OFF
     #: -EINVAL (both seen in the lab).  A build option, not a defect: off by default.
     no_shadow_paging: bool = False
+    #: The CPU as Xen's ``l1tf_calculations`` sees it (see :mod:`.l1tf`): believed
+    #: L1TF-vulnerable (``cpu_has_bug_l1tf``: Intel family-6 cores), its CPUID physical
+    #: address width and the L1D's (0: the same).  Default: the lab's QEMU/TCG ``-cpu max``,
+    #: "CPU Vendor: AMD, Family 15 (0xf), Model 107", not vulnerable, 40 address bits
+    #: (measured: tests_xen/test_hang_guard.py, test_l1tf_boot_facts).
+    cpu_l1tf: bool = False
+    paddr_bits: int = 40
+    l1d_maxphysaddr: int = 0
+    #: ``pv-l1tf=`` (``opt_pv_l1tf_hwdom``, ``opt_pv_l1tf_domu``); None: Xen's default (dom0
+    #: off; domUs on iff ``cpu_l1tf``).  The lab's boot log: "PV L1TF shadowing: Dom0
+    #: disabled, DomU disabled".
+    pv_l1tf_dom0: bool | None = None
+    pv_l1tf_domu: bool | None = None
 
     def to_state(self) -> dict:
         return asdict(self)

@@ -172,6 +172,11 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     stopped = None  # set when a state file or memory failed: said on one line, exit 2
     for domid, group in owned.items():
         info = hv.domain_info(domid)
+        if info is not None and info.dying:
+            # a zombie: nothing to suspend or migrate; Xen offlines the frame when it frees it
+            for m in group:
+                outcomes[m] = dying(m, domid)
+            continue
         if info is not None and info.hvm and 0 < domid < X.DOMID_FIRST_RESERVED:
             # HVM: live migration or in-place exchange (retire.py)
             t0 = time.perf_counter()
@@ -373,6 +378,14 @@ def _classify(mfn: int, rc: int, st: int) -> Outcome:
                    domid=hptool.owner_of(st))
 
 
+def dying(mfn: int, domid: int) -> Outcome:
+    """The frame of a dying domain (``XEN_DOMINF_dying``: destroyed, but something -- a
+    backend's grant map, a dom0 process's foreign mapping -- still references its pages): it
+    stays offline-pending, and Xen's free path offlines it when the last reference goes."""
+    return Outcome(mfn, Kind.PENDING, Reason.DYING,
+                   f"owner d{domid} is dying; offlined when its last reference goes", domid=domid)
+
+
 def _not_exchangeable(mfn: int, domid: int, info) -> Outcome:
     if domid == 0:
         return Outcome(mfn, Kind.PENDING, Reason.DOM0,
@@ -410,7 +423,8 @@ def _explain(r: Report, mfn: int, rc: int, st: int, o: Outcome) -> None:
             r.err(f"xenpage: mfn {mfn:x}: {o.detail}")
         return
     domid = hptool.owner_of(st)
-    if o.reason in (Reason.DOM0, Reason.SYSTEM_DOMAIN, Reason.MIGRATION_NEEDED, Reason.NO_DOMAIN):
+    if o.reason in (Reason.DOM0, Reason.SYSTEM_DOMAIN, Reason.MIGRATION_NEEDED, Reason.NO_DOMAIN,
+                    Reason.DYING):
         hptool.suspend_port_failure(r, domid, mfn)
         r.err(f"xenpage: mfn {mfn:x}: {o.detail}")
         return

@@ -50,6 +50,9 @@ class Reason(str, Enum):
     SUSPEND_FAILED = "suspend-failed"
     MIGRATION_NEEDED = "migration-needed"
     OWNER_CRASHED = "owner-crashed"
+    #: the owner is being destroyed (``XEN_DOMINF_dying``): Xen frees the frame, and so
+    #: offlines it, when the last reference to it goes
+    DYING = "owner-dying"
     NO_HEADROOM = "no-allocation-headroom"
     RECOVERY_NEEDED = "recovery-needed"
     # rolled back / failed

@@ -103,8 +103,15 @@ class SimHypervisor:
 
     # -- domains ----------------------------------------------------------------------------
     def _info(self, d) -> DomainInfo:
+        # a dying domain's name is what xenstore still says, as libxl reads it: gone after
+        # ``xl destroy`` (``xl list`` shows "(null)"), kept after a bare XEN_DOMCTL_destroydomain
+        # (seen in the lab)
+        name = d.name
+        if d.dying:
+            name = self.host.xenstore.read(0, f"/local/domain/{d.domid}/name") \
+                if self.host.xenstore.exists(f"/local/domain/{d.domid}/name") else ""
         return DomainInfo(domid=d.domid, flags=d.flags(), tot_pages=d.tot_pages,
-                          max_pages=d.max_pages, nr_vcpus=d.vcpus, name=d.name)
+                          max_pages=d.max_pages, nr_vcpus=d.vcpus, name=name)
 
     def domain_list(self) -> list[DomainInfo]:
         return [self._info(d) for d in self.host.guest_domains()]
