@@ -205,7 +205,15 @@ _mem_command("mem-online", hptool.mem_online)
 
 def parse_mfn_args(args: list[str]) -> list[int]:
     """MFNs and inclusive ranges ``START-END`` (hex, as xen-hptool reads MFNs)."""
-    out: list[int] = []
+    return parse_mfn_array(args)[0].tolist()
+
+
+def parse_mfn_array(args: list[str]):
+    """:func:`parse_mfn_args` as an int64 array (no Python int per frame of a range), and
+    whether a range of more than one frame was given."""
+    import numpy as np
+    parts = []
+    ranged = False
     for a in args:
         if "-" in a.strip()[1:]:
             lo, hi = a.strip().split("-", 1) if not a.strip().startswith("-") else (a, "")
@@ -214,10 +222,11 @@ def parse_mfn_args(args: list[str]) -> list[int]:
                 raise hptool.BadMfn(f"range '{a}' ends before it starts")
             if e - s >= MAX_RANGE:
                 raise hptool.BadMfn(f"range '{a}' is longer than {MAX_RANGE:#x} frames")
-            out.extend(range(s, e + 1))
+            parts.append(np.arange(s, e + 1, dtype=np.int64))
+            ranged = ranged or e > s
         else:
-            out.append(hptool.parse_mfn(a))
-    return out
+            parts.append(np.array([hptool.parse_mfn(a)], dtype=np.int64))
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), ranged
 
 
 MAX_RANGE = 1 << 20
@@ -228,8 +237,10 @@ MAX_RANGE = 1 << 20
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def mem_offline_cmd(obj: Ctx, args):
-    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force]:
+    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force] [--each]:
     offline the frames; owned frames of PV guests are exchanged under one suspend per guest.
+    A range prints one summary line (frames per outcome) and, on a terminal, progress;
+    ``--each`` (or ``-v``) prints xen-hptool's lines for every frame of it as well.
     ``--force``: go ahead on a single-pCPU host (risking Xen 4.17's PoD-lock hang).
     ``--no-split-guard``: offline as stock does, without guard frames (only for a Xen that
     has the 2026 fix of its buddy split; see :mod:`xenpage.toolstack.split_guard`).
@@ -241,7 +252,8 @@ def mem_offline_cmd(obj: Ctx, args):
     rest, as_json = _hptool_args(args)
     force = "--force" in rest
     guard = None if "--no-split-guard" not in rest else False
-    rest = [a for a in rest if a not in ("--force", "--no-split-guard")]
+    each_asked = "--each" in rest or "-v" in rest
+    rest = [a for a in rest if a not in ("--force", "--no-split-guard", "--each", "-v")]
     try:
         rest, retire_args = retire_options(rest)
     except ValueError as e:
@@ -251,15 +263,18 @@ def mem_offline_cmd(obj: Ctx, args):
         sys.stderr.write(hptool.HELP)
         sys.exit(1)
     try:
-        mfns = parse_mfn_args(rest)
+        mfns, ranged = parse_mfn_array(rest)
     except hptool.BadMfn as e:
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)
+    from .progress import frames_progress
     try:
         with _host_errors(), obj.hypervisor() as hv, allow_single_pcpu(force), \
-                retire_args.open(hv, obj.paths.state_dir) as retire:
+                retire_args.open(hv, obj.paths.state_dir) as retire, \
+                frames_progress("offlining", mfns.size, enabled=ranged) as progress:
             res = mem_offline(hv, mfns, retire=retire, split_guard=guard,
-                              journal_dir=obj.paths.journal_dir)
+                              journal_dir=obj.paths.journal_dir,
+                              each=each_asked or not ranged, progress=progress)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)

@@ -271,7 +271,8 @@ def offline_each(host: "Host", mfns: np.ndarray, pcpu: int = 0) -> tuple[np.ndar
     n = mfns.size
     if n == 0:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint32)
-    if n < 64 or np.unique(mfns).size != n:
+    srt = np.sort(mfns)
+    if n < 64 or (srt[1:] == srt[:-1]).any():
         return _each_by_one(offline_range, host, mfns, pcpu=pcpu)
     valid, ram, xen, ci, own = _facts(host, mfns)
     stop = ~valid | xen | ~ram
@@ -357,7 +358,7 @@ def _last_of_buddies(host: "Host", free: np.ndarray):
         head[sel], order[sel] = h[hit], k
     if (head < 0).any():
         return None  # a free frame on no list: the one-by-one path says what Xen does
-    heads, first, counts = np.unique(head, return_index=True, return_counts=True)
+    heads, first, counts = np.unique(head, return_index=True, return_counts=True)  # few heads
     ords = order[first]
     hi = np.maximum.reduceat(free[np.argsort(head, kind="stable")], np.r_[0, np.cumsum(counts)[:-1]])
     lo = np.minimum.reduceat(free[np.argsort(head, kind="stable")], np.r_[0, np.cumsum(counts)[:-1]])
