@@ -21,10 +21,10 @@ def on_terminal() -> bool:
 
 
 @contextmanager
-def frames_progress(what: str, total: int, enabled: bool = True
+def frames_progress(what: str, total: int, enabled: bool = True, unit: str = "frames"
                     ) -> Iterator[Callable[[int], None] | None]:
-    """A bar over ``total`` frames on stderr while the body runs (removed at the end); yields
-    ``advance(n)`` or None when nothing is drawn."""
+    """A bar over ``total`` frames (or other ``unit``) on stderr while the body runs (removed
+    at the end); yields ``advance(n)`` or None when nothing is drawn."""
     if not (enabled and total > 1 and on_terminal()):
         yield None
         return
@@ -32,7 +32,7 @@ def frames_progress(what: str, total: int, enabled: bool = True
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("frames"), TimeElapsedColumn(), TimeRemainingColumn(),
+                  TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
@@ -45,13 +45,9 @@ def activity(what: str) -> Iterator[Callable[[str], None]]:
     if not on_terminal():
         yield lambda _text: None
         return
-    import time
-
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-    t0 = time.monotonic()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(what, total=None)
         yield lambda text: bar.update(task, description=text)
-    del t0

@@ -78,13 +78,16 @@ def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, pvh, no_guests, pcpus, as_
             spec.pvh_guests = _parse_guests(pvh, "PVH")
     if mem_mib % 2 or mem_mib < 64 or pcpus < 1:
         raise click.BadParameter("--mem must be an even number of MiB >= 64, --pcpus >= 1")
-    try:
-        host = build_host(spec)
-    except Exception as e:
-        click.echo(f"xenpage: cannot build that host: {e}", err=True)
-        sys.exit(1)
+    from .progress import activity
     path = host_path(obj.paths.state_dir)
-    host.save(path)
+    with activity(f"booting a {mem_mib} MiB host and its guests ...") as say:
+        try:
+            host = build_host(spec)
+        except Exception as e:
+            click.echo(f"xenpage: cannot build that host: {e}", err=True)
+            sys.exit(1)
+        say(f"saving the {mem_mib} MiB host to {path} ...")
+        host.save(path)
     summary = host_summary(host)
     if as_json:
         print_json(summary)
@@ -262,13 +265,18 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
     if plot_path:
         _need_plotting()
     pols = policies or year.DEFAULT_POLICIES
+    from .progress import activity, frames_progress
+    runs = len(pols) * max(hosts, 0)
     try:
-        rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
+        with frames_progress("a year of errors", runs, unit="host-years") as advance:
+            rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days,
+                               progress=(lambda *_: advance(1)) if advance else None)
     except ThresholdError as e:
         click.echo(f"xenpage: {e}", err=True)
         sys.exit(2)
     if plot_path:
-        year.plot(rep, plot_path)
+        with activity(f"plotting {plot_path} ..."):
+            year.plot(rep, plot_path)
         rep["plot"] = str(plot_path)
     if as_json:
         print_json(rep)
