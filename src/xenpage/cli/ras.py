@@ -327,8 +327,10 @@ def _ago(t: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--boot-option", is_flag=True, help="print Xen's badpage= for its command line")
 @click.option("--history", "history", metavar="MFN", help="every event, decision and outcome of one frame")
+@click.option("--summary", is_flag=True, help="errors and frames per DIMM, bank and row "
+              "(like 'ras-mc-ctl --summary')")
 @click.pass_context
-def badpages_group(ctx, as_json, boot_option, history):
+def badpages_group(ctx, as_json, boot_option, history, summary):
     """The retired-page list: retired, pending, failed and accounted frames with reasons."""
     if ctx.invoked_subcommand is not None:
         return
@@ -374,6 +376,15 @@ def badpages_group(ctx, as_json, boot_option, history):
             click.echo(f"  {len(h['events'])} events")
         return
     st = status(store)
+    if summary:
+        from ..ras.inventory import dimm_summary, dimm_summary_lines
+        dimms = dimm_summary(st["frames"])
+        if as_json:
+            print_json({"command": "badpages", "exit": 0, "counts": st["counts"], "dimms": dimms})
+            return
+        for line in dimm_summary_lines(dimms):
+            click.echo(line)
+        return
     if as_json:
         print_json(st)
         return
