@@ -185,7 +185,8 @@ class _StdinSource:
 
 
 def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interval: float,
-         verbose: bool, once: bool = False, max_seconds: float | None = None) -> dict:
+         verbose: bool, once: bool = False, max_seconds: float | None = None,
+         metrics_file: str | None = None) -> dict:
     from ..ras.service import Log, sd_notify, status
     kind = _backend(obj)
     store = _store(obj)
@@ -208,12 +209,21 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
             saved[sig] = signal.signal(sig, stop)
     read = 0
     t_end = time.monotonic() + max_seconds if max_seconds else None
+
+    def metrics() -> None:
+        """The Prometheus textfile (``--metrics-file``): after the replay, after every pass
+        that read records or acted, and at the end."""
+        if metrics_file:
+            from ..ras.metrics import write
+            write(metrics_file, status(store, policy),
+                  dict(svc.stats.to_json(), records=read))
     try:
         with obj.hypervisor() as hv:
             if kind == "sim":
                 from ..backends.sim.ras import geometry_of
                 rows.geometry = geometry_of(hv)
             replay = svc.replay(hv)
+        metrics()
         sd_notify("READY=1")
         log("started", "info", backend=kind, sources=",".join(names), follow=follow,
             enabled=svc.enabled, replayed=replay.get("checked", 0))
@@ -227,6 +237,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
             if recs or (due is not None and due <= time.time()):
                 with obj.hypervisor() as hv:
                     svc.process(hv, recs)
+                metrics()
                 sd_notify(f"STATUS={read} records, {svc.stats.transitions} transitions")
             if final or stop.flag or (t_end and time.monotonic() >= t_end):
                 break
@@ -248,6 +259,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
         sd_notify("STOPPING=1")
         for sig, h in saved.items():
             signal.signal(sig, h)
+    metrics()
     st = status(store, policy)
     if not once:
         log("stopped", "info", records=read, transitions=svc.stats.transitions)
@@ -270,8 +282,13 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
 @click.option("--json", "as_json", is_flag=True, help="log JSON lines")
 @click.option("--verbose", is_flag=True, help="also log every record")
 @click.option("--max-seconds", type=float, default=None, hidden=True)
+@click.option("--metrics-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="write Prometheus metrics (retired/pending/failed frames, errors, per DIMM) "
+                   "to PATH after every pass, atomically: for node_exporter's textfile "
+                   "collector (e.g. /var/lib/node_exporter/textfile_collector/xenpage.prom)")
 @click.pass_obj
-def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, verbose, max_seconds):
+def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, verbose, max_seconds,
+                metrics_file):
     """The page-retirement service, in the foreground.
 
     Replays the retired-page list (what was retired is retired again, e.g. after a reboot),
@@ -280,7 +297,11 @@ def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, ve
     uncorrected errors are followed through what Xen's machine-check handler did.  One log
     line per state transition (Xen's states: online, offlining, offlined, +broken).  Stops
     cleanly on SIGTERM; tells systemd READY=1 when Type=notify."""
-    _run(obj, sources, follow, config, preset, as_json, interval, verbose, max_seconds=max_seconds)
+    if metrics_file and not Path(metrics_file).parent.is_dir():
+        click.echo(f"xenpage: {metrics_file}: its directory does not exist; nothing done", err=True)
+        sys.exit(2)
+    _run(obj, sources, follow, config, preset, as_json, interval, verbose, max_seconds=max_seconds,
+         metrics_file=metrics_file)
 
 
 @cli.command("retire")
