@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 from ..abi import errno as E
 from ..abi import sysctl as S
@@ -198,6 +200,7 @@ MAX_RANGE_CALL = 1 << 20
 def _runs(mfns: np.ndarray) -> list[tuple[int, int]]:
     """Maximal runs of consecutive increasing MFNs, as (first, last), each at most
     :data:`MAX_RANGE_CALL` frames."""
+    import numpy as np
     if mfns.size == 0:
         return []
     cut = np.flatnonzero(np.diff(mfns) != 1) + 1
@@ -225,6 +228,7 @@ def mark_offline_array(hv: Hypervisor, mfns, highest_first: bool = False, record
     frame and stops at the first refusal; the walk resumes after it).
     ``record_dir``: where dom0's affinity is recorded while pinned (:func:`.pcpu.off_pcpu0`).
     ``progress(n)``: called with the number of frames each step has answered."""
+    import numpy as np
     mfns = np.asarray(mfns, dtype=np.int64).ravel()
     rcs = np.zeros(mfns.size, dtype=np.int32)
     sts = np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
@@ -285,6 +289,7 @@ def mark_offline_array(hv: Hypervisor, mfns, highest_first: bool = False, record
 def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``np.unique(a, return_inverse=True)`` by one sort (numpy 2.4's hashing unique takes
     seconds on a million consecutive frames)."""
+    import numpy as np
     if a.size and (a[1:] > a[:-1]).all():
         return a, np.arange(a.size)
     srt = np.argsort(a, kind="stable")
@@ -297,6 +302,7 @@ def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def first_occurrences(a: np.ndarray) -> np.ndarray:
     """The distinct values of ``a`` in the order they first occur (by one stable sort)."""
+    import numpy as np
     a = np.asarray(a, dtype=np.int64).ravel()
     if a.size < 2 or (a[1:] > a[:-1]).all():
         return a
