@@ -274,7 +274,8 @@ def mem_offline_cmd(obj: Ctx, args):
                 frames_progress("offlining", mfns.size, enabled=ranged) as progress:
             res = mem_offline(hv, mfns, retire=retire, split_guard=guard,
                               journal_dir=obj.paths.journal_dir,
-                              each=each_asked or not ranged, progress=progress)
+                              each=each_asked or not ranged, summary=ranged,
+                              progress=progress)
     except ValueError as e:  # --migrate-to on real Xen
         sys.stderr.write(f"xenpage: {e}; nothing done\n")
         sys.exit(1)

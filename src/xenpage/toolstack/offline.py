@@ -96,7 +96,7 @@ def resume_guest(hv: Hypervisor, domid: int, tries: int = 4) -> int:
 
 def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
                 hook=None, journal_dir=None, retire: RetireOptions | None = None,
-                split_guard: bool | None = None, each: bool = True,
+                split_guard: bool | None = None, each: bool = True, summary: bool = False,
                 progress=None) -> OfflineResult:
     """``journal_dir`` (the CLI passes the state directory of :mod:`xenpage.paths`, on
     either backend; None: no journal) holds the write-ahead journal of each exchange, the
@@ -108,6 +108,7 @@ def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
     the backend's Xen has that defect; :mod:`.split_guard`).
     ``each``: xen-hptool's lines for every frame (else, for ranges, one summary line and the
     outcomes of the frames that were not simply offlined; :func:`summary_line`).
+    ``summary``: with ``each``, the summary line after the frames' lines as well.
     ``progress(n)``: called as the marking answers n more frames (:mod:`.hptool`).
 
     The frames are handled as arrays: a Python object is made only for a frame whose answer
@@ -256,6 +257,14 @@ def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
         o = outcomes.get(m)
         return o if o is not None else Outcome(m, Kind.OFFLINED, status=int(sts[i]), detail="offlined")
 
+    counts = {"offlined": int(plain.sum())}
+    detail: dict[str, dict[str, int]] = {}
+    for m in order[special].tolist():
+        o = outcomes[m]
+        counts[o.kind.value] = counts.get(o.kind.value, 0) + 1
+        if o.reason.value:
+            d = detail.setdefault(o.kind.value, {})
+            d[o.reason.value] = d.get(o.reason.value, 0) + 1
     if each:
         all_outcomes = [outcome(i, m) for i, m in enumerate(order.tolist())]
         for i, (m, o) in enumerate(zip(order.tolist(), all_outcomes)):
@@ -270,20 +279,17 @@ def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
             _explain(report, m, rc, st, o)
             if not _exit_ok(rc, st, o):
                 report.exit_code = 1
+        if summary:
+            report.out(summary_line(order.size, counts, detail))
         report.data = {"command": "mem-offline", "outcomes": [o.to_json() for o in all_outcomes],
                        "timings": timings}
+        if summary:
+            report.data["summary"] = {"counts": counts, "reasons": detail}
     else:
-        counts = {"offlined": int(plain.sum())}
-        detail: dict[str, dict[str, int]] = {}
         if pin_error is not None:
             report.err(f"xenpage: {pin_error.strerror or pin_error}; nothing offlined")
         for m, rc, st in zip(order[special].tolist(), rcs[special].tolist(), sts[special].tolist()):
-            o = outcomes[m]
-            counts[o.kind.value] = counts.get(o.kind.value, 0) + 1
-            if o.reason.value:
-                d = detail.setdefault(o.kind.value, {})
-                d[o.reason.value] = d.get(o.reason.value, 0) + 1
-            if not _exit_ok(rc, st, o):
+            if not _exit_ok(rc, st, outcomes[m]):
                 report.exit_code = 1
         report.out(summary_line(order.size, counts, detail))
         all_outcomes = [outcomes[m] for m in order[special].tolist()]
@@ -308,7 +314,7 @@ def summary_line(n: int, counts: dict[str, int], reasons: dict[str, dict[str, in
         parts.append(f"{c} {kind}" + (" (" + ", ".join(f"{r}: {v}" for r, v in sorted(why.items()))
                                        + ")" if why else ""))
     return (f"xenpage: mem-offline of {n} frame{'s' if n != 1 else ''}: "
-            + (", ".join(parts) or "nothing done") + " (--each: xen-hptool's lines for every frame)")
+            + (", ".join(parts) or "nothing done"))
 
 
 def _runs_of(mfns: np.ndarray) -> list[list[int]]:
