@@ -47,7 +47,8 @@ def test_owner_names_the_memtest_guest_and_changes_nothing(xen, memtest, rec):
     the VGA hole unqueryable; only read-only calls, so every frame is still plainly online."""
     from xenpage.toolstack.owner import frame_owners
     table = p2m(xen, memtest.domid)
-    pfns = memtest.pfns()[64:68]
+    by_line = memtest.pfns()            # {memtest's line index: pfn}
+    pfns = [by_line[i] for i in range(64, 68)]
     mfns = [int(table[p]) for p in pfns]
     res = frame_owners(xen, mfns + [0xA0])
     rec.add("owner", frames=[o.to_json() for o in res])
