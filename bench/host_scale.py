@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -261,7 +262,8 @@ def section_cli_latency(ctx: Context) -> str:
         dt = time.perf_counter() - t0
         last = (p.stdout.strip().splitlines() or p.stderr.strip().splitlines() or [""])[-1]
         if "-" in argv[1]:
-            k = p.stdout.count("offlined successfully")
+            m = re.search(r"frames: (\d+) offlined", p.stdout)
+            k = int(m.group(1)) if m else 0
             last = f"{k} frames offlined ({k / dt:,.0f} frames/s end to end)"
         rows.append((" ".join(["xenpage"] + argv), f"{dt:.2f} s", p.returncode, last[:80]))
     ctx.results["cli"] = rows

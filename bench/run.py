@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
 #: benchmark modules, in report order
-MODULES = ["startup_bench", "host_scale", "year_bench", "fleet_bench", "guest_scale", "migration_bench",
+MODULES = ["startup_bench", "host_scale", "operator_bench", "year_bench", "fleet_bench", "guest_scale", "migration_bench",
            "exchange_bench", "mcelog_bench"]
 
 

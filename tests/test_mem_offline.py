@@ -236,9 +236,10 @@ def test_command_range(cli_state, xenpage_cli, host0):
     g = host0.guests[1]
     a = _consecutive(g, 12)
     b = a + 11
-    r = xenpage_cli(cli_state, "mem-offline", f"{a:x}-{b:x}")
+    r = xenpage_cli(cli_state, "mem-offline", f"{a:x}-{b:x}", "--each")
     assert (r.stderr, r.returncode) == ("", 0)
     out = r.stdout.splitlines()
+    assert out.pop() == "xenpage: mem-offline of 12 frames: 12 exchanged"   # --each: the summary too
     assert len(out) == 3 * 12
     for i, m in enumerate(range(a, b + 1)):
         assert out[3 * i:3 * i + 2] == [f"Prepare to offline MEMORY mfn {m:x}", SWAPPED.format(m=m, d=1)]
@@ -247,6 +248,16 @@ def test_command_range(cli_state, xenpage_cli, host0):
     assert (h.guests[1].suspends, h.guests[1].resumes) == (1, 1)  # one suspend for the range
     assert all(h.ft.state(m) == 2 for m in range(a, b + 1))
     assert invariants.check(h) == [] and h.guests[1].verify() == []
+    # without --each a range says one line: frames per outcome (again: already offlined)
+    r = xenpage_cli(cli_state, "mem-offline", f"{a:x}-{b:x}")
+    assert (r.stderr, r.returncode) == ("", 0)
+    assert r.stdout.splitlines() == [
+        "xenpage: mem-offline of 12 frames: 12 offlined"]
+    r = xenpage_cli(cli_state, "mem-offline", f"{a - 2:x}-{b:x}", "--json")
+    d = json.loads(r.stdout)
+    assert d["summary"]["counts"]["offlined"] == 12 and d["offlined_runs"][-1] == [a, b]
+    assert d["frames"] == 14 and sum(d["summary"]["counts"].values()) == 14
+    assert len(d["outcomes"]) == 2 and d["exit"] == r.returncode
     # a range the wrong way round, or unparsable, does nothing
     for bad in (f"{b:x}-{a:x}", f"{a:x}-zz"):
         r = xenpage_cli(cli_state, "mem-offline", bad)

@@ -301,3 +301,35 @@ def test_mce_inject_refuses_bad_numbers(cli_state, run, args):
     p = run(cli_state, "mce-inject", PV, *args)
     assert p.returncode == 2 and "Traceback" not in p.stderr and "Invalid value" in p.stderr
     assert not (cli_state / "mcelog").exists()
+
+
+def test_badpages_summary_groups_by_dimm_bank_row(cli_state, run):
+    """``badpages --summary``: the list grouped like ``ras-mc-ctl --summary`` -- per DIMM,
+    then bank and row -- with every frame and error counted exactly once per level."""
+    assert run(cli_state, "badpages", "--summary").stdout == "No Memory errors.\n"
+    run(cli_state, "mce-inject", PV, DOM0, FREE, "4ea", "--repeat", "2")
+    run(cli_state, "mce-inject", "3f089", "--uc")
+    run(cli_state, "retire", "--from", cli_state / "mcelog")
+    st = js(run(cli_state, "badpages", "--json"))
+    s = js(run(cli_state, "badpages", "--summary", "--json"))
+    assert s["command"] == "badpages" and s["exit"] == 0
+    dimms = s["dimms"]
+    frames = st["frames"]
+    assert sum(d["nframes"] for d in dimms) == len(frames)
+    assert sum(d["corrected"] for d in dimms) == sum(f["errors"] for f in frames)
+    assert sum(d["uncorrected"] for d in dimms) == sum(f["uncorrected"] for f in frames) >= 1
+    for d in dimms:
+        mine = [f for f in frames if (f["location"].get("socketid"), f["location"].get("channel"),
+                                      f["location"].get("dimm")) == (d["socket"], d["channel"], d["dimm"])]
+        assert d["nframes"] == len(mine)
+        assert {k: v for k, v in d["frames"].items() if v} == \
+            {s_: sum(f["state"] == s_ for f in mine) for s_ in {f["state"] for f in mine}}
+        assert sum(b["nframes"] for b in d["banks"]) <= d["nframes"]
+        for b in d["banks"]:
+            assert sum(r["nframes"] for r in b["rows"]) <= b["nframes"]
+    text = run(cli_state, "badpages", "--summary").stdout.splitlines()
+    assert text[0] == "Memory controller events summary:"
+    labelled = [d for d in dimms if d["label"] != "location unknown"]
+    assert labelled, "the simulated machine decodes DIMM locations"
+    assert any(l.startswith(f"\tDIMM {labelled[0]['label']} (socket:channel:dimm): ") for l in text)
+    assert any(l.startswith("\t\t\trow 0x") for l in text) == any(b["rows"] for d in dimms for b in d["banks"])

@@ -19,7 +19,7 @@ from xenpage.toolstack.offline import mem_offline
 from xenpage.toolstack.outcomes import Kind
 
 CI = bool(os.environ.get("CI"))
-BATCHES = ("mmu_update", "mmuext_op", "memory_exchange")
+BATCHES = ("mmu_update", "mmuext_op", "memory_exchange", "page_offline_each")
 
 
 def targets(host) -> list[int]:
@@ -143,3 +143,35 @@ def test_fault_plan_is_deterministic():
     b = run_with(lambda T: FaultPlan.fail_at(40))[2]
     assert [o.to_json() | {"extra": None} for o in a.outcomes] == \
         [o.to_json() | {"extra": None} for o in b.outcomes]
+
+
+def test_guarded_offline_survives_each_one_frame_call_failing():
+    """With the split guard (one-frame calls, highest first, by ``page_offline_each``): the
+    guard's query or the offline of any frame failing part-way through the array leaves
+    nothing half done -- every guest whole, every guard frame given back, the heap sound."""
+    from xenpage.abi import mm
+
+    def which(host):
+        free = np.flatnonzero(host.ft.states(0, host.nframes) == mm.STATE_FREE)
+        return few_targets(host) + [int(free[len(free) // 2]), int(free[len(free) // 2] + 1)]
+
+    host, hv = small_host()
+    fh = FaultyHypervisor(hv)
+    mem_offline(fh, which(host), split_guard=True)
+    pts = [n for _, m, n in fh.calls if m == "page_offline_each"]
+    assert len(pts) >= 2  # the guard's query, then the marking
+    seen = Counter()
+    for nth in pts:
+        for partial in (0, 1):
+            host, hv = small_host()
+            T = which(host)
+            before = images(host)
+            fh = FaultyHypervisor(hv, FaultPlan.fail_at(nth, "page_offline_each", partial=partial))
+            r = mem_offline(fh, T, split_guard=True)
+            host.run_guests(0)
+            assert fh.injected
+            seen.update(check_outcome(host, before, r))
+            # no guard frame left offline: every offlined frame is a target
+            offl = set(host.heap.offlined_list)
+            assert offl <= set(T), sorted(offl - set(T))
+    assert seen

@@ -42,6 +42,22 @@ def test_backend_facts(xen, memtest, rec):
     assert pi.nr_cpus >= 2, "the lab needs 2 pCPUs to keep offlines off pCPU 0"
 
 
+def test_owner_names_the_memtest_guest_and_changes_nothing(xen, memtest, rec):
+    """``xenpage owner`` on real Xen 4.17: the guest's frames by the M2P and getpageframeinfo3,
+    the VGA hole unqueryable; only read-only calls, so every frame is still plainly online."""
+    from xenpage.toolstack.owner import frame_owners
+    table = p2m(xen, memtest.domid)
+    by_line = memtest.pfns()            # {memtest's line index: pfn}
+    pfns = [by_line[i] for i in range(64, 68)]
+    mfns = [int(table[p]) for p in pfns]
+    res = frame_owners(xen, mfns + [0xA0])
+    rec.add("owner", frames=[o.to_json() for o in res])
+    for o, p in zip(res, pfns):
+        assert (o.domid, o.type, o.pfn, o.state) == (memtest.domid, "pv", p, "online")
+    assert res[-1].rc < 0 and res[-1].domid is None
+    assert all(status(xen, m) == 0 for m in mfns)
+
+
 def test_mem_offline_retires_memtest_frames(xen, memtest, rec):
     g = memtest
     pfns = g.pfns()

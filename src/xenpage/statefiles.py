@@ -37,14 +37,14 @@ def state_dir(path: str | os.PathLike) -> Path:
     return p
 
 
-def open_private(path: str | os.PathLike, mode: str = "a") -> IO[str]:
-    """Open ``path`` for writing (``"w"`` truncates, ``"a"`` appends) as a 0600 file,
-    refusing a symbolic link (``OSError`` ELOOP)."""
+def open_private(path: str | os.PathLike, mode: str = "a", perm: int = FILE_MODE) -> IO[str]:
+    """Open ``path`` for writing (``"w"`` truncates, ``"a"`` appends) as a 0600 file (or
+    ``perm``), refusing a symbolic link (``OSError`` ELOOP)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     flags |= os.O_TRUNC if mode == "w" else os.O_APPEND
-    fd = os.open(path, flags, FILE_MODE)
+    fd = os.open(path, flags, perm)
     try:
-        os.fchmod(fd, FILE_MODE)  # an older file made under a laxer umask
+        os.fchmod(fd, perm)  # an older file made under a laxer umask
         return os.fdopen(fd, mode)
     except BaseException:
         try:
@@ -74,14 +74,15 @@ def remove_durably(path: str | os.PathLike) -> None:
     fsync_dir(p.parent)
 
 
-def replace_durably(path: str | os.PathLike, text: str) -> None:
+def replace_durably(path: str | os.PathLike, text: str, perm: int = FILE_MODE) -> None:
     """Write ``text`` to ``path`` so that a crash leaves the old content or the new one:
-    ``<path>.tmp`` (0600, no link followed) fsync'd and renamed over, the directory fsync'd."""
+    ``<path>.tmp`` (0600, or ``perm``; no link followed) fsync'd and renamed over, the
+    directory fsync'd."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.is_symlink():
         tmp.unlink()  # never write through it; the rename below replaces a link, not its target
-    with open_private(tmp, "w") as f:
+    with open_private(tmp, "w", perm) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

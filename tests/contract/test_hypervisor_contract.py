@@ -86,6 +86,42 @@ def test_free_frame_offline_online_cycle(hv):
     assert int(hv.page_offline_op(q, mfn, mfn)[1][0]) == 0
 
 
+def test_offline_each_answers_as_one_frame_calls(hv):
+    """``page_offline_each``: int32 errnos and uint32 words, element by element what a
+    one-frame ``page_offline_op`` answers (a query changes nothing: the same frames twice)."""
+    q = S.sysctl_query_page_offline
+    mfns = np.array([0x20003, VGA_HOLE, 0x20000, XEN_IMAGE_FIRST, 0x20001, hv.max_mfn() + 5],
+                    dtype=np.int64)
+    rcs, st = hv.page_offline_each(q, mfns)
+    assert rcs.dtype == np.int32 and st.dtype == np.uint32 and rcs.shape == st.shape == (6,)
+    for m, rc, w in zip(mfns.tolist(), rcs.tolist(), st.tolist()):
+        rc1, st1 = hv.page_offline_op(q, m, m)
+        assert (rc, w) == (rc1, int(st1[0])), hex(m)
+    assert rcs[1] == -E.EINVAL and st[1] == S.STATUS_UNTOUCHED
+    with pytest.raises(ValueError):
+        hv.page_offline_each(q, np.array([S.MFN_FIELD_MAX + 1]))
+
+
+def test_offline_each_offlines_and_onlines_a_free_frame(hv):
+    """The offline and online calls by array, on a free frame whose successor is in use (the
+    only free frame Xen 4.17 offlines without misaligning its heap), and a Xen-image frame."""
+    q = S.sysctl_query_page_offline
+    for mfn in free_frames_followed_by_owned(hv, limit=20):
+        with off_pcpu0(hv):
+            rcs, st = hv.page_offline_each(S.sysctl_page_offline, np.array([mfn, XEN_IMAGE_FIRST]))
+        assert rcs.tolist() == [0, -E.EPERM]
+        if int(st[0]) & S.PG_OFFLINE_STATUS_MASK == S.PG_OFFLINE_OFFLINED:
+            break
+        assert hv.page_offline_each(S.sysctl_page_online, np.array([mfn]))[0][0] == 0
+    else:
+        pytest.skip("no free frame just below an owned frame")
+    assert int(st[1]) == S.PG_OFFLINE_XENPAGE | S.PG_OFFLINE_FAILED | (X.DOMID_XEN << S.PG_OFFLINE_OWNER_SHIFT)
+    assert int(hv.page_offline_op(q, mfn, mfn)[1][0]) == S.PG_OFFLINE_STATUS_OFFLINED
+    rcs, st = hv.page_offline_each(S.sysctl_page_online, np.array([mfn]))
+    assert rcs[0] == 0 and int(st[0]) & S.PG_ONLINE_ONLINED
+    assert int(hv.page_offline_op(q, mfn, mfn)[1][0]) == 0
+
+
 def test_domains(hv):
     doms = hv.domain_list()
     assert all(isinstance(d, DomainInfo) for d in doms)

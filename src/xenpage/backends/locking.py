@@ -33,6 +33,7 @@ def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = 
     except OSError as e:
         raise LockTimeout(f"cannot open the lock {path}: {e.strerror or e}"
                           + (" (a symbolic link: refused)" if path.is_symlink() else "")) from None
+    spinner = None
     try:
         start = time.monotonic()
         said = False
@@ -49,7 +50,12 @@ def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = 
                     sys.stderr.write(f"xenpage: waiting for another xenpage holding {path} "
                                      f"(pid {holder})\n")
                     said = True
+                    spinner = _spinner(f"waiting for another xenpage holding {path} (pid {holder}) ...")
                 time.sleep(POLL)
+        if spinner is not None:
+            spinner.stop()
+            spinner = None
+            sys.stderr.write(f"xenpage: got {path} after {time.monotonic() - start:.1f} s\n")
         if record:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -59,4 +65,23 @@ def locked(path: str | os.PathLike, timeout: float | None = None, quiet: bool = 
             if record:
                 os.ftruncate(fd, 0)  # no stale pid for the next waiter to name
     finally:
+        if spinner is not None:
+            spinner.stop()
         os.close(fd)  # releases the lock
+
+
+def _spinner(text: str):
+    """A rich spinner with the elapsed time on stderr while the wait lasts, on a terminal
+    only (rich is loaded only then); its ``stop()`` removes it.  None elsewhere."""
+    try:
+        if not sys.stderr.isatty() or os.environ.get("TERM", "") == "dumb":
+            return None
+    except (AttributeError, ValueError):
+        return None
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    bar = Progress(SpinnerColumn(), TextColumn(text), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
+    bar.add_task(text, total=None)
+    bar.start()
+    return bar

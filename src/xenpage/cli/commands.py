@@ -33,3 +33,26 @@ from . import reliability  # noqa: E402,F401  (registers recover)
 from . import ras  # noqa: E402,F401  (registers retired, retire, badpages, retire-switch)
 from . import sim  # noqa: E402,F401  (registers host create|show|reboot, demo, mce-inject, year)
 from . import fleet  # noqa: E402,F401  (registers fleet study|inventory)
+
+
+@cli.command("owner", context_settings={"ignore_unknown_options": True})
+@click.argument("mfns", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def owner_cmd(obj: Ctx, mfns: tuple[str, ...], as_json: bool):
+    """Who owns each frame (MFN, hex; START-END ranges up to 4096 frames): the owning
+    domain, the pfn/gfn, the page type, the offline state -- with read-only calls only
+    (the offline query, the M2P, getpageframeinfo3), on both backends; nothing changes."""
+    from ..toolstack.owner import frame_owners
+    from .main import _mfns_or_refuse
+    from .output import fail
+    arr, _ = _mfns_or_refuse(list(mfns), as_array=True)
+    if arr.size > 4096:
+        fail(f"{arr.size} frames: owner answers at most 4096 at a time; nothing done", 1)
+    with obj.hypervisor(save=False) as hv:
+        res = frame_owners(hv, arr)
+    if as_json:
+        emit("owner", 0, frames=[o.to_json() for o in res])
+        return
+    for o in res:
+        click.echo(o.line())

@@ -280,9 +280,11 @@ def _usage(name: str) -> None:
     fail(f"{name} takes {MFN_ARGS}", 1) if output.json_mode() else sys.exit(1)
 
 
-def _mfns_or_refuse(args: list[str]) -> list[int]:
+def _mfns_or_refuse(args: list[str], as_array: bool = False):
+    """The MFNs given (a list; with ``as_array`` the int64 array and whether a range was
+    given), or a refusal that does nothing."""
     try:
-        return parse_mfn_args(args)
+        return parse_mfn_array(args) if as_array else parse_mfn_args(args)
     except hptool.BadMfn as e:
         fail(f"{e}; nothing done", 1)
 
@@ -327,13 +329,21 @@ _mem_command("mem-online", hptool.mem_online, writes=True)
 def parse_mfn_args(args: list[str]) -> list[int]:
     """MFNs, inclusive ranges ``START-END`` and comma-separated lists of either (hex, each
     MFN as strict as :func:`~xenpage.toolstack.hptool.parse_mfn`), in the order given."""
-    out: list[int] = []
+    return parse_mfn_array(args)[0].tolist()
+
+
+def parse_mfn_array(args: list[str]):
+    """:func:`parse_mfn_args` as an int64 array (no Python int per frame of a range), and
+    whether a range of more than one frame was given."""
+    import numpy as np
+    parts = []
+    ranged = False
     for a in args:
         for part in a.split(","):
             if not part:
                 raise hptool.BadMfn(f"'{a}' has an empty item")
             if "-" not in part[1:]:
-                out.append(hptool.parse_mfn(part))
+                parts.append(np.array([hptool.parse_mfn(part)], dtype=np.int64))
                 continue
             lo, _, hi = part.partition("-") if not part.startswith("-") else ("-", "", "")
             if not lo or lo == "-":
@@ -346,8 +356,9 @@ def parse_mfn_args(args: list[str]) -> list[int]:
                 raise hptool.BadMfn(f"range '{part}' ends before it starts")
             if e - s >= MAX_RANGE:
                 raise hptool.BadMfn(f"range '{part}' is longer than {MAX_RANGE:#x} frames")
-            out.extend(range(s, e + 1))
-    return out
+            parts.append(np.arange(s, e + 1, dtype=np.int64))
+            ranged = ranged or e > s
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), ranged
 
 
 MAX_RANGE = 1 << 20
@@ -358,8 +369,10 @@ MAX_RANGE = 1 << 20
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def mem_offline_cmd(obj: Ctx, args):
-    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force]:
+    """xen-hptool mem-offline <mfn> [more MFNs or START-END ranges] [--json] [--force] [--each]:
     offline the frames; owned frames of PV guests are exchanged under one suspend per guest.
+    A range prints one summary line (frames per outcome) and, on a terminal, progress;
+    ``--each`` (or ``-v``) prints xen-hptool's lines for every frame of it as well.
     ``--force``: go ahead on a single-pCPU host (risking Xen 4.17's PoD-lock hang).
     ``--no-split-guard``: offline as stock does, without guard frames (only for a Xen that
     has the 2026 fix of its buddy split; see :mod:`xenpage.toolstack.split_guard`).
@@ -373,15 +386,17 @@ def mem_offline_cmd(obj: Ctx, args):
     rest, as_json = _hptool_args(args)
     force = "--force" in rest
     guard = None if "--no-split-guard" not in rest else False
-    rest = [a for a in rest if a not in ("--force", "--no-split-guard")]
+    each_asked = "--each" in rest or "-v" in rest
+    rest = [a for a in rest if a not in ("--force", "--no-split-guard", "--each", "-v")]
     try:
         rest, retire_args = retire_options(rest)
     except ValueError as e:
         fail(f"{e}; nothing done", 1)
     if not rest:
         _usage("mem-offline")
-    mfns = _mfns_or_refuse(rest)
+    mfns, ranged = _mfns_or_refuse(rest, as_array=True)
     _check_migrate_to(obj, retire_args.migrate_to)
+    from .progress import frames_progress
     done: list = []
 
     def said_first() -> None:  # the report of what was done, before an error saving the host
@@ -390,9 +405,12 @@ def mem_offline_cmd(obj: Ctx, args):
 
     try:
         with _host_errors(said_first), obj.hypervisor() as hv, allow_single_pcpu(force), \
-                retire_args.open(hv, obj.paths.state_dir) as retire:
+                retire_args.open(hv, obj.paths.state_dir) as retire, \
+                frames_progress("offlining", mfns.size, enabled=ranged) as progress:
             res = mem_offline(hv, mfns, retire=retire, split_guard=guard,
-                              journal_dir=obj.paths.journal_dir)
+                              journal_dir=obj.paths.journal_dir,
+                              each=each_asked or not ranged, summary=ranged,
+                              progress=progress)
             done.append(res)
     except ValueError as e:  # --migrate-to on real Xen
         fail(f"{e}; nothing done", 1)

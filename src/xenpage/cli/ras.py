@@ -209,7 +209,8 @@ class _StdinSource:
 
 
 def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interval: float,
-         verbose: bool, once: bool = False, max_seconds: float | None = None) -> dict:
+         verbose: bool, once: bool = False, max_seconds: float | None = None,
+         metrics_file: str | None = None) -> dict:
     from ..ras.service import Log, sd_notify, status
     check_sources(sources)  # refused before anything is opened or written
     if not (math.isfinite(interval) and 0 <= interval <= 86400):
@@ -234,6 +235,14 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
             saved[sig] = signal.signal(sig, stop)
     read = 0
     t_end = time.monotonic() + max_seconds if max_seconds else None
+
+    def metrics() -> None:
+        """The Prometheus textfile (``--metrics-file``): after the replay, after every pass
+        that read records or acted, and at the end."""
+        if metrics_file:
+            from ..ras.metrics import write
+            write(metrics_file, status(store, policy),
+                  dict(svc.stats.to_json(), records=read))
     try:
         with obj.hypervisor() as hv:
             # the list is opened once the backend is there: a service that cannot start
@@ -245,6 +254,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
                 from ..backends.sim.ras import geometry_of
                 rows.geometry = geometry_of(hv)
             replay = svc.replay(hv)
+        metrics()
         sd_notify("READY=1")
         log("started", "info", backend=kind, sources=",".join(names), follow=follow,
             enabled=svc.enabled, replayed=replay.get("checked", 0))
@@ -261,6 +271,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
             if recs or batches or (due is not None and due <= time.time()):
                 with obj.hypervisor() as hv:
                     svc.process(hv, recs, batches)
+                metrics()
                 sd_notify(f"STATUS={read} records, {svc.stats.transitions} transitions")
             if final or stop.flag or (t_end and time.monotonic() >= t_end):
                 break
@@ -281,6 +292,7 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
         sd_notify("STOPPING=1")
         for sig, h in saved.items():
             signal.signal(sig, h)
+    metrics()
     st = status(store, policy)
     if not once:
         log("stopped", "info", records=read, transitions=svc.stats.transitions)
@@ -303,8 +315,13 @@ def _run(obj: Ctx, sources, follow: bool, config, preset, as_json: bool, interva
 @click.option("--json", "as_json", is_flag=True, help="log JSON lines; the last is the envelope")
 @click.option("--verbose", is_flag=True, help="also log every record")
 @click.option("--max-seconds", type=float, default=None, hidden=True)
+@click.option("--metrics-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="write Prometheus metrics (retired/pending/failed frames, errors, per DIMM) "
+                   "to PATH after every pass, atomically: for node_exporter's textfile "
+                   "collector (e.g. /var/lib/node_exporter/textfile_collector/xenpage.prom)")
 @click.pass_obj
-def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, verbose, max_seconds):
+def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, verbose, max_seconds,
+                metrics_file):
     """The page-retirement service, in the foreground.
 
     Replays the retired-page list (what was retired is retired again, e.g. after a reboot),
@@ -313,8 +330,10 @@ def retired_cmd(obj: Ctx, sources, follow, config, preset, interval, as_json, ve
     uncorrected errors are followed through what Xen's machine-check handler did.  One log
     line per state transition (Xen's states: online, offlining, offlined, +broken).  Stops
     cleanly on SIGTERM; tells systemd READY=1 when Type=notify."""
+    if metrics_file and not Path(metrics_file).parent.is_dir():
+        fail(f"{metrics_file}: its directory does not exist; nothing done", 2)
     res = _run(obj, sources, follow, config, preset, as_json, interval, verbose,
-               max_seconds=max_seconds)
+               max_seconds=max_seconds, metrics_file=metrics_file)
     if as_json:  # the last JSON line: the envelope (the lines before it are the log's events)
         emit("retired", 0, **{k: v for k, v in res.items() if k != "log"})
 
@@ -360,8 +379,10 @@ def _ago(t: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--boot-option", is_flag=True, help="print Xen's badpage= for its command line")
 @click.option("--history", "history", metavar="MFN", help="every event, decision and outcome of one frame")
+@click.option("--summary", is_flag=True, help="errors and frames per DIMM, bank and row "
+              "(like 'ras-mc-ctl --summary')")
 @click.pass_context
-def badpages_group(ctx, as_json, boot_option, history):
+def badpages_group(ctx, as_json, boot_option, history, summary):
     """The retired-page list: retired, pending, failed and accounted frames with reasons."""
     if ctx.invoked_subcommand is not None:
         return
@@ -408,6 +429,15 @@ def badpages_group(ctx, as_json, boot_option, history):
             click.echo(f"  {len(h['events'])} events")
         return
     st = status(store)
+    if summary:
+        from ..ras.inventory import dimm_summary, dimm_summary_lines
+        dimms = dimm_summary(st["frames"])
+        if as_json:
+            emit("badpages", 0, summary=True, counts=st["counts"], dimms=dimms)
+            return
+        for line in dimm_summary_lines(dimms):
+            click.echo(line)
+        return
     if as_json:
         emit("badpages", 0, **st)  # boot_option: computed from the list (nothing written)
         return

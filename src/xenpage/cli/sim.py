@@ -113,34 +113,43 @@ def host_create(obj: Ctx, mem_mib, dom0_mib, pv, hvm, pvh, no_guests, pcpus, as_
         if pvh:
             spec.pvh_guests = _parse_guests(pvh, "PVH")
     check_host_sizes(spec)
-    try:
-        host = build_host(spec)
-    except Exception as e:  # the simulator's DomainError/GuestError: the CLI imports neither
-        what = "dom0 does not fit" if "dom0" in str(e) else str(e)
-        fail(f"the sizes do not fit in a {mem_mib} MiB host once Xen has its own memory "
-             f"({what}); nothing done", 1)
+    from .progress import activity
     path = host_path(obj.paths.state_dir)
-    try:
-        host.save(path)
-    except HFE as e:
-        fail(str(e), 2)
-    summary = host_summary(host)
+    with activity(f"booting a {mem_mib} MiB host and its guests ...") as say:
+        try:
+            host = build_host(spec)
+        except Exception as e:  # the simulator's DomainError/GuestError: the CLI imports neither
+            what = "dom0 does not fit" if "dom0" in str(e) else str(e)
+            fail(f"the sizes do not fit in a {mem_mib} MiB host once Xen has its own memory "
+                 f"({what}); nothing done", 1)
+        say(f"saving the {mem_mib} MiB host to {path} ...")
+        try:
+            host.save(path)
+        except HFE as e:
+            fail(str(e), 2)
     if as_json:
-        emit("host create", 0, path=str(path), **summary)
+        emit("host create", 0, path=str(path), **host_summary(host))
     else:
         click.echo(f"created a {mem_mib} MiB host with {len(host.guest_domains())} domains in {path}")
 
 
 def host_summary(host) -> dict:
+    import numpy as np
+
     from ..abi import mm
-    counts = {}
     ci = host.ft.count_info
-    st = (ci >> mm.PGC_state_shift) & 3
-    for s, name in mm.STATE_NAMES.items():
-        counts[name] = int((st == s).sum())
-    valid = host.e820.valid_window(0, host.nframes)
-    counts["invalid"] = int((~valid).sum())
-    counts["broken"] = int(((ci & mm.PGC_broken) != 0).sum())
+    by_state = np.zeros(4, dtype=np.int64)
+    invalid = broken = 0
+    step = 1 << 22  # a slice at a time: no temporary the size of the frame table
+    for a in range(0, host.nframes, step):
+        part = ci[a:a + step]
+        by_state += np.bincount(((part >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)).astype(np.uint8),
+                                minlength=4)
+        broken += int(np.count_nonzero(part & np.uint64(mm.PGC_broken)))
+        invalid += int(part.size - np.count_nonzero(host.e820.valid_window(a, part.size)))
+    counts = {name: int(by_state[s]) for s, name in mm.STATE_NAMES.items()}
+    counts["invalid"] = invalid
+    counts["broken"] = broken
     return {
         "backend": "sim",
         "max_mfn": host.max_page,
@@ -311,12 +320,17 @@ def year_cmd(obj: Ctx, hosts, seed, days, policies, plot_path, as_json):
     if plot_path:
         _need_plotting()
     pols = policies or year.DEFAULT_POLICIES
+    from .progress import activity, frames_progress
+    runs = len(pols) * max(hosts, 0)
     try:
-        rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days)
+        with frames_progress("a year of errors", runs, unit="host-years") as advance:
+            rep = year.compare(pols, seeds=range(seed, seed + hosts), days=days,
+                               progress=(lambda *_: advance(1)) if advance else None)
     except ThresholdError as e:
         fail(f"{e}", 2)
     if plot_path:
-        year.plot(rep, plot_path)
+        with activity(f"plotting {plot_path} ..."):
+            year.plot(rep, plot_path)
         rep["plot"] = str(plot_path)
     if as_json:
         emit("year", 0, **rep)

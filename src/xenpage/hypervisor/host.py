@@ -157,8 +157,8 @@ class Host:
         ft.type_info[M2P_BASE:m2p_end] = _U(mm.PGT_none | mm.PGT_validated | 1)
         ft.set_owner(slice(M2P_BASE, m2p_end), DOMID_XEN)
         ft.set_m2p_frames(self.m2p_chunks)
-        hidx = np.flatnonzero(heap)
-        ft.count_info[hidx] = _U(mm.PGC_state_free)
+        # by mask: an index array of every heap frame would be 8 bytes a frame
+        np.copyto(ft.count_info, _U(mm.PGC_state_free), where=heap)
         self.heap.rebuild(0, n)
         # Frames between the relocation base and the image go back to the heap (in the lab the
         # end of dom0's initrd lands there); Xen's run-time anonymous allocations follow.

@@ -203,3 +203,166 @@ def query_range(host: "Host", start: int, end: int) -> tuple[int, np.ndarray]:
     out[(ci[:k] & _U(mm.PGC_broken)) != 0] |= S.PG_OFFLINE_STATUS_BROKEN
     status[:k] = out
     return (-E.EINVAL if k < n else 0), status
+
+
+# -- many one-frame calls at once -------------------------------------------------------------
+
+def _facts(host: "Host", mfns: np.ndarray):
+    """:func:`_window` for an arbitrary array of frames (``mfns`` int64)."""
+    e = host.e820
+    valid = np.zeros(mfns.size, dtype=bool)
+    ram = np.zeros(mfns.size, dtype=bool)
+    g = 16  # PDX group: 2^16 frames (e820.valid_window)
+    for s, t in e.ram_frame_ranges():
+        ram |= (mfns >= s) & (mfns < t)
+        gs, gt = (s >> g) << g, (((t - 1) >> g) + 1) << g
+        valid |= (mfns >= gs) & (mfns < min(gt, e.max_page))
+    inside = mfns < host.nframes
+    idx = np.where(inside, mfns, 0)
+    ci = np.where(inside, host.ft.count_info[idx], np.uint64(0))
+    own = np.where(inside, host.ft.owner1[idx], np.uint16(0))
+    xs, xe = host.xen_image
+    xen = (mfns >= xs) & (mfns < xe)
+    return valid, ram, xen, ci, own
+
+
+def query_each(host: "Host", mfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``query_page_offline`` as one one-frame sysctl per MFN: ``(rc, status)`` arrays."""
+    mfns = np.asarray(mfns, dtype=np.int64)
+    valid, ram, xen, ci, own = _facts(host, mfns)
+    ok = valid & ram
+    state = ((ci & _STATE) >> _SHIFT).astype(np.int8)
+    out = np.zeros(mfns.size, dtype=np.uint32)
+    out[state == mm.STATE_OFFLINING] |= S.PG_OFFLINE_STATUS_OFFLINE_PENDING
+    out[state == mm.STATE_OFFLINED] |= S.PG_OFFLINE_STATUS_OFFLINED
+    out[(ci & _U(mm.PGC_broken)) != 0] |= S.PG_OFFLINE_STATUS_BROKEN
+    status = np.where(ok, out, np.uint32(S.STATUS_UNTOUCHED)).astype(np.uint32)
+    rcs = np.where(ok, 0, -E.EINVAL).astype(np.int32)
+    return rcs, status
+
+
+def _each_by_one(fn, host: "Host", mfns: np.ndarray, **kw) -> tuple[np.ndarray, np.ndarray]:
+    rcs = np.zeros(mfns.size, dtype=np.int32)
+    status = np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
+    for i, m in enumerate(mfns.tolist()):
+        rc, st = fn(host, m, m, **kw)
+        rcs[i], status[i] = rc, st[0]
+    return rcs, status
+
+
+def online_each(host: "Host", mfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``online_page`` as one one-frame sysctl per MFN, in the order given."""
+    return _each_by_one(online_range, host, np.asarray(mfns, dtype=np.int64))
+
+
+def offline_each(host: "Host", mfns: np.ndarray, pcpu: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``offline_page`` as one one-frame sysctl per MFN, in the order given (what a toolstack
+    offlining frames highest first issues): ``(rc, status)`` arrays, and the host left
+    exactly as those calls leave it, heap lists and offlined list in their order included.
+
+    Vectorised when the calls cannot interact beyond what is modelled here: distinct
+    frames, no populate-on-demand cache page, no owner whose PoD lock the calls could
+    corrupt or hang on, nothing already broken and owned, an aligned heap, and every free
+    frame the last free frame of its buddy when its call comes (frames of one buddy offlined
+    from its end down: then Xen 4.17's ``reserve_offlined_page`` split and the fixed one
+    agree, each leaving the maximal aligned pieces below the frame).  Otherwise the calls
+    are made one by one."""
+    mfns = np.asarray(mfns, dtype=np.int64)
+    n = mfns.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.uint32)
+    srt = np.sort(mfns)
+    if n < 64 or (srt[1:] == srt[:-1]).any():
+        return _each_by_one(offline_range, host, mfns, pcpu=pcpu)
+    valid, ram, xen, ci, own = _facts(host, mfns)
+    stop = ~valid | xen | ~ram
+    ok = ~stop
+    state = ((ci & _STATE) >> _SHIFT).astype(np.int8)
+    count = ci & _U(mm.PGC_count_mask)
+    broken = (ci & _U(mm.PGC_broken)) != 0
+    if (ok & broken & (own != 0)).any():          # AGAIN: crashes the owner
+        return _each_by_one(offline_range, host, mfns, pcpu=pcpu)
+    to_offlining = ok & ((state == mm.STATE_INUSE) | (state == mm.STATE_OFFLINING))
+    has_owner = to_offlining & (count != 0) & (own != 0)
+    owners = np.unique(own[has_owner]).tolist()
+    for o in owners:
+        d = host.domains.get(o - 1)
+        if d is None:
+            continue
+        if d.hvm and d.pod_cache:
+            return _each_by_one(offline_range, host, mfns, pcpu=pcpu)
+        if not d.is_system and not d.hvm and host.quirks.pod_lock_hang and \
+                (d.pod_lock == POD_LOCK_CORRUPT or (pcpu == 0 and d.pod_lock == POD_LOCK_PRISTINE)):
+            return _each_by_one(offline_range, host, mfns, pcpu=pcpu)
+    free_mask = ok & (state == mm.STATE_FREE)
+    free = mfns[free_mask]
+    heap = host.heap
+    chunks = _last_of_buddies(host, free) if free.size else ([], [])
+    if chunks is None:
+        return _each_by_one(offline_range, host, mfns, pcpu=pcpu)
+    # from here on nothing falls back: apply, in the calls' effect
+    for o in owners:
+        _pod_lock(host, o - 1, 1, pcpu)
+    ft = host.ft
+    if free.size:
+        ft.count_info[free] = (ft.count_info[free] & _NOT_STATE) | _U(mm.PGC_state_offlined)
+        for (h, k), low in zip(*chunks):
+            heap._remove(h, k)
+            rest, pos = low - h, h
+            for j in range(k - 1, -1, -1):  # the aligned pieces of [h, low), lowest first
+                if rest & (1 << j):
+                    heap._add(pos, j, tail=True)
+                    pos += 1 << j
+        heap._list_offlined(free)
+    inuse = mfns[to_offlining & (state == mm.STATE_INUSE)]
+    ft.count_info[inuse] = (ft.count_info[inuse] & _NOT_STATE) | _U(mm.PGC_state_offlining)
+    status = np.full(n, S.STATUS_UNTOUCHED, dtype=np.uint32)
+    rcs = np.zeros(n, dtype=np.int32)
+    status[ok & ((state == mm.STATE_FREE) | (state == mm.STATE_OFFLINED))] = S.PG_OFFLINE_OFFLINED
+    status[has_owner] = (S.PG_OFFLINE_OWNED | S.PG_OFFLINE_PENDING
+                         | (own[has_owner].astype(np.uint32) - 1) << S.PG_OFFLINE_OWNER_SHIFT)
+    no_owner = to_offlining & ~has_owner
+    xh = no_owner & ((ci & _U(mm.PGC_xen_heap)) != 0)
+    status[xh] = S.PG_OFFLINE_XENPAGE | S.PG_OFFLINE_PENDING | (DOMID_XEN << S.PG_OFFLINE_OWNER_SHIFT)
+    status[no_owner & ~xh] = (S.PG_OFFLINE_ANONYMOUS | S.PG_OFFLINE_FAILED
+                              | (DOMID_INVALID << S.PG_OFFLINE_OWNER_SHIFT))
+    inv = ~valid
+    rcs[inv] = -E.EINVAL
+    xenf = valid & xen
+    status[xenf] = S.PG_OFFLINE_XENPAGE | S.PG_OFFLINE_FAILED | (DOMID_XEN << S.PG_OFFLINE_OWNER_SHIFT)
+    rcs[xenf] = -E.EPERM
+    nr = valid & ~xen & ~ram
+    status[nr] = S.PG_OFFLINE_FAILED | S.PG_OFFLINE_NOT_CONV_RAM
+    rcs[nr] = -E.EINVAL
+    return rcs, status
+
+
+def _last_of_buddies(host: "Host", free: np.ndarray):
+    """For free frames offlined one by one in this order: their buddies ``[(head, order)]``
+    in the order they are first met and the lowest frame taken from each, when every frame
+    is the last free frame of its buddy at its turn (an aligned heap, frames strictly
+    descending, and each buddy's frames a run up to its end); else None."""
+    heap = host.heap
+    if heap.misaligned or (free.size > 1 and not (np.diff(free) < 0).all()):
+        return None
+    bo = host.ft.buddy_order
+    head = np.full(free.size, -1, dtype=np.int64)
+    order = np.zeros(free.size, dtype=np.int64)
+    for k in range(heap.max_order + 1):
+        left = head < 0
+        if not left.any():
+            break
+        h = free[left] & ~np.int64((1 << k) - 1)
+        hit = bo[h] == k + 1
+        sel = np.flatnonzero(left)[hit]
+        head[sel], order[sel] = h[hit], k
+    if (head < 0).any():
+        return None  # a free frame on no list: the one-by-one path says what Xen does
+    heads, first, counts = np.unique(head, return_index=True, return_counts=True)  # few heads
+    ords = order[first]
+    hi = np.maximum.reduceat(free[np.argsort(head, kind="stable")], np.r_[0, np.cumsum(counts)[:-1]])
+    lo = np.minimum.reduceat(free[np.argsort(head, kind="stable")], np.r_[0, np.cumsum(counts)[:-1]])
+    if not ((hi == heads + (np.int64(1) << ords) - 1) & (hi - lo + 1 == counts)).all():
+        return None
+    met = np.argsort(first)  # buddies in call order (descending frames: descending heads)
+    return ([(int(heads[i]), int(ords[i])) for i in met], [int(lo[i]) for i in met])

@@ -12,6 +12,7 @@ merged chunks to the tail, and allocation takes the head, as Xen's page lists do
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import repeat
 from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
@@ -153,8 +154,13 @@ class Heap:
             (self.broken_list if br[0] else self.offlined_list)[int(mfns[0])] = None
             return
         # Interleaved order matters only within each list; each list keeps its own order.
-        self.broken_list.update(dict.fromkeys(mfns[br].tolist()))
-        self.offlined_list.update(dict.fromkeys(mfns[~br].tolist()))
+        # (no temporary dict: a million frames offlined at once make one dict, not two)
+        for name, sel in (("broken_list", br), ("offlined_list", ~br)):
+            keys = mfns[sel].tolist()
+            if not getattr(self, name):
+                setattr(self, name, dict.fromkeys(keys))
+            else:
+                getattr(self, name).update(zip(keys, repeat(None)))
 
     def chunk_of(self, mfn: int) -> tuple[int, int] | None:
         """The free chunk (head, order) containing ``mfn``, if any: ``reserve_heap_page``

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..abi import errno as E
 from ..abi import sysctl as S
-from .offline import offline_range, online_range, query_range
+from .offline import offline_each, offline_range, online_each, online_range, query_each, query_range
 
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
@@ -44,6 +44,29 @@ def page_offline_op(host: "Host", caller: int, cmd: int, start: int, end: int,
     if cmd == S.sysctl_query_page_offline:
         return query_range(host, start, end)
     return -E.EINVAL, np.full(n, S.STATUS_UNTOUCHED, dtype=np.uint32)
+
+
+def page_offline_each(host: "Host", caller: int, cmd: int, mfns: np.ndarray,
+                      pcpu: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The sysctl issued once per MFN as a one-frame call (``start == end``), in the order
+    given: ``(rc, status)`` arrays, each element what that call answers.  A one-frame status
+    array always fits (``xzalloc_array`` of 4 bytes); a caller that may not call the sysctl
+    gets -EPERM for every frame with its status untouched."""
+    mfns = np.asarray(mfns, dtype=np.int64).ravel()
+    if mfns.size and (mfns.min() < 0 or mfns.max() > S.MFN_FIELD_MAX):
+        raise ValueError("page_offline_op: start and end are 32-bit fields")
+    d = host.domains.get(caller)
+    if d is None or not d.privileged:
+        return (np.full(mfns.size, -E.EPERM, dtype=np.int32),
+                np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32))
+    if cmd == S.sysctl_page_offline:
+        return offline_each(host, mfns, pcpu=pcpu)
+    if cmd == S.sysctl_page_online:
+        return online_each(host, mfns)
+    if cmd == S.sysctl_query_page_offline:
+        return query_each(host, mfns)
+    return (np.full(mfns.size, -E.EINVAL, dtype=np.int32),
+            np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32))
 
 
 def _status_array_fits(host: "Host", n: int) -> bool:

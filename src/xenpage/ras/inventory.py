@@ -237,3 +237,91 @@ def summary(tables: dict, top: int = 10) -> dict:
                                                  "unretirable", "errors", "errors_per_day",
                                                  "frames", "retired"]).to_pylist(),
     }
+
+
+# -- one host's list grouped by DIMM, bank and row (``ras-mc-ctl --summary``) ------------------
+
+_STATES = ("retired", "pending", "failed", "accounted")
+
+
+def _tally() -> dict:
+    return {"corrected": 0, "uncorrected": 0, "frames": {s: 0 for s in _STATES}, "nframes": 0}
+
+
+def _add(t: dict, f: dict) -> None:
+    # the list counts corrected errors (``errors``) and uncorrected ones apart
+    t["uncorrected"] += int(f.get("uncorrected") or 0)
+    t["corrected"] += int(f.get("errors") or 0)
+    st = str(f.get("state") or "")
+    t["frames"][st] = t["frames"].get(st, 0) + 1
+    t["nframes"] += 1
+
+
+def dimm_summary(frames: list[dict]) -> list[dict]:
+    """A retired-page list's frames (``Frame.to_json``: errors (corrected), uncorrected, state and the
+    decoded ``location`` of their errors -- socketid, channel, dimm, rank, bankgroup,
+    dram_bank, row as :mod:`.sources` decodes them) grouped as ``ras-mc-ctl --summary``
+    groups rasdaemon's events: per DIMM (socket:channel:dimm), then per bank (rank,
+    bankgroup, bank) and row.  DIMMs in location order; a frame whose location was not
+    decoded counts under a DIMM of ``None`` fields (``location unknown``)."""
+    dimms: dict[tuple, dict] = {}
+    for f in frames:
+        loc = f.get("location") or {}
+        key = tuple(loc.get(k) for k in ("socketid", "channel", "dimm"))
+        d = dimms.get(key)
+        if d is None:
+            d = dimms[key] = dict(_tally(), socket=key[0], channel=key[1], dimm=key[2], banks={})
+        _add(d, f)
+        bkey = tuple(loc.get(k) for k in ("rank", "bankgroup", "dram_bank"))
+        if all(v is None for v in bkey):
+            continue
+        b = d["banks"].get(bkey)
+        if b is None:
+            b = d["banks"][bkey] = dict(_tally(), rank=bkey[0], bankgroup=bkey[1], bank=bkey[2], rows={})
+        _add(b, f)
+        row = loc.get("row")
+        if row is not None:
+            r = b["rows"].get(row)
+            if r is None:
+                r = b["rows"][row] = dict(_tally(), row=row)
+            _add(r, f)
+
+    def order(k: tuple) -> tuple:
+        return tuple((v is None, v if v is not None else 0) for v in k)
+
+    out = []
+    for k in sorted(dimms, key=order):
+        d = dimms[k]
+        banks = []
+        for bk in sorted(d["banks"], key=order):
+            b = d["banks"][bk]
+            b["rows"] = [b["rows"][r] for r in sorted(b["rows"])]
+            banks.append(b)
+        d["banks"] = banks
+        d["label"] = (f"{k[0]}:{k[1]}:{k[2]}" if None not in k else
+                      "location unknown" if all(v is None for v in k) else
+                      ":".join("?" if v is None else str(v) for v in k))
+        out.append(d)
+    return out
+
+
+def _counts(t: dict) -> str:
+    fr = ", ".join(f"{n} {s}" for s, n in t["frames"].items() if n)
+    return (f"{t['corrected']} corrected, {t['uncorrected']} uncorrected errors; "
+            f"{t['nframes']} frame{'s' if t['nframes'] != 1 else ''}" + (f" ({fr})" if fr else ""))
+
+
+def dimm_summary_lines(dimms: list[dict]) -> list[str]:
+    """:func:`dimm_summary` as text, laid out like ``ras-mc-ctl --summary``'s memory section."""
+    if not dimms:
+        return ["No Memory errors."]
+    lines = ["Memory controller events summary:"]
+    for d in dimms:
+        where = ("location unknown" if d["label"] == "location unknown" else
+                 f"DIMM {d['label']} (socket:channel:dimm)")
+        lines.append(f"\t{where}: {_counts(d)}")
+        for b in d["banks"]:
+            lines.append(f"\t\trank {b['rank']} bankgroup {b['bankgroup']} bank {b['bank']}: {_counts(b)}")
+            for r in b["rows"]:
+                lines.append(f"\t\t\trow {r['row']:#x}: {_counts(r)}")
+    return lines

@@ -53,19 +53,20 @@ def _fail_value(method: str, err: int):
 
 #: Calls that can fail with an errno (the others -- physinfo, m2p, domain_list, wait,
 #: vcpu_affinity -- are reads of mapped tables or local).
-FALLIBLE = ("page_offline_op", "pause", "unpause", "resume", "destroy", "set_vcpu_affinity",
+FALLIBLE = ("page_offline_op", "page_offline_each", "pause", "unpause", "resume", "destroy", "set_vcpu_affinity",
             "xs_read", "xs_write", "domain_info", "pv_p2m_frames", "pv_p2m_frame_lists",
             "map_foreign", "page_types", "grant_entries", "mmu_update", "mmuext_op",
             "memory_exchange", "decrease_reservation", "populate_physmap", "read_pages",
             "write_pages")
 #: Calls that change the host.
-MUTATING = ("page_offline_op", "pause", "unpause", "resume", "destroy", "set_vcpu_affinity",
+MUTATING = ("page_offline_op", "page_offline_each", "pause", "unpause", "resume", "destroy", "set_vcpu_affinity",
             "xs_write", "mmu_update", "mmuext_op", "memory_exchange", "map_foreign", "wait",
             "decrease_reservation", "populate_physmap", "write_pages")
 WRAPPED = FALLIBLE + ("physinfo", "max_mfn", "domain_list", "vcpu_affinity", "m2p", "wait")
 
 DEFAULT_ERRNO = {"memory_exchange": E.ENOMEM, "mmu_update": E.EINVAL, "mmuext_op": E.EINVAL,
-                 "map_foreign": E.EFAULT, "page_offline_op": E.EBUSY, "xs_write": E.EACCES,
+                 "map_foreign": E.EFAULT, "page_offline_op": E.EBUSY, "page_offline_each": E.EBUSY,
+                 "xs_write": E.EACCES,
                  "resume": E.EINVAL}
 
 
@@ -151,6 +152,20 @@ class FaultyHypervisor:
         return result
 
     def _fail(self, method: str, err: int, partial: int, args, kw):
+        if method == "page_offline_each":
+            # one hypercall per frame: the call for frame ``partial`` fails (status
+            # untouched), the calls before and after it reach the backend
+            from ..abi import sysctl as S
+            cmd, mfns = args[0], np.asarray(args[1] if len(args) > 1 else kw["mfns"], dtype=np.int64)
+            rcs = np.zeros(mfns.size, dtype=np.int32)
+            sts = np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
+            k = min(partial, max(mfns.size - 1, 0))
+            for sl in (slice(0, k), slice(k + 1, mfns.size)):
+                if mfns[sl].size:
+                    rcs[sl], sts[sl] = self.inner.page_offline_each(cmd, mfns[sl])
+            if mfns.size:
+                rcs[k] = -abs(err)
+            return rcs, sts
         if partial and method == "mmu_update":
             reqs, fd = args[0], args[1] if len(args) > 1 else kw["foreigndom"]
             reqs = np.asarray(reqs, dtype=np.uint64).reshape(-1, 2)

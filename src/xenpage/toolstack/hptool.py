@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import functools
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
 
 from ..abi import errno as E
 from ..abi import sysctl as S
@@ -193,57 +197,126 @@ _REFUSAL_WORDS = (S.PG_OFFLINE_FAILED | S.PG_OFFLINE_NOT_CONV_RAM,
 MAX_RANGE_CALL = 1 << 20
 
 
-def _runs(mfns: list[int]) -> list[tuple[int, int]]:
-    """Maximal runs of consecutive increasing MFNs, as (first, last)."""
+def _runs(mfns: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive increasing MFNs, as (first, last), each at most
+    :data:`MAX_RANGE_CALL` frames."""
+    import numpy as np
+    if mfns.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(mfns) != 1) + 1
     out: list[tuple[int, int]] = []
-    for m in mfns:
-        if out and m == out[-1][1] + 1 and m - out[-1][0] < MAX_RANGE_CALL:
-            out[-1] = (out[-1][0], m)
-        else:
-            out.append((m, m))
+    for s_, e_ in zip(np.r_[0, cut].tolist(), np.r_[cut, mfns.size].tolist()):
+        first, last = int(mfns[s_]), int(mfns[e_ - 1])
+        for a in range(first, last + 1, MAX_RANGE_CALL):
+            out.append((a, min(last, a + MAX_RANGE_CALL - 1)))
     return out
 
 
-def mark_offline_many(hv: Hypervisor, mfns: list[int], highest_first: bool = False,
-                      record_dir=None) -> list[tuple[int, int]]:
-    """``(rc, status)`` per MFN, exactly as ``xc_mark_page_offline(mfn, mfn)`` one frame at a
-    time would answer, but issued as range calls over runs of consecutive MFNs (the sysctl
-    walks a range frame by frame and stops at the first refusal; the walk resumes after it),
-    with dom0 kept off pCPU 0 once for the whole batch.
+#: Frames per ``page_offline_each`` call when the caller watches progress.
+EACH_BATCH = 1 << 16
 
-    ``highest_first``: one call per frame, from the highest MFN down, so that each free frame
-    is the last of its buddy when offlined (:mod:`.split_guard`); answers in the given order.
-    ``record_dir``: where dom0's affinity is recorded while pinned (:func:`.pcpu.off_pcpu0`)."""
+
+def mark_offline_array(hv: Hypervisor, mfns, highest_first: bool = False, record_dir=None,
+                       progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """``(rc, status)`` arrays, element i exactly what ``xc_mark_page_offline(m, m)`` for
+    ``mfns[i]`` one frame at a time would answer, with dom0 kept off pCPU 0 once for the whole
+    batch and no Python object per frame.
+
+    ``highest_first``: one-frame calls (``page_offline_each``) from the highest MFN down, so
+    that each free frame is the last of its buddy when offlined (:mod:`.split_guard`).
+    Otherwise range calls over runs of consecutive MFNs (the sysctl walks a range frame by
+    frame and stops at the first refusal; the walk resumes after it).
+    ``record_dir``: where dom0's affinity is recorded while pinned (:func:`.pcpu.off_pcpu0`).
+    ``progress(n)``: called with the number of frames each step has answered."""
+    import numpy as np
+    mfns = np.asarray(mfns, dtype=np.int64).ravel()
+    rcs = np.zeros(mfns.size, dtype=np.int32)
+    sts = np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
+    if mfns.size == 0:
+        return rcs, sts
+    uniq, inv = _unique_inverse(mfns)
     if highest_first:
-        got: dict[int, tuple[int, int]] = {}
+        desc = uniq[::-1]
+        r_u = np.empty(desc.size, dtype=np.int32)
+        s_u = np.empty(desc.size, dtype=np.uint32)
+        step = EACH_BATCH if progress else desc.size
         with off_pcpu0(hv, record_dir=record_dir):
-            for m in sorted(set(mfns), reverse=True):
-                rc, st = hv.page_offline_op(S.sysctl_page_offline, m, m)
-                got[m] = (rc, int(st[0]) if st is not None else S.STATUS_UNTOUCHED)
-        return [got[m] for m in mfns]
-    out: list[tuple[int, int]] = []
+            for a in range(0, desc.size, step):
+                r_u[a:a + step], s_u[a:a + step] = hv.page_offline_each(
+                    S.sysctl_page_offline, desc[a:a + step])
+                if progress:
+                    progress(min(step, desc.size - a))
+        r_u, s_u = r_u[::-1], s_u[::-1]
+        return r_u[inv], s_u[inv]
+    # range calls over runs, in the order of the MFNs given (repeats answered as the first)
+    order = first_occurrences(mfns)
+    r_o = np.zeros(order.size, dtype=np.int32)
+    s_o = np.full(order.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
+    pos = 0
     with off_pcpu0(hv, record_dir=record_dir):
-        for first, last in _runs(list(mfns)):
+        for first, last in _runs(order):
             cur = first
             while cur <= last:
                 rc, st = hv.page_offline_op(S.sysctl_page_offline, cur, last)
                 if st is None:  # refused as a whole (e.g. -ENOMEM): one frame at a time
                     for m in range(cur, last + 1):
                         r1, s1 = hv.page_offline_op(S.sysctl_page_offline, m, m)
-                        out.append((r1, int(s1[0]) if s1 is not None else S.STATUS_UNTOUCHED))
+                        r_o[pos], s_o[pos] = r1, int(s1[0]) if s1 is not None else S.STATUS_UNTOUCHED
+                        pos += 1
                     break
-                words = st.tolist()
                 if rc == 0:
-                    out.extend((0, w) for w in words)
+                    s_o[pos:pos + st.size] = st
+                    pos += st.size
                     break
                 # The walk stopped at a refused frame: either the first untouched slot (an
                 # invalid MFN) or the last written one (its refusal word).
-                u = next((i for i, w in enumerate(words) if w == S.STATUS_UNTOUCHED), len(words))
-                k = u - 1 if u > 0 and (u == len(words) or words[u - 1] in _REFUSAL_WORDS) else u
-                out.extend((0, w) for w in words[:k])
-                out.append((rc, words[k]))
+                unt = np.flatnonzero(st == S.STATUS_UNTOUCHED)
+                u = int(unt[0]) if unt.size else st.size
+                k = u - 1 if u > 0 and (u == st.size or int(st[u - 1]) in _REFUSAL_WORDS) else u
+                s_o[pos:pos + k] = st[:k]
+                r_o[pos + k], s_o[pos + k] = rc, st[k]
+                pos += k + 1
                 cur += k + 1
-    return out
+            if progress:
+                progress(last - first + 1)
+    where = np.searchsorted(uniq, order)
+    r_u = np.empty(uniq.size, dtype=np.int32)
+    s_u = np.empty(uniq.size, dtype=np.uint32)
+    r_u[where], s_u[where] = r_o, s_o
+    return r_u[inv], s_u[inv]
+
+
+def _unique_inverse(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, return_inverse=True)`` by one sort (numpy 2.4's hashing unique takes
+    seconds on a million consecutive frames)."""
+    import numpy as np
+    if a.size and (a[1:] > a[:-1]).all():
+        return a, np.arange(a.size)
+    srt = np.argsort(a, kind="stable")
+    s = a[srt]
+    new = np.r_[True, s[1:] != s[:-1]]
+    inv = np.empty(a.size, dtype=np.int64)
+    inv[srt] = np.cumsum(new) - 1
+    return s[new], inv
+
+
+def first_occurrences(a: np.ndarray) -> np.ndarray:
+    """The distinct values of ``a`` in the order they first occur (by one stable sort)."""
+    import numpy as np
+    a = np.asarray(a, dtype=np.int64).ravel()
+    if a.size < 2 or (a[1:] > a[:-1]).all():
+        return a
+    srt = np.argsort(a, kind="stable")
+    s = a[srt]
+    first = srt[np.r_[True, s[1:] != s[:-1]]]
+    return a[np.sort(first)]
+
+
+def mark_offline_many(hv: Hypervisor, mfns: list[int], highest_first: bool = False,
+                      record_dir=None) -> list[tuple[int, int]]:
+    """:func:`mark_offline_array` as a list of ``(rc, status)`` pairs."""
+    rcs, sts = mark_offline_array(hv, mfns, highest_first, record_dir)
+    return list(zip(rcs.tolist(), sts.tolist()))
 
 
 def mem_offline_marks(hv: Hypervisor, mfns: list[int], highest_first: bool = False,

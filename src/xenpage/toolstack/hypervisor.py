@@ -137,6 +137,14 @@ class Hypervisor(Protocol):
         Xen, so a one-frame query loads no numpy."""
         ...
 
+    def page_offline_each(self, cmd: int, mfns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The sysctl once per MFN, each a one-frame call (``start == end``), in the order
+        given: ``(rc, status)`` as int32 and uint32 arrays, element i what the call for
+        ``mfns[i]`` answered (rc 0 or a negative errno; status 0x01010101 where Xen wrote
+        nothing).  What a toolstack offlining frames highest first issues
+        (:mod:`.split_guard`), without a Python object per frame."""
+        ...
+
     def split_misaligns(self) -> bool:
         """Whether this Xen's ``reserve_offlined_page`` can leave misaligned free buddies
         (Xen 4.17; see :mod:`xenpage.toolstack.split_guard`)."""

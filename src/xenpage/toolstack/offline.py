@@ -24,6 +24,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..abi import sysctl as S
 from ..abi import xen as X
 from . import hptool, journal, prescan
@@ -92,9 +94,10 @@ def resume_guest(hv: Hypervisor, domid: int, tries: int = 4) -> int:
     return rc
 
 
-def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEND_TIMEOUT,
+def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
                 hook=None, journal_dir=None, retire: RetireOptions | None = None,
-                split_guard: bool | None = None) -> OfflineResult:
+                split_guard: bool | None = None, each: bool = True, summary: bool = False,
+                progress=None) -> OfflineResult:
     """``journal_dir`` (the CLI passes the state directory of :mod:`xenpage.paths`, on
     either backend; None: no journal) holds the write-ahead journal of each exchange, the
     split-guard record and the record of dom0's affinity while pinned; what an interrupted
@@ -102,7 +105,14 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     ``retire``: how HVM guests' frames are retired and whether PV frames left pending fall
     back to migration (default: migrate HVM guests to the same host).
     ``split_guard``: guard frames against Xen 4.17's misaligned buddy split (default: when
-    the backend's Xen has that defect; :mod:`.split_guard`)."""
+    the backend's Xen has that defect; :mod:`.split_guard`).
+    ``each``: xen-hptool's lines for every frame (else, for ranges, one summary line and the
+    outcomes of the frames that were not simply offlined; :func:`summary_line`).
+    ``summary``: with ``each``, the summary line after the frames' lines as well.
+    ``progress(n)``: called as the marking answers n more frames (:mod:`.hptool`).
+
+    The frames are handled as arrays: a Python object is made only for a frame whose answer
+    needs more than "offlined" (and, with ``each``, for every frame's lines)."""
     t_start = time.perf_counter()
     jdir = journal_dir
     recovered = None
@@ -127,46 +137,46 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
                         + "; ".join(recovered.errors))
         except journal.JournalError as e:  # never guess: touch nothing
             stop = str(e)
+    order = hptool.first_occurrences(mfns)
     if stop is not None:
         lock.close()
         report = Report(exit_code=2)
         report.err(f"xenpage: {stop}")
         report.err("xenpage: the journal is kept and the guest left as recovery left it; nothing "
                    "else was done: run 'xenpage recover' once the cause is fixed")
-        outs = [Outcome(m, Kind.REFUSED, Reason.RECOVERY_NEEDED, stop, errno=0) for m in mfns]
+        outs = [Outcome(m, Kind.REFUSED, Reason.RECOVERY_NEEDED, stop, errno=0) for m in order.tolist()]
         report.data = {"command": "mem-offline", "outcomes": [o.to_json() for o in outs],
                        "error": stop}
         return OfflineResult(report, outs, {})
-    per: dict[int, tuple[Report, int, int]] = {}
     outcomes: dict[int, Outcome] = {}
     owned: dict[int, list[int]] = {}
-    order = list(dict.fromkeys(mfns))
     # Xen 4.17 misaligns free buddies split around an offlined frame: guard frames first,
     # then the targets from the highest down (split_guard.py); released at the end
     if split_guard is None:
         split_guard = split_misaligns(hv)
     guard = SplitGuard(hv, jdir) if split_guard else None
     guard_back = _recover_guard(hv, jdir)
+    pin_error: OSError | None = None
     try:
         if guard is not None:
             with off_pcpu0(hv, record_dir=jdir):
                 guard.protect(order)
             journal.crash_point("guarded", hv)
-        # range sysctls over consecutive runs, dom0 pinned off pCPU 0 once
-        marks = hptool.mem_offline_marks(hv, order, highest_first=guard is not None,
-                                         record_dir=jdir)
+        # range sysctls over consecutive runs (or one-frame calls, highest first, when
+        # guarded), dom0 pinned off pCPU 0 once
+        rcs, sts = hptool.mark_offline_array(hv, order, highest_first=guard is not None,
+                                             record_dir=jdir, progress=progress)
     except OSError as e:  # dom0 could not be kept off pCPU 0: nothing marked
-        marks = []
-        for mfn in order:
-            r = Report(exit_code=1)
-            r.out(f"Prepare to offline MEMORY mfn {mfn:x}")
-            r.err(f"xenpage: {e.strerror or e}; mfn {mfn:x} not offlined")
-            marks.append((r, -(e.errno or 1), S.STATUS_UNTOUCHED))
-    for mfn, (r, rc, st) in zip(order, marks):
-        per[mfn] = (r, rc, st)
-        outcomes[mfn] = _classify(mfn, rc, st)
+        pin_error = e
+        rcs = np.full(order.size, -(e.errno or 1), dtype=np.int32)
+        sts = np.full(order.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
+    # a frame simply offlined needs no object; every other one gets its Outcome
+    plain = (rcs == 0) & (sts == S.PG_OFFLINE_OFFLINED)
+    special = np.flatnonzero(~plain)
+    for m, rc, st in zip(order[special].tolist(), rcs[special].tolist(), sts[special].tolist()):
+        outcomes[m] = _classify(m, rc, st)
         if hptool.is_owned_pending(rc, st):
-            owned.setdefault(hptool.owner_of(st), []).append(mfn)
+            owned.setdefault(hptool.owner_of(st), []).append(m)
     timings: dict = {"mark_s": time.perf_counter() - t_start, "guests": {}}
     held = None  # set when a group's journal could not be closed: later PV groups wait
     stopped = None  # set when a state file or memory failed: said on one line, exit 2
@@ -263,23 +273,83 @@ def mem_offline(hv: Hypervisor, mfns: list[int], suspend_timeout: float = SUSPEN
     if recovered is not None:
         for line in recovered.lines():
             report.err(line)
-    for mfn in order:
-        r, rc, st = per[mfn]
-        o = outcomes[mfn]
-        report.lines.extend(r.lines)
-        _explain(report, mfn, rc, st, o)
-        if not _exit_ok(rc, st, o):
-            report.exit_code = 1
+
+    def outcome(i: int, m: int) -> Outcome:
+        o = outcomes.get(m)
+        return o if o is not None else Outcome(m, Kind.OFFLINED, status=int(sts[i]), detail="offlined",
+                                               status_op=S.sysctl_page_offline)
+
+    counts = {"offlined": int(plain.sum())}
+    detail: dict[str, dict[str, int]] = {}
+    for m in order[special].tolist():
+        o = outcomes[m]
+        counts[o.kind.value] = counts.get(o.kind.value, 0) + 1
+        if o.reason.value:
+            d = detail.setdefault(o.kind.value, {})
+            d[o.reason.value] = d.get(o.reason.value, 0) + 1
+    if each:
+        all_outcomes = [outcome(i, m) for i, m in enumerate(order.tolist())]
+        for i, (m, o) in enumerate(zip(order.tolist(), all_outcomes)):
+            rc, st = int(rcs[i]), int(sts[i])
+            if pin_error is not None:
+                r = Report(exit_code=1)
+                r.out(f"Prepare to offline MEMORY mfn {m:x}")
+                r.err(f"xenpage: {pin_error.strerror or pin_error}; mfn {m:x} not offlined")
+            else:
+                r = hptool.offline_report(m, rc, st)
+            report.lines.extend(r.lines)
+            _explain(report, m, rc, st, o)
+            if not _exit_ok(rc, st, o):
+                report.exit_code = 1
+        if summary:
+            report.out(summary_line(order.size, counts, detail))
+        report.data = {"command": "mem-offline", "outcomes": [o.to_json() for o in all_outcomes],
+                       "timings": timings}
+        if summary:
+            report.data["summary"] = {"counts": counts, "reasons": detail}
+    else:
+        if pin_error is not None:
+            report.err(f"xenpage: {pin_error.strerror or pin_error}; nothing offlined")
+        for m, rc, st in zip(order[special].tolist(), rcs[special].tolist(), sts[special].tolist()):
+            if not _exit_ok(rc, st, outcomes[m]):
+                report.exit_code = 1
+        report.out(summary_line(order.size, counts, detail))
+        all_outcomes = [outcomes[m] for m in order[special].tolist()]
+        report.data = {"command": "mem-offline", "frames": int(order.size),
+                       "summary": {"counts": counts, "reasons": detail},
+                       "offlined_runs": _runs_of(order[plain]),
+                       "outcomes": [o.to_json() for o in all_outcomes],
+                       "timings": timings}
     if stopped is not None:
         report.err(f"xenpage: {stopped}")
         report.exit_code = 2
-    report.data = {"command": "mem-offline", "outcomes": [outcomes[m].to_json() for m in order],
-                   "timings": timings}
-    if stopped is not None:
         report.data["error"] = stopped
     if lock is not None:
         lock.close()
-    return OfflineResult(report, [outcomes[m] for m in order], timings)
+    return OfflineResult(report, all_outcomes, timings)
+
+
+def summary_line(n: int, counts: dict[str, int], reasons: dict[str, dict[str, int]]) -> str:
+    """One line for a command over many frames: frames per outcome, and why."""
+    parts = []
+    for kind in [k.value for k in Kind]:
+        c = counts.get(kind, 0)
+        if not c:
+            continue
+        why = reasons.get(kind)
+        parts.append(f"{c} {kind}" + (" (" + ", ".join(f"{r}: {v}" for r, v in sorted(why.items()))
+                                       + ")" if why else ""))
+    return (f"xenpage: mem-offline of {n} frame{'s' if n != 1 else ''}: "
+            + (", ".join(parts) or "nothing done"))
+
+
+def _runs_of(mfns: np.ndarray) -> list[list[int]]:
+    """``[[first, last], ...]``: the runs of consecutive MFNs of an array, in its order."""
+    if mfns.size == 0:
+        return []
+    cut = np.flatnonzero(np.diff(mfns) != 1) + 1
+    return [[int(mfns[a]), int(mfns[b - 1])] for a, b in zip(np.r_[0, cut].tolist(),
+                                                           np.r_[cut, mfns.size].tolist())]
 
 
 def _salvage(hv: Hypervisor, jn, pre, domid: int, group: list[int], failure: str,

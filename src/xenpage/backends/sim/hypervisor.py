@@ -101,6 +101,12 @@ class SimHypervisor:
         return sysctl.page_offline_op(self.host, self.caller, cmd, start, end,
                                       pcpu=self._calling_pcpu())
 
+    def page_offline_each(self, cmd: int, mfns) -> tuple[np.ndarray, np.ndarray]:
+        if cmd != S.sysctl_query_page_offline:
+            self.dirty = True
+        return sysctl.page_offline_each(self.host, self.caller, cmd, mfns,
+                                        pcpu=self._calling_pcpu())
+
     # -- domains ----------------------------------------------------------------------------
     def _info(self, d) -> DomainInfo:
         # a dying domain's name is what xenstore still says, as libxl reads it: gone after

@@ -202,6 +202,31 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
                     return L.neg_errno(), status
         return 0, status
 
+    def page_offline_each(self, cmd: int, mfns) -> tuple[np.ndarray, np.ndarray]:
+        """One libxenctrl call of one frame (``start == end``) per MFN, in the order given,
+        into preallocated arrays (no Python object per frame beyond the loop's)."""
+        mfns = np.asarray(mfns, dtype=np.int64).ravel()
+        if mfns.size and (mfns.min() < 0 or mfns.max() > S.MFN_FIELD_MAX):
+            raise ValueError("page_offline_op: start and end are 32-bit fields")
+        fn = {S.sysctl_page_offline: self.L.xc_mark_page_offline,
+              S.sysctl_page_online: self.L.xc_mark_page_online,
+              S.sysctl_query_page_offline: self.L.xc_query_page_offline_status}.get(cmd)
+        rcs = np.zeros(mfns.size, dtype=np.int32)
+        status = np.full(mfns.size, S.STATUS_UNTOUCHED, dtype=np.uint32)
+        if fn is None:
+            rcs[:] = -E.EINVAL
+            return rcs, status
+        one = c_uint32(S.STATUS_UNTOUCHED)
+        ptr = ctypes.pointer(one)
+        with self._offline_guard(cmd == S.sysctl_page_offline):
+            for i, m in enumerate(mfns.tolist()):
+                one.value = S.STATUS_UNTOUCHED
+                L.clear_errno()
+                if fn(self.xch, m, m, ptr):
+                    rcs[i] = L.neg_errno()
+                status[i] = one.value
+        return rcs, status
+
     @contextmanager
     def _offline_guard(self, offline: bool):
         """Keep an offline off physical CPU 0 even when the caller forgot to (Xen 4.17's
