@@ -38,6 +38,8 @@ XEN_IMAGE_OFFSET = 0x200
 XEN_IMAGE_FRAMES = 0x3A7
 XEN_INIT_OFFSET = 0x1B7
 XEN_INIT_FRAMES = 0xA4
+#: ``_end - _start`` of that image in bytes (``KEXEC_RANGE_MA_XEN`` in the lab: 0x3a6140)
+XEN_IMAGE_BYTES = 0x3A6140
 #: First frame of the M2P's 2 MiB chunks (16 MiB).
 M2P_BASE = 0x1000
 #: ``xen_phys_start`` = top of low RAM rounded down to 2 MiB, minus 6 MiB.
@@ -86,6 +88,8 @@ class Host:
         self.xen_phys_start = 0
         self.xen_image = (0, 0)  # [start, end) frames
         self.xen_init = (0, 0)
+        #: ``_end - _start`` in bytes (what ``KEXEC_RANGE_MA_XEN`` answers)
+        self.xen_image_bytes = XEN_IMAGE_BYTES
         self.xenheap_internal: list[int] = []
         #: heads of the 2 MiB chunks holding the M2P (``XENMEM_machphys_mfn_list``)
         self.m2p_chunks: list[int] = []
@@ -112,11 +116,19 @@ class Host:
         return h
 
     def _free_init_memory(self) -> None:
-        """``free_init_memory``: the init region goes back to the heap (tail of the lists)."""
+        """``init_done`` -> ``init_xenheap_pages`` -> ``init_heap_pages``: the init region goes
+        back to the heap as the largest aligned power-of-two chunks, in address order
+        (``_init_heap_pages``); Xen is running by then (``SYS_STATE_active``), so they are not
+        scrubbed and each goes to the head of its list -- the first frames handed out
+        afterwards, although ``is_xen_fixed_mfn`` still refuses to offline any of them."""
         s, e = self.xen_init
-        for m in range(s, e):
-            self.ft.count_info[m] = _U(0)
-            self.heap.free(m, 0)
+        self.ft.count_info[s:e] = _U(0)
+        while s < e:
+            order = min(self.heap.max_order, (e - s).bit_length() - 1)
+            if s:
+                order = min(order, (s & -s).bit_length() - 1)
+            self.heap.free(s, order)
+            s += 1 << order
 
     def _init_memory(self, cfg: HostConfig) -> None:
         ft, n = self.ft, self.nframes
@@ -166,6 +178,12 @@ class Host:
         for _ in range(cfg.anonymous_frames):
             self.anonymous.append(self.heap.alloc(0))
 
+    def is_xen_fixed(self, mfn: int) -> bool:
+        """``is_xen_fixed_mfn``: inside Xen's image, ``_stext`` .. ``__2M_rwdata_end`` (its
+        freed init region included): ``offline_page`` refuses such a frame for ever."""
+        xs, xe = self.xen_image
+        return xs <= mfn < xe
+
     # -- allocation helpers (xen/common/page_alloc.c) --------------------------------------
     def alloc_xenheap_page(self) -> int:
         """``alloc_xenheap_pages(0)``: an in-use frame with PGC_xen_heap, no owner, count 0."""
@@ -209,8 +227,13 @@ class Host:
         if mfns.size <= 8:
             out: list[int] = []
             for m in mfns.tolist():
+                # scrubbed (to the tails) when its owner is dying or it has none any more
+                # (a frame stolen by XENMEM_exchange); a running domain's goes to the heads
+                o = self.ft.owner(m)
+                d = self.domains.get(o) if o is not None else None
+                scrub = d is None or d.dying
                 self.ft.count_info[m] &= _U(mm.PGC_state | mm.PGC_broken)
-                out += self.heap.free(m, 0)
+                out += self.heap.free(m, 0, scrub=scrub)
             return out
         offl = st == _U(mm.STATE_OFFLINING)
         if ((st != _U(mm.STATE_INUSE)) & ~offl).any():

@@ -112,7 +112,8 @@ def alloc_order0(host: "Host", n: int) -> np.ndarray:
     """``n`` successive ``alloc_heap_pages(order 0)``: from the highest zone, the smallest
     chunk, the top frame first.  Whole chunks are taken at once (the same frames, in the same
     order, as 2^k single allocations from that chunk); a chunk only partly needed is taken
-    whole and its unused low part given back (to the tails of the lists)."""
+    whole and its unused low part given back (to the heads of the lists, where Xen's
+    split leaves those halves)."""
     heap = host.heap
     out: list[np.ndarray] = []
     left = n

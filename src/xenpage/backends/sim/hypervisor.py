@@ -18,6 +18,8 @@ import numpy as np
 
 from ...abi import errno as E
 from ...abi import sysctl as S
+from ...abi.kexec import KEXEC_RANGE_MA_XEN
+from ...abi.memory import XENMEMF_address_bits
 from ...abi.xen import DOMID_XEN, INVALID_M2P_ENTRY
 from ...hypervisor import sysctl
 from ...hypervisor.e820 import MiB
@@ -79,6 +81,12 @@ class SimHypervisor:
 
     def split_misaligns(self) -> bool:
         return bool(self.host.quirks.reserve_misaligned)
+
+    def xen_fixed_range(self) -> tuple[int, int] | None:
+        rc, start, size = self._hc.kexec_get_range(KEXEC_RANGE_MA_XEN)
+        if rc or not size:
+            return None
+        return start >> 12, (start + size + 0xFFF) >> 12
 
     def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
         if cmd != S.sysctl_query_page_offline:
@@ -253,11 +261,13 @@ class SimHypervisor:
         self.dirty = True
         return self._hc.mmuext_op(ops, foreigndom)
 
-    def memory_exchange(self, domid: int, in_mfns, out_gpfns) -> tuple[int, int, list[int]]:
+    def memory_exchange(self, domid: int, in_mfns, out_gpfns, address_bits: int = 0
+                        ) -> tuple[int, int, list[int]]:
         from ...hypervisor.memory import Reservation
         self.dirty = True
         r = self._hc.memory_exchange(Reservation([int(m) for m in in_mfns], 0, domid),
-                                     Reservation([int(g) for g in out_gpfns], 0, domid))
+                                     Reservation([int(g) for g in out_gpfns], 0, domid,
+                                                 XENMEMF_address_bits(address_bits)))
         return r.rc, r.nr_exchanged, r.out
 
     def wait(self, seconds: float) -> None:
