@@ -199,7 +199,7 @@ def _mem_command(name: str, fn):
     return cmd
 
 
-_mem_command("mem-status", hptool.mem_status)
+_mem_command("mem-status", hptool.mem_status_noted)
 _mem_command("mem-online", hptool.mem_online)
 
 
