@@ -499,8 +499,9 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     pending = list(grp)
     exchanged: list[tuple[int, int, int, int]] = []  # (old, gpfn, level, new)
     while pending:
-        rc, nr, outl = hv.memory_exchange(domid, [c[0] for c in pending], [c[1] for c in pending],
-                                          address_bits)
+        ins, outs = [c[0] for c in pending], [c[1] for c in pending]
+        rc, nr, outl = (hv.memory_exchange(domid, ins, outs, address_bits) if address_bits
+                        else hv.memory_exchange(domid, ins, outs))
         for i in range(nr):
             m, g, lvl = pending[i]
             exchanged.append((m, g, lvl, int(outl[i])))
