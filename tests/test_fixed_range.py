@@ -201,3 +201,31 @@ def test_killed_while_moving_off_then_recovered(tmp_path, point):
     p2m = host.pv_p2m(1).astype(np.int64)
     for p, m in zip(pfs, mfns):
         assert p2m[p] != m and host.ft.owner(m) is None  # the first exchange stood
+
+
+def test_hvm_in_place_never_leaves_a_gfn_in_the_fixed_range():
+    """A translated guest's frames retired in place: ``populate_physmap`` takes from the heads
+    of the lists too, so a gfn repopulated from Xen's freed init region is given back and
+    populated again below that zone before its content is copied back."""
+    from xenpage.toolstack.retire import RetireOptions
+    host = build_host()
+    hv = SimHypervisor(host)
+    rng = fixed_range(hv)
+    d = next(x for x in host.guest_domains() if x.hvm and not x.pvh)
+    p2m = host.p2m[d.domid]
+    gfns = [4096 + 37 * k for k in range(12)]
+    mfns = [int(p2m[g]) for g in gfns]
+    calls = []
+
+    class Counting(SimHypervisor):
+        def populate_physmap(self, domid, gfns, address_bits=0):
+            calls.append(address_bits)
+            return super().populate_physmap(domid, gfns, address_bits)
+
+    r = mem_offline(Counting(host), mfns, retire=RetireOptions(hvm="exchange"))
+    assert [o.kind for o in r.outcomes] == [Kind.EXCHANGED] * len(mfns), r.outcomes
+    new = [int(host.p2m[d.domid][g]) for g in gfns]
+    assert not [m for m in new if rng[0] <= m < rng[1]] and not set(new) & set(mfns)
+    assert below_bits(rng) in calls  # some first landed in the init region and moved again
+    host.run_guests(0)
+    assert host.guests[d.domid].verify() == [] and invariants.check(host) == []

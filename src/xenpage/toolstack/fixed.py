@@ -24,7 +24,9 @@ from .hypervisor import Hypervisor
 def fixed_range(hv: Hypervisor) -> tuple[int, int] | None:
     """``[first, end)`` of Xen's fixed range, or None if this Xen does not say."""
     r = hv.xen_fixed_range()
-    return (int(r[0]), int(r[1])) if r else None
+    if not isinstance(r, tuple) or len(r) != 2:  # not said (or a failed call)
+        return None
+    return int(r[0]), int(r[1])
 
 
 def in_fixed_range(mfn: int, rng: tuple[int, int] | None) -> bool:

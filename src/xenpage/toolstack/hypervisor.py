@@ -304,7 +304,7 @@ class MigrationHypervisor(Hypervisor, Protocol):
         """Map ``frames`` writable, copy ``data`` in, unmap."""
         ...
 
-    def populate_physmap(self, domid: int, gfns) -> tuple[int, np.ndarray]:
+    def populate_physmap(self, domid: int, gfns, address_bits: int = 0) -> tuple[int, np.ndarray]:
         """``XENMEM_populate_physmap`` with order-0 extents at the given gfns:
         ``(done or -errno, extents)``.  For a translated (HVM/PVH) guest Xen writes no MFN
         back: ``extents`` is the gfn list as passed."""

@@ -387,13 +387,13 @@ class SimHypervisor:
         self.dirty = True
         return 0, d.domid
 
-    def populate_physmap(self, domid: int, gfns):
+    def populate_physmap(self, domid: int, gfns, address_bits: int = 0):
         """For a translated guest Xen writes no MFN back (``populate_physmap``:
         ``!paging_mode_translate(d)`` guards the copy): the extents come back as passed."""
         from ...hypervisor import hvm
         self.dirty = True
         c = _costs()
-        rc, mfns = hvm.populate_physmap(self.host, self.caller, domid, gfns)
+        rc, mfns = hvm.populate_physmap(self.host, self.caller, domid, gfns, address_bits)
         self.host.clock += c.hypercall_s + max(rc, 0) * (c.page_alloc_s + 4096 / c.memcpy_bps)
         d = self.host.domains.get(domid)
         if d is not None and d.hvm:
