@@ -470,8 +470,11 @@ class Host:
         return Hypercalls(self, domid)
 
     def run_guests(self, seconds: float) -> None:
-        """Let every running guest kernel react to events (xenstore, resume) for a while."""
+        """Let every running guest kernel react to events (xenstore, resume) for a while;
+        idle pCPUs scrub the free memory meanwhile (``scrub_free_pages``)."""
         self.clock += seconds
+        if seconds > 0:
+            self.heap.scrub()
         for domid, g in list(self.guests.items()):
             if domid in self.domains:
                 g.run(seconds)
