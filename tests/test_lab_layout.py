@@ -61,8 +61,11 @@ def lab_layout(rec: dict) -> BootLayout:
     start, size = int(kx["start"], 16), int(kx["size"], 16)
     init = (int(rec["init"][0], 16), int(rec["init"][1], 16) + 1)
     cls: dict[str, list[int]] = {"dom0": [], "xenheap": [], "anonymous": []}
-    for a, b, t in rec["dom0_types_from_reloc_base"]:   # getpageframeinfo3 on dom0
-        if t not in ("f", "err"):
+    # getpageframeinfo3 on dom0: the first recording typed frames from the relocation base up
+    # ("f" = XTAB); the scenario now types all RAM ("dom0" / "xtab")
+    runs = rec.get("dom0_types_from_reloc_base") or rec.get("dom0_types", [])
+    for a, b, t in runs:
+        if t not in ("f", "xtab", "err"):
             cls["dom0"] += range(int(a, 16), int(b, 16) + 1)
     seen = set(cls["dom0"])
     for s in rec["steps"]:
