@@ -65,6 +65,23 @@ class Image:
         return self.content == other.content
 
 
+def occupy_freed_fixed_frames(host) -> list[int]:
+    """Xen-heap allocations (``alloc_xenheap_pages``) until no free frame of Xen's fixed
+    range is left: Xen frees its init region once it runs, unscrubbed, so those frames head
+    the free lists and the next allocations -- a new domain's first frames -- land there,
+    where ``offline_page`` refuses them (EPERM).  Tests of other behaviours start from a host
+    on which such allocations already took them."""
+    xs, xe = host.xen_image
+    taken = []
+    for _ in range(4 * (xe - xs)):
+        if not (host.ft.states(xs, xe - xs) == mm.STATE_FREE).any():
+            break
+        m = host.alloc_xenheap_page()
+        host.xenheap_internal.append(m)
+        taken.append(m)
+    return taken
+
+
 def image(host, domid: int) -> Image:
     """The guest's memory as it can see it (see the module docstring)."""
     from xenpage.guests import linux_pv as L

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from simworld import occupy_freed_fixed_frames
 
 from xenpage.abi import sysctl as S
 from xenpage.abi.xen import SHUTDOWN_crash
@@ -180,6 +181,7 @@ def test_offline_domid_io_frame(hv):
 
 
 def test_offline_pod_cache_page(hv, host):
+    occupy_freed_fixed_frames(host)
     d = host.domains[2]
     d.max_pages += 2
     cache = [host.alloc_domheap_pages(d, 0) for _ in range(2)]

@@ -60,7 +60,8 @@ def test_decrease_reservation_splits_the_superpage_and_frees_the_frame():
     rc, ext = hv.populate_physmap(1, [700])
     assert rc == 1 and ext.tolist() == [700]
     new = int(p.mfn[700])
-    assert new != m and h.ft.m2p(new) == 700 and p.type[700] == H.p2m_ram_rw and p.order[700] == 0
+    # (m, freed by a running domain, went to the head of its list: Xen may hand it back)
+    assert h.ft.m2p(new) == 700 and p.type[700] == H.p2m_ram_rw and p.order[700] == 0
     assert invariants.check(h) == []
 
 

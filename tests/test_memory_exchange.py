@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from simworld import occupy_freed_fixed_frames
 
 from xenpage.abi import grant as G
 from xenpage.hypervisor import invariants, sysctl
@@ -71,6 +72,7 @@ def query(h, m):
 @pytest.fixture
 def env():
     h = Host.boot(HostConfig(mem_bytes=64 << 20), dom0_pages=2048)
+    occupy_freed_fixed_frames(h)
     u = Dom(h, 64, "u")
     ok(h)
     return h, u, h.hypercalls(0)
@@ -245,7 +247,7 @@ def test_allocation_failure_after_the_steal_and_the_assign_quirk(env, monkeypatc
     sysctl.machine_check_offline(h, m)
     assert int(h.ft.count_info[m]) == ALLOC | 1 | ST_OFFLINING | BROKEN
 
-    def no_memory(order=0):
+    def no_memory(order=0, zone_hi=None):
         raise OutOfMemory(order)
     monkeypatch.setattr(h.heap, "alloc", no_memory)
     r = xchg(dom0, u.id, [m], [31])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from simworld import occupy_freed_fixed_frames
 
 from xenpage.abi import domctl
 from xenpage.abi import mm
@@ -215,12 +216,14 @@ def test_offline_already_pending_guest_page_answers_the_same(host):
 
 
 def test_offline_guest_page_owner_field_carries_any_domid(host):
+    occupy_freed_fixed_frames(host)
     d = host.create_domain("d-many", 64, domid=0x123)
     m = int(host.owned_frames(d.domid)[3])
     assert one(host, OFFLINE, m) == (0, 0x01231004)
 
 
 def test_offline_pod_cache_page_is_replaced_and_offlined(host, hvm_dom):
+    occupy_freed_fixed_frames(host)
     cache = add_pod_cache(host, hvm_dom, 4)
     victim = cache[1]
     assert one(host, OFFLINE, victim) == (0, 0x2)
@@ -243,6 +246,7 @@ def test_offline_xen_heap_page_with_zero_count(host):
 
 
 def test_offline_xen_heap_page_shared_with_a_guest_looks_owned(host):
+    occupy_freed_fixed_frames(host)
     # dom0's shared_info: a Xen-heap frame shared with dom0 (owner set, count > 0)
     m = host.domains[0].xenheap_pages[0]
     assert host.ft.count(m) & mm.PGC_xen_heap and host.ft.owner(m) == 0
@@ -340,6 +344,7 @@ def test_mce_on_pending_frame_then_freed_goes_to_broken_list(host, pv):
 
 
 def test_mce_on_pod_cache_frame_reports_offlined_broken(host, hvm_dom):
+    occupy_freed_fixed_frames(host)
     victim = add_pod_cache(host, hvm_dom, 2)[0]
     assert sysctl.machine_check_offline(host, victim) == (0, 0x2002)
     assert state(host, victim) == "offlined" and victim in host.heap.broken_list
@@ -451,6 +456,7 @@ def test_destroying_a_domain_offlines_its_pending_frames(host, pv):
 
 
 def test_freeing_the_last_reference_offlines_a_pending_frame(host):
+    occupy_freed_fixed_frames(host)
     d = host.create_domain("one-ref", 16)
     m = int(host.owned_frames(d.domid)[0])
     assert host.ft.count(m) == mm.PGC_allocated | 1
@@ -460,6 +466,7 @@ def test_freeing_the_last_reference_offlines_a_pending_frame(host):
 
 
 def test_freeing_a_pending_xen_heap_shared_frame_at_destruction(host):
+    occupy_freed_fixed_frames(host)
     d = host.create_domain("si", 16)
     si = d.xenheap_pages[0]
     assert one(host, OFFLINE, si)[1] == 0x1004 | d.domid << 16
@@ -471,6 +478,7 @@ def test_freeing_a_pending_xen_heap_shared_frame_at_destruction(host):
 
 def test_freeing_a_chunk_resplits_around_its_offlined_frame(small_host):
     h = small_host()
+    occupy_freed_fixed_frames(h)
     head = h.heap.alloc(3)
     assert head % 8 == 0
     assert one(h, OFFLINE, head + 5) == (0, 0x7FF40408)  # in use, no owner: anonymous
@@ -592,6 +600,7 @@ def test_range_owner_in_bits_16_to_31(host, pv, hvm_dom):
 
 
 def test_range_mixed_free_and_owned_in_order(host):
+    occupy_freed_fixed_frames(host)
     # a fresh domain's frame comes from the top of a split chunk: free frames lie below it
     d = host.create_domain("mix", 1)
     m = int([f for f in host.owned_frames(d.domid) if f not in d.xenheap_pages][0])

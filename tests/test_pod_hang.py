@@ -10,6 +10,7 @@ forced.
 from __future__ import annotations
 
 import pytest
+from simworld import occupy_freed_fixed_frames
 
 from xenpage.backends.sim import SimHypervisor, host_path
 from xenpage.hypervisor import sysctl
@@ -121,6 +122,7 @@ def test_machine_checks_run_off_pcpu0(host, pv_domid):
 
 def test_the_model_can_be_switched_off(small_host):
     h = small_host(quirks=Quirks(pod_lock_hang=False))
+    occupy_freed_fixed_frames(h)
     d = h.create_domain("pv", 64)
     hv = SimHypervisor(h)
     for m in frames(h, d.domid, 3):
@@ -192,6 +194,7 @@ def test_every_dom0_vcpu_is_pinned(small_host):
 
 def test_single_pcpu_host_is_refused(small_host):
     h = small_host(nr_pcpus=1)
+    occupy_freed_fixed_frames(h)
     d = h.create_domain("pv", 64)
     hv = SimHypervisor(h)
     m = frames(h, d.domid, 1)[0]
@@ -208,6 +211,7 @@ def test_single_pcpu_host_is_refused(small_host):
 
 def test_single_pcpu_host_when_forced(small_host):
     h = small_host(nr_pcpus=1)
+    occupy_freed_fixed_frames(h)
     d = h.create_domain("pv", 64)
     hv = SimHypervisor(h)
     a, b = frames(h, d.domid, 2)

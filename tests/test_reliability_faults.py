@@ -82,7 +82,9 @@ def check_outcome(host, before, r, same=lambda a, b: a.same_memory(b)):
         if o.kind == Kind.EXCHANGED:
             assert new_p2m[o.gpfn] == o.new_mfn != o.mfn
             if o.extra.get("offlined"):
-                assert host.ft.owner(o.mfn) is None
+                # offlined -- unless the world onlined it again, and then an allocation
+                # may already have handed it out (an onlined frame heads the free lists)
+                assert host.ft.owner(o.mfn) is None or host.ft.m2p(o.mfn) != o.gpfn
         else:
             assert new_p2m[o.gpfn] == old_p2m[o.gpfn] == o.mfn, o  # still in place
     if not kinds.get("exchanged"):

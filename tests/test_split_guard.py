@@ -121,7 +121,9 @@ def _free_block_around_a_guest_frame(host, hv):
     others = list(range(base + 1, base + 8))
     r = mem_offline(hv, decoys + others, split_guard=False)
     assert all(o.kind.value == "exchanged" for o in r.outcomes)
-    for m in decoys + others:
+    # onlined frames go to the heads of the lists (online_page frees them unscrubbed):
+    # the block's first, the decoys last, so that the decoys head the order-0 list
+    for m in others + decoys:
         assert hv.page_offline_op(S.sysctl_page_online, m, m)[0] == 0
     assert all(host.ft.state(m) == mm.STATE_FREE for m in others)
     return g, x, base

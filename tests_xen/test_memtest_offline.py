@@ -108,6 +108,16 @@ def test_mem_offline_retires_memtest_frames(xen, memtest, rec):
             pairs.append((pfn, old, int(o["new_mfn"])))
     news = [n for _, _, n in pairs]
     assert len(set(news)) == PAGES and not set(news) & set(olds)
+    # issue 16: no new frame in Xen's fixed range (KEXEC_RANGE_MA_XEN); those Xen handed out
+    # from its freed init region (the heads of its free lists) were exchanged again
+    fixed = xen.xen_fixed_range()
+    moved = [int(o["extra"]["moved_off_fixed"]) for _, outs, _, _ in runs for o in outs
+             if "moved_off_fixed" in o.get("extra", {})]
+    rec.add("fixed-range", fixed=[hex(x) for x in fixed] if fixed else None,
+            moved_off=[hex(m) for m in moved])
+    assert fixed is not None and not [n for n in news if fixed[0] <= n < fixed[1]]
+    assert moved and all(fixed[0] <= m < fixed[1] for m in moved), \
+        "no new frame came from the freed init region this time"
     after = pte_refs(xen, g.domid, news)
     pte_report = []
     exact = 0

@@ -65,6 +65,24 @@ def test_xen_image_frame_offline_eperm(hv):
     assert rc == 0 and not int(st[0]) & (S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_OFFLINE_PENDING)
 
 
+def test_xen_fixed_range_is_what_offline_refuses(hv):
+    """``xen_fixed_range`` (``KEXEC_RANGE_MA_XEN``) names the frames ``is_xen_fixed_mfn``
+    refuses: EPERM / 0x7ff20108 at both ends, not just outside (a refusal changes nothing);
+    the query sysctl cannot tell them from any frame in use (0)."""
+    rng = hv.xen_fixed_range()
+    assert rng is not None and 0 < rng[0] < rng[1] <= hv.max_mfn()
+    for m in (rng[0], rng[1] - 1):
+        with off_pcpu0(hv):
+            rc, st = hv.page_offline_op(S.sysctl_page_offline, m, m)
+        assert (rc, int(st[0])) == (-E.EPERM, 0x7FF20108), hex(m)
+        assert (lambda r: (r[0], int(r[1][0])))(hv.page_offline_op(S.sysctl_query_page_offline, m, m)) == (0, 0)
+    with off_pcpu0(hv):
+        rc, st = hv.page_offline_op(S.sysctl_page_offline, rng[1], rng[1])
+    assert rc != -E.EPERM
+    if rc == 0 and int(st[0]) & S.PG_OFFLINE_STATUS_MASK:
+        assert hv.page_offline_op(S.sysctl_page_online, rng[1], rng[1])[0] == 0
+
+
 def test_free_frame_offline_online_cycle(hv):
     """Only a free frame whose successor is in use: offlining a free frame in the middle of a free
     buddy leaves misaligned chunks on Xen 4.17 (backends/xen/quirks.py) that crash Xen later."""

@@ -11,6 +11,15 @@ XENMEM_add_to_physmap = 7
 XENMEM_exchange = 11
 XENMEM_machphys_mapping = 12
 
+
+def XENMEMF_address_bits(bits: int) -> int:
+    """``mem_flags`` of a reservation: allocate below 2^bits bytes (0: anywhere)."""
+    return bits & 0xFF
+
+
+def XENMEMF_get_address_bits(flags: int) -> int:
+    return flags & 0xFF
+
 #: The M2P is mapped in 2 MiB chunks: each chunk holds 2^18 eight-byte entries.
 M2P_SHIFT = 21
 M2P_CHUNK_SIZE = 1 << M2P_SHIFT

@@ -8,6 +8,7 @@ HYPERVISOR_mmuext_op = 26
 HYPERVISOR_sched_op = 29
 HYPERVISOR_sysctl = 35
 HYPERVISOR_domctl = 36
+HYPERVISOR_kexec_op = 37
 
 # Special domain ids.
 DOMID_FIRST_RESERVED = 0x7FF0

@@ -322,7 +322,7 @@ def _frames_report(reports) -> "hptool.Report":
     return r
 
 
-_mem_command("mem-status", hptool.mem_status, writes=False)  # a query changes nothing
+_mem_command("mem-status", hptool.mem_status_noted, writes=False)  # a query changes nothing
 _mem_command("mem-online", hptool.mem_online, writes=True)
 
 

@@ -26,6 +26,7 @@ from .foreign import ForeignMaps
 from .grant_table import GrantTables
 from .e820 import E820Map, MiB
 from .frametable import FrameTable
+from .layout import BootLayout
 from .page_alloc import Heap, OutOfMemory
 from .quirks import HostHang, Quirks
 from .xenstore import Xenstore
@@ -38,6 +39,8 @@ XEN_IMAGE_OFFSET = 0x200
 XEN_IMAGE_FRAMES = 0x3A7
 XEN_INIT_OFFSET = 0x1B7
 XEN_INIT_FRAMES = 0xA4
+#: ``_end - _start`` of that image in bytes (``KEXEC_RANGE_MA_XEN`` in the lab: 0x3a6140)
+XEN_IMAGE_BYTES = 0x3A6140
 #: First frame of the M2P's 2 MiB chunks (16 MiB).
 M2P_BASE = 0x1000
 #: ``xen_phys_start`` = top of low RAM rounded down to 2 MiB, minus 6 MiB.
@@ -61,6 +64,9 @@ class HostConfig:
     xenheap_frames: int = 64
     anonymous_frames: int = 32
     quirks: Quirks = field(default_factory=Quirks)
+    #: build the machine as a real one was laid out (E820, Xen's image, its own frames,
+    #: dom0's): see :mod:`.layout`; None: the derived default layout
+    layout: "BootLayout | None" = None
 
 
 class Host:
@@ -89,6 +95,8 @@ class Host:
         self.xen_phys_start = 0
         self.xen_image = (0, 0)  # [start, end) frames
         self.xen_init = (0, 0)
+        #: ``_end - _start`` in bytes (what ``KEXEC_RANGE_MA_XEN`` answers)
+        self.xen_image_bytes = XEN_IMAGE_BYTES
         self.xenheap_internal: list[int] = []
         #: heads of the 2 MiB chunks holding the M2P (``XENMEM_machphys_mfn_list``)
         self.m2p_chunks: list[int] = []
@@ -106,20 +114,60 @@ class Host:
         """``__start_xen``: lay out memory, build dom0, then free Xen's init region
         (``init_done`` runs after dom0 is constructed, so its frames go to later guests)."""
         cfg = cfg or HostConfig()
-        h = cls(E820Map.qemu_pc(cfg.mem_bytes), cfg.nr_pcpus, cfg.quirks)
+        lay = cfg.layout
+        e820 = E820Map.from_state([list(e) for e in lay.e820]) if lay else E820Map.qemu_pc(cfg.mem_bytes)
+        h = cls(e820, cfg.nr_pcpus, cfg.quirks)
         h._init_memory(cfg)
+        if lay is not None:
+            h._boot_layout(lay)
+            h._free_init_memory()
+            return h
         if dom0_pages is None:
             dom0_pages = min(cfg.mem_bytes // 2, 1024 * MiB) >> 12
         h.create_domain("Domain-0", dom0_pages, domid=0)
         h._free_init_memory()
         return h
 
+    def _take(self, ranges: list[tuple[int, int]]) -> np.ndarray:
+        """Withdraw the free frames of ``ranges`` from the heap (in use, count 0)."""
+        idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]) if ranges \
+            else np.zeros(0, dtype=np.int64)
+        idx = idx[self.ft.states(0, self.nframes)[idx] == mm.STATE_FREE] if idx.size else idx
+        if idx.size:
+            self.ft.count_info[idx] = _U(0)
+            self.heap.rebuild(int(idx.min()), int(idx.max()) + 1)
+        return idx
+
+    def _boot_layout(self, lay: BootLayout) -> None:
+        """Xen's own frames and dom0's where the layout puts them (:mod:`.layout`)."""
+        xh = self._take(lay.xenheap)
+        self.ft.count_info[xh] = _U(mm.PGC_xen_heap)
+        self.xenheap_internal = xh.tolist()
+        self.anonymous = self._take(lay.anonymous).tolist()
+        d0 = self._take(lay.dom0)
+        d = self.create_domain("Domain-0", 0, domid=0)
+        d.max_pages = d.tot_pages = 0
+        if d0.size:
+            self.ft.count_info[d0] = _U(mm.PGC_allocated | 1)
+            self.ft.set_owner(d0, 0)
+            self.ft.set_m2p(d0, np.arange(d0.size, dtype=np.uint64))
+            d.tot_pages = d.max_pages = int(d0.size)
+            self.p2m[0] = d0.astype(np.uint64)
+
     def _free_init_memory(self) -> None:
-        """``free_init_memory``: the init region goes back to the heap (tail of the lists)."""
+        """``init_done`` -> ``init_xenheap_pages`` -> ``init_heap_pages``: the init region goes
+        back to the heap as the largest aligned power-of-two chunks, in address order
+        (``_init_heap_pages``); Xen is running by then (``SYS_STATE_active``), so they are not
+        scrubbed and each goes to the head of its list -- the first frames handed out
+        afterwards, although ``is_xen_fixed_mfn`` still refuses to offline any of them."""
         s, e = self.xen_init
-        for m in range(s, e):
-            self.ft.count_info[m] = _U(0)
-            self.heap.free(m, 0)
+        self.ft.count_info[s:e] = _U(0)
+        while s < e:
+            order = min(self.heap.max_order, (e - s).bit_length() - 1)
+            if s:
+                order = min(order, (s & -s).bit_length() - 1)
+            self.heap.free(s, order)
+            s += 1 << order
 
     def _init_memory(self, cfg: HostConfig) -> None:
         ft, n = self.ft, self.nframes
@@ -136,15 +184,23 @@ class Host:
         ft.type_info[idx] = SHARED_PAGE_TYPE
         ft.set_owner(idx, DOMID_IO)
         # Xen image.
-        top = (self.e820.lowmem_ram_end // 512) * 512
-        self.xen_phys_start = top - XEN_RELOC_BELOW_TOP
-        img = self.xen_phys_start + XEN_IMAGE_OFFSET
-        self.xen_image = (img, img + XEN_IMAGE_FRAMES)
-        self.xen_init = (img + XEN_INIT_OFFSET, img + XEN_INIT_OFFSET + XEN_INIT_FRAMES)
+        lay = cfg.layout
+        if lay is not None:
+            self.xen_phys_start = lay.xen_phys_start
+            img = lay.image[0]
+            self.xen_image = tuple(lay.image)
+            self.xen_init = tuple(lay.init)
+            self.xen_image_bytes = lay.image_bytes
+        else:
+            top = (self.e820.lowmem_ram_end // 512) * 512
+            self.xen_phys_start = top - XEN_RELOC_BELOW_TOP
+            img = self.xen_phys_start + XEN_IMAGE_OFFSET
+            self.xen_image = (img, img + XEN_IMAGE_FRAMES)
+            self.xen_init = (img + XEN_INIT_OFFSET, img + XEN_INIT_OFFSET + XEN_INIT_FRAMES)
         # Everything else that is RAM goes to the heap (init_heap_pages), except the image
         # outside its freed init region and the boot allocations below the image.
         heap = ram & ~io
-        heap[img:img + XEN_IMAGE_FRAMES] = False
+        heap[self.xen_image[0]:self.xen_image[1]] = False
         # The M2P (``paging_init``): 2 MiB chunks of Xen memory, shared read-only with
         # privileged guests as DOMID_XEN's (``share_xen_page_with_privileged_guests``).
         # Placed from 16 MiB up, where the lab machine shows nothing else (Xen's image, dom0's
@@ -163,11 +219,18 @@ class Host:
         # Frames between the relocation base and the image go back to the heap (in the lab the
         # end of dom0's initrd lands there); Xen's run-time anonymous allocations follow.
         self.anonymous = []
-        # Xen-heap and anonymous run-time allocations.
-        for _ in range(cfg.xenheap_frames):
-            self.xenheap_internal.append(self.alloc_xenheap_page())
-        for _ in range(cfg.anonymous_frames):
-            self.anonymous.append(self.heap.alloc(0))
+        # Xen-heap and anonymous run-time allocations (a given layout places its own).
+        if cfg.layout is None:
+            for _ in range(cfg.xenheap_frames):
+                self.xenheap_internal.append(self.alloc_xenheap_page())
+            for _ in range(cfg.anonymous_frames):
+                self.anonymous.append(self.heap.alloc(0))
+
+    def is_xen_fixed(self, mfn: int) -> bool:
+        """``is_xen_fixed_mfn``: inside Xen's image, ``_stext`` .. ``__2M_rwdata_end`` (its
+        freed init region included): ``offline_page`` refuses such a frame for ever."""
+        xs, xe = self.xen_image
+        return xs <= mfn < xe
 
     # -- allocation helpers (xen/common/page_alloc.c) --------------------------------------
     def alloc_xenheap_page(self) -> int:
@@ -212,8 +275,13 @@ class Host:
         if mfns.size <= 8:
             out: list[int] = []
             for m in mfns.tolist():
+                # scrubbed (to the tails) when its owner is dying or it has none any more
+                # (a frame stolen by XENMEM_exchange); a running domain's goes to the heads
+                o = self.ft.owner(m)
+                d = self.domains.get(o) if o is not None else None
+                scrub = d is None or d.dying
                 self.ft.count_info[m] &= _U(mm.PGC_state | mm.PGC_broken)
-                out += self.heap.free(m, 0)
+                out += self.heap.free(m, 0, scrub=scrub)
             return out
         offl = st == _U(mm.STATE_OFFLINING)
         if ((st != _U(mm.STATE_INUSE)) & ~offl).any():
@@ -264,7 +332,8 @@ class Host:
         return [d for k, d in sorted(self.domains.items()) if not d.is_system]
 
     def create_domain(self, name: str, mem_pages: int, hvm: bool = False, domid: int | None = None,
-                      vcpus: int = 1, max_pages: int | None = None, pvh: bool = False) -> Domain:
+                      vcpus: int = 1, max_pages: int | None = None, pvh: bool = False,
+                      shared_info: int | None = None) -> Domain:
         """``XEN_DOMCTL_createdomain`` + populate: ``mem_pages`` frames, P2M and M2P, and a
         Xen-heap shared_info frame shared with the guest.  ``pvh``: a PVH guest (an HVM
         container with HAP and no device model).  The xenstore nodes are libxl's, including
@@ -281,7 +350,7 @@ class Host:
                    max_pages=max_pages or mem_pages,
                    affinity=[list(range(self.nr_pcpus)) for _ in range(vcpus)])
         self.domains[domid] = d
-        self.share_xen_page_with_guest(self.alloc_xenheap_page(), d)
+        self.share_xen_page_with_guest(self.alloc_xenheap_page() if shared_info is None else shared_info, d)
         p2m = np.empty(mem_pages, dtype=np.uint64)
         gpfn = 0
         remaining = mem_pages
@@ -472,8 +541,11 @@ class Host:
         return Hypercalls(self, domid)
 
     def run_guests(self, seconds: float) -> None:
-        """Let every running guest kernel react to events (xenstore, resume) for a while."""
+        """Let every running guest kernel react to events (xenstore, resume) for a while;
+        idle pCPUs scrub the free memory meanwhile (``scrub_free_pages``)."""
         self.clock += seconds
+        if seconds > 0:
+            self.heap.scrub()
         for domid, g in list(self.guests.items()):
             if domid in self.domains:
                 g.run(seconds)

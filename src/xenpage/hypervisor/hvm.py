@@ -108,21 +108,22 @@ def guest_read(host: "Host", domid: int, gfns) -> tuple[np.ndarray, np.ndarray]:
 
 # -- populate (XENMEM_populate_physmap for a translated guest) ----------------------------------
 
-def alloc_order0(host: "Host", n: int) -> np.ndarray:
+def alloc_order0(host: "Host", n: int, zone_hi: int | None = None) -> np.ndarray:
     """``n`` successive ``alloc_heap_pages(order 0)``: from the highest zone, the smallest
     chunk, the top frame first.  Whole chunks are taken at once (the same frames, in the same
     order, as 2^k single allocations from that chunk); a chunk only partly needed is taken
-    whole and its unused low part given back (to the tails of the lists)."""
+    whole and its unused low part given back (to the heads of the lists, where Xen's
+    split leaves those halves)."""
     heap = host.heap
     out: list[np.ndarray] = []
     left = n
     while left > 0:
-        keys = [(z, o) for (z, o), lst in heap.lists.items() if lst]
+        keys = [(z, o) for (z, o), lst in heap.lists.items() if lst and (zone_hi is None or z <= zone_hi)]
         if not keys:
             raise OutOfMemory(0)
         ztop = max(z for z, _ in keys)
         k = min(o for z, o in keys if z == ztop)
-        head = heap.alloc(k)
+        head = heap.alloc(k, zone_hi=zone_hi)
         size = 1 << k
         take = min(size, left)
         out.append(np.arange(head + size - 1, head + size - 1 - take, -1, dtype=np.int64))
@@ -137,7 +138,8 @@ def alloc_order0(host: "Host", n: int) -> np.ndarray:
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, np.ndarray]:
+def populate_physmap(host: "Host", caller: int, domid: int, gfns, address_bits: int = 0
+                     ) -> tuple[int, np.ndarray]:
     """``XENMEM_populate_physmap`` (order-0 extents, GPFNs given) for a translated domain:
     ``(rc, mfns)``; rc is the number of extents done or -errno (the backend gives the caller
     no MFNs: Xen copies none back for a translated guest).  Each extent is
@@ -174,8 +176,12 @@ def populate_physmap(host: "Host", caller: int, domid: int, gfns) -> tuple[int, 
     rc = p.split(gfns)  # new 4 KiB entries inside empty superpage entries need tables
     if rc:
         return rc, np.zeros(0, dtype=np.int64)
+    # XENMEMF_address_bits, honoured when below the bits max_page needs (construct_memop_from_reservation)
+    zone_hi = None
+    if address_bits and address_bits < (host.max_page - 1).bit_length() + 12:
+        zone_hi = max(address_bits - 12, 1)
     try:
-        mfns = alloc_order0(host, k)
+        mfns = alloc_order0(host, k, zone_hi)
     except OutOfMemory:
         return 0, np.zeros(0, dtype=np.int64)
     ft = host.ft

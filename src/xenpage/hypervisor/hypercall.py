@@ -54,6 +54,10 @@ class Hypercalls:
     def decrease_reservation(self, res: memory.Reservation) -> int:
         return memory.decrease_reservation(self.host, self.caller, res)
 
+    def kexec_get_range(self, rng: int, nr: int = 0) -> tuple[int, int, int]:
+        from . import kexec
+        return kexec.get_range(self.host, self.caller, rng, nr)
+
     def machphys_mfn_list(self, max_extents: int) -> list[int]:
         return memory.machphys_mfn_list(self.host, max_extents)
 

@@ -11,6 +11,7 @@ import numpy as np
 from ..abi import errno as E
 from ..abi import mm
 from ..abi import xen as X
+from ..abi.memory import XENMEMF_get_address_bits
 from .mm import get_page, mfn_valid, put_page
 from .page_alloc import OutOfMemory
 
@@ -107,6 +108,10 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
     else:
         in_chunk, out_chunk = 0, inp.extent_order - out.extent_order
     out_list = list(out.extent_start)
+    # the output's address bits (``XENMEMF_address_bits``): alloc_domheap_pages searches
+    # zones up to bits_to_zone(bits) only
+    bits = XENMEMF_get_address_bits(out.mem_flags)
+    zone_hi = (max(bits - X.PAGE_SHIFT, 1) if bits else None)
     # mfn_valid of every input frame, once (it depends on the memory map only)
     heads = np.array([min(max(int(x), -1), 1 << 62) for x in inp.extent_start],
                      dtype=np.int64).reshape(-1, 1)
@@ -133,7 +138,7 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
         if not rc:
             try:
                 for _ in range(1 << out_chunk):
-                    new_heads.append(host.heap.alloc(out.extent_order))
+                    new_heads.append(host.heap.alloc(out.extent_order, zone_hi=zone_hi))
             except OutOfMemory:
                 rc = -E.ENOMEM
         if rc:
@@ -151,7 +156,8 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
                     host.ft.count_info[m] = _U(int(host.ft.count_info[m]) | kept)
             for h in new_heads:
                 n = 1 << out.extent_order
-                host.heap.free(h, out.extent_order) if n else None
+                # allocated with MEMF_no_owner: free_domheap_pages scrubs them
+                host.heap.free(h, out.extent_order, scrub=True) if n else None
             return ExchangeResult(rc, i << in_chunk, out_list)
         # point of no return for this chunk
         for m in stolen:
@@ -159,7 +165,7 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
         for j, h in enumerate(new_heads):
             n = 1 << out.extent_order
             if d.dying:
-                host.heap.free(h, out.extent_order)
+                host.heap.free(h, out.extent_order, scrub=True)
                 return ExchangeResult(0, i << in_chunk, out_list)
             host.assign_pages(d, h, n, count_towards=False)
             slot = (i << out_chunk) + j

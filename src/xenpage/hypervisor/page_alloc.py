@@ -5,8 +5,22 @@ Free memory lives in power-of-two chunks on per-(zone, order) free lists.  A fra
 (``reserve_offlined_page``) and freeing an ``offlining`` frame moves it to the offlined or
 broken list instead of the heap (``free_heap_pages`` / ``mark_page_free``).
 
-Free lists are insertion-ordered dicts (FIFO): split remainders go to the head, freed and
-merged chunks to the tail, and allocation takes the head, as Xen's page lists do.
+Free lists are insertion-ordered dicts used as Xen's page lists.  Where a chunk goes is
+``page_list_add_scrub``'s rule: a chunk holding frames still to be scrubbed goes to the tail,
+a clean one to the head -- so a frame freed by a running domain, a frame onlined again, the
+pieces ``reserve_offlined_page`` leaves and the init memory Xen frees once it runs
+(``init_done``) are the first handed out again, while a dying domain's memory and frames
+given back without an owner (``free_domheap_pages``: scrub) wait at the tails.  Allocation
+takes the head of the smallest order in the highest zone (``get_free_buddy``), skipping a
+dirty head for an order above 0 once before taking any.  Each dirty chunk keeps the index of
+its first dirty frame (``first_dirty``), merged and split as Xen does.
+
+The idle scrubber (``scrub_free_pages``, which cleans a dirty chunk and moves it to the head)
+runs whenever the host idles (:meth:`Heap.scrub`, from ``Host.run_guests``: dom0 waiting while
+guests run): on the lab's Xen 4.17.7 the frames an exchange gave back with no owner came out
+first again in the next batch, seconds later.  It is taken to have finished at boot (every
+boot chunk is clean, in address order: what scrubbing a list from its tail gives).  One NUMA node: no DMA zone (``arch_want_default_dmazone`` is false on x86
+with one node).
 """
 
 from __future__ import annotations
@@ -118,6 +132,8 @@ class Heap:
         self.misaligned = 0
         self.offlined_list: dict[int, None] = {}   # page_offlined_list
         self.broken_list: dict[int, None] = {}     # page_broken_list
+        #: free chunks holding frames still to be scrubbed: head -> ``first_dirty``
+        self.dirty: dict[int, int] = {}
 
     # -- list primitives --------------------------------------------------------------------
     def _add(self, head: int, order: int, tail: bool = True) -> None:
@@ -134,9 +150,19 @@ class Heap:
         if head & ((1 << order) - 1):
             self.misaligned += 1
 
+    def _add_scrub(self, head: int, order: int, first_dirty: int | None) -> None:
+        """``page_list_add_scrub``: a chunk with frames to scrub (``first_dirty`` not None)
+        goes to the tail of its list, a clean one to the head."""
+        if first_dirty is None:
+            self._add(head, order, tail=False)
+        else:
+            self._add(head, order, tail=True)
+            self.dirty[head] = first_dirty
+
     def _remove(self, head: int, order: int) -> None:
         z = zone_of(head)
         del self.lists[(z, order)][head]
+        self.dirty.pop(head, None)
         self.ft.buddy_order[head] = 0
         self.free_pages -= 1 << order
         self.zone_pages[z] -= 1 << order
@@ -161,6 +187,21 @@ class Heap:
                 setattr(self, name, dict.fromkeys(keys))
             else:
                 getattr(self, name).update(zip(keys, repeat(None)))
+
+    def scrub(self) -> int:
+        """``scrub_free_pages`` run to the end by idle pCPUs: each list's dirty chunks (at its
+        tail) are taken from the last, scrubbed and put back at the head -- so they end at the
+        head, clean, in their order.  Returns the chunks scrubbed."""
+        if not self.dirty:
+            return 0
+        n = 0
+        for lst in self.lists.values():
+            dirty = [h for h in lst if h in self.dirty]
+            for h in reversed(dirty):
+                lst.move_to_end(h, last=False)
+            n += len(dirty)
+        self.dirty.clear()
+        return n
 
     def chunk_of(self, mfn: int) -> tuple[int, int] | None:
         """The free chunk (head, order) containing ``mfn``, if any: ``reserve_heap_page``
@@ -191,45 +232,70 @@ class Heap:
         return [(z, o, list(lst)) for (z, o), lst in sorted(self.lists.items()) if lst]
 
     # -- allocation -------------------------------------------------------------------------
-    def alloc(self, order: int = 0) -> int:
-        """``alloc_heap_pages``: search zones from the highest down and, in each zone, orders
-        from ``order`` up; split the chunk, returning its highest-addressed part and putting
-        the lower halves back at the head of their lists.  Marks the frames ``inuse`` with a
-        zero count and no owner (the caller assigns them)."""
-        zones = sorted((z for z, n in self.zone_pages.items() if n >= 1 << order), reverse=True)
-        for z in zones:
-            for j in range(order, self.max_order + 1):
-                lst = self.lists.get((z, j))
-                if lst:
+    def alloc(self, order: int = 0, zone_hi: int | None = None) -> int:
+        """``alloc_heap_pages`` (``get_free_buddy``): zones from ``zone_hi`` (default: the
+        highest) down and, in each zone, orders from ``order`` up, taking the head of the
+        first non-empty list -- for an order above 0 a dirty head is put back at the tail and
+        the next order tried, and only when no clean chunk was found is a dirty one taken
+        (the second pass, ``MEMF_no_scrub``).  The chunk is split, its highest-addressed part
+        returned and the lower halves put back by ``page_list_add_scrub`` (clean: at the
+        head).  Marks the frames ``inuse`` with a zero count and no owner (the caller assigns
+        them).  ``zone_hi``: the highest zone allowed (``bits_to_zone`` of the address bits
+        a caller such as ``XENMEM_exchange`` asked for)."""
+        zones = sorted((z for z, n in self.zone_pages.items()
+                        if n >= 1 << order and (zone_hi is None or z <= zone_hi)), reverse=True)
+        found = None
+        for use_unscrubbed in (False, True):
+            for z in zones:
+                for j in range(order, self.max_order + 1):
+                    lst = self.lists.get((z, j))
+                    if not lst:
+                        continue
                     head = next(iter(lst))
-                    self._remove(head, j)
-                    while j > order:
-                        j -= 1
-                        self._add(head, j, tail=False)
-                        head += 1 << j
-                    n = 1 << order
-                    st = self.ft.states(head, n)
-                    if not (st == _FREE).all():
-                        # alloc_heap_pages: BUG_ON on a frame that is not free
-                        raise HostCrash(f"Xen would crash: the heap handed out mfn "
-                                        f"{head + int(np.flatnonzero(st != _FREE)[0]):#x}, which "
-                                        "is not free (a misaligned buddy merged over frames in use)")
-                    sl = slice(head, head + n)
-                    self.ft.count_info[sl] = _U(0)  # state inuse, count 0
-                    self.ft.type_info[sl] = _U(0)
-                    self.ft.owner1[sl] = 0
-                    return head
-        raise OutOfMemory(order)
+                    if head not in self.dirty or order == 0 or use_unscrubbed:
+                        found = (head, j)
+                        break
+                    lst.move_to_end(head, last=True)
+                if found:
+                    break
+            if found:
+                break
+        if found is None:
+            raise OutOfMemory(order)
+        head, j = found
+        fd = self.dirty.get(head)
+        self._remove(head, j)
+        while j > order:
+            j -= 1
+            half = 1 << j
+            self._add_scrub(head, j, fd if fd is not None and half > fd else None)
+            head += half
+            if fd is not None:
+                fd = fd - half if fd >= half else 0
+        n = 1 << order
+        st = self.ft.states(head, n)
+        if not (st == _FREE).all():
+            # alloc_heap_pages: BUG_ON on a frame that is not free
+            raise HostCrash(f"Xen would crash: the heap handed out mfn "
+                            f"{head + int(np.flatnonzero(st != _FREE)[0]):#x}, which "
+                            "is not free (a misaligned buddy merged over frames in use)")
+        sl = slice(head, head + n)
+        self.ft.count_info[sl] = _U(0)  # state inuse, count 0
+        self.ft.type_info[sl] = _U(0)
+        self.ft.owner1[sl] = 0
+        return head
 
     # -- freeing ----------------------------------------------------------------------------
-    def free(self, head: int, order: int = 0) -> list[int]:
+    def free(self, head: int, order: int = 0, scrub: bool = False) -> list[int]:
         """``free_heap_pages``: each frame goes ``inuse``->``free`` or ``offlining``->``offlined``
         (``mark_page_free``, keeping PGC_broken; the M2P entry is invalidated and the owner
-        cleared); the chunk merges with free buddies of equal order and goes to the tail of its
-        list; if it held offlined frames the merged chunk is re-split around them
-        (``reserve_offlined_page``).  Returns the frames that became offlined."""
+        cleared); the chunk merges with free buddies of equal order (carrying their
+        ``first_dirty``) and goes back by ``page_list_add_scrub`` -- ``scrub`` (a dying
+        domain's frame, or one with no owner) to the tail, else to the head; if it held
+        offlined frames the merged chunk is re-split around them (``reserve_offlined_page``).
+        Returns the frames that became offlined."""
         if order == 0:
-            return self._free_one(head)
+            return self._free_one(head, scrub)
         n = 1 << order
         sl = slice(head, head + n)
         ci = self.ft.count_info[sl]
@@ -248,22 +314,36 @@ class Heap:
         self.ft.owner1[sl] = 0
         self.ft.m2p_plus1[sl] = _U(0)
         offlined = (head + np.flatnonzero(offl)).tolist()
-        # Merge with free buddies of the same order.
+        return self._merge_and_add(head, order, 0 if scrub else None, offlined)
+
+    def _merge_and_add(self, head: int, order: int, fd: int | None, offlined: list[int]) -> list[int]:
+        """The merging loop of ``free_heap_pages`` (with its ``first_dirty`` updates), then
+        ``page_list_add_scrub`` and, if the chunk holds offlined frames,
+        ``reserve_offlined_page``."""
+        bo = self.ft.buddy_order
+        n = self.ft.nframes
         while order < self.max_order:
             mask = 1 << order
             buddy = head ^ mask
-            if buddy + mask > self.ft.nframes or self.ft.buddy_order[buddy] != order + 1:
+            if buddy + mask > n or bo[buddy] != order + 1:
                 break
+            bfd = self.dirty.get(buddy)
             self._remove(buddy, order)
-            head = min(head, buddy)
+            if buddy < head:  # the predecessor takes over as the head
+                if bfd is None and fd is not None:
+                    bfd = mask + fd
+                fd = bfd
+                head = buddy
+            elif fd is None and bfd is not None:
+                fd = mask + bfd
             order += 1
         if offlined:
-            self.reserve_offlined(head, order, offlined)
+            self.reserve_offlined(head, order, offlined, first_dirty=fd)
         else:
-            self._add(head, order, tail=True)
+            self._add_scrub(head, order, fd)
         return offlined
 
-    def _free_one(self, head: int) -> list[int]:
+    def _free_one(self, head: int, scrub: bool = False) -> list[int]:
         """:meth:`free` of one frame, with Python integers (the exchange path frees its
         frames one by one)."""
         ft = self.ft
@@ -279,44 +359,38 @@ class Heap:
         ft.type_info[head] = 0
         ft.owner1[head] = 0
         ft.m2p_plus1[head] = 0
-        order = 0
-        bo = ft.buddy_order
-        n = ft.nframes
-        while order < self.max_order:
-            mask = 1 << order
-            buddy = head ^ mask
-            if buddy + mask > n or bo[buddy] != order + 1:
-                break
-            self._remove(buddy, order)
-            head = min(head, buddy)
-            order += 1
-        if offl:
-            if order:
-                self.reserve_offlined(head, order, [mfn])
-            else:
-                self._list_offlined([mfn])
-            return [mfn]
-        self._add(head, order, tail=True)
-        return []
+        return self._merge_and_add(head, 0, 0 if scrub else None, [mfn] if offl else [])
 
-    def reserve_offlined(self, head: int, order: int, offlined: Iterable[int] | None = None) -> None:
+    def reserve_offlined(self, head: int, order: int, offlined: Iterable[int] | None = None,
+                         first_dirty: int | None = None) -> None:
         """``reserve_offlined_page`` on the buddy [head, head+2^order) (not on any list): put
-        its free frames back at the tails of the lists, in address order, then append its
-        offlined frames to the broken or offlined list.
+        its free frames back as pieces, in address order, each by ``page_list_add_scrub``
+        (clean: at the head; a piece at or past the buddy's ``first_dirty``, which Xen walks
+        along with the pieces, at the tail), then append its offlined frames to the broken
+        or offlined list.
 
         The pieces are the maximal aligned sub-buddies (what Xen does since the 2026 fixes,
         and xen-semantics.md 1.8), or with the ``reserve_misaligned`` quirk what Xen 4.17
         does: :func:`split_417`."""
         n = 1 << order
         states = self.ft.states(head, n)
+        offl = states == _OFFLINED
         if getattr(self.quirks, "reserve_misaligned", False):
-            pieces = split_417(states == _OFFLINED, head, order)
+            pieces = split_417(offl, head, order)
         else:
             pieces = canonical_chunks(states == _FREE, head, order)
+        fd = first_dirty
+        cur = head
         for h, k in pieces:
-            self._add(h, k, tail=True)
+            if fd is not None and fd and h > cur:  # offlined frames passed over
+                fd = max(fd - int(offl[cur - head:h - head].sum()), 0)
+            size = 1 << k
+            self._add_scrub(h, k, fd if fd is not None and size > fd else None)
+            if fd is not None:
+                fd = fd - size if fd >= size else 0
+            cur = h + size
         if offlined is None:
-            offlined = head + np.flatnonzero(states == _OFFLINED)
+            offlined = head + np.flatnonzero(offl)
         self._list_offlined(np.asarray(list(offlined), dtype=np.int64))
 
     def rebuild(self, start: int, end: int) -> None:
@@ -324,7 +398,9 @@ class Heap:
         from the frames' states (after a vectorised change of many frames).  Chunks that are
         unchanged keep their place in the lists; chunks that went away are removed and new
         ones are appended in address order -- what freeing the frames one by one in address
-        order gives."""
+        order with a scrub gives (a dying domain's memory; the scrubber is taken to have
+        cleaned them where they lie).  Beyond :attr:`PER_FRAME_LIMIT` frames, offlining free
+        frames and onlining offlined ones use it too: the same chunks, not Xen's list order."""
         w = 1 << self.max_order
         a = (max(start, 0) // w) * w
         end = min(end, self.ft.nframes)
@@ -356,8 +432,9 @@ class Heap:
                 c = self.chunk_of(m)
                 if c is None:  # not found in the buddy lists: silently ignored, as in Xen
                     continue
+                fd = self.dirty.get(c[0])
                 self._remove(*c)
-                self.reserve_offlined(c[0], c[1], [m])
+                self.reserve_offlined(c[0], c[1], [m], first_dirty=fd)
             return
         ci = self.ft.count_info[mfns]
         self.ft.count_info[mfns] = (ci & _KEEP_NOT_STATE) | _U(mm.PGC_state_offlined)
@@ -396,6 +473,7 @@ class Heap:
             "lists": [[z, o, list(lst.keys())] for (z, o), lst in self.lists.items() if lst],
             "offlined": list(self.offlined_list.keys()),
             "broken": list(self.broken_list.keys()),
+            "dirty": [[h, fd] for h, fd in self.dirty.items()],
         }
 
     @classmethod
@@ -408,6 +486,7 @@ class Heap:
         h._count_misaligned()
         h.offlined_list = dict.fromkeys(st["offlined"])
         h.broken_list = dict.fromkeys(st["broken"])
+        h.dirty = {int(a): int(b) for a, b in st.get("dirty", [])}
         return h
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -424,6 +503,7 @@ class Heap:
                                     count=len(self.offlined_list)),
             "broken": np.fromiter(self.broken_list.keys(), dtype=np.int64,
                                   count=len(self.broken_list)),
+            "dirty": np.array(list(self.dirty.items()), dtype=np.int64).reshape(-1, 2),
         }
 
     @classmethod
@@ -442,4 +522,6 @@ class Heap:
         h._count_misaligned()
         h.offlined_list = dict.fromkeys(np.asarray(a["offlined"]).tolist())
         h.broken_list = dict.fromkeys(np.asarray(a["broken"]).tolist())
+        if "dirty" in a:
+            h.dirty = {int(x): int(y) for x, y in np.asarray(a["dirty"]).reshape(-1, 2).tolist()}
         return h

@@ -167,6 +167,7 @@ def _write_generation(host: "Host", tmp: Path) -> None:
         "xen_phys_start": host.xen_phys_start,
         "xen_image": list(host.xen_image),
         "xen_init": list(host.xen_init),
+        "xen_image_bytes": host.xen_image_bytes,
         "xenheap_internal": host.xenheap_internal,
         "m2p_chunks": host.m2p_chunks,
         "anonymous": host.anonymous,
@@ -332,6 +333,7 @@ def load(cls, path: Path) -> "Host":
         host.xen_phys_start = header["xen_phys_start"]
         host.xen_image = tuple(header["xen_image"])
         host.xen_init = tuple(header["xen_init"])
+        host.xen_image_bytes = header.get("xen_image_bytes", host.xen_image_bytes)
         host.xenheap_internal = header["xenheap_internal"]
         host.m2p_chunks = header.get("m2p_chunks", [])
         host.ft.set_m2p_frames(host.m2p_chunks)

@@ -44,6 +44,7 @@ from ..abi import sysctl as S
 from ..abi import xen as X
 from .hypervisor import Hypervisor
 from . import rollforward
+from .fixed import below_bits, fixed_range, in_fixed_range
 from .outcomes import Kind, Outcome, Reason, not_pending
 
 _U = np.uint64
@@ -360,6 +361,10 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
                 nv, err = load_guest(hv, domid)
             if nv is not None:
                 view = nv
+    moved = [o for o in out.values() if o.kind == Kind.EXCHANGED and o.new_mfn is not None]
+    if moved:
+        for o in move_off_fixed(hv, view, moved, hook):
+            out[o.mfn] = o
     if surveyed:
         # a frame still referenced may be mapped from a table made after the survey: once
         # more with a full view (a rolled-back frame is exactly as it was)
@@ -371,6 +376,58 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
             and hv.domain_info(domid) is None:
         out = {m: _domain_gone(hv, o, domid) for m, o in out.items()}
     return [out[m] for m in mfns]
+
+
+def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook) -> list[Outcome]:
+    """Exchange again, while the guest is still suspended, every page whose new frame lies in
+    Xen's fixed range: Xen's freed init region (and unused BSS) go back to the heap at the
+    heads of the lists, so XENMEM_exchange readily hands them out, yet ``offline_page``
+    refuses any frame there for ever (``is_xen_fixed_mfn``: EPERM) -- a failing frame there
+    could never be retired.  The second exchange asks for frames below that zone (address
+    bits) and goes through the same steps as the first (entries cleared and re-pointed with
+    their flags, journaled); if it cannot be done the page stays where the first exchange put
+    it, whole, and the outcome says so."""
+    rng = fixed_range(hv)
+    bad = [o for o in done if in_fixed_range(int(o.new_mfn), rng)]
+    if not bad:
+        return []
+    bits = below_bits(rng)
+    lv = {o.mfn: int(o.extra.get("level", 0)) for o in bad}
+    out: list[Outcome] = []
+    res: dict[int, Outcome] = {}
+    if bits:
+        grp = [(int(o.new_mfn), int(o.gpfn), lv[o.mfn]) for o in bad]
+        data = [c for c in grp if c[2] == 0]
+        groups = ([data] if data else []) + [[c] for c in grp if c[2]]
+        for g in groups:
+            for r in _exchange_group(hv, view, g, hook, address_bits=bits):
+                res[r.mfn] = r
+    note = (f"lies in Xen's fixed range {rng[0]:#x}-{rng[1] - 1:#x}: it can never be offlined "
+            "on this Xen; migrate or exchange to move the data off it")
+    for o in bad:
+        f = int(o.new_mfn)
+        r = res.get(f)
+        extra = dict(o.extra)
+        if r is not None and r.kind == Kind.EXCHANGED:
+            extra["moved_off_fixed"] = f
+            out.append(Outcome(o.mfn, Kind.EXCHANGED, Reason.NONE,
+                               f"exchanged: gpfn {o.gpfn:#x} now at mfn {int(r.new_mfn):#x} (the first "
+                               f"new frame, {f:#x}, lay in Xen's fixed range: exchanged again)",
+                               domid=o.domid, gpfn=o.gpfn, new_mfn=r.new_mfn, ptes=o.ptes, status=o.status,
+                               extra=extra))
+        elif r is not None and r.kind == Kind.FAILED:
+            # the page is on its way from f: ``xenpage recover`` completes it from the journal
+            out.append(Outcome(o.mfn, Kind.FAILED, r.reason,
+                               f"exchanged into {f:#x} (in Xen's fixed range), then moving it off "
+                               f"failed: {r.detail}", domid=o.domid, gpfn=o.gpfn, new_mfn=r.new_mfn or f,
+                               status=o.status, errno=r.errno))
+        else:
+            extra["fixed"] = True
+            why = f" (exchanging it again failed: {r.detail})" if r is not None else ""
+            out.append(Outcome(o.mfn, o.kind, o.reason, f"{o.detail}; the new frame {note}{why}",
+                               domid=o.domid, gpfn=o.gpfn, new_mfn=o.new_mfn, ptes=o.ptes, status=o.status,
+                               extra=extra))
+    return out
 
 
 def _domain_gone(hv: Hypervisor, o: Outcome, domid: int) -> Outcome:
@@ -387,7 +444,7 @@ def _domain_gone(hv: Hypervisor, o: Outcome, domid: int) -> Outcome:
 
 
 def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, int]], hook,
-                    prefound: list[PteRef] | None = None) -> list[Outcome]:
+                    prefound: list[PteRef] | None = None, address_bits: int = 0) -> list[Outcome]:
     domid = view.domid
     fd = X.foreigndom(domid, domid)
     targets = np.array([c[0] for c in grp], dtype=np.int64)
@@ -442,7 +499,9 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     pending = list(grp)
     exchanged: list[tuple[int, int, int, int]] = []  # (old, gpfn, level, new)
     while pending:
-        rc, nr, outl = hv.memory_exchange(domid, [c[0] for c in pending], [c[1] for c in pending])
+        ins, outs = [c[0] for c in pending], [c[1] for c in pending]
+        rc, nr, outl = (hv.memory_exchange(domid, ins, outs, address_bits) if address_bits
+                        else hv.memory_exchange(domid, ins, outs))
         for i in range(nr):
             m, g, lvl = pending[i]
             exchanged.append((m, g, lvl, int(outl[i])))

@@ -120,6 +120,19 @@ def mem_status(hv: Hypervisor, mfn: int) -> Report:
     return r
 
 
+def mem_status_noted(hv: Hypervisor, mfn: int) -> Report:
+    """xenpage's ``mem-status``: xen-hptool's lines, then one ``xenpage:`` line when the
+    frame lies in Xen's fixed range (:mod:`.fixed`), which no status word shows."""
+    r = mem_status(hv, mfn)
+    if r.exit_code == 0:
+        from .fixed import note
+        line = note(hv, mfn)
+        if line:
+            r.err(f"xenpage: {line}")
+            r.data["xen_fixed"] = True
+    return r
+
+
 def mem_online(hv: Hypervisor, mfn: int) -> Report:
     r = Report()
     r.out(f"Prepare to online MEMORY mfn {mfn:x}")

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .fixed import below_bits, fixed_range
 from ..statefiles import fsync_dir as _fsync_dir
 from .. import statefiles
 from ..abi import domctl as D
@@ -208,6 +209,7 @@ def _complete(hv, domid: int, gfns: np.ndarray, words: list[np.ndarray],
     rc = _retry(populate)
     if rc:
         return rc, "populate_physmap"
+    _off_fixed(hv, domid, gfns)
 
     def write() -> int:
         rc, data = hv.read_pages(domid, gfns)
@@ -426,6 +428,32 @@ def _run(hv, domid: int, cand: list[tuple[int, int]], headroom: int, journal_dir
         if res.stats.get("unpause_failed"):
             o.kind, o.reason = Kind.FAILED, Reason.RESTORE_FAILED
             o.detail += f"; but d{domid} could not be unpaused"
+
+
+def _off_fixed(hv, domid: int, gfns: np.ndarray) -> None:
+    """Before the content is copied back: a gfn repopulated with a frame of Xen's fixed range
+    (its freed init region heads the free lists; ``offline_page`` refuses it for ever) is
+    given back and populated again below that zone (:mod:`.fixed`).  Best effort: if that
+    fails, the gfn keeps a frame (the fixed one, or a fresh one the retry got) and the copy
+    back proceeds."""
+    rng = fixed_range(hv)
+    if rng is None or not gfns.size:
+        return
+    rc, pm, _, _ = hv.hvm_p2m(domid, gfns.tolist())
+    if rc:
+        return
+    bad = gfns[(pm >= rng[0]) & (pm < rng[1])]
+    if not bad.size or not below_bits(rng):
+        return
+    if hv.decrease_reservation(domid, bad) != bad.size:
+        return
+    done, _ = hv.populate_physmap(domid, bad, below_bits(rng))
+    if done != bad.size:  # nothing free below: take any frame rather than leave a hole
+        rc, t = hv.page_types(domid, bad)
+        if rc == 0:
+            holes = bad[np.asarray(t, dtype=np.uint32) == D.XEN_DOMCTL_PFINFO_XTAB]
+            if holes.size:
+                hv.populate_physmap(domid, holes)
 
 
 def _moved(hv, domid: int, mfn: int, g: int, st_after: int, order: int | None) -> Outcome:

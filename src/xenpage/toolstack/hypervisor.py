@@ -150,6 +150,17 @@ class Hypervisor(Protocol):
         (Xen 4.17; see :mod:`xenpage.toolstack.split_guard`)."""
         ...
 
+    def xen_fixed_range(self) -> tuple[int, int] | None:
+        """``[first, end)`` MFNs of Xen's fixed image -- the frames ``is_xen_fixed_mfn``
+        makes ``offline_page`` refuse for ever (EPERM), its freed init region and unused BSS
+        included although the heap hands them out -- from
+        ``KEXEC_CMD_kexec_get_range(KEXEC_RANGE_MA_XEN)``; None if this Xen does not say
+        (no kexec support).  Nothing else a dom0 process can read names it: the offline
+        sysctl's query answers 0 for such a frame, ``xl info`` and dom0's E820 and
+        ``/proc/iomem`` do not show it, and ``xl dmesg`` gives the relocated base but not
+        the image's extent (measured in the lab: tests_xen/results/lab-layout.json)."""
+        ...
+
     # -- domains ----------------------------------------------------------------------------
     def domain_list(self) -> list[DomainInfo]: ...
 
@@ -208,9 +219,11 @@ class Hypervisor(Protocol):
         """``HYPERVISOR_mmuext_op`` with ``(cmd, mfn)`` pairs: ``(rc, done)``."""
         ...
 
-    def memory_exchange(self, domid: int, in_mfns: list[int], out_gpfns: list[int]
-                        ) -> tuple[int, int, list[int]]:
-        """``XENMEM_exchange`` of order-0 extents: ``(rc, nr_exchanged, out_mfns)``."""
+    def memory_exchange(self, domid: int, in_mfns: list[int], out_gpfns: list[int],
+                        address_bits: int = 0) -> tuple[int, int, list[int]]:
+        """``XENMEM_exchange`` of order-0 extents: ``(rc, nr_exchanged, out_mfns)``;
+        ``address_bits`` (the output's ``XENMEMF_address_bits``): new frames below 2^bits
+        bytes only (0: anywhere)."""
         ...
 
     def logdirty_control(self, domid: int, op: int, pages: int = 0, mode: int = 0,
@@ -307,7 +320,7 @@ class MigrationHypervisor(Hypervisor, Protocol):
         """Map ``frames`` writable, copy ``data`` in, unmap."""
         ...
 
-    def populate_physmap(self, domid: int, gfns) -> tuple[int, np.ndarray]:
+    def populate_physmap(self, domid: int, gfns, address_bits: int = 0) -> tuple[int, np.ndarray]:
         """``XENMEM_populate_physmap`` with order-0 extents at the given gfns:
         ``(done or -errno, extents)``.  For a translated (HVM/PVH) guest Xen writes no MFN
         back: ``extents`` is the gfn list as passed."""

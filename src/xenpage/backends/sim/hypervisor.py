@@ -18,6 +18,8 @@ import numpy as np
 
 from ...abi import errno as E
 from ...abi import sysctl as S
+from ...abi.kexec import KEXEC_RANGE_MA_XEN
+from ...abi.memory import XENMEMF_address_bits
 from ...abi.xen import DOMID_XEN, INVALID_M2P_ENTRY
 from ...hypervisor import sysctl
 from ...hypervisor.e820 import MiB
@@ -94,6 +96,12 @@ class SimHypervisor:
 
     def split_misaligns(self) -> bool:
         return bool(self.host.quirks.reserve_misaligned)
+
+    def xen_fixed_range(self) -> tuple[int, int] | None:
+        rc, start, size = self._hc.kexec_get_range(KEXEC_RANGE_MA_XEN)
+        if rc or not size:
+            return None
+        return start >> 12, (start + size + 0xFFF) >> 12
 
     def page_offline_op(self, cmd: int, start: int, end: int) -> tuple[int, np.ndarray | None]:
         if cmd != S.sysctl_query_page_offline:
@@ -281,11 +289,13 @@ class SimHypervisor:
         self.dirty = True
         return self._hc.mmuext_op(ops, foreigndom)
 
-    def memory_exchange(self, domid: int, in_mfns, out_gpfns) -> tuple[int, int, list[int]]:
+    def memory_exchange(self, domid: int, in_mfns, out_gpfns, address_bits: int = 0
+                        ) -> tuple[int, int, list[int]]:
         from ...hypervisor.memory import Reservation
         self.dirty = True
         r = self._hc.memory_exchange(Reservation([int(m) for m in in_mfns], 0, domid),
-                                     Reservation([int(g) for g in out_gpfns], 0, domid))
+                                     Reservation([int(g) for g in out_gpfns], 0, domid,
+                                                 XENMEMF_address_bits(address_bits)))
         return r.rc, r.nr_exchanged, r.out
 
     def wait(self, seconds: float) -> None:
@@ -405,13 +415,13 @@ class SimHypervisor:
         self.dirty = True
         return 0, d.domid
 
-    def populate_physmap(self, domid: int, gfns):
+    def populate_physmap(self, domid: int, gfns, address_bits: int = 0):
         """For a translated guest Xen writes no MFN back (``populate_physmap``:
         ``!paging_mode_translate(d)`` guards the copy): the extents come back as passed."""
         from ...hypervisor import hvm
         self.dirty = True
         c = _costs()
-        rc, mfns = hvm.populate_physmap(self.host, self.caller, domid, gfns)
+        rc, mfns = hvm.populate_physmap(self.host, self.caller, domid, gfns, address_bits)
         self.host.clock += c.hypercall_s + max(rc, 0) * (c.page_alloc_s + 4096 / c.memcpy_bps)
         d = self.host.domains.get(domid)
         if d is not None and d.hvm:

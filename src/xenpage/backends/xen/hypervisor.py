@@ -40,6 +40,7 @@ from ...abi import hvm as H
 from ...abi import memory as M
 from ...abi import sysctl as S
 from ...abi import xen as X
+from ...abi.kexec import KEXEC_RANGE_MA_XEN
 from ...toolstack.hypervisor import CAP_HVM_INPLACE, CAP_MIGRATE, DomainInfo, PhysInfo
 from . import libs as L
 from . import structs as T
@@ -96,6 +97,7 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
             raise XenBackendError(e, f"cannot open libxenforeignmemory/libxencall ({E.name(e)})")
         self.xsh = None
         self._max_mfn: int | None = None
+        self._fixed: tuple[int, ...] | None = None
         self._m2p: np.ndarray | None = None
         self._m2p_map: tuple[int, int] | None = None
         self._cpumap_size: int | None = None
@@ -173,6 +175,18 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
                 raise XenBackendError(L.errno(), "xc_maximum_ram_page failed")
             self._max_mfn = v.value
         return self._max_mfn
+
+    def xen_fixed_range(self) -> tuple[int, int] | None:
+        """``xc_kexec_get_range(KEXEC_RANGE_MA_XEN)``: Xen 4.17.7 in the lab answered
+        0x7fa00000 + 0x3a6140, i.e. frames 0x7fa00-0x7fda6, the very frames whose offline it
+        refused (EPERM)."""
+        if self._fixed is None:
+            size, start = c_uint64(), c_uint64()
+            L.clear_errno()
+            rc = self.L.xc_kexec_get_range(self.xch, KEXEC_RANGE_MA_XEN, 0, byref(size), byref(start))
+            self._fixed = (start.value >> 12, (start.value + size.value + 0xFFF) >> 12) \
+                if rc == 0 and size.value else ()
+        return self._fixed or None
 
     def split_misaligns(self) -> bool:
         """Every released Xen up to 4.17.7 misaligns free buddies around an offlined frame
@@ -632,7 +646,8 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
                                 foreigndom & 0xFFFFFFFF)
             return (0 if r >= 0 else L.neg_errno()), int(done.value)
 
-    def memory_exchange(self, domid: int, in_mfns, out_gpfns) -> tuple[int, int, list[int]]:
+    def memory_exchange(self, domid: int, in_mfns, out_gpfns, address_bits: int = 0
+                        ) -> tuple[int, int, list[int]]:
         ins = np.ascontiguousarray(np.asarray(list(in_mfns), dtype=np.uint64))
         outs = np.ascontiguousarray(np.asarray(list(out_gpfns), dtype=np.uint64))
         n = ins.size
@@ -651,6 +666,7 @@ class XenHypervisor(PhysmapMixin, MigrationMixin):
                 res.extent_order = 0
                 res.mem_flags = 0
                 res.domid = domid
+            ex.out.mem_flags = M.XENMEMF_address_bits(address_bits)
             ex.nr_exchanged = 0
             L.clear_errno()
             r = self.L.xencall2(self.xcall, X.HYPERVISOR_memory_op, M.XENMEM_exchange, buf)

@@ -78,6 +78,8 @@ PROTOTYPES: list[Proto] = [
     P("ctrl", "xc_version", c_int, [c_void_p, c_int, c_void_p], "int", [XCH, "int", "void *"]),
     P("ctrl", "xc_physinfo", c_int, [c_void_p, POINTER(T.XenSysctlPhysinfo)], "int", [XCH, "xc_physinfo_t *"]),
     P("ctrl", "xc_maximum_ram_page", c_int, [c_void_p, c_ulong_p], "int", [XCH, "unsigned long *"]),
+    P("ctrl", "xc_kexec_get_range", c_int, [c_void_p, c_int, c_int, c_uint64_p, c_uint64_p],
+      "int", [XCH, "int", "int", "uint64_t *", "uint64_t *"]),
     P("ctrl", "xc_domain_getinfolist", c_int, [c_void_p, c_uint32, c_uint, POINTER(T.XenDomctlGetDomainInfo)],
       "int", [XCH, "uint32_t", "unsigned int", "xc_domaininfo_t *"]),
     P("ctrl", "xc_domain_pause", c_int, [c_void_p, c_uint32], "int", [XCH, "uint32_t"]),

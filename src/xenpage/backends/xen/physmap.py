@@ -127,7 +127,7 @@ class PhysmapMixin:
         r = self.L.xc_domain_decrease_reservation(self.xch, domid, g.size, 0, _u64p(g))
         return r if r >= 0 else L.neg_errno()
 
-    def populate_physmap(self, domid: int, gfns) -> tuple[int, np.ndarray]:
+    def populate_physmap(self, domid: int, gfns, address_bits: int = 0) -> tuple[int, np.ndarray]:
         """``XENMEM_populate_physmap`` of order-0 extents at ``gfns`` (``memory.c``
         ``populate_physmap``): ``(number done or -errno, the extent array as Xen left it)``.
         For a translated (HVM/PVH) guest Xen does **not** write the new MFNs back: the array
@@ -137,7 +137,7 @@ class PhysmapMixin:
         if g.size == 0:
             return 0, g.astype(np.int64)
         L.clear_errno()
-        r = self.L.xc_domain_populate_physmap(self.xch, domid, g.size, 0, 0, _u64p(g))
+        r = self.L.xc_domain_populate_physmap(self.xch, domid, g.size, 0, address_bits & 0xFF, _u64p(g))
         return (r if r >= 0 else L.neg_errno()), g.astype(np.int64)
 
     # -- gfn -> mfn through dom0's own page tables ------------------------------------------------
