@@ -190,10 +190,12 @@ class Heap:
         from ``order`` up; split the chunk, returning its highest-addressed part and putting
         the lower halves back at the head of their lists.  Marks the frames ``inuse`` with a
         zero count and no owner (the caller assigns them)."""
-        zones = sorted((z for z, n in self.zone_pages.items() if n >= 1 << order), reverse=True)
+        need = 1 << order
+        zones = sorted((z for z, n in self.zone_pages.items() if n >= need), reverse=True)
+        lists = self.lists
         for z in zones:
             for j in range(order, self.max_order + 1):
-                lst = self.lists.get((z, j))
+                lst = lists.get((z, j))
                 if lst:
                     head = next(iter(lst))
                     self._remove(head, j)
@@ -201,17 +203,25 @@ class Heap:
                         j -= 1
                         self._add(head, j, tail=False)
                         head += 1 << j
-                    n = 1 << order
-                    st = self.ft.states(head, n)
+                    ft = self.ft
+                    if order == 0:  # one frame: Python integers
+                        if (int(ft.count_info[head]) & mm.PGC_state) >> mm.PGC_state_shift != _FREE:
+                            raise HostCrash(f"Xen would crash: the heap handed out mfn {head:#x}, which "
+                                            "is not free (a misaligned buddy merged over frames in use)")
+                        ft.count_info[head] = 0  # state inuse, count 0
+                        ft.type_info[head] = 0
+                        ft.owner1[head] = 0
+                        return head
+                    st = ft.states(head, need)
                     if not (st == _FREE).all():
                         # alloc_heap_pages: BUG_ON on a frame that is not free
                         raise HostCrash(f"Xen would crash: the heap handed out mfn "
                                         f"{head + int(np.flatnonzero(st != _FREE)[0]):#x}, which "
                                         "is not free (a misaligned buddy merged over frames in use)")
-                    sl = slice(head, head + n)
-                    self.ft.count_info[sl] = _U(0)  # state inuse, count 0
-                    self.ft.type_info[sl] = _U(0)
-                    self.ft.owner1[sl] = 0
+                    sl = slice(head, head + need)
+                    ft.count_info[sl] = _U(0)  # state inuse, count 0
+                    ft.type_info[sl] = _U(0)
+                    ft.owner1[sl] = 0
                     return head
         raise OutOfMemory(order)
 
