@@ -191,9 +191,14 @@ class Heap:
         the lower halves back at the head of their lists.  Marks the frames ``inuse`` with a
         zero count and no owner (the caller assigns them)."""
         need = 1 << order
-        zones = sorted((z for z, n in self.zone_pages.items() if n >= need), reverse=True)
+        zp = self.zone_pages
+        zones = getattr(self, "_zones_desc", None)
+        if zones is None or len(zones) != len(zp):  # zones are only ever added
+            zones = self._zones_desc = sorted(zp, reverse=True)
         lists = self.lists
         for z in zones:
+            if zp[z] < need:
+                continue
             for j in range(order, self.max_order + 1):
                 lst = lists.get((z, j))
                 if lst:
