@@ -44,6 +44,7 @@ from ..abi import sysctl as S
 from ..abi import xen as X
 from .hypervisor import Hypervisor
 from . import rollforward
+from .membership import member
 from .outcomes import Kind, Outcome, Reason, not_pending
 
 _U = np.uint64
@@ -184,7 +185,7 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
         ents = m.array
         frames = ents >> _U(12)
         frames &= _U(P.MFN_MASK_X86)
-        hit = (frames == tu[0]) if tu.size == 1 else np.isin(frames, tu, kind="table")
+        hit = member(frames, tu)
         flat = np.flatnonzero(hit)
         hits_v.append(ents.reshape(-1)[flat])
         hits_r.append(flat + s0 * 512)
@@ -201,11 +202,17 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
                zip(tabs[rows].tolist(), cols.tolist(), vals.tolist(), lvls[rows].tolist())]
 
 
+def _no_hook(step: str, **info) -> None:
+    """No listener between the steps (no journal, no fault injection)."""
+
+
 def _reqs(refs: list[PteRef], values: list[int]) -> np.ndarray:
+    """``mmu_update`` requests writing ``values`` into the entries ``refs`` (PRESERVE_AD)."""
     a = np.zeros((len(refs), 2), dtype=np.uint64)
-    for i, (r, v) in enumerate(zip(refs, values)):
-        a[i, 0] = r.ptr | X.MMU_PT_UPDATE_PRESERVE_AD
-        a[i, 1] = v
+    if refs:
+        a[:, 0] = np.fromiter((r.ptr for r in refs), dtype=np.uint64, count=len(refs))
+        a[:, 0] |= _U(X.MMU_PT_UPDATE_PRESERVE_AD)
+        a[:, 1] = np.array(values, dtype=np.uint64)
     return a
 
 
@@ -263,7 +270,7 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     every entry mapping any of ``mfns`` as of now, found by the pre-scan (:mod:`.prescan`);
     it stands in for the first group's scan (a frame still referenced afterwards is tried
     once more with a full view)."""
-    hook = hook or (lambda step, **kw: None)
+    hook = hook or _no_hook
     info = hv.domain_info(domid)
     mfns = [int(m) for m in mfns]
 
@@ -436,8 +443,9 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
     content = {int(m): snap.array[i].copy() for i, m in enumerate(targets.tolist())}
     snap.unmap()
-    hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
-         fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
+    if hook is not _no_hook:  # (copies of the P2M's frame lists: only for a listener)
+        hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
+             fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
     results: dict[int, Outcome] = {}
     pending = list(grp)
     exchanged: list[tuple[int, int, int, int]] = []  # (old, gpfn, level, new)
