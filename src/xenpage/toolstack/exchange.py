@@ -401,7 +401,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     t0 = time.perf_counter()
     if prefound is not None:
         mine = set(targets.tolist())
-        rc, refs = 0, [r for r in prefound if P.pte_frame(r.value) in mine]
+        rc, refs = 0, [r for r in prefound if (r.value >> 12) & P.MFN_MASK_X86 in mine]
     else:
         rc, refs = scan(hv, view, targets)
     scan_s = time.perf_counter() - t0
@@ -410,7 +410,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         domid=domid, gpfn=g) for m, g, _ in grp]
     by_target: dict[int, list[PteRef]] = {int(m): [] for m in targets}
     for r in refs:
-        by_target[P.pte_frame(r.value)].append(r)
+        by_target[(r.value >> 12) & P.MFN_MASK_X86].append(r)
     hook("scanned", refs=refs)
     # Clear (upper levels first, so a table frame is devalidated before its mappings go).
     clear = sorted(refs, key=lambda r: -r.level)
@@ -441,7 +441,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         Reason.RESTORE_FAILED if urc else Reason.EXCHANGE_FAILED,
                         f"cannot map the frame ({E.name(snap)})",
                         domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
-    content = {int(m): snap.array[i].copy() for i, m in enumerate(targets.tolist())}
+    content = dict(zip(targets.tolist(), snap.array.copy()))  # rows of one copy
     snap.unmap()
     if hook is not _no_hook:  # (copies of the P2M's frame lists: only for a listener)
         hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
