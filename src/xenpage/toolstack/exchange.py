@@ -83,14 +83,23 @@ class GuestView:
         and XALLOC have level bits 7, 5 and 6, and every invalid P2M entry was typed XTAB,
         so "level in 1..4" is the whole test (one unsigned compare: 0 - 1 wraps)."""
         if self.tables is None:
-            lvl = (self.types >> np.uint32(28)) & np.uint32(7)
-            idx = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
-            self.tables = (idx, lvl[idx].astype(np.int64))
+            idx, lv = [], []
+            for s0 in range(0, self.types.size, 1 << 22):  # temporaries of 16 MiB, not n words
+                lvl = (self.types[s0:s0 + (1 << 22)] >> np.uint32(28)) & np.uint32(7)
+                i = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
+                idx.append(i + s0)
+                lv.append(lvl[i].astype(np.int64))
+            self.tables = (np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64),
+                           np.concatenate(lv) if lv else np.zeros(0, dtype=np.int64))
         return self.tables
 
     def table_mfns(self) -> tuple[np.ndarray, np.ndarray]:
         idx, lvl = self.table_pfns()
         return self.p2m[idx], lvl
+
+
+#: P2M frames mapped at a time by :func:`load_guest` (32 MiB)
+P2M_CHUNK = 8192
 
 
 def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | None]:
@@ -99,13 +108,19 @@ def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | 
     if rc:
         return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot locate d{domid}'s P2M ({E.name(rc)})",
                              domid=domid, errno=-rc)
-    m = hv.map_foreign(domid, frames, False)
-    if isinstance(m, int):
-        return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot map d{domid}'s P2M ({E.name(m)})",
-                             domid=domid, errno=-m)
-    # INVALID_MFN (2^64 - 1) read as a signed 64-bit number is -1: no pass needed
-    p2m = m.array.reshape(-1)[:n].view(np.int64).copy()
-    m.unmap()
+    # mapped and copied a run of frames at a time (a 256 GiB guest's P2M is 512 MiB: mapped
+    # whole, it would sit in memory twice); INVALID_MFN (2^64 - 1) read as a signed 64-bit
+    # number is -1: no pass needed
+    frames = np.asarray(frames, dtype=np.int64)
+    p2m = np.empty(n, dtype=np.int64)
+    for s0 in range(0, frames.size, P2M_CHUNK):
+        m = hv.map_foreign(domid, frames[s0:s0 + P2M_CHUNK], False)
+        if isinstance(m, int):
+            return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot map d{domid}'s P2M ({E.name(m)})",
+                                 domid=domid, errno=-m)
+        part = m.array.reshape(-1)[:n - s0 * 512]
+        p2m[s0 * 512:s0 * 512 + part.size] = part.view(np.int64)
+        m.unmap()
     rc, fl, fll = hv.pv_p2m_frame_lists(domid)
     if rc:
         return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot read d{domid}'s P2M frame list",
