@@ -181,6 +181,8 @@ def refresh(hv: Hypervisor, survey: GuestView, mfns) -> GuestView | None:
 #: page-table frames mapped at a time by the scan (16 MiB: the temporaries stay in cache
 #: and a 64 GiB guest's 33k tables never sit in memory all at once)
 SCAN_CHUNK = 4096
+#: ... and compared 256 frames (1 MiB) at a time
+SCAN_BLOCK = 256
 
 
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
@@ -191,19 +193,21 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
     tu = np.asarray(targets, dtype=np.uint64).ravel()
     if tabs.size == 0 or tu.size == 0:
         return 0, []
-    hits_r: list[np.ndarray] = []
-    hits_v: list[np.ndarray] = []
+    hits_r: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    hits_v: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
     for s0 in range(0, tabs.size, SCAN_CHUNK):
         m = hv.map_foreign(view.domid, tabs[s0:s0 + SCAN_CHUNK], False)
         if isinstance(m, int):
             return m, []
         ents = m.array
-        frames = ents >> _U(12)
-        frames &= _U(P.MFN_MASK_X86)
-        hit = member(frames, tu)
-        flat = np.flatnonzero(hit)
-        hits_v.append(ents.reshape(-1)[flat])
-        hits_r.append(flat + s0 * 512)
+        for b0 in range(0, ents.shape[0], SCAN_BLOCK):  # temporaries of 1 MiB: in the cache
+            blk = ents[b0:b0 + SCAN_BLOCK]
+            frames = blk >> _U(12)
+            frames &= _U(P.MFN_MASK_X86)
+            flat = np.flatnonzero(member(frames, tu))
+            if flat.size:
+                hits_v.append(blk.reshape(-1)[flat])
+                hits_r.append(flat + (s0 + b0) * 512)
         m.unmap()
     flat, vals = np.concatenate(hits_r), np.concatenate(hits_v)
     rows, cols = np.divmod(flat, 512)
