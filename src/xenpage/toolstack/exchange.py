@@ -44,7 +44,7 @@ from ..abi import sysctl as S
 from ..abi import xen as X
 from .hypervisor import Hypervisor
 from . import rollforward
-from .membership import member
+from .membership import member_frames
 from .outcomes import Kind, Outcome, Reason, not_pending
 
 _U = np.uint64
@@ -202,9 +202,7 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
         ents = m.array
         for b0 in range(0, ents.shape[0], SCAN_BLOCK):  # temporaries of 1 MiB: in the cache
             blk = ents[b0:b0 + SCAN_BLOCK]
-            frames = blk >> _U(12)
-            frames &= _U(P.MFN_MASK_X86)
-            flat = np.flatnonzero(member(frames, tu))
+            flat = np.flatnonzero(member_frames(blk, tu, 12, P.MFN_MASK_X86))
             if flat.size:
                 hits_v.append(blk.reshape(-1)[flat])
                 hits_r.append(flat + (s0 + b0) * 512)
