@@ -333,3 +333,83 @@ def test_decrease_reservation_stops_at_a_frame_that_is_not_the_guests(env):
     assert h.ft.owner(v.f[1]) == v.id and h.ft.owner(u.f[43]) == u.id
     u.set_p2m(42, INVALID)
     ok(h)
+
+
+# -- the batched path for single frames ------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from xenpage.hypervisor import memory as memory_mod  # noqa: E402
+
+
+def _world(offl, broken, freed):
+    """A host whose guest has frames offline-pending (some broken by a machine check) and
+    some given back to the heap (free buddies next to frames being exchanged)."""
+    h = Host.boot(HostConfig(mem_bytes=64 << 20), dom0_pages=2048)
+    u = Dom(h, 64, "u")
+    for i in sorted(set(freed)):
+        assert u.hc.decrease_reservation(Reservation([u.f[i]], 0, X_SELF)) == 1
+    for i in offl:
+        if i in freed:
+            continue
+        if i in broken:
+            sysctl.machine_check_offline(h, u.f[i])
+        else:
+            offline(h, u.f[i])
+    return h, u
+
+
+def _state(h):
+    ft = h.ft
+    return ([a.copy() for a in (ft.count_info, ft.type_info, ft.owner1, ft.m2p_plus1, ft.buddy_order)],
+            h.heap.list_order(), list(h.heap.offlined_list), list(h.heap.broken_list), h.heap.free_pages)
+
+
+X_SELF = DOMID_SELF
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ins=st.lists(st.integers(0, 63), min_size=1, max_size=24, unique=True),
+       offl=st.lists(st.integers(0, 63), max_size=30), broken=st.lists(st.integers(0, 63), max_size=6),
+       freed=st.lists(st.integers(0, 63), max_size=6), nr=st.integers(0, 3), all_pending=st.booleans())
+def test_batched_exchange_of_frames_is_the_loop(ins, offl, broken, freed, nr, all_pending):
+    """``memory_exchange`` of single frames batched (when every extent is independent: all
+    offline-pending, no free buddy) leaves exactly the frame table, free lists, offlined and
+    broken lists and result that the extent-by-extent loop leaves -- and declines otherwise."""
+    nr = min(nr, len(ins))
+    if all_pending:  # the toolstack's case: every input offline-pending
+        offl = offl + ins
+    out = []
+    for fast in (True, False):
+        h, u = _world(offl, broken, freed)
+        mfns = [u.f[i] for i in ins]
+        gpfns = [i for i in ins]
+        old = memory_mod.FAST
+        memory_mod.FAST = fast
+        try:
+            r = xchg(h.hypercalls(0), u.id, mfns, gpfns, nr=nr)
+        finally:
+            memory_mod.FAST = old
+        out.append(((r.rc, r.nr_exchanged, list(r.out)), _state(h)))
+    (ra, sa), (rb, sb) = out
+    assert ra == rb
+    for a, b in zip(sa[0], sb[0]):
+        np.testing.assert_array_equal(a, b)
+    assert sa[1:] == sb[1:]
+
+
+def test_batched_exchange_is_taken_for_offline_pending_frames(env, monkeypatch):
+    """The toolstack's case (every frame offline-pending, nothing free next to them) goes
+    through the batched path, not the loop."""
+    h, u, dom0 = env
+    for i in (3, 9, 20):
+        offline(h, u.f[i])
+    monkeypatch.setattr(memory_mod, "steal_page", lambda *a: pytest.fail("the loop ran"))
+    r = xchg(dom0, u.id, [u.f[i] for i in (3, 9, 20)], [3, 9, 20])
+    assert (r.rc, r.nr_exchanged) == (0, 3)
+    assert [h.ft.m2p(m) for m in r.out] == [3, 9, 20]
+    assert all(query(h, u.f[i]) == (0, 0x2) for i in (3, 9, 20))  # offlined
+    for g, m in zip((3, 9, 20), r.out):
+        u.set_p2m(g, m)
+    ok(h)

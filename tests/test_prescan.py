@@ -232,10 +232,15 @@ def test_suspend_failure_turns_logdirty_off(monkeypatch):
     assert not host.__dict__.get("pv_logdirty")
 
 
-@pytest.mark.parametrize("n", [1, 7, 64, 65, 1000, 4099])
-def test_dirty_pfns_reads_xens_packed_bitmap(n):
+@pytest.mark.parametrize("n,dense", [(1, 1), (7, 1), (64, 1), (65, 1), (1000, 1), (4099, 1),
+                                     (32768, 1), (100_003, 1), (3 * 32768 + 65, 0), (1 << 20, 0)])
+def test_dirty_pfns_reads_xens_packed_bitmap(n, dense):
+    """Dense bitmaps, and sparse ones over several 4 KiB blocks (the block pass) with bits
+    in the first and last pfn and in the words past the last whole block."""
     rng = np.random.default_rng(n)
-    want = np.unique(rng.integers(0, n, size=max(1, n // 5)))
+    want = np.unique(rng.integers(0, n, size=max(1, n // 5) if dense else 40))
+    if not dense:
+        want = np.unique(np.concatenate([want, [0, n - 1, n - 70]]))
     bits = np.packbits(np.isin(np.arange(n), want), bitorder="little")
     np.testing.assert_array_equal(prescan.dirty_pfns(bits, n), want)
     assert prescan.dirty_pfns(np.zeros((n + 7) // 8, np.uint8), n).size == 0

@@ -299,3 +299,20 @@ def test_a_failed_automatic_recovery_stops_mem_offline(crash_state, tmp_path):
     assert not jp.exists()
     host = Host.load(host_path(state))
     _check_recovered(host, before, mfns)
+
+
+def test_snapshot_record_keeps_the_p2m_frames_recovery_reads():
+    """The snapshot record holds the P2M frame of each gpfn of the group and the place of
+    every frame of the group that is a P2M frame -- not the whole list (131,072 entries at
+    256 GiB) -- and recovery gets those entries back where it reads them."""
+    rng = np.random.default_rng(5)
+    pf = rng.choice(1 << 30, size=131072, replace=False).astype(np.int64)
+    grp = [(int(pf[77]), 77 * 512 + 3, 0), (123456, 5 * 512, 0), (777, 131071 * 512 + 9, 1)]
+    rec = journal._p2m_frames_needed(pf, grp)
+    assert json.loads(json.dumps(rec)) == rec and len(rec["at"]) == 3
+    back = journal._p2m_frames_array(rec)
+    assert back.size == pf.size
+    for i in (77, 5, 131071):
+        assert back[i] == pf[i]
+    assert np.flatnonzero(np.isin(back, [m for m, _, _ in grp])).tolist() == [77]
+    assert journal._p2m_frames_array([1, 2, 3]).tolist() == [1, 2, 3]  # an older journal's list

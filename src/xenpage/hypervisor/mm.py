@@ -668,10 +668,19 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     slot = table * 512 + idx
     if np.unique(slot).size != n:
         return 0
-    tl = table.tolist()
-    if any(t not in ft.pages for t in set(tl)):
+    utab, inv = np.unique(table, return_inverse=True)
+    inv = inv.ravel()
+    ut = utab.tolist()
+    if any(t not in ft.pages for t in ut):
         return 0  # a table kept as a fingerprint: the one-by-one path materialises it in order
-    old = np.fromiter((ft.pages[t][i] for t, i in zip(tl, idx.tolist())), dtype=np.uint64, count=n)
+    old = np.empty(n, dtype=np.uint64)
+    if len(ut) > 1:
+        order = np.argsort(inv, kind="stable")
+        groups = np.split(order, np.cumsum(np.bincount(inv, minlength=len(ut)))[:-1])
+    else:
+        groups = [np.arange(n)]
+    for t, gi in zip(ut, groups):  # one gather per table
+        old[gi] = ft.pages[t][idx[gi]]
     new_p, old_p = _present(val), _present(old)
     if (new_p & ((val & _U(l1_disallow(host, pt_owner))) != 0)).any():
         return 0
@@ -694,9 +703,9 @@ def _l1_batch(host: "Host", caller: int, reqs: np.ndarray, pt_owner: int, pg_own
     out = np.where(new_p, adjust_guest_l1e(val), val)
     pres_ad = cmd == _U(X.MMU_PT_UPDATE_PRESERVE_AD)
     out = np.where(pres_ad, out | (old & _U(P._PAGE_ACCESSED | P._PAGE_DIRTY)), out)
-    for t, i, v in zip(tl, idx.tolist(), out):
-        ft.pages[t][i] = v
-    _dirty(host, pt_owner, np.unique(table))  # each update_intpte marks its table
+    for t, gi in zip(ut, groups):  # slots are distinct: one scatter per table
+        ft.pages[t][idx[gi]] = out[gi]
+    _dirty(host, pt_owner, utab)  # each update_intpte marks its table
     if df.size:
         _l1_refs_drop(host, df, (old[drop] & _U(P._PAGE_RW)) != 0, pt_owner)
     return n

@@ -45,6 +45,7 @@ from ..abi import xen as X
 from .hypervisor import Hypervisor
 from . import rollforward
 from .fixed import below_bits, fixed_range, in_fixed_range
+from .membership import member_frames
 from .outcomes import Kind, Outcome, Reason, not_pending
 
 _U = np.uint64
@@ -83,14 +84,23 @@ class GuestView:
         and XALLOC have level bits 7, 5 and 6, and every invalid P2M entry was typed XTAB,
         so "level in 1..4" is the whole test (one unsigned compare: 0 - 1 wraps)."""
         if self.tables is None:
-            lvl = (self.types >> np.uint32(28)) & np.uint32(7)
-            idx = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
-            self.tables = (idx, lvl[idx].astype(np.int64))
+            idx, lv = [], []
+            for s0 in range(0, self.types.size, 1 << 22):  # temporaries of 16 MiB, not n words
+                lvl = (self.types[s0:s0 + (1 << 22)] >> np.uint32(28)) & np.uint32(7)
+                i = np.flatnonzero((lvl - np.uint32(1)) < np.uint32(4))
+                idx.append(i + s0)
+                lv.append(lvl[i].astype(np.int64))
+            self.tables = (np.concatenate(idx) if idx else np.zeros(0, dtype=np.int64),
+                           np.concatenate(lv) if lv else np.zeros(0, dtype=np.int64))
         return self.tables
 
     def table_mfns(self) -> tuple[np.ndarray, np.ndarray]:
         idx, lvl = self.table_pfns()
         return self.p2m[idx], lvl
+
+
+#: P2M frames mapped at a time by :func:`load_guest` (32 MiB)
+P2M_CHUNK = 8192
 
 
 def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | None]:
@@ -99,13 +109,19 @@ def load_guest(hv: Hypervisor, domid: int) -> tuple[GuestView | None, Outcome | 
     if rc:
         return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot locate d{domid}'s P2M ({E.name(rc)})",
                              domid=domid, errno=-rc)
-    m = hv.map_foreign(domid, frames, False)
-    if isinstance(m, int):
-        return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot map d{domid}'s P2M ({E.name(m)})",
-                             domid=domid, errno=-m)
-    # INVALID_MFN (2^64 - 1) read as a signed 64-bit number is -1: no pass needed
-    p2m = m.array.reshape(-1)[:n].view(np.int64).copy()
-    m.unmap()
+    # mapped and copied a run of frames at a time (a 256 GiB guest's P2M is 512 MiB: mapped
+    # whole, it would sit in memory twice); INVALID_MFN (2^64 - 1) read as a signed 64-bit
+    # number is -1: no pass needed
+    frames = np.asarray(frames, dtype=np.int64)
+    p2m = np.empty(n, dtype=np.int64)
+    for s0 in range(0, frames.size, P2M_CHUNK):
+        m = hv.map_foreign(domid, frames[s0:s0 + P2M_CHUNK], False)
+        if isinstance(m, int):
+            return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot map d{domid}'s P2M ({E.name(m)})",
+                                 domid=domid, errno=-m)
+        part = m.array.reshape(-1)[:n - s0 * 512]
+        p2m[s0 * 512:s0 * 512 + part.size] = part.view(np.int64)
+        m.unmap()
     rc, fl, fll = hv.pv_p2m_frame_lists(domid)
     if rc:
         return None, Outcome(-1, Kind.REFUSED, Reason.NO_P2M, f"cannot read d{domid}'s P2M frame list",
@@ -166,6 +182,8 @@ def refresh(hv: Hypervisor, survey: GuestView, mfns) -> GuestView | None:
 #: page-table frames mapped at a time by the scan (16 MiB: the temporaries stay in cache
 #: and a 64 GiB guest's 33k tables never sit in memory all at once)
 SCAN_CHUNK = 4096
+#: ... and compared 256 frames (1 MiB) at a time
+SCAN_BLOCK = 256
 
 
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
@@ -176,19 +194,19 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
     tu = np.asarray(targets, dtype=np.uint64).ravel()
     if tabs.size == 0 or tu.size == 0:
         return 0, []
-    hits_r: list[np.ndarray] = []
-    hits_v: list[np.ndarray] = []
+    hits_r: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    hits_v: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
     for s0 in range(0, tabs.size, SCAN_CHUNK):
         m = hv.map_foreign(view.domid, tabs[s0:s0 + SCAN_CHUNK], False)
         if isinstance(m, int):
             return m, []
         ents = m.array
-        frames = ents >> _U(12)
-        frames &= _U(P.MFN_MASK_X86)
-        hit = (frames == tu[0]) if tu.size == 1 else np.isin(frames, tu, kind="table")
-        flat = np.flatnonzero(hit)
-        hits_v.append(ents.reshape(-1)[flat])
-        hits_r.append(flat + s0 * 512)
+        for b0 in range(0, ents.shape[0], SCAN_BLOCK):  # temporaries of 1 MiB: in the cache
+            blk = ents[b0:b0 + SCAN_BLOCK]
+            flat = np.flatnonzero(member_frames(blk, tu, 12, P.MFN_MASK_X86))
+            if flat.size:
+                hits_v.append(blk.reshape(-1)[flat])
+                hits_r.append(flat + (s0 + b0) * 512)
         m.unmap()
     flat, vals = np.concatenate(hits_r), np.concatenate(hits_v)
     rows, cols = np.divmod(flat, 512)
@@ -202,11 +220,17 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
                zip(tabs[rows].tolist(), cols.tolist(), vals.tolist(), lvls[rows].tolist())]
 
 
+def _no_hook(step: str, **info) -> None:
+    """No listener between the steps (no journal, no fault injection)."""
+
+
 def _reqs(refs: list[PteRef], values: list[int]) -> np.ndarray:
+    """``mmu_update`` requests writing ``values`` into the entries ``refs`` (PRESERVE_AD)."""
     a = np.zeros((len(refs), 2), dtype=np.uint64)
-    for i, (r, v) in enumerate(zip(refs, values)):
-        a[i, 0] = r.ptr | X.MMU_PT_UPDATE_PRESERVE_AD
-        a[i, 1] = v
+    if refs:
+        a[:, 0] = np.fromiter((r.ptr for r in refs), dtype=np.uint64, count=len(refs))
+        a[:, 0] |= _U(X.MMU_PT_UPDATE_PRESERVE_AD)
+        a[:, 1] = np.array(values, dtype=np.uint64)
     return a
 
 
@@ -264,7 +288,7 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     every entry mapping any of ``mfns`` as of now, found by the pre-scan (:mod:`.prescan`);
     it stands in for the first group's scan (a frame still referenced afterwards is tried
     once more with a full view)."""
-    hook = hook or (lambda step, **kw: None)
+    hook = hook or _no_hook
     info = hv.domain_info(domid)
     mfns = [int(m) for m in mfns]
 
@@ -451,7 +475,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     t0 = time.perf_counter()
     if prefound is not None:
         mine = set(targets.tolist())
-        rc, refs = 0, [r for r in prefound if P.pte_frame(r.value) in mine]
+        rc, refs = 0, [r for r in prefound if (r.value >> 12) & P.MFN_MASK_X86 in mine]
     else:
         rc, refs = scan(hv, view, targets)
     scan_s = time.perf_counter() - t0
@@ -460,7 +484,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         domid=domid, gpfn=g) for m, g, _ in grp]
     by_target: dict[int, list[PteRef]] = {int(m): [] for m in targets}
     for r in refs:
-        by_target[P.pte_frame(r.value)].append(r)
+        by_target[(r.value >> 12) & P.MFN_MASK_X86].append(r)
     hook("scanned", refs=refs)
     # Clear (upper levels first, so a table frame is devalidated before its mappings go).
     clear = sorted(refs, key=lambda r: -r.level)
@@ -491,10 +515,11 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         Reason.RESTORE_FAILED if urc else Reason.EXCHANGE_FAILED,
                         f"cannot map the frame ({E.name(snap)})",
                         domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
-    content = {int(m): snap.array[i].copy() for i, m in enumerate(targets.tolist())}
+    content = dict(zip(targets.tolist(), snap.array.copy()))  # rows of one copy
     snap.unmap()
-    hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
-         fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
+    if hook is not _no_hook:  # (copies of the P2M's frame lists: only for a listener)
+        hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
+             fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
     results: dict[int, Outcome] = {}
     pending = list(grp)
     exchanged: list[tuple[int, int, int, int]] = []  # (old, gpfn, level, new)

@@ -48,6 +48,7 @@ from ..abi import domctl as D
 from ..abi import pte as P
 from ..abi import xen as X
 from . import crashpoint, rollforward
+from .membership import member
 from .hypervisor import CAP_CHECKPOINT, CheckpointHypervisor, Hypervisor
 
 JOURNAL_NAME = "exchange.journal"
@@ -99,6 +100,29 @@ def _unb64(s: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(s), dtype="<u8").astype(np.uint64)
 
 
+
+
+def _p2m_frames_needed(p2m_frames, grp) -> dict:
+    """The entries of the P2M's frame list that completing ``grp`` reads: the P2M frame of
+    each gpfn and the positions of frames of the group that are P2M frames themselves
+    (:func:`.rollforward.complete`) -- not the whole list, which a 256 GiB guest makes 131,072
+    entries long, written and fsync'd under the suspend."""
+    pf = np.asarray(p2m_frames, dtype=np.int64)
+    olds = np.array([int(m) for m, _, _ in grp], dtype=np.int64)
+    at = np.union1d(np.array([int(g) // 512 for _, g, _ in grp], dtype=np.int64),
+                    np.flatnonzero(member(pf, olds)))
+    at = at[(at >= 0) & (at < pf.size)]
+    return {"n": int(pf.size), "at": at.tolist(), "mfn": pf[at].tolist()}
+
+
+def _p2m_frames_array(rec) -> np.ndarray:
+    """The frame list as :func:`.rollforward.complete` takes it, from a snapshot record
+    (entries not recorded read -1: no frame; a list: a journal of an older xenpage)."""
+    if isinstance(rec, dict):
+        out = np.full(int(rec["n"]), -1, dtype=np.int64)
+        out[np.asarray(rec["at"], dtype=np.int64)] = np.asarray(rec["mfn"], dtype=np.int64)
+        return out
+    return np.array(rec, dtype=np.int64)
 
 
 class Journal:
@@ -175,7 +199,7 @@ class Journal:
             self.write("unpinning", pins=[[int(m), lv[int(m)]] for m in info["mfns"]])
         elif step == "snapshot":
             self.write("snapshot", content={str(m): _b64(a) for m, a in info["content"].items()},
-                       p2m_frames=[int(x) for x in info["p2m_frames"]],
+                       p2m_frames=_p2m_frames_needed(info["p2m_frames"], info["grp"]),
                        fl_frames=[int(x) for x in info["fl_frames"]])
         elif step == "exchanged":
             self.write("exchanged", exchanged=[[int(x) for x in e] for e in info["exchanged"]])
@@ -364,7 +388,7 @@ def _recover_group(hv: Hypervisor, domid: int, g: list[dict], res: Recovery) -> 
             by_target.setdefault(P.pte_frame(r[2]), []).append(r)
         rollforward.complete(hv, domid, exchanged, content, by_target,
                              [m for m, _ in pins if m in done],
-                             np.array(snap["p2m_frames"], dtype=np.int64),
+                             _p2m_frames_array(snap["p2m_frames"]),
                              np.array(snap["fl_frames"], dtype=np.int64))
         res.completed += [{"mfn": o, "gpfn": gp, "new_mfn": n} for o, gp, _, n in exchanged]
     back = [r for r in refs if P.pte_frame(r[2]) not in done]

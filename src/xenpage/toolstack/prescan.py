@@ -148,13 +148,24 @@ def stop(pre: PreScan) -> int:
     return rc
 
 
+#: words of the dirty bitmap tested as one block (4 KiB: 32,768 pfns) before any is unpacked
+BITMAP_BLOCK_WORDS = 512
+
+
 def dirty_pfns(bits: np.ndarray, n: int) -> np.ndarray:
     """The pfns set in a packed log-dirty bitmap (bit ``p & 7`` of byte ``p >> 3``), below
-    ``n``: only the non-zero 64-bit words are unpacked."""
+    ``n``.  A bitmap after a short pre-scan is almost all zeros: one pass finds the 4 KiB
+    blocks with a bit set (the largest word of each block), and only their non-zero words
+    are unpacked -- an 8 MiB bitmap (a 256 GiB guest) costs one read, not a search per word."""
     b = np.asarray(bits, dtype=np.uint8).ravel()
     k = b.size // 8 * 8
     w = b[:k].view(np.uint64)
-    nz = np.flatnonzero(w)
+    nb = w.size // BITMAP_BLOCK_WORDS
+    body = w[:nb * BITMAP_BLOCK_WORDS].reshape(nb, BITMAP_BLOCK_WORDS)
+    blocks = np.flatnonzero(body.max(axis=1)) if nb else np.zeros(0, dtype=np.int64)
+    r, c = np.nonzero(body[blocks])
+    nz = np.concatenate([blocks[r] * BITMAP_BLOCK_WORDS + c,
+                         nb * BITMAP_BLOCK_WORDS + np.flatnonzero(w[nb * BITMAP_BLOCK_WORDS:])])
     parts = []
     if nz.size:
         sub = np.unpackbits(w[nz].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")

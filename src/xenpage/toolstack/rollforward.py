@@ -21,6 +21,7 @@ from ..abi import errno as E
 from ..abi import pte as P
 from ..abi import xen as X
 from .hypervisor import Hypervisor
+from .membership import member
 
 _U = np.uint64
 RETRIES = 4
@@ -93,16 +94,20 @@ def _set_entries(hv: Hypervisor, domid: int, ents: list[tuple[int, int, int, int
     lower levels first (a table is revalidated with its own entries already in place)."""
     if not ents:
         return 0
-    tabs = sorted({t for t, _, _, _ in ents})
+    e = np.array(ents, dtype=np.uint64).reshape(-1, 4)
+    t = e[:, 0].astype(np.int64)
+    tabs, row = np.unique(t, return_inverse=True)
     cur = _read(hv, domid, tabs)
     if isinstance(cur, int):
         return cur
-    row = {t: i for i, t in enumerate(tabs)}
-    todo = sorted((e for e in ents if int(cur[row[e[0]], e[1]]) != e[2]), key=lambda e: e[3])
-    if not todo:
+    idx = e[:, 1].astype(np.int64)
+    diff = np.flatnonzero(cur[row.ravel(), idx] != e[:, 2])
+    if not diff.size:
         return 0
-    reqs = np.array([[(t << 12) | (i * 8) | X.MMU_PT_UPDATE_PRESERVE_AD, v] for t, i, v, _ in todo],
-                    dtype=np.uint64)
+    diff = diff[np.argsort(e[diff, 3], kind="stable")]  # lower levels first, in order given
+    reqs = np.empty((diff.size, 2), dtype=np.uint64)
+    reqs[:, 0] = (e[diff, 0] << _U(12)) | (e[diff, 1] * _U(8)) | _U(X.MMU_PT_UPDATE_PRESERVE_AD)
+    reqs[:, 1] = e[diff, 2]
     rc, _ = hv.mmu_update(reqs, X.foreigndom(domid, domid))
     return rc
 
@@ -128,10 +133,10 @@ def repoint_values(exchanged, refs_by_target) -> list[tuple[int, int, int, int]]
     new frame with its original flags."""
     newof = {old: new for old, g, lvl, new in exchanged}
     out = []
+    keep = ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF
     for old, g, lvl, new in exchanged:
-        for t, i, v, level in refs_by_target.get(old, []):
-            val = (v & ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF) | (new << 12)
-            out.append((newof.get(t, t), i, val, level))
+        nf = new << 12
+        out.extend((newof.get(t, t), i, (v & keep) | nf, level) for t, i, v, level in refs_by_target.get(old, ()))
     return out
 
 
@@ -150,7 +155,7 @@ def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_targe
     hook("copied")
     p2m_frames = np.asarray(p2m_frames, dtype=np.int64)
     olds = np.array([old for old, _, _, _ in exchanged], dtype=np.int64)
-    hit = np.flatnonzero(np.isin(p2m_frames, olds))  # vectorised: a big guest has 10^5 frames
+    hit = np.flatnonzero(member(p2m_frames, olds))  # vectorised: a big guest has 10^5 frames
     pos = dict(zip(p2m_frames[hit].tolist(), hit.tolist()))
     moved = [(pos[old], new) for old, _, _, new in exchanged if old in pos]
     if moved:  # a copy only when a P2M frame itself moved
