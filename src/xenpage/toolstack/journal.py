@@ -346,12 +346,7 @@ class Recovery:
 def _groups(recs: list[dict]) -> list[list[dict]]:
     """Groups of the last ``begin`` still open: the last one unless it is ``done``, and any
     earlier one that ended ``incomplete``."""
-    groups: list[list[dict]] = []
-    for r in recs:
-        if r["op"] == "clearing":
-            groups.append([r])
-        elif groups:
-            groups[-1].append(r)
+    groups = _split(recs)[1]
     open_ = [g for g in groups[:-1] if any(r["op"] == "incomplete" for r in g)]
     if groups and groups[-1][-1]["op"] != "done":
         open_.append(groups[-1])
