@@ -326,24 +326,18 @@ _mem_command("mem-status", hptool.mem_status_noted, writes=False)  # a query cha
 _mem_command("mem-online", hptool.mem_online, writes=True)
 
 
-def parse_mfn_args(args: list[str]) -> list[int]:
+def mfn_spans(args: list[str]) -> list[tuple[int, int]]:
     """MFNs, inclusive ranges ``START-END`` and comma-separated lists of either (hex, each
-    MFN as strict as :func:`~xenpage.toolstack.hptool.parse_mfn`), in the order given."""
-    return parse_mfn_array(args)[0].tolist()
-
-
-def parse_mfn_array(args: list[str]):
-    """:func:`parse_mfn_args` as an int64 array (no Python int per frame of a range), and
-    whether a range of more than one frame was given."""
-    import numpy as np
-    parts = []
-    ranged = False
+    MFN as strict as :func:`~xenpage.toolstack.hptool.parse_mfn`), as ``(first, last)``
+    spans in the order given (no numpy: ``mem-status`` on real Xen loads none)."""
+    out: list[tuple[int, int]] = []
     for a in args:
         for part in a.split(","):
             if not part:
                 raise hptool.BadMfn(f"'{a}' has an empty item")
             if "-" not in part[1:]:
-                parts.append(np.array([hptool.parse_mfn(part)], dtype=np.int64))
+                m = hptool.parse_mfn(part)
+                out.append((m, m))
                 continue
             lo, _, hi = part.partition("-") if not part.startswith("-") else ("-", "", "")
             if not lo or lo == "-":
@@ -356,9 +350,23 @@ def parse_mfn_array(args: list[str]):
                 raise hptool.BadMfn(f"range '{part}' ends before it starts")
             if e - s >= MAX_RANGE:
                 raise hptool.BadMfn(f"range '{part}' is longer than {MAX_RANGE:#x} frames")
-            parts.append(np.arange(s, e + 1, dtype=np.int64))
-            ranged = ranged or e > s
-    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), ranged
+            out.append((s, e))
+    return out
+
+
+def parse_mfn_args(args: list[str]) -> list[int]:
+    """:func:`mfn_spans`, every MFN listed in order."""
+    return [m for s, e in mfn_spans(args) for m in range(s, e + 1)]
+
+
+def parse_mfn_array(args: list[str]):
+    """:func:`mfn_spans` as an int64 array (no Python int per frame of a range), and whether
+    a range of more than one frame was given."""
+    import numpy as np
+    spans = mfn_spans(args)
+    parts = [np.arange(s, e + 1, dtype=np.int64) for s, e in spans]
+    return ((np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)),
+            any(e > s for s, e in spans))
 
 
 MAX_RANGE = 1 << 20
