@@ -27,6 +27,7 @@ import pytest
 
 from xenpage.backends.sim import SimHypervisor, host_path
 from xenpage.hypervisor.host import Host
+from randomkill import five_frames
 from simworld import image, problems, small_host
 from xenpage.toolstack import crashpoint, journal, pcpu
 from xenpage.toolstack.faults import MUTATING, Action, FaultPlan, FaultyHypervisor
@@ -37,13 +38,8 @@ EXE = Path(sys.executable).with_name("xenpage")
 CRASHRUN = Path(__file__).resolve().with_name("crashrun.py")
 
 
-def targets(host, domid: int = 1) -> list[int]:
-    """A shared user page, a kernel-only page, a pinned user L1, an unpinned L2 and a P2M
-    frame: one data group and three table groups."""
-    g = host.guests[domid]
-    pf = [g.user_pages("shared")[0], g.kernel_only_pages()[0], g.procs[0].ul1[0],
-          g.procs[1].ul2, g.tables["p2m"][0]]
-    return [g.mfn(p) for p in pf]
+#: a shared user page, a kernel-only page, a pinned user L1, an unpinned L2 and a P2M frame
+targets = five_frames
 
 
 @pytest.fixture(scope="module")
