@@ -377,14 +377,7 @@ def migrate(src: SaveRestoreHypervisor, domid: int, dst: SaveRestoreHypervisor |
         rc = dst.hvm_setcontext(new, ctx)
         if rc:
             raise MigrationError(rc, f"loading the HVM context into d{new} failed ({E.name(rc)})")
-        stream.elapse(2 * link.latency_s * costs.handshake_rtts)  # xl: "ready", "go"
-        src.set_domain_name(domid, f"{info.name}--migratedaway")
-        dst.set_domain_name(new, info.name)
-        stream.elapse(costs.restore_s)
-        hook("before-unpause")
-        rc = dst.unpause(new)
-        if rc:
-            raise MigrationError(rc, f"unpausing d{new} failed ({E.name(rc)})")
+        hand_over(src, domid, dst, new, info.name, stream, link, costs, hook)
     except MigrationError as e:
         _abort(src, dst, domid, new, suspended, info.name)
         res.rc, res.error = e.rc, str(e)
@@ -394,6 +387,20 @@ def migrate(src: SaveRestoreHypervisor, domid: int, dst: SaveRestoreHypervisor |
     rc = src.destroy(domid)
     hook("destroyed", rc=rc)
     return finish(res, stream, link, costs, t_down, final_s, ctx_s, restore.broken, wall0)
+
+
+def hand_over(src, domid: int, dst, new: int, name: str, stream: "_Stream", link: Link,
+              costs: MigrationCosts, hook) -> None:
+    """The end of a restore, PV or HVM alike: xl's "ready"/"go" handshake, the old domain
+    renamed ``NAME--migratedaway`` and the new one given the name, then the new one unpaused."""
+    stream.elapse(2 * link.latency_s * costs.handshake_rtts)  # xl: "ready", "go"
+    src.set_domain_name(domid, f"{name}--migratedaway")
+    dst.set_domain_name(new, name)
+    stream.elapse(costs.restore_s)
+    hook("before-unpause")
+    rc = dst.unpause(new)
+    if rc:
+        raise MigrationError(rc, f"unpausing d{new} failed ({E.name(rc)})")
 
 
 def _enable_logdirty(src, domid: int) -> None:

@@ -31,7 +31,8 @@ from ...abi import hvm as H
 from ...abi import pte as P
 from ...abi import xen as X
 from .migrate import (NO_DATA_TYPES, PAGE_BYTES, Link, MigrationCosts, MigrationError, MigrationResult,
-                          Round, _enable_logdirty, _Stream, create_incoming, final_dirty, finish, send_memory_live,
+                          Round, _enable_logdirty, _Stream, create_incoming, final_dirty, finish, hand_over,
+                          send_memory_live,
                           simple_precopy_policy, start, write_batch)
 
 _U = np.uint64
@@ -207,14 +208,7 @@ def migrate_pv(src, domid: int, dst=None, link: Link | None = None,
         stream.elapse(link.latency_s)
         hook("stream-end")
         _finish_restore(dst, new, restore, p2m_pfns, src, ctx)
-        stream.elapse(2 * link.latency_s * costs.handshake_rtts)
-        src.set_domain_name(domid, f"{info.name}--migratedaway")
-        dst.set_domain_name(new, info.name)
-        stream.elapse(costs.restore_s)
-        hook("before-unpause")
-        rc = dst.unpause(new)
-        if rc:
-            raise MigrationError(rc, f"unpausing d{new} failed ({E.name(rc)})")
+        hand_over(src, domid, dst, new, info.name, stream, link, costs, hook)
         dst.wait(0)   # the guest resumes in its new domain
     except MigrationError as e:
         if new >= 0 and dst.domain_info(new) is not None:
