@@ -235,4 +235,4 @@ def test_boot_free_frames_are_exactly_the_heap(host):
     st = host.ft.states(0, host.nframes)
     assert int((st == mm.STATE_FREE).sum()) == host.heap.free_pages
     assert not (st == mm.STATE_OFFLINED).any() and not (st == mm.STATE_OFFLINING).any()
-    assert not ((host.ft.count_info & np.uint64(mm.PGC_broken)) != 0).any()
+    assert not ((host.ft.count_info.copy() & np.uint64(mm.PGC_broken)) != 0).any()

@@ -45,7 +45,7 @@ UNTOUCHED = 0x01010101
 def check_heap(host: Host) -> None:
     """The buddy invariants, computed independently of the heap's own helpers."""
     ft, heap, n = host.ft, host.heap, host.nframes
-    state = ((ft.count_info & np.uint64(mm.PGC_state)) >> np.uint64(mm.PGC_state_shift)).astype(np.int8)
+    state = ((ft.count_info.copy() & np.uint64(mm.PGC_state)) >> np.uint64(mm.PGC_state_shift)).astype(np.int8)
     free = state == FREE
     heads = np.flatnonzero(ft.buddy_order)
     orders = ft.buddy_order[heads].astype(np.int64) - 1
@@ -81,10 +81,10 @@ class Model:
     def __init__(self, host: Host):
         ft = host.ft
         self.state = ft.states(0, host.nframes).astype(np.int8).copy()
-        self.broken = (ft.count_info & np.uint64(mm.PGC_broken)) != 0
+        self.broken = (ft.count_info.copy() & np.uint64(mm.PGC_broken)) != 0
         self.owner = ft.owner1.astype(np.int64) - 1
-        self.xenheap = (ft.count_info & np.uint64(mm.PGC_xen_heap)) != 0
-        self.count = (ft.count_info & np.uint64(mm.PGC_count_mask)).astype(np.int64)
+        self.xenheap = (ft.count_info.copy() & np.uint64(mm.PGC_xen_heap)) != 0
+        self.count = (ft.count_info.copy() & np.uint64(mm.PGC_count_mask)).astype(np.int64)
         self.lists: dict[int, str] = {}
         valid = host.e820.valid_window(0, host.nframes)
         ram = host.e820.ram_window(0, host.nframes)
@@ -267,7 +267,7 @@ class HeapMachine(RuleBasedStateMachine):
         st_now = ft.states(0, self.host.nframes)
         bad = np.flatnonzero(st_now != m.state)
         assert bad.size == 0, f"mfn {int(bad[0]):#x} state {st_now[bad[0]]}, model {m.state[bad[0]]}"
-        assert np.array_equal((ft.count_info & np.uint64(mm.PGC_broken)) != 0, m.broken)
+        assert np.array_equal((ft.count_info.copy() & np.uint64(mm.PGC_broken)) != 0, m.broken)
         assert np.array_equal(ft.owner1.astype(np.int64) - 1, m.owner)
 
     @invariant()

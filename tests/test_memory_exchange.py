@@ -50,7 +50,7 @@ class Snap:
         h = self.h
         return self.free == h.heap.free_pages and all(
             np.array_equal(a, b) for a, b in
-            zip(self.arrs, (h.ft.count_info, h.ft.type_info, h.ft.owner1, h.ft.m2p_plus1)))
+            zip(self.arrs, (h.ft.count_info.copy(), h.ft.type_info, h.ft.owner1, h.ft.m2p_plus1)))
 
 
 def xchg(hc, domid, mfns, gpfns, in_order=0, out_order=0, out_domid=None, nr=0):

@@ -52,7 +52,7 @@ class Snap:
 
     def same(self) -> bool:
         h = self.h
-        return (np.array_equal(self.ci, h.ft.count_info) and np.array_equal(self.ti, h.ft.type_info)
+        return (np.array_equal(self.ci, h.ft.count_info.copy()) and np.array_equal(self.ti, h.ft.type_info)
                 and np.array_equal(self.m2p, h.ft.m2p_plus1)
                 and self.pages.keys() == h.ft.pages.keys()
                 and all(np.array_equal(v, h.ft.pages[k]) for k, v in self.pages.items()))

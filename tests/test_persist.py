@@ -274,7 +274,7 @@ def test_structurally_wrong_arrays_are_refused(host, tmp_path):
     host.save(p)
     with np.load(p / "frames.npz") as z:
         arrs = {k: z[k] for k in z.files}
-    key = next(k for k in arrs if k.startswith("count_info."))
+    key = next(k for k in arrs if k.startswith("pgc_flags."))
     if key.endswith(".rle_start"):
         arrs[key] = arrs[key][::-1].copy()
     else:

@@ -85,7 +85,7 @@ class World:
 
 
 def frames(host):
-    st_ = (host.ft.count_info >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)
+    st_ = (host.ft.count_info.copy() >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)
     g = host.guests[1]
     return {"free": int(np.flatnonzero(st_ == np.uint64(mm.STATE_FREE))[700]),
             "pv": g.mfn(g.user_pages("shared")[0]), "pv2": g.mfn(g.user_pages("private")[1]),

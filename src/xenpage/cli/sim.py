@@ -137,16 +137,15 @@ def host_summary(host) -> dict:
     import numpy as np
 
     from ..abi import mm
-    ci = host.ft.count_info
+    ft = host.ft
     by_state = np.zeros(4, dtype=np.int64)
     invalid = broken = 0
     step = 1 << 22  # a slice at a time: no temporary the size of the frame table
     for a in range(0, host.nframes, step):
-        part = ci[a:a + step]
-        by_state += np.bincount(((part >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)).astype(np.uint8),
-                                minlength=4)
-        broken += int(np.count_nonzero(part & np.uint64(mm.PGC_broken)))
-        invalid += int(part.size - np.count_nonzero(host.e820.valid_window(a, part.size)))
+        part = slice(a, min(a + step, host.nframes))
+        by_state += np.bincount(ft.states(a, step).view(np.uint8), minlength=4)
+        broken += int(np.count_nonzero(ft.has_flag(mm.PGC_broken, part)))
+        invalid += int(part.stop - a - np.count_nonzero(host.e820.valid_window(a, part.stop - a)))
     counts = {name: int(by_state[s]) for s, name in mm.STATE_NAMES.items()}
     counts["invalid"] = invalid
     counts["broken"] = broken

@@ -3,7 +3,12 @@
 Xen keeps one 32-byte ``page_info`` per MFN in its frame table; here each field is a numpy
 array indexed by MFN so that scans over millions of frames are vectorised:
 
-* ``count_info`` (uint64) -- PGC_* flags, the 2-bit PGC_state and the general count;
+* ``count_info`` -- PGC_* flags, the 2-bit PGC_state and the general count, read and written
+  through :class:`CountInfo` (``ft.count_info[mfns]``, Xen's 64-bit values) and stored as two
+  arrays: ``pgc_flags`` (uint8, bits 56-63: every PGC_* flag and the state) and ``pgc_count``
+  (uint64, bits 0-55: the general reference count).  A free frame's count is 0, so on a host
+  whose memory is mostly free only the byte array is resident (64 MiB at 256 GiB, where one
+  uint64 array with the state bits set in every free frame's word was 512 MiB);
 * ``type_info``  (uint64) -- PGT_* type, pinned/validated bits and the type count;
 * ``owner1``     (uint16) -- owner domid + 1 (0 = no owner, like a NULL ``_domain``);
 * ``buddy_order`` (int8)  -- order+1 of the free buddy chunk headed here, 0 elsewhere
@@ -14,10 +19,14 @@ array indexed by MFN so that scans over millions of frames are vectorised:
   page-table frames (and frames written with arbitrary bytes) keep real ``uint64[512]``
   arrays in :attr:`FrameTable.pages` instead.
 
-Arrays are allocated with ``np.zeros`` so untouched frames cost no resident memory.
+Arrays are zero-filled anonymous memory (:func:`sparse_zeros`) so untouched frames cost no
+resident memory -- without transparent huge pages, which would make one written word of a
+sparse array cost 2 MiB.
 """
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -28,23 +37,105 @@ from ..abi.xen import INVALID_M2P_ENTRY
 _EXPAND_K = np.uint64(0x9E3779B97F4A7C15)
 _IDX = np.arange(512, dtype=np.uint64)
 
+_U = np.uint64
+#: count_info's bits 56-63 (flags and state) live in ``pgc_flags``, bits 0-55 in ``pgc_count``
+FLAGS_SHIFT = 56
+_FSHIFT = _U(FLAGS_SHIFT)
+_COUNT = _U(mm.PGC_count_mask)
+#: PGC_state within the flags byte
+_FSTATE = np.uint8(mm.PGC_state >> FLAGS_SHIFT)
+_FSTATE_SHIFT = mm.PGC_state_shift - FLAGS_SHIFT
+#: frames per slice in whole-table scans (temporaries of a few MiB, not of the table's size)
+SCAN_STEP = 1 << 22
+
+
+def sparse_zeros(n: int, dtype) -> np.ndarray:
+    """A zero-filled array of ``n`` items whose untouched pages take no memory: private
+    anonymous memory advised off transparent huge pages (numpy advises its large
+    allocations *onto* them, so that writing the few frames of a sparse frame-table array
+    would make 2 MiB resident per written word)."""
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    if nbytes < (1 << 22) or not hasattr(mmap, "MADV_NOHUGEPAGE") \
+            or not hasattr(mmap, "MAP_ANONYMOUS"):
+        return np.zeros(n, dtype=dtype)
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype, count=n)
+
 
 def expand_fingerprint(fp: int) -> np.ndarray:
     """The 512 words of a data page whose content is represented by fingerprint ``fp``."""
     return (np.uint64(fp) ^ (_IDX * _EXPAND_K)).astype(np.uint64)
 
 
+class CountInfo:
+    """``page->count_info`` of every frame, indexed like a numpy array and reading and
+    writing Xen's 64-bit values: ``ft.count_info[m]``, ``ft.count_info[mfns] = v``,
+    ``ft.count_info[m] |= PGC_broken`` (read, change, write back).  An index gives a copy,
+    never a view; the whole table is never made into one array by accident (``[:]`` asks for
+    that copy explicitly), and a write leaves the count array's untouched pages alone when
+    the counts written and overwritten are all 0."""
+
+    __slots__ = ("_flags", "_count")
+
+    def __init__(self, flags: np.ndarray, count: np.ndarray):
+        self._flags, self._count = flags, count
+
+    def __getitem__(self, idx):
+        return (self._flags[idx].astype(np.uint64) << _FSHIFT) | self._count[idx]
+
+    def __setitem__(self, idx, value) -> None:
+        if isinstance(value, (int, np.integer)):
+            v = int(value)
+            self._flags[idx] = v >> FLAGS_SHIFT
+            c = v & mm.PGC_count_mask
+            if c or self._count[idx].any():
+                self._count[idx] = c
+            return
+        v = np.asarray(value, dtype=np.uint64)
+        self._flags[idx] = (v >> _FSHIFT).astype(np.uint8)
+        c = v & _COUNT
+        if c.any() or self._count[idx].any():
+            self._count[idx] = c
+
+    def add_at(self, idx, n) -> None:
+        """``np.add.at`` on the 64-bit values: ``n`` added once per occurrence of a frame."""
+        u, times = np.unique(np.asarray(idx, dtype=np.int64), return_counts=True)
+        self[u] = self[u] + times.astype(np.uint64) * _U(n)
+
+    def copy(self) -> np.ndarray:
+        """Every frame's value as one uint64 array (8 bytes a frame: for small hosts)."""
+        return self[:]
+
+    def __len__(self) -> int:
+        return self._flags.size
+
+    def __array__(self, *a, **k):
+        raise TypeError("count_info is stored as two arrays: index it (ft.count_info[mfns]), "
+                        "or ask for a copy with ft.count_info.copy()")
+
+    def __iter__(self):
+        raise TypeError("count_info: index it instead of iterating over every frame")
+
+    def __eq__(self, other):
+        raise TypeError("count_info: index it (ft.count_info[mfns] == value)")
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class FrameTable:
-    FIELDS = ("count_info", "type_info", "owner1", "buddy_order", "m2p_plus1", "content")
+    #: the stored arrays (what is saved; ``count_info`` is ``pgc_flags`` and ``pgc_count``)
+    FIELDS = ("pgc_flags", "pgc_count", "type_info", "owner1", "buddy_order", "m2p_plus1", "content")
+    DTYPES = {"pgc_flags": np.uint8, "pgc_count": np.uint64, "type_info": np.uint64,
+              "owner1": np.uint16, "buddy_order": np.int8, "m2p_plus1": np.uint64,
+              "content": np.uint64}
 
     def __init__(self, nframes: int):
         self.nframes = nframes
-        self.count_info = np.zeros(nframes, dtype=np.uint64)
-        self.type_info = np.zeros(nframes, dtype=np.uint64)
-        self.owner1 = np.zeros(nframes, dtype=np.uint16)
-        self.buddy_order = np.zeros(nframes, dtype=np.int8)
-        self.m2p_plus1 = np.zeros(nframes, dtype=np.uint64)
-        self.content = np.zeros(nframes, dtype=np.uint64)
+        for f in self.FIELDS:
+            setattr(self, f, sparse_zeros(nframes, self.DTYPES[f]))
+        self.count_info = CountInfo(self.pgc_flags, self.pgc_count)
         #: frames whose content is a real array of 512 words (page tables, raw writes)
         self.pages: dict[int, np.ndarray] = {}
 
@@ -53,7 +144,7 @@ class FrameTable:
         return int(self.count_info[mfn])
 
     def state(self, mfn: int) -> int:
-        return (int(self.count_info[mfn]) & mm.PGC_state) >> mm.PGC_state_shift
+        return (int(self.pgc_flags[mfn]) & int(_FSTATE)) >> _FSTATE_SHIFT
 
     def owner(self, mfn: int) -> int | None:
         o = int(self.owner1[mfn])
@@ -81,13 +172,36 @@ class FrameTable:
         return np.where(v == 0, np.uint64(INVALID_M2P_ENTRY), v - np.uint64(1))
 
     # -- vectorised state helpers -----------------------------------------------------------
-    def states(self, start: int, n: int) -> np.ndarray:
-        return ((self.count_info[start:start + n] & np.uint64(mm.PGC_state))
-                >> np.uint64(mm.PGC_state_shift)).astype(np.int8)
+    def states(self, start: int = 0, n: int | None = None) -> np.ndarray:
+        """PGC_state of frames ``start .. start+n-1`` (all frames from ``start`` by default)."""
+        f = self.pgc_flags[start:] if n is None else self.pgc_flags[start:start + n]
+        return ((f & _FSTATE) >> np.uint8(_FSTATE_SHIFT)).view(np.int8)
+
+    def states_of(self, mfns) -> np.ndarray:
+        """PGC_state of the frames ``mfns`` (any index)."""
+        return ((self.pgc_flags[mfns] & _FSTATE) >> np.uint8(_FSTATE_SHIFT)).view(np.int8)
+
+    def has_flag(self, flag: int, mfns=slice(None)) -> np.ndarray:
+        """Whether count_info has the PGC_* bit(s) ``flag`` (bits 56-63), per frame."""
+        assert flag >> FLAGS_SHIFT and not flag & mm.PGC_count_mask, "a PGC_* flag"
+        return (self.pgc_flags[mfns] & np.uint8(flag >> FLAGS_SHIFT)) != 0
+
+    def counts(self, mfns=slice(None)) -> np.ndarray:
+        """The general reference count (count_info & PGC_count_mask), per frame."""
+        return self.pgc_count[mfns]
 
     def set_state(self, mfn, state: int) -> None:
-        keep = np.uint64(~mm.PGC_state & 0xFFFFFFFFFFFFFFFF)
-        self.count_info[mfn] = (self.count_info[mfn] & keep) | np.uint64(state << mm.PGC_state_shift)
+        keep = np.uint8(~int(_FSTATE) & 0xFF)
+        self.pgc_flags[mfn] = (self.pgc_flags[mfn] & keep) | np.uint8(state << _FSTATE_SHIFT)
+
+    def set_count_info_where(self, mask: np.ndarray, value: int) -> None:
+        """``count_info = value`` for every frame where ``mask`` (a bool per frame) is set,
+        without an index array of the frames (8 bytes a frame)."""
+        np.copyto(self.pgc_flags, np.uint8(value >> FLAGS_SHIFT), where=mask)
+        c = value & mm.PGC_count_mask
+        for a in range(0, self.nframes, SCAN_STEP):  # zero counts stay untouched pages
+            m, cur = mask[a:a + SCAN_STEP], self.pgc_count[a:a + SCAN_STEP]
+            np.copyto(cur, _U(c), where=m if c else m & (cur != 0))
 
     # -- content ----------------------------------------------------------------------------
     def set_m2p_frames(self, chunk_heads: list[int]) -> None:
@@ -184,6 +298,7 @@ class FrameTable:
 
     # -- persistence ------------------------------------------------------------------------
     def to_arrays(self) -> dict[str, np.ndarray]:
+        """The stored arrays themselves (no copies) and the frames held as real pages."""
         out = {f: getattr(self, f) for f in self.FIELDS}
         if self.pages:
             keys = np.fromiter(self.pages.keys(), dtype=np.int64, count=len(self.pages))
@@ -197,6 +312,7 @@ class FrameTable:
         ft.nframes = nframes
         for f in cls.FIELDS:
             setattr(ft, f, arrs[f])
+        ft.count_info = CountInfo(ft.pgc_flags, ft.pgc_count)
         ft.pages = {}
         if "pages_mfn" in arrs:
             for k, row in zip(arrs["pages_mfn"].tolist(), arrs["pages_data"]):

@@ -132,7 +132,7 @@ class Host:
         """Withdraw the free frames of ``ranges`` from the heap (in use, count 0)."""
         idx = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]) if ranges \
             else np.zeros(0, dtype=np.int64)
-        idx = idx[self.ft.states(0, self.nframes)[idx] == mm.STATE_FREE] if idx.size else idx
+        idx = idx[self.ft.states_of(idx) == mm.STATE_FREE] if idx.size else idx
         if idx.size:
             self.ft.count_info[idx] = _U(0)
             self.heap.rebuild(int(idx.min()), int(idx.max()) + 1)
@@ -214,7 +214,7 @@ class Host:
         ft.set_owner(slice(M2P_BASE, m2p_end), DOMID_XEN)
         ft.set_m2p_frames(self.m2p_chunks)
         # by mask: an index array of every heap frame would be 8 bytes a frame
-        np.copyto(ft.count_info, _U(mm.PGC_state_free), where=heap)
+        ft.set_count_info_where(heap, mm.PGC_state_free)
         self.heap.rebuild(0, n)
         # Frames between the relocation base and the image go back to the heap (in the lab the
         # end of dom0's initrd lands there); Xen's run-time anonymous allocations follow.

@@ -53,8 +53,8 @@ def expected_counts(host: "Host") -> tuple[np.ndarray, np.ndarray, np.ndarray, l
             problems.append(f"mfn {f:#x} referenced both as type {int(need[f])} and {t} ({why})")
         need[frames] = t
 
-    ci, ti = ft.count_info, ft.type_info
-    gen += ((ci & _U(mm.PGC_allocated)) != 0).astype(np.int64)
+    ti = ft.type_info
+    gen += ft.has_flag(mm.PGC_allocated)
     tlevel = ((ti & _U(mm.PGT_type_mask)) >> _U(61)).astype(np.int64)
     validated = ((ti & _U(mm.PGT_validated)) != 0) & ((ti & _U(mm.PGT_count_mask)) != 0)
     for level in (1, 2, 3, 4):
@@ -127,8 +127,8 @@ def check(host: "Host") -> list[str]:
     ft = host.ft
     n = host.nframes
     gen, typ, need, problems = expected_counts(host)
-    ci, ti = ft.count_info, ft.type_info
-    have_gen = (ci & _U(mm.PGC_count_mask)).astype(np.int64)
+    ti = ft.type_info
+    have_gen = ft.counts().astype(np.int64)
     have_typ = (ti & _U(mm.PGT_count_mask)).astype(np.int64)
     for f in np.flatnonzero(have_gen != gen)[:10].tolist():
         problems.append(f"mfn {f:#x}: general count {have_gen[f]} but {gen[f]} references exist")
@@ -138,7 +138,7 @@ def check(host: "Host") -> list[str]:
     wrong = np.flatnonzero((need != -1) & (tl != need) & (typ > 0))
     for f in wrong[:10].tolist():
         problems.append(f"mfn {f:#x} has type {mm.PGT_NAMES.get(int(tl[f]) << 61)} but is used as {int(need[f])}")
-    state = ((ci & _U(mm.PGC_state)) >> _U(mm.PGC_state_shift)).astype(np.int8)
+    state = ft.states()
     # Type bits: pinned only on a validated page table; a validated table has a type count.
     lvl_ok = (tl >= 1) & (tl <= 4)
     pin = (ti & _U(mm.PGT_pinned)) != 0
@@ -163,7 +163,7 @@ def check(host: "Host") -> list[str]:
     inuse = (state == mm.STATE_INUSE) | (state == mm.STATE_OFFLINING)
     for f in np.flatnonzero((own >= 0) & ~inuse)[:5].tolist():
         problems.append(f"mfn {f:#x} is owned by d{int(own[f])} but {mm.STATE_NAMES[int(state[f])]}")
-    alloc = (ci & _U(mm.PGC_allocated)) != 0
+    alloc = ft.has_flag(mm.PGC_allocated)
     for f in np.flatnonzero(alloc & (own < 0))[:5].tolist():
         problems.append(f"mfn {f:#x} has PGC_allocated but no owner")
     for f in np.flatnonzero(~inuse & ((ti != 0) | (ft.m2p_plus1 != 0)))[:5].tolist():
@@ -176,7 +176,7 @@ def check(host: "Host") -> list[str]:
     if set(off.tolist()) != listed:
         problems.append(f"offlined frames {len(off)} != offlined+broken lists {len(listed)}")
     for f in host.heap.broken_list:
-        if not int(ci[f]) & mm.PGC_broken:
+        if not int(ft.count_info[f]) & mm.PGC_broken:
             problems.append(f"mfn {f:#x} on the broken list without PGC_broken")
     # Heap: chunks aligned, disjoint, free; free_pages matches.
     free = state == mm.STATE_FREE

@@ -309,7 +309,7 @@ def _l1_refs_take(host: "Host", frames: np.ndarray, rw: np.ndarray, l1e_owner: i
     frames, rw = frames[keep], rw[keep]
     if frames.size == 0:
         return
-    np.add.at(host.ft.count_info, frames, _U(1))
+    host.ft.count_info.add_at(frames, 1)
     w = frames[l1_typed(host, frames, rw, l1e_owner)]
     if w.size:
         uw, n = np.unique(w, return_counts=True)

@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..abi import mm
 from ..statefiles import fsync_dir as _fsync_dir
 from ..errors import HostFileError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .host import Host
 
-FORMAT = 2
-#: Format 1 (no checksum) is still read.
-READABLE_FORMATS = (1, 2)
+FORMAT = 3
+#: Formats 1 (no checksum) and 2 (``count_info`` as one uint64 array, where format 3 saves the
+#: frame table's ``pgc_flags`` and ``pgc_count``) are still read.
+READABLE_FORMATS = (1, 2, 3)
 DIGEST_FILE = "host.digest"
 
 
@@ -43,54 +45,110 @@ def _digest_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: frames per slice when an array is scanned for its runs (temporaries of a few MiB)
+_STEP = 1 << 22
+
+
+def _run_starts(a: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of ``a`` starts (0 first), a slice at a time."""
+    parts = [np.zeros(1, dtype=np.int64)]
+    for i in range(0, a.size - 1, _STEP):
+        j = min(i + _STEP, a.size - 1)
+        parts.append(np.flatnonzero(a[i + 1:j + 1] != a[i:j]).astype(np.int64) + (i + 1))
+    return np.concatenate(parts)
+
+
+def _runs_of_sparse(n: int, nz: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """:func:`_run_starts` of an array of ``n`` entries that is zero but at ``nz`` (sorted),
+    where it holds ``val``: from the non-zero entries alone."""
+    if nz.size == 0:
+        return np.zeros(1, dtype=np.int64)
+    after_gap = np.r_[True, nz[1:] != nz[:-1] + 1]        # a zero comes before it
+    new_val = np.r_[True, val[1:] != val[:-1]]
+    starts_nz = nz[after_gap | new_val]
+    zero_next = np.r_[nz[1:] != nz[:-1] + 1, True] & (nz + 1 < n)  # a zero run follows it
+    return np.union1d(np.r_[np.int64(0), starts_nz], nz[zero_next] + 1).astype(np.int64)
+
+
 def _encode(name: str, a: np.ndarray, out: dict) -> None:
-    n = a.size
-    if np.count_nonzero(a) <= n // 8:
-        nz = np.flatnonzero(a)
-        out[f"{name}.sp_idx"] = nz.astype(np.int64)
-        out[f"{name}.sp_val"] = a[nz]
-        return
-    change = a[1:] != a[:-1]
-    if np.count_nonzero(change) <= n // 8:
-        starts = np.flatnonzero(change) + 1
-        starts = np.concatenate((np.zeros(1, dtype=starts.dtype), starts)).astype(np.int64)
-        del change
-        out[f"{name}.rle_start"] = starts
-        out[f"{name}.rle_val"] = a[starts]
+    """The smallest of: the non-zero entries (``sp_idx``/``sp_val``), the runs
+    (``rle_start``/``rle_val``), or the array itself (``dense``)."""
+    n, item = a.size, a.dtype.itemsize
+    nnz = int(np.count_nonzero(a))
+    if nnz * (8 + item) <= n * item:
+        nz = np.flatnonzero(a).astype(np.int64)
+        val = a[nz]
+        runs = _runs_of_sparse(n, nz, val)
+        if nz.size * (8 + item) <= runs.size * (8 + item):
+            out[f"{name}.sp_idx"] = nz
+            out[f"{name}.sp_val"] = val
+            return
+    else:
+        runs = _run_starts(a)
+    if runs.size * (8 + item) <= n * item:
+        out[f"{name}.rle_start"] = runs
+        out[f"{name}.rle_val"] = a[runs]
         return
     out[f"{name}.dense"] = a
 
 
-def _decode(name: str, n: int, dtype, z) -> np.ndarray:
-    """Inverse of :func:`_encode`, vectorised; raises ValueError on inconsistent data."""
+def _decode(name: str, n: int, dtype, z, conv=None) -> np.ndarray:
+    """Inverse of :func:`_encode`, vectorised; raises ValueError on inconsistent data.
+    ``conv`` (values -> values of ``dtype``, 0 -> 0) reads an array saved in another form
+    (count_info of format 2 into its flags or its count) without making the saved array
+    whole first, unless it was saved dense.  Zero runs and absent entries stay untouched
+    pages (:func:`~.frametable.sparse_zeros`)."""
+    from .frametable import sparse_zeros
+    conv = conv or (lambda v: v)
     if f"{name}.dense" in z.files:
         a = np.asarray(z[f"{name}.dense"])
         if a.shape != (n,):
             raise ValueError(f"{name}: {a.size} entries, expected {n}")
-        return a.astype(dtype, copy=False)
+        return np.asarray(conv(a)).astype(dtype, copy=False)
     if f"{name}.sp_idx" in z.files:
         idx, val = z[f"{name}.sp_idx"], z[f"{name}.sp_val"]
         if idx.shape != val.shape or (idx.size and (idx.min() < 0 or idx.max() >= n)):
             raise ValueError(f"{name}: sparse indices out of range")
-        a = np.zeros(n, dtype=dtype)
-        a[idx] = val
+        a = sparse_zeros(n, dtype)
+        val = np.asarray(conv(val)).astype(dtype, copy=False)
+        nz = val != 0
+        a[idx[nz]] = val[nz]
         return a
     starts = np.asarray(z[f"{name}.rle_start"], dtype=np.int64)
-    vals = z[f"{name}.rle_val"]
+    vals = np.asarray(conv(z[f"{name}.rle_val"])).astype(dtype, copy=False)
     if starts.size == 0 or starts.shape != vals.shape or starts[0] != 0 \
             or (np.diff(starts) <= 0).any() or starts[-1] >= n:
         raise ValueError(f"{name}: run-length data inconsistent")
     if starts.size <= 4096:
-        # Few runs: fill them in place and leave zero runs alone (untouched pages of an
-        # np.zeros array cost no memory).
-        a = np.zeros(n, dtype=dtype)
+        # Few runs: fill them in place and leave zero runs alone.
+        a = sparse_zeros(n, dtype)
         ends = np.append(starts[1:], n)
         for s_, e_, v in zip(starts.tolist(), ends.tolist(), vals.tolist()):
             if v:
                 a[s_:e_] = v
         return a
     lengths = np.diff(np.append(starts, n))
-    return np.repeat(vals.astype(dtype, copy=False), lengths)
+    return np.repeat(vals, lengths)
+
+
+def _read_frame_table(n: int, z) -> dict[str, np.ndarray]:
+    """The frame table's arrays from a saved host's ``frames.npz`` (one saved before format 3
+    holds count_info as one array: it is split as it is read)."""
+    from .frametable import FLAGS_SHIFT, FrameTable
+    arrs = {}
+    legacy = not any(k.startswith("pgc_flags.") for k in z.files)
+    for k in FrameTable.FIELDS:
+        dt = FrameTable.DTYPES[k]
+        if legacy and k == "pgc_flags":  # format 1-2: count_info as one uint64 array
+            arrs[k] = _decode("count_info", n, dt, z, lambda v: np.asarray(v, np.uint64) >> np.uint64(FLAGS_SHIFT))
+        elif legacy and k == "pgc_count":
+            arrs[k] = _decode("count_info", n, dt, z, lambda v: np.asarray(v, np.uint64) & np.uint64(mm.PGC_count_mask))
+        else:
+            arrs[k] = _decode(k, n, dt, z)
+    for k in ("pages_mfn", "pages_data"):
+        if k in z:
+            arrs[k] = z[k]
+    return arrs
 
 
 def _generation(p: Path, name: str) -> int | None:
@@ -311,12 +369,7 @@ def load(cls, path: Path) -> "Host":
         host = cls(e820, header["nr_pcpus"], Quirks.from_state(header["quirks"]))
         n = host.nframes
         with np.load(path / "frames.npz") as z:
-            arrs = {}
-            for k in FrameTable.FIELDS:
-                arrs[k] = _decode(k, n, getattr(host.ft, k).dtype, z)
-            for k in ("pages_mfn", "pages_data"):
-                if k in z:
-                    arrs[k] = z[k]
+            arrs = _read_frame_table(n, z)
             p2m = {int(k.split(".", 1)[1]): np.array(z[k]) for k in z.files if k.startswith("p2m.")}
             extra_arrays = {k[2:]: np.array(z[k]) for k in z.files if k.startswith("x.")}
             heap_arrays = {k[5:]: z[k] for k in z.files if k.startswith("heap.")}

@@ -154,8 +154,7 @@ def _classify(host):
     # the system domains' (Domain-IO, Domain-Xen), Xen-heap pages (PGC_xen_heap, no owner)
     # and anonymous allocations; only Xen's own image is refused (failed)
     from ...abi import mm
-    ci = np.asarray(host.ft.count_info)
-    xh = (raw == 0) & ((ci & np.uint64(mm.PGC_xen_heap)) != 0)
+    xh = (raw == 0) & host.ft.has_flag(mm.PGC_xen_heap)
     sysd = np.isin(raw - 1, [d for d, x in host.domains.items() if x.is_system])
     wait = np.flatnonzero(xh | (sysd & (raw > 0)))
     anon = np.asarray([m for m in host.anonymous if m < cls.size], dtype=np.int64)

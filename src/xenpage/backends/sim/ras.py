@@ -105,8 +105,7 @@ def boot(spec: DefaultHostSpec | None = None, badpage: str = "", quirks=None) ->
         def rebuild_without_bad(start: int, end: int) -> None:
             h.heap.rebuild = orig
             from ...abi import mm
-            st = (h.ft.count_info >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)
-            idx = np.flatnonzero(bad & (st == np.uint64(mm.STATE_FREE)))
+            idx = np.flatnonzero(bad & (h.ft.states() == mm.STATE_FREE))
             h.ft.count_info[idx] = np.uint64(0)
             zapped.extend(idx.tolist())
             orig(start, end)

@@ -156,8 +156,7 @@ def run_year(policy: Policy, name: str = "", trace=None, spec=None, seed: int = 
     ndays = int(np.ceil(trace.seconds / DAY))
     tl = {k: np.zeros(ndays + 1) for k in ("retired_kib", "pending", "avoided", "seen",
                                            "avoided_uc", "errors")}
-    ci = host.ft.count_info
-    shift, offl = np.uint64(mm.PGC_state_shift), np.uint64(mm.STATE_OFFLINED)
+    state_of, offl = host.ft.state, mm.STATE_OFFLINED
     day = 0
     ts, ms, offs, ucs = trace.t.tolist(), trace.mfn.tolist(), trace.offset.tolist(), trace.uc.tolist()
 
@@ -177,7 +176,7 @@ def run_year(policy: Policy, name: str = "", trace=None, spec=None, seed: int = 
             sample(day)
         clock.t = t
         mfn, uc = ms[i], ucs[i]
-        if ((ci[mfn] >> shift) & np.uint64(3)) == offl:
+        if state_of(mfn) == offl:
             res.avoided += 1
             res.avoided_uncorrected += uc
             continue
