@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from xenpage.abi import mm
 from xenpage.abi.xen import DOMID_IO, INVALID_M2P_ENTRY
@@ -166,6 +168,100 @@ def test_frame_table_arrays_round_trip():
     for f in FrameTable.FIELDS:
         assert np.array_equal(getattr(back, f), getattr(ft, f))
     assert back.pages.keys() == {4} and np.array_equal(back.pages[4], ft.pages[4])
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_free_frames_cost_no_count_memory():
+    """count_info is stored as a byte of flags and state per frame and the count apart: a
+    table whose every frame is free holds 1 byte a frame, not 8 (Xen's word has the state
+    bits set in every free frame)."""
+    ft = FrameTable(64 * GiB >> 12)
+    every = np.ones(ft.nframes, dtype=bool)
+    before = _rss()
+    ft.set_count_info_where(every, mm.PGC_state_free)
+    grew = _rss() - before
+    assert ft.state(0) == ft.state(ft.nframes - 1) == mm.STATE_FREE
+    assert ft.count(12345) == mm.PGC_state_free
+    assert 15 * MiB < grew < 24 * MiB  # the 16 MiB of flags, not 128 MiB of words
+    del ft
+
+
+def test_a_written_frame_costs_a_page_not_a_huge_page():
+    """One word written every 2 MiB of a frame-table array makes 4 KiB resident each, not
+    a transparent huge page (numpy asks for those on large arrays)."""
+    ft = FrameTable(64 * GiB >> 12)
+    before = _rss()
+    for f in FrameTable.FIELDS:
+        a = getattr(ft, f)
+        a[::(2 * MiB) // a.itemsize] = 1
+    grew = _rss() - before  # 7 arrays, 472 words in all
+    assert grew < 8 * MiB, grew
+    del ft
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "set_many", "or", "and", "add_at", "slice",
+                                           "state", "where"]),
+                          st.lists(st.integers(0, 31), min_size=1, max_size=6),
+                          st.integers(0, 2**64 - 1)), max_size=25))
+def test_count_info_reads_and_writes_xen_values(ops):
+    """Whatever is written through ``ft.count_info`` (scalars, index arrays with repeats,
+    slices, read-modify-write, ``add_at``) reads back as the same writes on one uint64 word
+    per frame would, and the per-field views (state, flags, count) agree with it."""
+    ft = FrameTable(32)
+    ref = np.zeros(32, dtype=np.uint64)
+    for op, idx, v in ops:
+        i, many = idx[0], np.array(idx, dtype=np.int64)
+        if op == "set":
+            ft.count_info[i] = v
+            ref[i] = v
+        elif op == "set_many":
+            vals = (np.uint64(v) >> np.arange(many.size, dtype=np.uint64))
+            ft.count_info[many] = vals
+            ref[many] = vals
+        elif op == "or":
+            ft.count_info[i] |= np.uint64(v)
+            ref[i] |= np.uint64(v)
+        elif op == "and":
+            ft.count_info[many] &= np.uint64(v)
+            ref[many] &= np.uint64(v)
+        elif op == "add_at":
+            if (ref[many] & np.uint64(mm.PGC_count_mask)).max() + many.size >= mm.PGC_count_mask:
+                continue  # Xen checks the count before it would overflow into the flags
+            ft.count_info.add_at(many, 1)
+            np.add.at(ref, many, np.uint64(1))
+        elif op == "slice":
+            ft.count_info[i:i + 5] = np.uint64(v)
+            ref[i:i + 5] = np.uint64(v)
+        elif op == "state":
+            ft.set_state(many, v & 3)
+            ref[many] = (ref[many] & np.uint64(~mm.PGC_state & (2**64 - 1))) \
+                | np.uint64((v & 3) << mm.PGC_state_shift)
+        else:
+            mask = np.zeros(32, dtype=bool)
+            mask[many] = True
+            ft.set_count_info_where(mask, v)
+            ref[mask] = v
+        assert np.array_equal(ft.count_info.copy(), ref)
+    assert ft.states().tolist() == ((ref >> np.uint64(mm.PGC_state_shift)) & np.uint64(3)).tolist()
+    assert np.array_equal(ft.counts(), ref & np.uint64(mm.PGC_count_mask))
+    for flag in (mm.PGC_allocated, mm.PGC_xen_heap, mm.PGC_broken, mm.PGC_need_scrub):
+        assert np.array_equal(ft.has_flag(flag), (ref & np.uint64(flag)) != 0)
+    assert [ft.count(m) for m in range(32)] == ref.tolist()
+    assert [ft.state(m) for m in range(32)] == ft.states_of(np.arange(32)).tolist()
+
+
+def test_count_info_is_not_an_array_by_accident():
+    ft = FrameTable(16)
+    for misuse in (lambda: np.asarray(ft.count_info), lambda: ft.count_info == 0,
+                   lambda: list(ft.count_info), lambda: ft.count_info & np.uint64(1)):
+        with pytest.raises(TypeError):
+            misuse()
+    assert ft.count_info.copy().dtype == np.uint64 and len(ft.count_info) == 16
 
 
 def test_untouched_frames_cost_no_memory():
