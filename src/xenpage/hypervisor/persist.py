@@ -58,25 +58,42 @@ def _run_starts(a: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _nonzero_up_to(a: np.ndarray, limit: int) -> np.ndarray | None:
+    """The indices of ``a``'s non-zero entries, or None as soon as there are more than
+    ``limit`` (one pass, a slice at a time)."""
+    parts, total = [np.zeros(0, dtype=np.int64)], 0
+    for i in range(0, a.size, _STEP):
+        nz = np.flatnonzero(a[i:i + _STEP])
+        total += nz.size
+        if total > limit:
+            return None
+        parts.append(nz.astype(np.int64) + i)
+    return np.concatenate(parts)
+
+
 def _runs_of_sparse(n: int, nz: np.ndarray, val: np.ndarray) -> np.ndarray:
     """:func:`_run_starts` of an array of ``n`` entries that is zero but at ``nz`` (sorted),
-    where it holds ``val``: from the non-zero entries alone."""
+    where it holds ``val``: from the non-zero entries alone, without a sort -- a run starts at
+    a non-zero entry after a zero or a different value, and at the zero after a non-zero
+    entry; ``nz[i] < nz[i] + 1 <= nz[i + 1]`` keeps the two kinds in order interleaved."""
     if nz.size == 0:
         return np.zeros(1, dtype=np.int64)
-    after_gap = np.r_[True, nz[1:] != nz[:-1] + 1]        # a zero comes before it
-    new_val = np.r_[True, val[1:] != val[:-1]]
-    starts_nz = nz[after_gap | new_val]
-    zero_next = np.r_[nz[1:] != nz[:-1] + 1, True] & (nz + 1 < n)  # a zero run follows it
-    return np.union1d(np.r_[np.int64(0), starts_nz], nz[zero_next] + 1).astype(np.int64)
+    gap_after = np.r_[nz[1:] != nz[:-1] + 1, True]
+    at = np.empty(2 * nz.size, dtype=np.int64)
+    at[0::2], at[1::2] = nz, nz + 1
+    keep = np.empty(2 * nz.size, dtype=bool)
+    keep[0::2] = np.r_[True, gap_after[:-1]] | np.r_[True, val[1:] != val[:-1]]
+    keep[1::2] = gap_after & (nz + 1 < n)
+    starts = at[keep]
+    return starts if starts[0] == 0 else np.r_[np.int64(0), starts]
 
 
 def _encode(name: str, a: np.ndarray, out: dict) -> None:
     """The smallest of: the non-zero entries (``sp_idx``/``sp_val``), the runs
     (``rle_start``/``rle_val``), or the array itself (``dense``)."""
     n, item = a.size, a.dtype.itemsize
-    nnz = int(np.count_nonzero(a))
-    if nnz * (8 + item) <= n * item:
-        nz = np.flatnonzero(a).astype(np.int64)
+    nz = _nonzero_up_to(a, n * item // (8 + item))
+    if nz is not None:
         val = a[nz]
         runs = _runs_of_sparse(n, nz, val)
         if nz.size * (8 + item) <= runs.size * (8 + item):
