@@ -16,11 +16,14 @@
    frames between Xen's relocation base and its image, above the image to the top of RAM, and
    the top frames of RAM; in one list, in the order they ran (``steps``), so that the simulator
    can replay it.
-3. Last (it leaves the heap as Xen 4.17 leaves it after such offlines): a coarse sysctl scan
-   of RAM (offline + online every 0x800th frame) for the classes of frames at large.
+3. Last (it leaves the heap as Xen 4.17 leaves it after such offlines): the raw offline's
+   class (then online) of every frame above the image, every 8th frame of the M2P and every
+   0x40th frame below the image that dom0 does not own (``class_scan``); which of Xen's frames
+   found there dom0 can map as DOMID_XEN's (``map_xen``).
 
 dom0's vCPUs stay pinned to physical CPU 1 for the whole run (the 4.17 PoD-lock hang).
 Output: $LAB_OUT/layout.json (+ layout.jsonl streamed, xl-dmesg.txt, iomem.txt).
+Run layout-20261205-135348 (201 s) is committed as tests_xen/results/lab-layout.json.
 """
 from __future__ import annotations
 
