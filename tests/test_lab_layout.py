@@ -196,6 +196,7 @@ def test_every_recorded_answer_is_replayed_identically(lab_host):
     # then the class scan, on the same host, as the lab ran it after the probes
     assert len(REC["class_scan"]) == 4761
     assert replay_class_scan(h, REC["class_scan"]) == []
+    assert invariants.check(h) == []
 
 
 def test_the_layout_is_what_the_answers_depend_on(lab_host):
