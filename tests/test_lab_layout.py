@@ -196,7 +196,12 @@ def test_every_recorded_answer_is_replayed_identically(lab_host):
     # then the class scan, on the same host, as the lab ran it after the probes
     assert len(REC["class_scan"]) == 4761
     assert replay_class_scan(h, REC["class_scan"]) == []
-    assert invariants.check(h) == []
+    # consistent, but for the chunks Xen 4.17's reserve_offlined_page leaves misaligned when
+    # free frames are offlined and onlined (Quirks.reserve_misaligned): so does the real one
+    problems = invariants.check(h)
+    misaligned = [p for p in problems if p.endswith("misaligned")]
+    assert [p for p in problems if p not in misaligned] == []
+    assert len(misaligned) == h.heap.misaligned > 0
 
 
 def test_the_layout_is_what_the_answers_depend_on(lab_host):
