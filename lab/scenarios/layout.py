@@ -16,11 +16,14 @@
    frames between Xen's relocation base and its image, above the image to the top of RAM, and
    the top frames of RAM; in one list, in the order they ran (``steps``), so that the simulator
    can replay it.
-3. Last (it leaves the heap as Xen 4.17 leaves it after such offlines): a coarse sysctl scan
-   of RAM (offline + online every 0x800th frame) for the classes of frames at large.
+3. Last (it leaves the heap as Xen 4.17 leaves it after such offlines): the raw offline's
+   class (then online) of every frame above the image, every 8th frame of the M2P and every
+   0x40th frame below the image that dom0 does not own (``class_scan``); which of Xen's frames
+   found there dom0 can map as DOMID_XEN's (``map_xen``).
 
 dom0's vCPUs stay pinned to physical CPU 1 for the whole run (the 4.17 PoD-lock hang).
 Output: $LAB_OUT/layout.json (+ layout.jsonl streamed, xl-dmesg.txt, iomem.txt).
+Run layout-20261205-135348 (201 s) is committed as tests_xen/results/lab-layout.json.
 """
 from __future__ import annotations
 
@@ -132,6 +135,101 @@ def probe(mfn: int, why: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# the M2P's frames, three ways (the first run's libxc call answered -1 for every max_extents)
+
+guest.xc_map_m2p.restype = ctypes.c_void_p
+guest.xc_map_m2p.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.POINTER(ctypes.c_ulong)]
+ctl.xc_map_foreign_range.restype = ctypes.c_void_p
+ctl.xc_map_foreign_range.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_ulong]
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+LIBC.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+LIBC.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+DOMID_XEN = 0x7FF2
+IOCTL_PRIVCMD_HYPERCALL = 0x00305000      # _IOC(_IOC_NONE, 'P', 0, sizeof(struct privcmd_hypercall))
+HYPERVISOR_memory_op = 12
+XENMEM_machphys_mfn_list, XENMEM_machphys_mapping, XENMEM_machphys_compat_mfn_list = 5, 12, 25
+
+
+class PrivcmdHypercall(ctypes.Structure):
+    _fields_ = [("op", ctypes.c_uint64), ("arg", ctypes.c_uint64 * 5)]
+
+
+class MachphysMfnList(ctypes.Structure):     # public/memory.h: struct xen_machphys_mfn_list
+    _fields_ = [("max_extents", ctypes.c_uint32), ("extent_start", ctypes.c_uint64),
+                ("nr_extents", ctypes.c_uint32)]
+
+
+class MachphysMapping(ctypes.Structure):     # public/memory.h: struct xen_machphys_mapping
+    _fields_ = [("v_start", ctypes.c_uint64), ("v_end", ctypes.c_uint64), ("max_mfn", ctypes.c_uint64)]
+
+
+def memory_op(cmd: int, arg) -> tuple[int, int]:
+    """``HYPERVISOR_memory_op(cmd, &arg)`` straight through privcmd (no libxc bounce)."""
+    LIBC.mlock(ctypes.addressof(arg), ctypes.sizeof(arg))
+    hc = PrivcmdHypercall(HYPERVISOR_memory_op, (ctypes.c_uint64 * 5)(cmd, ctypes.addressof(arg), 0, 0, 0))
+    fd = os.open("/dev/xen/privcmd", os.O_RDWR)
+    try:
+        ctypes.set_errno(0)
+        rc = LIBC.ioctl(fd, IOCTL_PRIVCMD_HYPERCALL, ctypes.byref(hc))
+        return rc, ctypes.get_errno() if rc < 0 else 0
+    finally:
+        os.close(fd)
+
+
+def raw_mfn_list(cmd: int, n: int) -> dict:
+    buf = (ctypes.c_uint64 * n)()
+    LIBC.mlock(ctypes.addressof(buf), ctypes.sizeof(buf))
+    a = MachphysMfnList(n, ctypes.addressof(buf), 0xDEAD)
+    rc, err = memory_op(cmd, a)
+    return {"rc": rc, "errno": err, "nr_extents": a.nr_extents,
+            "mfns": [hex(buf[i]) for i in range(min(a.nr_extents, n))] if rc == 0 else []}
+
+
+def m2p_chunks(max_mfn: int) -> dict:
+    """Where the M2P lives: libxenctrl's ``xc_machphys_mfn_list`` (errno kept), libxenguest's
+    ``xc_map_m2p`` (its first chunk), and ``XENMEM_machphys_mfn_list`` /
+    ``XENMEM_machphys_compat_mfn_list`` / ``XENMEM_machphys_mapping`` issued raw."""
+    out: dict = {"libxc": []}
+    for want in (1, 2, 3, 4):
+        buf = (ctypes.c_ulong * want)()
+        ctypes.set_errno(0)
+        rc = ctl.xc_machphys_mfn_list(XCH, want, buf)
+        out["libxc"].append({"max_extents": want, "rc": rc, "errno": ctypes.get_errno() if rc else 0,
+                             "mfns": [hex(buf[i]) for i in range(want)]})
+    mfn0 = ctypes.c_ulong(0)
+    ctypes.set_errno(0)
+    addr = guest.xc_map_m2p(XCH, max_mfn, 1, ctypes.byref(mfn0))   # PROT_READ
+    out["xc_map_m2p"] = {"ok": bool(addr), "errno": 0 if addr else ctypes.get_errno(), "mfn0": hex(mfn0.value)}
+    if addr:
+        LIBC.munmap(addr, ((max_mfn * 8 + (1 << 21) - 1) >> 21) << 21)
+    out["raw"] = raw_mfn_list(XENMEM_machphys_mfn_list, 64)
+    out["raw_compat"] = raw_mfn_list(XENMEM_machphys_compat_mfn_list, 64)
+    mm = MachphysMapping(0, 0, 0)
+    rc, err = memory_op(XENMEM_machphys_mapping, mm)
+    out["machphys_mapping"] = {"rc": rc, "errno": err, "v_start": hex(mm.v_start), "v_end": hex(mm.v_end),
+                               "max_mfn": hex(mm.max_mfn)}
+    ok = next((r for r in out["libxc"] if r["rc"] == 0), None)
+    out["rc"] = 0 if out["raw"]["rc"] == 0 or ok else -1
+    out["mfns"] = out["raw"]["mfns"] or (ok["mfns"] if ok else [])
+    return out
+
+
+def try_map_xen(mfn: int) -> dict:
+    """Can dom0 read this frame as DOMID_XEN's (``xc_map_foreign_range``)?  Only frames Xen
+    shared with privileged guests map; the console ring is text with "(XEN)" lines."""
+    ctypes.set_errno(0)
+    addr = ctl.xc_map_foreign_range(XCH, DOMID_XEN, 4096, 1, mfn)
+    if not addr:
+        return {"mfn": hex(mfn), "ok": False, "errno": ctypes.get_errno()}
+    data = ctypes.string_at(addr, 4096)
+    LIBC.munmap(addr, 4096)
+    return {"mfn": hex(mfn), "ok": True, "xen_text": data.count(b"(XEN)"), "zero": data.count(0),
+            "head": data[:16].hex()}
+
+
+# ------------------------------------------------------------------------------------------------
 # facts
 
 def facts() -> dict:
@@ -148,13 +246,7 @@ def facts() -> dict:
         kx[name] = {"rc": rc, "errno": ctypes.get_errno() if rc < 0 else 0,
                     "start": hex(start.value), "size": hex(size.value)}
     f["kexec_get_range"] = kx
-    # libxc's wrapper fails unless Xen fills exactly max_extents entries: ask for 1, 2, ...
-    f["machphys_mfn_list"] = {"rc": -1, "mfns": []}
-    for want in range(1, 65):
-        buf = (ctypes.c_ulong * want)()
-        if ctl.xc_machphys_mfn_list(XCH, want, buf) == 0:
-            f["machphys_mfn_list"] = {"rc": 0, "mfns": [hex(buf[i]) for i in range(want)]}
-            break
+    f["machphys_mfn_list"] = m2p_chunks(mx.value)
     ents = (E820Entry * 128)()
     n = ctl.xc_get_machine_memory_map(XCH, ents, 128)
     f["machine_memory_map"] = [{"addr": hex(e.addr), "size": hex(e.size), "type": e.type}
@@ -275,25 +367,37 @@ def main() -> int:
             probe(m, w)
         s.detail = f"{len(probes)} frames, {len(RESULT['steps'])} steps"
     with lab.Step("class-scan") as s:
-        # every frame above Xen's image and of the M2P's chunks: offline (its class), online
-        lo = img_last + 1
+        # the raw offline's class (then online) of: every frame above Xen's image, every 8th
+        # frame of the M2P's chunks (and the compat M2P's), and every 0x40th frame of RAM below
+        # the image that dom0 does not own (the frame table, Xen's other boot allocations)
+        t0 = time.time()
+        chunks = [int(x, 16) for x in f["machphys_mfn_list"]["mfns"]]
+        chunks += [int(x, 16) for x in f["machphys_mfn_list"].get("raw_compat", {}).get("mfns", [])]
+        d0 = set()
+        for a, b, t in RESULT["dom0_types"]:
+            if t == "dom0":
+                d0.update(range(int(a, 16), int(b, 16) + 1))
+        frames = list(range(img_last + 1, mx))
+        frames += [c + i for c in chunks for i in range(0, 512, 8)]
+        frames += [m for m in range(0, img_first, 0x40) if m not in d0]
         cls = []
-        for m in list(range(lo, mx)) + [c + i for c in (int(x, 16) for x in f["machphys_mfn_list"]["mfns"])
-                                        for i in range(0, 512, 64)]:
+        for m in sorted(set(frames)):
             off = sysctl("offline", m)
             sysctl("online", m)
             cls.append([hex(m), off["rc"], off["status"][0]])
         RESULT["class_scan"] = cls
         stream.add({"kind": "class-scan", "frames": cls})
-        s.detail = f"{len(cls)} frames"
-    with lab.Step("scan") as s:
-        for m in range(0x100, mx, 0x800):
-            off = sysctl("offline", m)
-            on = sysctl("online", m)
-            rec = {"mfn": hex(m), "offline": off, "online": on}
-            RESULT["scan"].append(rec)
-            stream.add({"kind": "scan", **rec})
-        s.detail = f"{len(RESULT['scan'])} frames"
+        s.detail = f"{len(cls)} frames ({time.time() - t0:.1f} s)"
+    with lab.Step("map-xen-frames") as s:
+        # which of Xen's own frames dom0 can read (the console ring: "(XEN)" text)
+        want = [int(m, 16) for m, rc, st in RESULT["class_scan"]
+                if st.startswith("0x7ff2") or st.startswith("0x7ff4")]
+        want += [c + i for c in chunks for i in (0, 1, 511)]
+        maps = [try_map_xen(m) for m in sorted(set(want))]
+        RESULT["map_xen"] = maps
+        stream.add({"kind": "map-xen", "maps": maps})
+        s.detail = (f"{sum(x['ok'] for x in maps)} of {len(maps)} mappable; "
+                    f"with (XEN) text: {[x['mfn'] for x in maps if x.get('xen_text')]}")
     run(["xl", "vcpu-pin", "0", "all", "all"])
     with open(os.path.join(OUT, "layout.json"), "w") as fh:
         json.dump(RESULT, fh, indent=1)

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..abi import mm
 from ..abi.xen import DOMID_IO, DOMID_XEN, SHUTDOWN_crash
-from . import persist
+from . import persist, start_xen
 from .domain import POD_LOCK_CORRUPT, Domain
 from .foreign import ForeignMaps
 from .grant_table import GrantTables
@@ -48,6 +48,17 @@ XEN_RELOC_BELOW_TOP = 0x600
 
 SHARED_PAGE_COUNT = _U(mm.PGC_allocated | 1)
 SHARED_PAGE_TYPE = _U(mm.PGT_writable_page | mm.PGT_validated | 1)
+
+
+def _ranges(frames: list[int]) -> list[tuple[int, int]]:
+    """Sorted frames as [start, end) runs."""
+    out: list[tuple[int, int]] = []
+    for m in sorted(frames):
+        if out and out[-1][1] == m:
+            out[-1] = (out[-1][0], m + 1)
+        else:
+            out.append((m, m + 1))
+    return out
 
 
 class DomainError(Exception):
@@ -101,6 +112,11 @@ class Host:
         #: heads of the 2 MiB chunks holding the M2P (``XENMEM_machphys_mfn_list``)
         self.m2p_chunks: list[int] = []
         self.anonymous: list[int] = []
+        #: derived boot (:meth:`_boot_xen`): Xen's early page tables, the frame table's
+        #: blocks, and dom0 frames of the given layout that the model left in use
+        self.boot_pagetables: list[int] = []
+        self.frametable: list[tuple[int, int]] = []
+        self.boot_conflicts: list[int] = []
         #: log of notable hypervisor events (domain crashes, ...) as Xen would print them
         self.log: list[str] = []
         #: HVM guests' p2ms (EPT-like, see :mod:`.p2m`); ``p2m[domid]`` is their mfn array
@@ -119,7 +135,10 @@ class Host:
         h = cls(e820, cfg.nr_pcpus, cfg.quirks)
         h._init_memory(cfg)
         if lay is not None:
-            h._boot_layout(lay)
+            if lay.xen_boot is not None:
+                h._boot_xen(lay)
+            else:
+                h._boot_layout(lay)
             h._free_init_memory()
             return h
         if dom0_pages is None:
@@ -153,6 +172,83 @@ class Host:
             self.ft.set_m2p(d0, np.arange(d0.size, dtype=np.uint64))
             d.tot_pages = d.max_pages = int(d0.size)
             self.p2m[0] = d0.astype(np.uint64)
+
+    def _boot_xen(self, lay: BootLayout) -> None:
+        """Xen's own frames derived (:mod:`.start_xen`), dom0's where the layout puts them.
+
+        ``_init_memory`` left RAM on canonical free chunks; here it is taken back and handed
+        out as ``__start_xen`` does: boot-allocator frames (early page tables, the frame
+        table) in use, the rest to the heap by ``end_boot_allocator`` (to be scrubbed, at the
+        tails), then Xen's heap allocations before dom0, the dom0 kernel's module freed, the
+        heap scrubbed by the idle CPU, dom0's frames, Xen's later allocations.  A dom0 frame
+        the model left in use is a disagreement with the machine: kept in
+        :attr:`boot_conflicts`."""
+        xb = lay.xen_boot
+        ft, heap = self.ft, self.heap
+        ram = self.e820.ram_window(0, self.nframes)
+        free = np.flatnonzero((ft.states(0, self.nframes) == mm.STATE_FREE) & ram)
+        ft.count_info[free] = _U(0)                      # in use, count 0: not the heap's yet
+        heap.rebuild(0, self.nframes)
+        bf = start_xen.boot_frames(self.e820, self.xen_image, xb)
+        self.boot_pagetables = bf.pagetables
+        self.frametable = bf.frametable
+        self.anonymous = list(bf.pagetables) + [m for a, b in bf.frametable for m in range(a, b)]
+        for s, e in bf.heap_ranges:
+            for head, order in start_xen.init_heap_chunks(s, e, heap.max_order):
+                heap.free(head, order, scrub=True)
+        self.m2p_chunks = []
+        self._shared_info0 = None
+        self._xen_allocs(xb.before_dom0)
+        ft.set_m2p_frames(self.m2p_chunks)
+        if xb.modules:                                   # discard_initial_images: the kernel
+            s, e = xb.modules[0]
+            for head, order in start_xen.init_heap_chunks(s, e, heap.max_order):
+                heap.free(head, order, scrub=True)
+        heap.scrub()
+        d0 = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in lay.dom0]) if lay.dom0 \
+            else np.zeros(0, dtype=np.int64)
+        # the initrd's frames go to dom0 where they lie (dom0_construct_pv), the rest from
+        # the heap; so do dom0's frames inside Xen's image: the unused ``ebmalloc`` BSS that
+        # ``efi_boot_mem_unused`` gave the boot allocator (1 MiB whose place the image's
+        # headers do not tell; ``is_xen_fixed_mfn`` still covers it)
+        rd = (d0 >= self.xen_image[0]) & (d0 < self.xen_image[1])
+        for s, e in xb.modules[1:]:
+            rd |= (d0 >= s) & (d0 < e)
+        st = ft.states(0, self.nframes)[d0]
+        self.boot_conflicts = d0[(st != mm.STATE_FREE) & ~rd].tolist()
+        d0 = np.concatenate([self._take(_ranges(d0[~rd].tolist())), d0[rd & (st == mm.STATE_INUSE)]])
+        d0.sort()
+        d = self.create_domain("Domain-0", 0, domid=0, shared_info=self._shared_info0)
+        d.max_pages = d.tot_pages = 0
+        if d0.size:
+            ft.count_info[d0] = _U(mm.PGC_allocated | 1)
+            ft.set_owner(d0, 0)
+            ft.set_m2p(d0, np.arange(d0.size, dtype=np.uint64))
+            d.tot_pages = d.max_pages = int(d0.size)
+            self.p2m[0] = d0.astype(np.uint64)
+        self._xen_allocs(xb.after_dom0)
+
+    def _xen_allocs(self, allocs: list[tuple[str, int]]) -> None:
+        """Xen's heap allocations in order: a Xen-heap block (``alloc_xenheap_pages``:
+        PGC_xen_heap), an anonymous one (``alloc_domheap_pages(NULL, ...)``), an M2P block
+        (anonymous, then shared read-only as DOMID_XEN's by ``subarch_init_memory``), or
+        dom0's shared_info (a Xen-heap frame ``arch_domain_create`` shares with it)."""
+        for kind, order in allocs:
+            m = self.heap.alloc(order)
+            sl = slice(m, m + (1 << order))
+            if kind == start_xen.SHARED_INFO:            # dom0's, shared when it is created
+                self.ft.count_info[sl] = _U(mm.PGC_xen_heap)
+                self._shared_info0 = m
+            elif kind == start_xen.XENHEAP:
+                self.ft.count_info[sl] = _U(mm.PGC_xen_heap)
+                self.xenheap_internal += range(m, m + (1 << order))
+            elif kind == start_xen.M2P:
+                self.ft.count_info[sl] = _U(mm.PGC_allocated | 1)
+                self.ft.type_info[sl] = _U(mm.PGT_none | mm.PGT_validated | 1)
+                self.ft.set_owner(sl, DOMID_XEN)
+                self.m2p_chunks.append(m)
+            else:
+                self.anonymous += range(m, m + (1 << order))
 
     def _free_init_memory(self) -> None:
         """``init_done`` -> ``init_xenheap_pages`` -> ``init_heap_pages``: the init region goes
@@ -205,14 +301,16 @@ class Host:
         # privileged guests as DOMID_XEN's (``share_xen_page_with_privileged_guests``).
         # Placed from 16 MiB up, where the lab machine shows nothing else (Xen's image, dom0's
         # kernel and initrd sit at the top of low memory); real placement varies by host.
-        nchunks = (self.nframes * 8 + (1 << 21) - 1) >> 21
-        self.m2p_chunks = [M2P_BASE + c * 512 for c in range(nchunks)]
-        m2p_end = M2P_BASE + nchunks * 512
-        heap[M2P_BASE:m2p_end] = False
-        ft.count_info[M2P_BASE:m2p_end] = _U(mm.PGC_allocated | 1)
-        ft.type_info[M2P_BASE:m2p_end] = _U(mm.PGT_none | mm.PGT_validated | 1)
-        ft.set_owner(slice(M2P_BASE, m2p_end), DOMID_XEN)
-        ft.set_m2p_frames(self.m2p_chunks)
+        # (derived instead when the layout says how Xen booted: :meth:`_boot_xen`)
+        if lay is None or lay.xen_boot is None:
+            nchunks = (self.nframes * 8 + (1 << 21) - 1) >> 21
+            self.m2p_chunks = [M2P_BASE + c * 512 for c in range(nchunks)]
+            m2p_end = M2P_BASE + nchunks * 512
+            heap[M2P_BASE:m2p_end] = False
+            ft.count_info[M2P_BASE:m2p_end] = _U(mm.PGC_allocated | 1)
+            ft.type_info[M2P_BASE:m2p_end] = _U(mm.PGT_none | mm.PGT_validated | 1)
+            ft.set_owner(slice(M2P_BASE, m2p_end), DOMID_XEN)
+            ft.set_m2p_frames(self.m2p_chunks)
         # by mask: an index array of every heap frame would be 8 bytes a frame
         ft.set_count_info_where(heap, mm.PGC_state_free)
         self.heap.rebuild(0, n)

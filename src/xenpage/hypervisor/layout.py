@@ -9,11 +9,18 @@ principles -- where Xen's boot allocator (``alloc_boot_pages``: the frame table,
 per-CPU areas) and its first heap allocations put Xen's own frames, and where the dom0 builder
 (``dom0_construct_pv``: its initrd frames kept, the rest in chunks) put dom0's -- a layout
 states: ranges of frames per owner.  Every other RAM frame goes to the heap.
+
+With ``xen_boot`` (:class:`.start_xen.XenBoot`) Xen's own frames are not given but derived:
+the boot allocator, the frame table, the heap as ``end_boot_allocator`` leaves it, and Xen's
+heap allocations in boot order, placed by the simulator's allocator; only dom0's frames stay
+given.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .start_xen import XenBoot
 
 
 @dataclass
@@ -34,3 +41,6 @@ class BootLayout:
     xenheap: list[tuple[int, int]] = field(default_factory=list)
     #: frames in use with neither owner nor ``PGC_xen_heap`` (boot allocations, page tables)
     anonymous: list[tuple[int, int]] = field(default_factory=list)
+    #: derive Xen's own frames instead (:mod:`.start_xen`): then ``xenheap`` and
+    #: ``anonymous`` stay empty and the simulator's boot allocator and heap place them
+    xen_boot: XenBoot | None = None
