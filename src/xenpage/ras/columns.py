@@ -23,24 +23,31 @@ _U64 = np.uint64
 
 @dataclass
 class Columns:
-    """Per-record Python lists (index ``i`` is the batch's record ``i``)."""
+    """Per-record columns (index ``i`` is the batch's record ``i``): numpy arrays for what
+    the service computes with, Python lists for what goes into the ``events`` rows."""
 
-    #: records for the record-at-a-time path (defect or uncorrected)
-    slow: list
-    #: ADDRV set: a frame to count the error on ("ce"); else "other"
-    has_addr: list
-    mfn: list
-    #: the record's own time (None: the driver's records carry none) and its integer seconds
-    time: list
-    #: ``1 + corrected-error count`` (mcelog's bucket increment)
-    inc: list
+    #: records for the record-at-a-time path (defect or uncorrected), numpy bool
+    slow: np.ndarray
+    #: ADDRV set: a frame to count the error on ("ce"); else "other" (numpy bool)
+    has_addr: np.ndarray
+    #: the frame (numpy uint64; meaningful where ``has_addr``)
+    mfn_a: np.ndarray
+    #: the record's own time, NaN where the record carries none (numpy float64)
+    time_a: np.ndarray
+    #: ``1 + corrected-error count`` (mcelog's bucket increment; numpy int64)
+    inc_a: np.ndarray
+    #: the identity is not empty (numpy bool)
+    has_ident: np.ndarray
     ident: list
     #: the ``events`` row without id and logged time: (time, source, kind, mfn, addr, status,
-    #: count, location, raw)
+    #: count, location) -- time and mfn None where absent
+    time: list
     source: list
     kind: list
+    mfn: list
     addr: list
     status_hex: list
+    inc: list
     location: list
 
 
@@ -48,7 +55,7 @@ def _hexes(values: np.ndarray, fmt: str) -> list[str]:
     """``format(v, fmt)`` of every value, formatting each distinct value once."""
     uniq, inv = np.unique(values, return_inverse=True)
     table = [format(v, fmt) for v in uniq.tolist()]
-    return [table[k] for k in inv.tolist()]
+    return list(map(table.__getitem__, inv.tolist()))
 
 
 def columns(b: McBatch) -> Columns:
@@ -64,12 +71,12 @@ def columns(b: McBatch) -> Columns:
     # 32 bits in struct mce, 8 in McRecord's bound), an address past MAXPHYADDR, a time
     # that is not one; uncorrected errors go to the record-at-a-time path too
     defect = ((addr >> _U64(A.MAX_PHYS_ADDR_BITS)) != 0) | (tm >= _U64(1 << 63)) | (a["socketid"] >= 256)
-    slow = (defect | (uc & addrv)).tolist()
     has_addr = addrv.tolist()
     mfn_a = addr >> _U64(12)
     mfn = [m if h else None for m, h in zip(mfn_a.tolist(), has_addr)]
-    times = [float(t) if t else None for t in tm.tolist()]
-    secs = [int(t) if t is not None else 0 for t in times]
+    time_a = np.where(tm != 0, tm.astype(np.float64), np.nan)
+    times = [None if t != t else t for t in time_a.tolist()]
+    secs = tm.tolist()  # int(float(t)) of an integer below 2^63 that a float holds: t itself
     cec = ((st & _U64(A.MCI_STATUS_CEC_MASK)) >> _U64(A.MCI_STATUS_CEC_SHIFT)).astype(np.int64) + 1
     tsc = a["tsc"].tolist()
     status_x = _hexes(st, "x")
@@ -78,14 +85,15 @@ def columns(b: McBatch) -> Columns:
     mcg_x = _hexes(a["mcgstatus"], "x")
     cpu = a["extcpu"].tolist()
     bank = a["bank"].tolist()
-    ident = [(f"{t:011d}:{c:016x}:{p}:{k}:{s}:{ax if av else ''}:{mx if mv else ''}:{g}"
+    ident = [(f"{int(float(t)):011d}:{c:016x}:{p}:{k}:{s}:{ax if av else ''}:{mx if mv else ''}:{g}"
               if t or c else "")
              for t, c, p, k, s, ax, av, mx, mv, g in zip(
                  secs, tsc, cpu, bank, status_x, addr_x, has_addr, misc_x, miscv.tolist(), mcg_x)]
     first = b.first
     src = b.source
     location = [f'{{"socketid": {s}}}' for s in a["socketid"].tolist()]
-    return Columns(slow=slow, has_addr=has_addr, mfn=mfn, time=times, inc=cec.tolist(), ident=ident,
+    return Columns(slow=defect | (uc & addrv), has_addr=addrv, mfn_a=mfn_a, time_a=time_a,
+                   inc_a=cec, has_ident=(tm != 0) | (a["tsc"] != 0), ident=ident, time=times,
                    source=[f"{src}#{first + i}" for i in range(n)],
-                   kind=["ce" if h else "other" for h in has_addr], addr=addr.tolist(),
-                   status_hex=["0x" + s for s in status_x], location=location)
+                   kind=["ce" if h else "other" for h in has_addr], mfn=mfn, addr=addr.tolist(),
+                   status_hex=["0x" + s for s in status_x], inc=cec.tolist(), location=location)
