@@ -49,12 +49,14 @@ class Columns:
     status_hex: list
     inc: list
     location: list
+    #: no record of the batch carries a time (the xen-mcelog driver never sets one)
+    untimed: bool = False
 
 
-def _hexes(values: np.ndarray, fmt: str) -> list[str]:
-    """``format(v, fmt)`` of every value, formatting each distinct value once."""
+def _hexes(values: np.ndarray, fmt: str, wrap: str = "{}") -> list[str]:
+    """``wrap.format(format(v, fmt))`` of every value, formatting each distinct value once."""
     uniq, inv = np.unique(values, return_inverse=True)
-    table = [format(v, fmt) for v in uniq.tolist()]
+    table = [wrap.format(format(v, fmt)) for v in uniq.tolist()]
     return list(map(table.__getitem__, inv.tolist()))
 
 
@@ -73,27 +75,40 @@ def columns(b: McBatch) -> Columns:
     defect = ((addr >> _U64(A.MAX_PHYS_ADDR_BITS)) != 0) | (tm >= _U64(1 << 63)) | (a["socketid"] >= 256)
     has_addr = addrv.tolist()
     mfn_a = addr >> _U64(12)
-    mfn = [m if h else None for m, h in zip(mfn_a.tolist(), has_addr)]
-    time_a = np.where(tm != 0, tm.astype(np.float64), np.nan)
-    times = [None if t != t else t for t in time_a.tolist()]
-    secs = tm.tolist()  # int(float(t)) of an integer below 2^63 that a float holds: t itself
+    mfn = mfn_a.tolist()
+    for i in np.flatnonzero(~addrv).tolist():
+        mfn[i] = None
+    untimed = not tm.any()
+    if untimed:
+        time_a = np.full(n, np.nan)
+        times = [None] * n
+    else:
+        time_a = np.where(tm != 0, tm.astype(np.float64), np.nan)
+        times = [None if t != t else t for t in time_a.tolist()]
+    # int(float(t)) of every time: a float of a value below 2^63 fits in 64 unsigned bits
+    secs = tm.astype(np.float64).astype(_U64).tolist() if not untimed else [0] * n
     cec = ((st & _U64(A.MCI_STATUS_CEC_MASK)) >> _U64(A.MCI_STATUS_CEC_SHIFT)).astype(np.int64) + 1
-    tsc = a["tsc"].tolist()
-    status_x = _hexes(st, "x")
+    tsc = a["tsc"]
+    has_ident = (tm != 0) | (tsc != 0)
     addr_x = _hexes(addr, "x")
+    for i in np.flatnonzero(~addrv).tolist():
+        addr_x[i] = ""
     misc_x = _hexes(a["misc"], "x")
-    mcg_x = _hexes(a["mcgstatus"], "x")
-    cpu = a["extcpu"].tolist()
-    bank = a["bank"].tolist()
-    ident = [(f"{int(float(t)):011d}:{c:016x}:{p}:{k}:{s}:{ax if av else ''}:{mx if mv else ''}:{g}"
-              if t or c else "")
-             for t, c, p, k, s, ax, av, mx, mv, g in zip(
-                 secs, tsc, cpu, bank, status_x, addr_x, has_addr, misc_x, miscv.tolist(), mcg_x)]
+    for i in np.flatnonzero(~miscv).tolist():
+        misc_x[i] = ""
+    status_x = _hexes(st, "x")
+    # McRecord.identity(), every record at once
+    ident = list(map("%011d:%016x:%d:%d:%s:%s:%s:%s".__mod__, zip(
+        secs, tsc.tolist(), a["extcpu"].tolist(), a["bank"].tolist(), status_x, addr_x,
+        misc_x, _hexes(a["mcgstatus"], "x"))))
+    for i in np.flatnonzero(~has_ident).tolist():
+        ident[i] = ""
     first = b.first
     src = b.source
-    location = [f'{{"socketid": {s}}}' for s in a["socketid"].tolist()]
+    location = _hexes(a["socketid"], "d", '{{"socketid": {}}}')
     return Columns(slow=defect | (uc & addrv), has_addr=addrv, mfn_a=mfn_a, time_a=time_a,
-                   inc_a=cec, has_ident=(tm != 0) | (a["tsc"] != 0), ident=ident, time=times,
-                   source=[f"{src}#{first + i}" for i in range(n)],
-                   kind=["ce" if h else "other" for h in has_addr], mfn=mfn, addr=addr.tolist(),
-                   status_hex=["0x" + s for s in status_x], inc=cec.tolist(), location=location)
+                   inc_a=cec, has_ident=has_ident, ident=ident, time=times,
+                   source=list(map(f"{src}#".__add__, map(str, range(first, first + n)))),
+                   kind=list(map(("other", "ce").__getitem__, has_addr)), mfn=mfn,
+                   addr=addr.tolist(), status_hex=list(map("0x".__add__, status_x)), inc=cec.tolist(),
+                   location=location, untimed=untimed)

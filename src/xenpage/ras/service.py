@@ -191,6 +191,8 @@ class _Writes:
         self.known = store.seen_among(idents) if idents else {}
         self.next_id = store.next_event_id()
         self.events: list[tuple] = []
+        #: rows of events with no time and no raw text (``Store.add_events_untimed``)
+        self.events_untimed: list[tuple] = []
         self.seen: list[tuple[str, int]] = []
         #: frames and times of the corrected errors counted, in order (arrays, or lists)
         self.count_m: list = []
@@ -221,6 +223,9 @@ class _Writes:
         if self.events:
             self.store.add_events(self.events)
             self.events = []
+        if self.events_untimed:
+            self.store.add_events_untimed(self.events_untimed)
+            self.events_untimed = []
         if self.seen:
             self.store.add_seen(self.seen)
             self.seen = []
@@ -398,7 +403,10 @@ class RetireService:
         eids = np.arange(w.next_id, w.next_id + nl)
         if nl:
             lids = itemgetter(*live.tolist())(idents) if nl > 1 else (idents[live[0]],)
-            known.update((i, e) for i, e in zip(lids, eids.tolist()) if i)
+            if hid.all():
+                known.update(zip(lids, eids.tolist()))
+            else:
+                known.update((i, e) for i, e in zip(lids, eids.tolist()) if i)
         st.duplicates += m - nl
         st.events += nl
         ha = c.has_addr[lo:hi][live]
@@ -420,7 +428,19 @@ class RetireService:
         cl = ca = 0                                  # emitted: live[:cl], counted at[:ca]
         verbose = self.log.verbose
         dbg = lo                                     # verbose: the next record to describe
+        settled: set[int] = set()
+        if over and not verbose:
+            # frames settled now stay settled in this batch (retired, pending and failed
+            # only move among themselves): a threshold crossed on one is only counted and
+            # logged (as _crossed does), in its place among the others, with no flush
+            crossed = sorted(set(mf[over].tolist()))
+            settled = set(self.store.frames_in_states(crossed, _SETTLED))
         for x in over + [None]:
+            if x is not None and settled and int(mf[x]) in settled:
+                mfn = int(mf[x])
+                self._threshold_logged(Trigger("page", f"page:{mfn:#x}", p.page_action, [mfn],
+                                               "", rate), c.source[int(pos[x])])
+                continue
             el = nl if x is None else int(at[x]) + 1
             ea = na if x is None else x + 1
             if verbose:
@@ -462,9 +482,17 @@ class RetireService:
             get = itemgetter(*pos.tolist())
             g = (lambda col: get(col)) if k > 1 else (lambda col: [col[a]])
         el = eids.tolist()
-        w.events.extend(zip(el, g(c.time), repeat(now), g(c.source), g(c.kind), g(c.mfn),
-                            g(c.addr), g(c.status_hex), g(c.inc), g(c.location), repeat(None)))
-        w.seen.extend((i, e) for i, e in zip(g(c.ident), el) if i)
+        if c.untimed:  # no time, no raw text: the rows leave both NULL
+            w.events_untimed.extend(zip(el, repeat(now), g(c.source), g(c.kind), g(c.mfn),
+                                        g(c.addr), g(c.status_hex), g(c.inc), g(c.location)))
+        else:
+            w.events.extend(zip(el, g(c.time), repeat(now), g(c.source), g(c.kind), g(c.mfn),
+                                g(c.addr), g(c.status_hex), g(c.inc), g(c.location),
+                                repeat(None)))
+        if c.has_ident[pos].all():
+            w.seen.extend(zip(g(c.ident), el))
+        else:
+            w.seen.extend((i, e) for i, e in zip(g(c.ident), el) if i)
 
     def _debug_lines(self, c, start: int, end: int, dup: np.ndarray, lo: int) -> None:
         """The debug lines (``event-duplicate``, ``event-ignored``) of records
@@ -615,14 +643,17 @@ class RetireService:
         (``settled``: the caller found them all settled)."""
         mfn = rec.mfn
         for trig in trigs:
-            self.stats.thresholds += 1
-            self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
-                     action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
-                     source=rec.source)
+            self._threshold_logged(trig, rec.source)
             for m in ([] if settled else trig.mfns):
                 if self.store.frame_state(m) in _SETTLED:
                     continue
                 self.decide(hv, m, trig.action, trig.unit, trig.reason, eid, rec if m == mfn else None)
+
+    def _threshold_logged(self, trig: Trigger, source: str) -> None:
+        self.stats.thresholds += 1
+        self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
+                 action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
+                 source=source)
 
     def _uncorrected(self, hv, rec: McRecord, fr: Frame | None, eid: int, t: float) -> None:
         mfn = rec.mfn

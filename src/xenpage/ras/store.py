@@ -373,6 +373,14 @@ class Store:
             "INSERT INTO events(id, time, logged, source, kind, mfn, addr, status, count, "
             "location, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
 
+    def add_events_untimed(self, rows: list[tuple]) -> None:
+        """Events with no time of their own and no raw text (``/dev/mcelog``'s): rows
+        ``(id, logged, source, kind, mfn, addr, status, count, location)``; binding the two
+        NULLs costs more than the rest of such a row."""
+        self.db.executemany(
+            "INSERT INTO events(id, logged, source, kind, mfn, addr, status, count, location) "
+            "VALUES(?,?,?,?,?,?,?,?,?)", rows)
+
     def add_seen(self, pairs: list[tuple[str, int]]) -> None:
         self.db.executemany("INSERT OR IGNORE INTO seen(ident, event_id) VALUES(?, ?)", pairs)
 
@@ -398,6 +406,16 @@ class Store:
     def listed_mfns(self) -> list[int]:
         """The frames of the list (any state)."""
         return [r[0] for r in self.db.execute("SELECT mfn FROM frames")]
+
+    def frames_in_states(self, mfns: list[int], states: tuple[str, ...]) -> list[int]:
+        """Which of these frames the list holds in one of these states."""
+        out: list[int] = []
+        for i in range(0, len(mfns), 500):
+            part = mfns[i:i + 500]
+            out += [r[0] for r in self.db.execute(
+                "SELECT mfn FROM frames WHERE state IN (" + ",".join("?" * len(states))
+                + ") AND mfn IN (" + ",".join("?" * len(part)) + ")", (*states, *part))]
+        return out
 
     def frame_state(self, mfn: int) -> str | None:
         r = self.db.execute("SELECT state FROM frames WHERE mfn=?", (mfn,)).fetchone()
