@@ -12,6 +12,7 @@ the service hands it to its record-at-a-time path, in order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -56,7 +57,9 @@ class Columns:
 def _hexes(values: np.ndarray, fmt: str, wrap: str = "{}") -> list[str]:
     """``wrap.format(format(v, fmt))`` of every value, formatting each distinct value once."""
     uniq, inv = np.unique(values, return_inverse=True)
-    table = [wrap.format(format(v, fmt)) for v in uniq.tolist()]
+    table = list(map(format, uniq.tolist(), repeat(fmt)))
+    if wrap != "{}":
+        table = list(map(wrap.format, table))
     return list(map(table.__getitem__, inv.tolist()))
 
 

@@ -240,7 +240,17 @@ class Store:
             self._check()
             if self.path != ":memory:":
                 self.db.execute("PRAGMA journal_mode=WAL")
+            # Durability (see _durable): WAL with synchronous=NORMAL never damages the file
+            # and a committed transaction survives the process (kill -9: it is in the WAL);
+            # a power loss may undo the last transactions.  For events, identities and
+            # counts that is the price of not syncing every poll -- the machine loses the
+            # driver's log and its RAM then too, and mcelog keeps its buckets in memory
+            # only.  A transaction that decided, acted or changed the list (frames,
+            # decisions, outcomes, the switch, the boot option) is synced when it commits,
+            # as synchronous=FULL would: a frame Xen offlined is never forgotten.
             self.db.execute("PRAGMA synchronous=NORMAL")
+            #: the open transaction wrote something that must survive a power loss
+            self._sync = False
             self.db.executescript(_SCHEMA)
             if self.meta("schema") is None:
                 self.set_meta("schema", str(SCHEMA_VERSION))
@@ -327,11 +337,37 @@ class Store:
         except BaseException:
             self._depth -= 1
             if self._depth == 0:
+                self._sync = False
                 self.db.execute("ROLLBACK")
             raise
         self._depth -= 1
         if self._depth == 0:
             self.db.execute("COMMIT")
+            if self._sync:
+                self._sync = False
+                self._fsync_wal()
+
+    def _durable(self) -> None:
+        """What was just written must survive a power loss: synced when its transaction
+        commits (at once outside one)."""
+        if self._depth:
+            self._sync = True
+        else:
+            self._fsync_wal()
+
+    def _fsync_wal(self) -> None:
+        """``fsync`` the write-ahead log: what synchronous=FULL does at a commit in WAL mode
+        (a checkpoint since then has synced the database file itself)."""
+        if self.path == ":memory:":
+            return
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- meta -------------------------------------------------------------------------------
     def meta(self, key: str, default: str | None = None) -> str | None:
@@ -347,6 +383,7 @@ class Store:
 
     def set_switch(self, on: bool) -> None:
         self.set_meta("enabled", "1" if on else "0")
+        self._durable()
 
     # -- events, decisions, outcomes ------------------------------------------------------
     @staticmethod
@@ -386,13 +423,9 @@ class Store:
 
     def seen_among(self, idents: set[str]) -> dict[str, int]:
         """Which of these machine checks were handled before, and as which event."""
-        out: dict[str, int] = {}
-        ids = list(idents)
-        for i in range(0, len(ids), 500):
-            part = ids[i:i + 500]
-            out.update(self.db.execute("SELECT ident, event_id FROM seen WHERE ident IN ("
-                                       + ",".join("?" * len(part)) + ")", part).fetchall())
-        return out
+        return dict(self.db.execute(
+            "SELECT s.ident, s.event_id FROM json_each(?) j JOIN seen s ON s.ident = j.value",
+            (json.dumps(list(idents)),)).fetchall())
 
     def count_errors(self, counts: dict[int, list]) -> None:
         """Corrected errors on frames of the list: ``{mfn: [count, last time]}``."""
@@ -457,6 +490,7 @@ class Store:
         cur = self.db.execute(
             "INSERT INTO decisions(time, mfn, action, trigger, reason, event_id) VALUES(?,?,?,?,?,?)",
             (t, mfn, action, trigger, reason, event_id))
+        self._durable()
         return int(cur.lastrowid)
 
     def add_outcome(self, t: float, mfn: int, decision_id: int | None, action: str, kind: str,
@@ -468,6 +502,7 @@ class Store:
             " xen_after, state_before, state_after, domid, data) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (t, mfn, decision_id, action, kind, reason, detail, xen_before, xen_after,
              state_before, state_after, domid, json.dumps(data or {}, default=str)))
+        self._durable()
         return int(cur.lastrowid)
 
     def history(self, mfn: int) -> dict:
@@ -515,6 +550,7 @@ class Store:
     def put_frame(self, f: Frame) -> None:
         self.db.execute(f"INSERT OR REPLACE INTO frames({', '.join(Frame.COLUMNS)}) VALUES("
                         + ",".join("?" * len(Frame.COLUMNS)) + ")", f.row())
+        self._durable()
 
     def frames(self, states: tuple[str, ...] | None = None) -> list[Frame]:
         sql = f"SELECT {', '.join(Frame.COLUMNS)} FROM frames"
@@ -632,6 +668,7 @@ class Store:
         """The ``badpage=`` value Xen was booted with (written by what boots it: the
         simulator's ``host reboot``)."""
         self.set_meta("boot_option", json.dumps({"value": value, "time": _time.time()}))
+        self._durable()
 
     def last_boot_option(self) -> str:
         """The ``badpage=`` value of the last recorded boot; with none recorded, the list's
