@@ -92,14 +92,19 @@ class PageCounts:
         s = np.fromiter(map(get, mfns, repeat(-1)), np.int64, len(mfns))
         miss = s < 0
         if miss.any():
-            new = list(dict.fromkeys(compress(mfns, miss.tolist())))
+            ml = miss.tolist()
+            new = list(dict.fromkeys(compress(mfns, ml)))
             n0 = self.n
+            k = int(miss.sum())
             self._grow(n0 + len(new))
             self._a["mfn"][n0:n0 + len(new)] = new
             self.slot.update(zip(new, range(n0, n0 + len(new))))
             self.n = n0 + len(new)
-            s[miss] = np.fromiter(map(self.slot.__getitem__, compress(mfns, miss.tolist())),
-                                  np.int64, int(miss.sum()))
+            if len(new) == k:       # each new frame once: rows in order
+                s[miss] = np.arange(n0, n0 + k)
+            else:
+                s[miss] = np.fromiter(map(self.slot.__getitem__, compress(mfns, ml)),
+                                      np.int64, k)
         return s
 
     def find(self, mfn: int) -> int | None:

@@ -233,16 +233,15 @@ class _Writes:
             m = np.concatenate([np.asarray(x, dtype=np.uint64) for x in self.count_m])
             t = np.concatenate([np.asarray(x, dtype=np.float64) for x in self.count_t])
             self.count_m, self.count_t = [], []
-            listed = self.store.listed_mfns()
+            listed = set(self.store.listed_mfns())
             if listed:
-                keep = np.isin(m, np.fromiter(listed, np.uint64, len(listed)))
-                m, t = m[keep], t[keep]
-            else:
-                m = m[:0]
-            if len(m):
-                rm, rt = m[::-1], t[::-1]
-                u, last, n = np.unique(rm, return_index=True, return_counts=True)
-                self.store.count_errors_many(zip(n.tolist(), rt[last].tolist(), u.tolist()))
+                u, last, n = np.unique(m[::-1], return_index=True, return_counts=True)
+                ul = u.tolist()
+                keep = list(map(listed.__contains__, ul))
+                if any(keep):
+                    self.store.count_errors_many(zip(compress(n.tolist(), keep),
+                                                     compress(t[::-1][last].tolist(), keep),
+                                                     compress(ul, keep)))
         self.next_id = self.store.next_event_id()
 
 
@@ -395,9 +394,12 @@ class RetireService:
             ids = list(compress(idents, hid.tolist())) if not hid.all() else idents
             k = len(ids)
             first = dict(zip(reversed(ids), range(k - 1, -1, -1)))
-            again = np.fromiter(map(first.__getitem__, ids), np.int64, k) != np.arange(k)
-            old = np.fromiter(map(known.__contains__, ids), bool, k)
-            dup[np.flatnonzero(hid)] = again | old
+            d = np.zeros(k, bool)
+            if len(first) != k:     # an identity twice in the run: the later ones
+                d |= np.fromiter(map(first.__getitem__, ids), np.int64, k) != np.arange(k)
+            if not known.keys().isdisjoint(first):  # seen before (the list, this batch)
+                d |= np.fromiter(map(known.__contains__, ids), bool, k)
+            dup[np.flatnonzero(hid)] = d
         live = np.flatnonzero(~dup)                  # positions in lo:hi
         nl = len(live)
         eids = np.arange(w.next_id, w.next_id + nl)
