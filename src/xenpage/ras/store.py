@@ -530,13 +530,15 @@ class Store:
                 "quarantined": q("SELECT COUNT(*) FROM quarantine").fetchone()[0]}
 
     def event_counts(self, mfn: int) -> tuple[int, int]:
-        """(corrected, uncorrected) events recorded for a frame."""
+        """(corrected, uncorrected) events recorded for a frame: read from ``events`` (a scan:
+        schema 2 has no index on ``mfn``; the service keeps these counts in
+        :class:`~xenpage.ras.pagecounts.PageCounts`)."""
         r = self.db.execute("SELECT COALESCE(SUM(kind='ce'), 0), COALESCE(SUM(kind='uc'), 0) "
                             "FROM events WHERE mfn=?", (mfn,)).fetchone()
         return int(r[0]), int(r[1])
 
     def error_frames(self) -> list[tuple[int, int, int]]:
-        """(mfn, corrected, uncorrected) of every frame with an event."""
+        """(mfn, corrected, uncorrected) of every frame with an event (a scan of ``events``)."""
         return [tuple(r) for r in self.db.execute(
             "SELECT mfn, SUM(kind='ce'), SUM(kind='uc') FROM events WHERE mfn IS NOT NULL "
             "GROUP BY mfn ORDER BY mfn")]
