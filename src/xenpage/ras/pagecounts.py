@@ -42,7 +42,8 @@ class PageCounts:
         n = 0 if rows is None else len(rows)
         self._a = np.zeros(max(1024, 2 * n), DTYPE)
         self._a["tstamp"] = np.nan
-        self._dirty = np.zeros(len(self._a), bool)
+        #: the rows changed since the last changes(): arrays of row numbers (repeats allowed)
+        self._dirty: list = []
         self.n = 0
         self.slot: dict[int, int] = {}
         if n:
@@ -70,8 +71,10 @@ class PageCounts:
 
     def changes(self) -> np.ndarray:
         """The rows changed since the last call, sorted by MFN; the marks are cleared."""
-        idx = np.flatnonzero(self._dirty[:self.n])
-        self._dirty[idx] = False
+        if not self._dirty:
+            return self._a[:0].copy()
+        idx = np.unique(np.concatenate(self._dirty))
+        self._dirty = []
         out = self._a[idx]
         return out[np.argsort(out["mfn"], kind="stable")]
 
@@ -82,9 +85,7 @@ class PageCounts:
         a = np.zeros(max(need, 2 * len(self._a)), DTYPE)
         a["tstamp"] = np.nan
         a[:self.n] = self._a[:self.n]
-        d = np.zeros(len(a), bool)
-        d[:self.n] = self._dirty[:self.n]
-        self._a, self._dirty = a, d
+        self._a = a
 
     def slots(self, mfns: list[int]) -> np.ndarray:
         """The rows of these frames (new rows for frames not in the table, in order)."""
@@ -123,13 +124,13 @@ class PageCounts:
         """One more stored event (``ce`` or ``uc``) on the frame."""
         s = int(self.slots([mfn])[0])
         self._a[kind][s] += 1
-        self._dirty[s] = True
+        self._dirty.append(np.array([s], np.int64))
 
     def count_ce(self, slots: np.ndarray) -> None:
         """One more corrected event per entry of ``slots`` (repeats add up)."""
         if len(slots):
             np.add.at(self._a["ce"], slots, 1)
-            self._dirty[slots] = True
+            self._dirty.append(slots)
 
     def row_of(self, mfn: int) -> np.void | None:
         """A copy of the frame's row (None: no row), for :meth:`restore`."""
@@ -143,7 +144,7 @@ class PageCounts:
             row = np.zeros((), DTYPE)
             row["mfn"], row["tstamp"] = mfn, np.nan
         self._a[s] = row
-        self._dirty[s] = True
+        self._dirty.append(np.array([s], np.int64))
 
     # -- buckets ----------------------------------------------------------------------------
     def bucket(self, mfn: int) -> Bucket:
@@ -160,7 +161,7 @@ class PageCounts:
         a = self._a
         a["count"][s], a["excess"][s], a["total"][s] = b.count, b.excess, b.total
         a["tstamp"][s] = np.nan if b.tstamp is None else b.tstamp
-        self._dirty[s] = True
+        self._dirty.append(np.array([s], np.int64))
 
     def buckets(self) -> dict[int, Bucket]:
         """Every page bucket ever accounted, by frame."""
@@ -175,7 +176,7 @@ class PageCounts:
                 for k in ("count", "excess", "total"):
                     self._a[k][s] = 0
                 self._a["tstamp"][s] = np.nan
-                self._dirty[s] = True
+                self._dirty.append(np.array([s], np.int64))
 
     def account(self, slots: np.ndarray, incs: np.ndarray, times: np.ndarray,
                 rate: Rate) -> np.ndarray:
@@ -220,5 +221,5 @@ class PageCounts:
             a["tstamp"][s] = ts1
             a["total"][s] += incs[pos]
             over[pos] = hit
-        self._dirty[slots] = True
+        self._dirty.append(slots)
         return over
