@@ -203,3 +203,16 @@ def test_what_changes_the_list_is_synced_counting_is_not(tmp_path):
     assert synced == [1]
     s.set_switch(False)                               # outside a transaction: at once
     assert synced == [1, 1]
+
+
+@given(st.lists(st.text(min_size=1, max_size=6), max_size=12, unique=True),
+       st.lists(st.text(min_size=1, max_size=6), max_size=12), st.data())
+def test_seen_among_finds_exactly_the_stored_identities(stored, others, data):
+    """Every identity asked for that the list holds, with its event -- whether it is the
+    lowest, the highest or in between of those asked (the lookup is skipped when no stored
+    identity lies in that range)."""
+    asked = others + (data.draw(st.lists(st.sampled_from(stored), max_size=4)) if stored else [])
+    s = Store()
+    s.add_seen([(i, n) for n, i in enumerate(stored, 1)])
+    want = {i: stored.index(i) + 1 for i in asked if i in stored}
+    assert s.seen_among(set(asked)) == want

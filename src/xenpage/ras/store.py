@@ -423,9 +423,18 @@ class Store:
 
     def seen_among(self, idents: set[str]) -> dict[str, int]:
         """Which of these machine checks were handled before, and as which event."""
+        ids = list(idents)
+        if not ids:
+            return {}
+        # none of the list's identities lies between the lowest and the highest of these (the
+        # usual case: identities begin with the time and the TSC): nothing to look up.  Python
+        # orders str by code point, SQLite TEXT by UTF-8 bytes: the same order.
+        if self.db.execute("SELECT 1 FROM seen WHERE ident BETWEEN ? AND ? LIMIT 1",
+                           (min(ids), max(ids))).fetchone() is None:
+            return {}
         return dict(self.db.execute(
             "SELECT s.ident, s.event_id FROM json_each(?) j JOIN seen s ON s.ident = j.value",
-            (json.dumps(list(idents)),)).fetchall())
+            (json.dumps(ids),)).fetchall())
 
     def count_errors(self, counts: dict[int, list]) -> None:
         """Corrected errors on frames of the list: ``{mfn: [count, last time]}``."""
