@@ -284,3 +284,55 @@ def test_an_uncorrected_record_twice_in_one_batch_counts_once():
     svc.process(hv, [a, b])
     assert svc.stats.uncorrected == 1 and svc.stats.duplicates == 1
     assert store.counts()["events"] == {"uc": 1}
+
+
+def _pv_reads(tscs, mfn=None):
+    """One read of the device: corrected errors on the PV guest's frame, one per TSC."""
+    drv = XenMcelogDriver()
+    m = int(PV, 16) if mfn is None else mfn
+    for t in tscs:
+        drv.log(status=CE, addr=(m << 12) | 0x40, misc=0x86, tsc=t, bank=7)
+    return drv.source().read_batches()
+
+
+def test_a_frames_bucket_survives_a_restart_column_wise(tmp_path):
+    """mcelog's 2 / 24h across a restart of the service: the first error's count is in the
+    list (page_log), the second crosses the threshold in the new service."""
+    hv = _hv()
+    db = tmp_path / "retired.db"
+    s1 = Store(db)
+    RetireService(s1, Policy()).process(hv, [], _pv_reads([5]))
+    s1.close()
+    s2 = Store(db)
+    svc = RetireService(s2, Policy())
+    svc.process(hv, [], _pv_reads([6]))
+    f = s2.frame(int(PV, 16))
+    assert f is not None and f.state == "retired" and f.errors == 2
+    assert svc.stats.thresholds == 1 and s2.counts()["events"] == {"ce": 2}
+    assert simworld.problems(hv.host) == []
+
+
+def test_a_batch_that_fails_leaves_no_count_behind(tmp_path):
+    """The store fails in the middle of a batch (here: writing the identities): its
+    transaction is undone, and so are the counts it made in memory -- the same records
+    handled again count once and cross the threshold once."""
+    import sqlite3
+    hv = _hv()
+    store = Store(tmp_path / "retired.db")
+    svc = RetireService(store, Policy())
+    real = store.add_seen
+
+    def full(pairs):
+        raise sqlite3.OperationalError("database or disk is full")
+    store.add_seen = full
+    batches = _pv_reads([5, 6])
+    with pytest.raises(sqlite3.OperationalError):
+        svc.process(hv, [], batches)
+    assert store.counts()["events"] == {} and len(store.load_pages()) == 0
+    assert svc.acct.pages.rows().tobytes() == store.load_pages().rows().tobytes()
+    store.add_seen = real
+    svc.process(hv, [], batches)
+    f = store.frame(int(PV, 16))
+    assert f is not None and f.state == "retired" and f.errors == 2
+    assert store.counts()["events"] == {"ce": 2} and svc.acct.pages.events(int(PV, 16)) == (2, 0)
+    assert simworld.problems(hv.host) == []

@@ -62,3 +62,13 @@ def test_simulator_hard_still_models_xens_machine_check_path():
     f = store.frame(FREE)
     assert f.state == "retired" and f.broken and f.xen_state == "offlined+broken"
     assert any("domain_crash" in line for line in hv.host.log)   # Xen crashes a PV owner
+
+
+def test_the_service_on_real_xen_is_given_policy_hard():
+    """``xenpage retired --backend xen`` wires ``hard`` to :class:`PolicyHard` (with the
+    policy's HVM method), the simulator to its model of Xen's machine-check path."""
+    from xenpage.cli import commands  # noqa: F401  (the command tree, in its import order)
+    from xenpage.cli.ras import _hard_action
+    hard = _hard_action("xen", Policy(hvm="exchange"))
+    assert isinstance(hard, PolicyHard) and hard.hvm == "exchange"
+    assert _hard_action("sim", Policy()) is sim_ras.hard_offline

@@ -99,7 +99,7 @@ def test_uncorrected_and_addressless_records_are_not_counted():
 
 def test_disabled_policy_counts_nothing():
     acc = Accountant(Policy(enabled=False, page=Rate(1, 86400)))
-    assert acc.account_ce(ce(0x100), 0) == [] and acc.buckets == {}
+    assert acc.account_ce(ce(0x100), 0) == [] and acc.buckets == {} and acc.pages.buckets() == {}
 
 
 def test_row_trigger_names_frames_seen_in_the_row():
@@ -137,7 +137,8 @@ def test_forget_drops_counts_and_row_membership():
     acc.account_ce(ce(0x12, row=7, **LOC), 0)
     acc.dirty.clear()
     acc.forget([0x10])
-    assert "page:0x10" not in acc.buckets and "page:0x12" in acc.buckets
+    assert 0x10 not in acc.pages.buckets() and 0x12 in acc.pages.buckets()
+    assert acc.pages.bucket(0x10) == Bucket()
     key = unit_key("row", ce(0, row=7, **LOC))
     assert acc.unit_frames[key] == [0x12]
     acc.forget([0x12])

@@ -216,7 +216,8 @@ def test_global_off_switch(w):
     w.ce(m, 3)
     assert w.store.frame(m) is None and w.xen(m) == "online"
     assert w.svc.stats.corrected == 3 and w.store.counts()["events"]["ce"] == 3
-    assert w.svc.acct.buckets == {}
+    assert w.svc.acct.buckets == {} and w.svc.acct.pages.buckets() == {}
+    assert w.svc.acct.pages.events(m) == (3, 0)  # the events are counted, switch or not
     w.store.set_switch(True)
     w.ce(m, 2)
     assert w.state(m) == ("retired", "offlined")

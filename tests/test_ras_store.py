@@ -119,3 +119,100 @@ def test_clear_keeps_history_and_updates_boot_option(tmp_path):
     assert s.history(0x11)["decisions"][0]["action"] == "clear"
     assert s.clear(None, 10.0, "all") == [0x10, 0x20, 0x30]
     assert s.boot_option().text == ""
+
+
+def _as_schema_1(path):
+    """Turn a list into what schema 1 wrote: an index on events.mfn, page buckets in
+    ``buckets`` under ``page:`` keys, no ``page_log``."""
+    import sqlite3
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("DROP TABLE page_log; CREATE INDEX events_mfn ON events(mfn);"
+                     "UPDATE meta SET value = '1' WHERE key = 'schema';")
+    db.execute("INSERT INTO buckets(key, count, excess, tstamp, total) VALUES(?,?,?,?,?)",
+               ("page:0x100", 1, 0, 3.0, 1))
+    db.close()
+
+
+def test_a_schema_1_list_is_upgraded_when_opened(tmp_path):
+    from xenpage.ras.store import SCHEMA_VERSION
+    s = Store.in_state_dir(tmp_path)
+    with s.batch():
+        for m, kind in ((0x100, "ce"), (0x100, "ce"), (0x100, "uc"), (0x200, "ce")):
+            s.add_event(rec(m, kind), 5.0)
+        s.add_event(McRecord(status=A.MCI_STATUS_VAL, time=1.0), 5.0)   # no address
+        s.save_buckets({"row:x": Bucket(1, 0, 2.0, 1)}, {}, {"row:x"})
+    s.close()
+    _as_schema_1(tmp_path / "retired.db")
+    s = Store.in_state_dir(tmp_path)
+    assert s.meta("schema") == str(SCHEMA_VERSION) == "2"
+    assert s.db.execute("SELECT name FROM sqlite_master WHERE name='events_mfn'").fetchone() is None
+    pages = s.load_pages()
+    assert pages.events(0x100) == (2, 1) and pages.events(0x200) == (1, 0) and len(pages) == 2
+    assert pages.bucket(0x100) == Bucket(1, 0, 3.0, 1) and pages.bucket(0x200) == Bucket()
+    b, _ = s.load_buckets()
+    assert set(b) == {"row:x"}                       # the page buckets moved out
+    assert s.history(0x100)["events"] and s.event_counts(0x100) == (2, 1)
+    s.close()
+    s = Store.in_state_dir(tmp_path)                  # once upgraded, opened as it is
+    assert s.load_pages().rows().tobytes() == pages.rows().tobytes()
+
+
+def test_a_schema_2_list_without_its_page_log_is_damaged(tmp_path):
+    import sqlite3
+    from xenpage.ras.store import StoreError
+    Store.in_state_dir(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "retired.db", isolation_level=None)
+    db.execute("DROP TABLE page_log")
+    db.close()
+    with pytest.raises(StoreError, match="page_log missing"):
+        Store.in_state_dir(tmp_path)
+
+
+def test_the_page_log_is_folded_when_it_outgrows_the_table(tmp_path, monkeypatch):
+    from xenpage.ras import store as store_mod
+    from xenpage.ras.pagecounts import PageCounts
+    monkeypatch.setattr(store_mod, "_PAGE_CHUNK", 4)
+    s = Store(tmp_path / "r.db")
+    pc = PageCounts()
+    for k in range(40):                               # the same 3 frames again and again
+        with s.batch():
+            pc.count_event(0x10 + k % 3, "ce")
+            s.save_pages(pc)
+    n = s.db.execute("SELECT COALESCE(SUM(rows), 0) FROM page_log").fetchone()[0]
+    assert n <= 2 * 3 + 4
+    assert s.load_pages().rows().tobytes() == pc.rows().tobytes()
+    assert [pc.events(m)[0] for m in (0x10, 0x11, 0x12)] == [14, 13, 13]
+
+
+def test_what_changes_the_list_is_synced_counting_is_not(tmp_path):
+    s = Store(tmp_path / "r.db")
+    synced = []
+    s._fsync_wal = lambda: synced.append(1)
+    with s.batch():
+        s.add_event(rec(0x100), 5.0)
+        s.add_seen([("x", 1)])
+    assert synced == []
+    with s.batch():
+        s.add_event(rec(0x100), 6.0)
+        s.add_decision(6.0, 0x100, "soft", "page", "2 / 24h", 2)
+    assert synced == [1]
+    with pytest.raises(RuntimeError):
+        with s.batch():
+            s.put_frame(Frame(0x1, "retired"))
+            raise RuntimeError                        # rolled back: nothing to sync
+    assert synced == [1]
+    s.set_switch(False)                               # outside a transaction: at once
+    assert synced == [1, 1]
+
+
+@given(st.lists(st.text(min_size=1, max_size=6), max_size=12, unique=True),
+       st.lists(st.text(min_size=1, max_size=6), max_size=12), st.data())
+def test_seen_among_finds_exactly_the_stored_identities(stored, others, data):
+    """Every identity asked for that the list holds, with its event -- whether it is the
+    lowest, the highest or in between of those asked (the lookup is skipped when no stored
+    identity lies in that range)."""
+    asked = others + (data.draw(st.lists(st.sampled_from(stored), max_size=4)) if stored else [])
+    s = Store()
+    s.add_seen([(i, n) for n, i in enumerate(stored, 1)])
+    want = {i: stored.index(i) + 1 for i in asked if i in stored}
+    assert s.seen_among(set(asked)) == want

@@ -81,10 +81,21 @@ X86_VENDOR_NAMES = {0: "Intel", 1: "Cyrix", 2: "AMD", 3: "UMC", 5: "Centaur", 7:
                     8: "NSC", 9: "Hygon", 10: "Zhaoxin"}
 
 
+_DTYPES: dict = {}
+
+
 def numpy_dtype(record_len: int):
     """A numpy structured dtype for records of ``record_len`` bytes: the members of
     ``struct mce`` that lie wholly inside a record (mcelog copies ``min(record_len,
-    sizeof(struct mce))`` bytes: a shorter record lacks the later members)."""
+    sizeof(struct mce))`` bytes: a shorter record lacks the later members).  Built once per
+    length."""
+    dt = _DTYPES.get(record_len)
+    if dt is None:
+        dt = _DTYPES[record_len] = _numpy_dtype(record_len)
+    return dt
+
+
+def _numpy_dtype(record_len: int):
     import numpy as np
     fmt = {1: "u1", 4: "<u4", 8: "<u8"}
     names, formats, offsets = [], [], []

@@ -88,8 +88,10 @@ class Trigger:
 
 @dataclass
 class Accountant:
-    """Counts corrected errors per frame / row / bank.  ``buckets`` and ``unit_frames`` are
-    the state the store persists (so a restart does not forget the counts)."""
+    """Counts corrected errors per frame / row / bank.  ``buckets`` (the DRAM rows' and
+    banks'), ``unit_frames`` and ``pages`` (every frame's counts and page bucket:
+    :class:`~xenpage.ras.pagecounts.PageCounts`) are the state the store persists (so a
+    restart does not forget the counts)."""
 
     policy: Policy
     buckets: dict = field(default_factory=dict)
@@ -97,6 +99,12 @@ class Accountant:
     dirty: set = field(default_factory=set)
     #: the DRAM address map (simulated hosts): a row/bank key -> every frame of the unit
     expand: object = None
+    pages: object = None
+
+    def __post_init__(self) -> None:
+        if self.pages is None:
+            from .pagecounts import PageCounts
+            self.pages = PageCounts()
 
     def bucket(self, key: str) -> Bucket:
         b = self.buckets.get(key)
@@ -114,8 +122,10 @@ class Accountant:
         inc = 1 + rec.corrected_count
         if p.page_action != Action.OFF:
             key = f"page:{mfn:#x}"
-            self.dirty.add(key)
-            if self.bucket(key).account(p.page, inc, t):
+            b = self.pages.bucket(mfn)
+            hit = b.account(p.page, inc, t)
+            self.pages.set_bucket(mfn, b)
+            if hit:
                 out.append(Trigger("page", key, p.page_action, [mfn],
                                    f"corrected errors on frame {mfn:#x} exceeded {p.page}", p.page))
         for unit, action, rate in (("row", p.row_action, p.row), ("bank", p.bank_action, p.bank)):
@@ -141,10 +151,7 @@ class Accountant:
     def forget(self, mfns) -> None:
         """Drop the counts of these frames (after a DIMM swap)."""
         ms = set(mfns)
-        for m in ms:
-            k = f"page:{m:#x}"
-            if self.buckets.pop(k, None) is not None:
-                self.dirty.add(k)
+        self.pages.forget(sorted(ms))
         for key, seen in list(self.unit_frames.items()):
             kept = [m for m in seen if m not in ms]
             if len(kept) != len(seen):

@@ -30,7 +30,11 @@ import sqlite3
 import sys
 import time as _time
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import itemgetter
 from typing import Callable, Iterable
+
+import numpy as np
 
 from ..abi import sysctl as S
 from ..abi.mca import McRecord
@@ -39,7 +43,7 @@ from ..toolstack.outcomes import Kind, Reason
 from ..toolstack.retire import RetireOptions
 from .columns import columns
 from .devmcelog import McBatch, merged
-from .policy import Accountant, Bucket, Trigger
+from .policy import Accountant, Trigger
 from .store import Frame, Store
 from .thresholds import Action, Policy
 
@@ -179,15 +183,20 @@ def _unstorable(row: tuple) -> str | None:
 
 class _Writes:
     """The batch's buffered writes: events (with ids given here, in order, as SQLite would),
-    their identities, and the error counts of frames in the list."""
+    their identities, and the errors counted on frames (written to the frames of the list
+    when flushed)."""
 
     def __init__(self, store: Store, idents: set[str]):
         self.store = store
         self.known = store.seen_among(idents) if idents else {}
         self.next_id = store.next_event_id()
         self.events: list[tuple] = []
+        #: rows of events with no time and no raw text (``Store.add_events_untimed``)
+        self.events_untimed: list[tuple] = []
         self.seen: list[tuple[str, int]] = []
-        self.counts: dict[int, list] = {}
+        #: frames and times of the corrected errors counted, in order (arrays, or lists)
+        self.count_m: list = []
+        self.count_t: list = []
 
     def seen_event(self, ident: str) -> int | None:
         return self.known.get(ident)
@@ -202,23 +211,37 @@ class _Writes:
         return eid
 
     def count(self, mfn: int, t: float) -> None:
-        c = self.counts.get(mfn)
-        if c is None:
-            self.counts[mfn] = [1, t]
-        else:
-            c[0] += 1
-            c[1] = t
+        self.count_m.append([mfn])
+        self.count_t.append([t])
+
+    def count_many(self, mfns: np.ndarray, times: np.ndarray) -> None:
+        if len(mfns):
+            self.count_m.append(mfns)
+            self.count_t.append(times)
 
     def flush(self) -> None:
         if self.events:
             self.store.add_events(self.events)
             self.events = []
+        if self.events_untimed:
+            self.store.add_events_untimed(self.events_untimed)
+            self.events_untimed = []
         if self.seen:
             self.store.add_seen(self.seen)
             self.seen = []
-        if self.counts:
-            self.store.count_errors(self.counts)
-            self.counts = {}
+        if self.count_m:
+            m = np.concatenate([np.asarray(x, dtype=np.uint64) for x in self.count_m])
+            t = np.concatenate([np.asarray(x, dtype=np.float64) for x in self.count_t])
+            self.count_m, self.count_t = [], []
+            listed = set(self.store.listed_mfns())
+            if listed:
+                u, last, n = np.unique(m[::-1], return_index=True, return_counts=True)
+                ul = u.tolist()
+                keep = list(map(listed.__contains__, ul))
+                if any(keep):
+                    self.store.count_errors_many(zip(compress(n.tolist(), keep),
+                                                     compress(t[::-1][last].tolist(), keep),
+                                                     compress(ul, keep)))
         self.next_id = self.store.next_event_id()
 
 
@@ -264,8 +287,8 @@ class RetireService:
         self.log = log or Log(stream=False)
         self.offline = offline
         self.journal_dir = journal_dir
-        buckets, unit_frames = store.load_buckets()
-        self.acct = Accountant(policy, buckets, unit_frames, expand=expand)
+        self.expand = expand
+        self._load_counts()
         self.stats = Stats()
         self._excluded = parse_badpage_value(store.last_boot_option())
         #: frames known retired, for the fast path of errors on retired frames
@@ -274,6 +297,13 @@ class RetireService:
         self._on: bool | None = None
         #: the write buffer of the batch being processed
         self._w: _Writes | None = None
+
+    def _load_counts(self) -> None:
+        """The accountant's state as the store holds it (at start, and after a batch whose
+        transaction was rolled back)."""
+        buckets, unit_frames = self.store.load_buckets()
+        self.acct = Accountant(self.policy, buckets, unit_frames, expand=self.expand,
+                               pages=self.store.load_pages())
 
     # -- switches -----------------------------------------------------------------------
     @property
@@ -294,109 +324,188 @@ class RetireService:
         the same outcome as their records one by one."""
         records = records if isinstance(records, list) else list(records)
         batches = merged([b for b in batches if len(b)])
-        with self.store.batch():
-            self._on = self.enabled
-            whys = [r.defect() for r in records]
-            idents = [None if why is not None else (r.ident or r.identity())
-                      for r, why in zip(records, whys)]
-            known = {i for i in idents if i}
-            cols = [columns(b) for b in batches]
-            for c in cols:
-                known.update(i for i in c.ident if i)
-            self._w = _Writes(self.store, known)
+        try:
+            with self.store.batch():
+                self._on = self.enabled
+                whys = [r.defect() for r in records]
+                idents = [None if why is not None else (r.ident or r.identity())
+                          for r, why in zip(records, whys)]
+                known = {i for i in idents if i}
+                cols = [columns(b) for b in batches]
+                for c in cols:
+                    known.update(c.ident)
+                known.discard("")
+                self._w = _Writes(self.store, known)
+                try:
+                    for rec, ident, why in zip(records, idents, whys):
+                        self.handle_safely(hv, rec, ident, why)
+                    for b, c in zip(batches, cols):
+                        self._batch(hv, b, c)
+                    self._w.flush()
+                finally:
+                    self._on = None
+                    self._w = None
+                self.retry_due(hv)
+                self.store.save_buckets(self.acct.buckets, self.acct.unit_frames, self.acct.dirty)
+                self.store.save_pages(self.acct.pages)
+        except Exception:
+            # the transaction is undone: so are the counts this batch made in memory
             try:
-                for rec, ident, why in zip(records, idents, whys):
-                    self.handle_safely(hv, rec, ident, why)
-                for b, c in zip(batches, cols):
-                    self._batch(hv, b, c)
-                self._w.flush()
-            finally:
-                self._on = None
-                self._w = None
-            self.retry_due(hv)
-            self.store.save_buckets(self.acct.buckets, self.acct.unit_frames, self.acct.dirty)
+                self._load_counts()
+                self._retired = {f.mfn for f in self.store.frames(("retired",))}
+            except Exception:  # the store cannot be read now: the first error is the one
+                pass
+            raise
 
     def _batch(self, hv, b: McBatch, c) -> None:
         """A ``/dev/mcelog`` batch: what :meth:`handle_safely` does for each record, in
-        order, with the columns of :func:`.columns.columns`.  Corrected errors and records
-        without an address are written down through the buffer, a run of them at a time;
-        a record the columns mark slow (a defect to quarantine, an uncorrected error) goes
-        to :meth:`handle_safely`, a threshold crossed to :meth:`_crossed` -- each after the
-        records before it are in the buffer."""
+        order, with the columns of :func:`.columns.columns`.  A record the columns mark slow
+        (a defect to quarantine, an uncorrected error) goes to :meth:`handle_safely`; the
+        runs of records between them are handled column-wise (:meth:`_run`)."""
+        n = len(c.ident)
+        lo = 0
+        for j in np.flatnonzero(c.slow).tolist() + [n]:
+            if j > lo:
+                self._run(hv, b, c, lo, j)
+            if j < n:
+                self.handle_safely(hv, b.record(j), c.ident[j] or None)
+            lo = j + 1
+
+    def _run(self, hv, b: McBatch, c, lo: int, hi: int) -> None:
+        """Records ``lo:hi`` of a batch, none of them slow, column-wise: duplicates (an
+        identity seen before, in the list or earlier in the batch) only counted as such; the
+        others written down through the buffer (event, identity, errors counted on listed
+        frames, the frames' event counts) and their corrected errors accounted in the page
+        buckets for all of them at once (:meth:`.pagecounts.PageCounts.account`, which does
+        not depend on any decision).  A threshold crossed is decided (:meth:`_crossed`)
+        once the records up to it are in the buffer, as record by record."""
         w = self._w
         st = self.stats
         now = self.clock()
         known = w.known
-        retired = self._retired
-        acct = self.acct
         p = self.policy
+        pages = self.acct.pages
         page_on = self._on and p.enabled and p.page_action != Action.OFF
-        rate, buckets, dirty = p.page, acct.buckets, acct.dirty
-        slow, has_addr, mfns, times, incs, idents = c.slow, c.has_addr, c.mfn, c.time, c.inc, c.ident
-        keep: list[int] = []    # records of the current run, written down on emit()
-        eids: list[int] = []
+        m = hi - lo
+        idents = c.ident[lo:hi]
+        dup = np.zeros(m, bool)
+        hid = c.has_ident[lo:hi]
+        if hid.any():
+            ids = list(compress(idents, hid.tolist())) if not hid.all() else idents
+            k = len(ids)
+            first = dict(zip(reversed(ids), range(k - 1, -1, -1)))
+            d = np.zeros(k, bool)
+            if len(first) != k:     # an identity twice in the run: the later ones
+                d |= np.fromiter(map(first.__getitem__, ids), np.int64, k) != np.arange(k)
+            if not known.keys().isdisjoint(first):  # seen before (the list, this batch)
+                d |= np.fromiter(map(known.__contains__, ids), bool, k)
+            dup[np.flatnonzero(hid)] = d
+        live = np.flatnonzero(~dup)                  # positions in lo:hi
+        nl = len(live)
+        eids = np.arange(w.next_id, w.next_id + nl)
+        if nl:
+            lids = itemgetter(*live.tolist())(idents) if nl > 1 else (idents[live[0]],)
+            if hid.all():
+                known.update(zip(lids, eids.tolist()))
+            else:
+                known.update((i, e) for i, e in zip(lids, eids.tolist()) if i)
+        st.duplicates += m - nl
+        st.events += nl
+        ha = c.has_addr[lo:hi][live]
+        na = int(ha.sum())
+        st.other += nl - na
+        st.corrected += na
+        at = np.flatnonzero(ha)                      # indices into live of the counted ones
+        pos = live[at] + lo                          # their records in the batch
+        mf = c.mfn_a[pos]
+        tt = c.time_a[pos]
+        tt = np.where(np.isnan(tt), now, tt)
+        slots = pages.slots(mf.tolist())
+        if page_on:
+            rate = p.page
+            over = np.flatnonzero(pages.account(slots, c.inc_a[pos], tt, rate)).tolist()
+        else:
+            over = []
+        retired = self._retired
+        cl = ca = 0                                  # emitted: live[:cl], counted at[:ca]
+        verbose = self.log.verbose
+        dbg = lo                                     # verbose: the next record to describe
+        settled: set[int] = set()
+        if over and not verbose:
+            # frames settled now stay settled in this batch (retired, pending and failed
+            # only move among themselves): a threshold crossed on one is only counted and
+            # logged (as _crossed does), in its place among the others, with no flush
+            crossed = sorted(set(mf[over].tolist()))
+            settled = set(self.store.frames_in_states(crossed, _SETTLED))
+        for x in over + [None]:
+            if x is not None and settled and int(mf[x]) in settled:
+                mfn = int(mf[x])
+                self._threshold_logged(Trigger("page", f"page:{mfn:#x}", p.page_action, [mfn],
+                                               "", rate), c.source[int(pos[x])])
+                continue
+            el = nl if x is None else int(at[x]) + 1
+            ea = na if x is None else x + 1
+            if verbose:
+                end = hi if x is None else int(pos[x]) + 1
+                self._debug_lines(c, dbg, end, dup, lo)
+                dbg = end
+            if el > cl:
+                self._emit(c, lo + live[cl:el], eids[cl:el], now)
+            if ea > ca:
+                msub = mf[ca:ea]
+                w.count_many(msub, tt[ca:ea])
+                pages.count_ce(slots[ca:ea])
+                if retired:
+                    st.on_retired += sum(map(retired.__contains__, msub.tolist()))
+            cl, ca = el, ea
+            if x is None:
+                break
+            mfn = int(mf[x])
+            eid = int(eids[el - 1])
+            w.next_id = eid + 1
+            self._crossed(hv, b.record(int(pos[x])), [Trigger(
+                "page", f"page:{mfn:#x}", p.page_action, [mfn],
+                f"corrected errors on frame {mfn:#x} exceeded {rate}", rate)], eid)
+            if el < nl and w.next_id != eids[el]:  # ids taken meanwhile: the rest follow them
+                eids[el:] = np.arange(w.next_id, w.next_id + nl - el)
+                known.update((idents[i], e) for i, e in zip(live[el:].tolist(),
+                                                            eids[el:].tolist()) if idents[i])
+        w.next_id = int(eids[-1]) + 1 if nl else w.next_id
 
-        def emit() -> None:
-            if not keep:
-                return
-            w.events.extend(zip(eids, [times[i] for i in keep], [now] * len(keep),
-                                [c.source[i] for i in keep], [c.kind[i] for i in keep],
-                                [mfns[i] for i in keep], [c.addr[i] for i in keep],
-                                [c.status_hex[i] for i in keep], [incs[i] for i in keep],
-                                [c.location[i] for i in keep], [None] * len(keep)))
-            w.seen.extend((idents[i], e) for i, e in zip(keep, eids) if idents[i])
-            w.next_id = eids[-1] + 1
-            keep.clear()
-            eids.clear()
+    def _emit(self, c, pos: np.ndarray, eids: np.ndarray, now: float) -> None:
+        """The ``events`` rows and identities of records ``pos`` of a batch, to the buffer."""
+        w = self._w
+        k = len(pos)
+        a, z = int(pos[0]), int(pos[-1]) + 1
+        if z - a == k:
+            def g(col):
+                return col[a:z]
+        else:
+            get = itemgetter(*pos.tolist())
+            g = (lambda col: get(col)) if k > 1 else (lambda col: [col[a]])
+        el = eids.tolist()
+        if c.untimed:  # no time, no raw text: the rows leave both NULL
+            w.events_untimed.extend(zip(el, repeat(now), g(c.source), g(c.kind), g(c.mfn),
+                                        g(c.addr), g(c.status_hex), g(c.inc), g(c.location)))
+        else:
+            w.events.extend(zip(el, g(c.time), repeat(now), g(c.source), g(c.kind), g(c.mfn),
+                                g(c.addr), g(c.status_hex), g(c.inc), g(c.location),
+                                repeat(None)))
+        if c.has_ident[pos].all():
+            w.seen.extend(zip(g(c.ident), el))
+        else:
+            w.seen.extend((i, e) for i, e in zip(g(c.ident), el) if i)
 
-        nid = w.next_id
-        for i in range(len(slow)):
-            if slow[i]:
-                emit()
-                self.handle_safely(hv, b.record(i), None if idents[i] == "" else idents[i])
-                nid = w.next_id
-                continue
-            ident = idents[i]
-            if ident:
-                first = known.get(ident)
-                if first is not None:
-                    st.duplicates += 1
-                    self.log("event-duplicate", "debug", source=c.source[i], first_event=first,
-                             ident=ident)
-                    continue
-                known[ident] = nid
-            keep.append(i)
-            eids.append(nid)
-            nid += 1
-            st.events += 1
-            if not has_addr[i]:
-                st.other += 1
-                self.log("event-ignored", "debug", source=c.source[i], reason="no valid address",
-                         status=c.status_hex[i])
-                continue
-            m = mfns[i]
-            t = times[i]
-            if t is None:
-                t = now
-            w.count(m, t)
-            st.corrected += 1
-            if m in retired:
-                st.on_retired += 1
-            if not page_on:
-                continue
-            key = f"page:{m:#x}"
-            dirty.add(key)
-            bk = buckets.get(key)
-            if bk is None:
-                bk = buckets[key] = Bucket()
-            if bk.account(rate, incs[i], t):
-                eid = nid - 1
-                emit()
-                self._crossed(hv, b.record(i), [Trigger(
-                    "page", key, p.page_action, [m],
-                    f"corrected errors on frame {m:#x} exceeded {rate}", rate)], eid)
-                nid = w.next_id
-        emit()
+    def _debug_lines(self, c, start: int, end: int, dup: np.ndarray, lo: int) -> None:
+        """The debug lines (``event-duplicate``, ``event-ignored``) of records
+        ``start:end`` of a batch, in order (only when the log is verbose)."""
+        for i in range(start, end):
+            if dup[i - lo]:
+                self.log("event-duplicate", "debug", source=c.source[i],
+                         first_event=self._w.known.get(c.ident[i]), ident=c.ident[i])
+            elif not c.has_addr[i]:
+                self.log("event-ignored", "debug", source=c.source[i],
+                         reason="no valid address", status=c.status_hex[i])
 
     def _seen(self, ident: str) -> int | None:
         w = self._w
@@ -435,11 +544,15 @@ class RetireService:
             else:
                 if w is not None:
                     w.flush()
+                pages = self.acct.pages
+                row = pages.row_of(rec.mfn) if rec.has_addr else None
                 self.store.db.execute("SAVEPOINT record")
                 try:
                     self.handle(hv, rec, ident)
                 except (OverflowError, ValueError, sqlite3.Error) as e:
                     self.store.db.execute("ROLLBACK TO record")
+                    if rec.has_addr:  # its counts in memory too
+                        pages.restore(rec.mfn, row)
                     why = f"cannot be stored: {type(e).__name__}: {str(e)[:200]}"
                 self.store.db.execute("RELEASE record")
                 if w is not None:  # the record's event took the next id
@@ -466,6 +579,7 @@ class RetireService:
             return
         mfn = rec.mfn
         w.count(mfn, t)
+        self.acct.pages.count_event(mfn, "ce")
         self.stats.corrected += 1
         if mfn in self._retired:
             self.stats.on_retired += 1
@@ -513,6 +627,7 @@ class RetireService:
                      status=f"{rec.status:#x}")
             return
         mfn = rec.mfn
+        self.acct.pages.count_event(mfn, kind)
         listed = self.store.count_error(mfn, t, uncorrected=kind == "uc")
         if kind == "uc":
             self.stats.uncorrected += 1
@@ -530,14 +645,17 @@ class RetireService:
         (``settled``: the caller found them all settled)."""
         mfn = rec.mfn
         for trig in trigs:
-            self.stats.thresholds += 1
-            self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
-                     action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
-                     source=rec.source)
+            self._threshold_logged(trig, rec.source)
             for m in ([] if settled else trig.mfns):
                 if self.store.frame_state(m) in _SETTLED:
                     continue
                 self.decide(hv, m, trig.action, trig.unit, trig.reason, eid, rec if m == mfn else None)
+
+    def _threshold_logged(self, trig: Trigger, source: str) -> None:
+        self.stats.thresholds += 1
+        self.log("threshold", "notice", unit=trig.unit, key=trig.key, rate=str(trig.rate),
+                 action=trig.action.value, mfns=",".join(f"{m:#x}" for m in trig.mfns),
+                 source=source)
 
     def _uncorrected(self, hv, rec: McRecord, fr: Frame | None, eid: int, t: float) -> None:
         mfn = rec.mfn
@@ -567,7 +685,7 @@ class RetireService:
     def _new_frame(self, mfn: int, rec: McRecord | None, eid: int | None) -> Frame:
         t = rec.time if rec is not None and rec.time is not None else self.clock()
         loc = rec.location() if rec is not None else {}
-        ce, uc = self.store.event_counts(mfn)
+        ce, uc = self.acct.pages.events(mfn)
         return Frame(mfn, state="pending", first_time=t, last_time=t, errors=ce, uncorrected=uc,
                      location=loc, event_id=eid, source=rec.source if rec is not None else "")
 

@@ -16,6 +16,18 @@ failed     cannot be retired (Xen's image, not RAM, ...): the reason says why
 accounted  the threshold was crossed under ``action = account``: recorded, nothing done
 =========  ==============================================================================
 
+Schema 2 (written since the service handles ``/dev/mcelog`` batches column-wise): the
+``events`` table has no index on ``mfn`` -- an index keyed by frame is written at random
+places, the costliest part of storing a record; what needed it reads ``page_log`` instead --
+and every frame's event counts and page leaky bucket
+(:class:`~xenpage.ras.pagecounts.PageCounts`) are kept in ``page_log``: each transaction
+that changed some appends one row, ``data`` holding the changed frames' rows as
+:data:`xenpage.ras.pagecounts.DTYPE` records (``rows`` of them); the last row of a frame wins.
+Appending keeps the writes of a batch together at the end of the file.  The log is folded
+into one snapshot when it holds more than twice the frames it describes
+(:meth:`Store.save_pages`).  A schema-1 list is upgraded when opened, in one transaction
+(:meth:`Store._upgrade`).
+
 ``badpage=`` (Xen's command line, ``docs/misc/xen-command-line.pandoc``): "List of
 [ <integer> | <integer>-<integer> ]", read with ``simple_strtoul(p, &p, 0)`` -- so MFNs are
 written in hex *with* ``0x`` (a bare ``3f100`` is not a number to it) -- into a
@@ -40,7 +52,7 @@ from ..abi.mca import McRecord
 from .policy import Bucket
 
 DB_NAME = "retired.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Xen's opt_badpage[100]
 BADPAGE_MAX_CHARS = 99
 #: good frames a widened badpage= range may swallow, in all (1 MiB)
@@ -53,7 +65,6 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY, time REAL, logged REAL, source TEXT, kind TEXT, mfn INTEGER,
     addr INTEGER, status TEXT, count INTEGER, location TEXT, raw TEXT);
-CREATE INDEX IF NOT EXISTS events_mfn ON events(mfn);
 CREATE TABLE IF NOT EXISTS decisions(
     id INTEGER PRIMARY KEY, time REAL, mfn INTEGER, action TEXT, trigger TEXT, reason TEXT,
     event_id INTEGER);
@@ -75,7 +86,11 @@ CREATE TABLE IF NOT EXISTS unit_frames(key TEXT, mfn INTEGER, PRIMARY KEY(key, m
 CREATE TABLE IF NOT EXISTS seen(ident TEXT PRIMARY KEY, event_id INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quarantine(id INTEGER PRIMARY KEY, logged REAL, source TEXT,
     reason TEXT, raw TEXT);
+CREATE TABLE IF NOT EXISTS page_log(id INTEGER PRIMARY KEY, rows INTEGER, data BLOB);
 """
+
+#: page_log rows a snapshot blob holds at most
+_PAGE_CHUNK = 1 << 16
 
 
 @dataclass
@@ -225,10 +240,24 @@ class Store:
             self._check()
             if self.path != ":memory:":
                 self.db.execute("PRAGMA journal_mode=WAL")
+            # Durability (see _durable): WAL with synchronous=NORMAL never damages the file
+            # and a committed transaction survives the process (kill -9: it is in the WAL);
+            # a power loss may undo the last transactions.  For events, identities and
+            # counts that is the price of not syncing every poll -- the machine loses the
+            # driver's log and its RAM then too, and mcelog keeps its buckets in memory
+            # only.  A transaction that decided, acted or changed the list (frames,
+            # decisions, outcomes, the switch, the boot option) is synced when it commits,
+            # as synchronous=FULL would: a frame Xen offlined is never forgotten.
             self.db.execute("PRAGMA synchronous=NORMAL")
+            #: the open transaction wrote something that must survive a power loss
+            self._sync = False
             self.db.executescript(_SCHEMA)
             if self.meta("schema") is None:
                 self.set_meta("schema", str(SCHEMA_VERSION))
+            elif self.meta("schema") == "1":
+                self._upgrade()
+            #: page_log rows since its last snapshot, as far as this process knows
+            self._page_log_rows = 0
         except sqlite3.Error as e:
             raise StoreError(f"{self.path}: not a usable retired-page list ({e}); nothing was "
                              "changed -- move it away to start a new list") from None
@@ -256,7 +285,7 @@ class Store:
         if ver > SCHEMA_VERSION:
             raise StoreError(f"{self.path}: written by a newer xenpage (schema {ver}; this one "
                              f"reads {SCHEMA_VERSION}); nothing was changed")
-        missing = [t for t in _TABLES if t not in names]
+        missing = [t for t in _TABLES + (("page_log",) if ver >= 2 else ()) if t not in names]
         if missing:
             raise StoreError(f"{self.path}: damaged (table {', '.join(missing)} missing); "
                              "nothing was changed")
@@ -267,6 +296,28 @@ class Store:
                                   "key = 'boot_option') AND json_valid(value) = 0 LIMIT 1").fetchone()
         if bad is not None:
             raise StoreError(f"{self.path}: damaged (bad JSON in {bad[0]!r}); nothing was changed")
+
+    def _upgrade(self) -> None:
+        """Schema 1 -> 2, in one transaction: the index on ``events.mfn`` goes; every frame's
+        event counts (from ``events``) and page bucket (from ``buckets``' ``page:`` keys)
+        become ``page_log``'s first snapshot."""
+        from .pagecounts import PageCounts
+        with self.batch():
+            self.db.execute("DROP INDEX IF EXISTS events_mfn")
+            counts = {m: (ce, uc) for m, ce, uc in self.db.execute(
+                "SELECT mfn, SUM(kind='ce'), SUM(kind='uc') FROM events WHERE mfn IS NOT NULL "
+                "GROUP BY mfn")}
+            pages = PageCounts()
+            for m, (ce, uc) in sorted(counts.items()):
+                s = int(pages.slots([m])[0])
+                pages._a["ce"][s], pages._a["uc"][s] = ce, uc
+            for k, c, e, ts, tot in self.db.execute(
+                    "SELECT key, count, excess, tstamp, total FROM buckets WHERE key LIKE 'page:%'"):
+                pages.set_bucket(int(k[len("page:"):], 16), Bucket(c, e, ts, tot))
+            self.db.execute("DELETE FROM buckets WHERE key LIKE 'page:%'")
+            self.db.execute("DELETE FROM page_log")
+            self._write_pages(pages.rows())
+            self.set_meta("schema", str(SCHEMA_VERSION))
 
     @classmethod
     def in_state_dir(cls, state_dir: str | Path) -> "Store":
@@ -286,11 +337,37 @@ class Store:
         except BaseException:
             self._depth -= 1
             if self._depth == 0:
+                self._sync = False
                 self.db.execute("ROLLBACK")
             raise
         self._depth -= 1
         if self._depth == 0:
             self.db.execute("COMMIT")
+            if self._sync:
+                self._sync = False
+                self._fsync_wal()
+
+    def _durable(self) -> None:
+        """What was just written must survive a power loss: synced when its transaction
+        commits (at once outside one)."""
+        if self._depth:
+            self._sync = True
+        else:
+            self._fsync_wal()
+
+    def _fsync_wal(self) -> None:
+        """``fsync`` the write-ahead log: what synchronous=FULL does at a commit in WAL mode
+        (a checkpoint since then has synced the database file itself)."""
+        if self.path == ":memory:":
+            return
+        try:
+            fd = os.open(self.path + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # -- meta -------------------------------------------------------------------------------
     def meta(self, key: str, default: str | None = None) -> str | None:
@@ -306,6 +383,7 @@ class Store:
 
     def set_switch(self, on: bool) -> None:
         self.set_meta("enabled", "1" if on else "0")
+        self._durable()
 
     # -- events, decisions, outcomes ------------------------------------------------------
     @staticmethod
@@ -332,23 +410,54 @@ class Store:
             "INSERT INTO events(id, time, logged, source, kind, mfn, addr, status, count, "
             "location, raw) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
 
+    def add_events_untimed(self, rows: list[tuple]) -> None:
+        """Events with no time of their own and no raw text (``/dev/mcelog``'s): rows
+        ``(id, logged, source, kind, mfn, addr, status, count, location)``; binding the two
+        NULLs costs more than the rest of such a row."""
+        self.db.executemany(
+            "INSERT INTO events(id, logged, source, kind, mfn, addr, status, count, location) "
+            "VALUES(?,?,?,?,?,?,?,?,?)", rows)
+
     def add_seen(self, pairs: list[tuple[str, int]]) -> None:
         self.db.executemany("INSERT OR IGNORE INTO seen(ident, event_id) VALUES(?, ?)", pairs)
 
     def seen_among(self, idents: set[str]) -> dict[str, int]:
         """Which of these machine checks were handled before, and as which event."""
-        out: dict[str, int] = {}
         ids = list(idents)
-        for i in range(0, len(ids), 500):
-            part = ids[i:i + 500]
-            out.update(self.db.execute("SELECT ident, event_id FROM seen WHERE ident IN ("
-                                       + ",".join("?" * len(part)) + ")", part).fetchall())
-        return out
+        if not ids:
+            return {}
+        # none of the list's identities lies between the lowest and the highest of these (the
+        # usual case: identities begin with the time and the TSC): nothing to look up.  Python
+        # orders str by code point, SQLite TEXT by UTF-8 bytes: the same order.
+        if self.db.execute("SELECT 1 FROM seen WHERE ident BETWEEN ? AND ? LIMIT 1",
+                           (min(ids), max(ids))).fetchone() is None:
+            return {}
+        return dict(self.db.execute(
+            "SELECT s.ident, s.event_id FROM json_each(?) j JOIN seen s ON s.ident = j.value",
+            (json.dumps(ids),)).fetchall())
 
     def count_errors(self, counts: dict[int, list]) -> None:
         """Corrected errors on frames of the list: ``{mfn: [count, last time]}``."""
         self.db.executemany("UPDATE frames SET errors=errors+?, last_time=? WHERE mfn=?",
                             [(c, t, m) for m, (c, t) in counts.items()])
+
+    def count_errors_many(self, rows) -> None:
+        """Corrected errors on frames of the list: ``(count, last time, mfn)`` rows."""
+        self.db.executemany("UPDATE frames SET errors=errors+?, last_time=? WHERE mfn=?", rows)
+
+    def listed_mfns(self) -> list[int]:
+        """The frames of the list (any state)."""
+        return [r[0] for r in self.db.execute("SELECT mfn FROM frames")]
+
+    def frames_in_states(self, mfns: list[int], states: tuple[str, ...]) -> list[int]:
+        """Which of these frames the list holds in one of these states."""
+        out: list[int] = []
+        for i in range(0, len(mfns), 500):
+            part = mfns[i:i + 500]
+            out += [r[0] for r in self.db.execute(
+                "SELECT mfn FROM frames WHERE state IN (" + ",".join("?" * len(states))
+                + ") AND mfn IN (" + ",".join("?" * len(part)) + ")", (*states, *part))]
+        return out
 
     def frame_state(self, mfn: int) -> str | None:
         r = self.db.execute("SELECT state FROM frames WHERE mfn=?", (mfn,)).fetchone()
@@ -390,6 +499,7 @@ class Store:
         cur = self.db.execute(
             "INSERT INTO decisions(time, mfn, action, trigger, reason, event_id) VALUES(?,?,?,?,?,?)",
             (t, mfn, action, trigger, reason, event_id))
+        self._durable()
         return int(cur.lastrowid)
 
     def add_outcome(self, t: float, mfn: int, decision_id: int | None, action: str, kind: str,
@@ -401,6 +511,7 @@ class Store:
             " xen_after, state_before, state_after, domid, data) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (t, mfn, decision_id, action, kind, reason, detail, xen_before, xen_after,
              state_before, state_after, domid, json.dumps(data or {}, default=str)))
+        self._durable()
         return int(cur.lastrowid)
 
     def history(self, mfn: int) -> dict:
@@ -428,13 +539,15 @@ class Store:
                 "quarantined": q("SELECT COUNT(*) FROM quarantine").fetchone()[0]}
 
     def event_counts(self, mfn: int) -> tuple[int, int]:
-        """(corrected, uncorrected) events recorded for a frame."""
+        """(corrected, uncorrected) events recorded for a frame: read from ``events`` (a scan:
+        schema 2 has no index on ``mfn``; the service keeps these counts in
+        :class:`~xenpage.ras.pagecounts.PageCounts`)."""
         r = self.db.execute("SELECT COALESCE(SUM(kind='ce'), 0), COALESCE(SUM(kind='uc'), 0) "
                             "FROM events WHERE mfn=?", (mfn,)).fetchone()
         return int(r[0]), int(r[1])
 
     def error_frames(self) -> list[tuple[int, int, int]]:
-        """(mfn, corrected, uncorrected) of every frame with an event."""
+        """(mfn, corrected, uncorrected) of every frame with an event (a scan of ``events``)."""
         return [tuple(r) for r in self.db.execute(
             "SELECT mfn, SUM(kind='ce'), SUM(kind='uc') FROM events WHERE mfn IS NOT NULL "
             "GROUP BY mfn ORDER BY mfn")]
@@ -448,6 +561,7 @@ class Store:
     def put_frame(self, f: Frame) -> None:
         self.db.execute(f"INSERT OR REPLACE INTO frames({', '.join(Frame.COLUMNS)}) VALUES("
                         + ",".join("?" * len(Frame.COLUMNS)) + ")", f.row())
+        self._durable()
 
     def frames(self, states: tuple[str, ...] | None = None) -> list[Frame]:
         sql = f"SELECT {', '.join(Frame.COLUMNS)} FROM frames"
@@ -509,6 +623,39 @@ class Store:
                                 " VALUES(?,?,?,?,?)", put)
         dirty.clear()
 
+    # -- per-frame counts and page buckets (page_log) ---------------------------------------
+    def load_pages(self) -> PageCounts:
+        """Every frame's event counts and page bucket, as the log holds them."""
+        import numpy as np
+        from .pagecounts import DTYPE as PAGE_DTYPE, PageCounts
+        parts = [np.frombuffer(d, PAGE_DTYPE) for (d,) in
+                 self.db.execute("SELECT data FROM page_log ORDER BY id")]
+        self._page_log_rows = sum(len(p) for p in parts)
+        return PageCounts.from_log(parts)
+
+    def _write_pages(self, rows) -> None:
+        import numpy as np
+        for i in range(0, len(rows), _PAGE_CHUNK):
+            part = np.ascontiguousarray(rows[i:i + _PAGE_CHUNK])
+            self.db.execute("INSERT INTO page_log(rows, data) VALUES(?, ?)",
+                            (len(part), part.tobytes()))
+
+    def save_pages(self, pages: PageCounts) -> None:
+        """Append the rows ``pages`` changed since it was last saved (one ``page_log`` row);
+        a log holding more than twice the frames it describes is folded into a snapshot of
+        what it holds (the log's own rows, not ``pages``: what another process appended
+        stays), in the same transaction."""
+        ch = pages.changes()
+        if not len(ch):
+            return
+        self._write_pages(ch)
+        self._page_log_rows += len(ch)
+        if self._page_log_rows > 2 * len(pages) + _PAGE_CHUNK:
+            folded = self.load_pages().rows()
+            self.db.execute("DELETE FROM page_log")
+            self._write_pages(folded)
+            self._page_log_rows = len(folded)
+
     # -- sources ----------------------------------------------------------------------------
     def source_position(self, name: str) -> dict:
         v = self.meta("source:" + name)
@@ -532,6 +679,7 @@ class Store:
         """The ``badpage=`` value Xen was booted with (written by what boots it: the
         simulator's ``host reboot``)."""
         self.set_meta("boot_option", json.dumps({"value": value, "time": _time.time()}))
+        self._durable()
 
     def last_boot_option(self) -> str:
         """The ``badpage=`` value of the last recorded boot; with none recorded, the list's

@@ -33,8 +33,10 @@
 Mapped to Xen: ``soft`` is ``mem-offline`` (the frame is exchanged in a PV guest, an HVM guest is live-migrated off
 it -- or its frame exchanged in place, ``hvm = exchange`` --, a free frame is offlined at once,
 anything else stays pending);
-``hard`` marks the frame broken through Xen's machine-check path (its PV owner is crashed,
-dom0 or an HVM owner gets a vMCE); ``soft-then-hard`` tries soft first; ``account`` only
+``hard`` marks the frame broken through Xen's machine-check path on the simulator (its PV
+owner is crashed, dom0 or an HVM owner gets a vMCE) and on real Xen retires it by every means
+and keeps it as broken by policy, never faking a machine check (:mod:`.actions`);
+``soft-then-hard`` tries soft first; ``account`` only
 records that the threshold was crossed; ``off`` does not count.
 """
 
