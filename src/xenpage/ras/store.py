@@ -432,6 +432,16 @@ class Store:
         if self.db.execute("SELECT 1 FROM seen WHERE ident BETWEEN ? AND ? LIMIT 1",
                            (min(ids), max(ids))).fetchone() is None:
             return {}
+        if any("\x00" in i for i in ids):
+            # SQLite's JSON text ends at an escaped NUL (json_each yields "a" for "a\u0000b"):
+            # such identities are looked up as bound parameters, which keep every byte.
+            out: dict[str, int] = {}
+            for k in range(0, len(ids), 500):
+                part = ids[k:k + 500]
+                out.update(self.db.execute(
+                    "SELECT ident, event_id FROM seen WHERE ident IN (%s)" % ",".join("?" * len(part)),
+                    part).fetchall())
+            return out
         return dict(self.db.execute(
             "SELECT s.ident, s.event_id FROM json_each(?) j JOIN seen s ON s.ident = j.value",
             (json.dumps(ids),)).fetchall())
