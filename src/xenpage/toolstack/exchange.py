@@ -371,10 +371,11 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
         cand.append((mfn, g, lvl))
     # Data frames as one group; page-table frames one by one (their scan depends on the others).
     groups = [[c for c in cand if c[2] == 0]] + [[c] for c in sorted((c for c in cand if c[2]), key=lambda c: c[2])]
+    repointed: dict[int, list[PteRef]] = {}
     for grp in groups:
         if not grp:
             continue
-        for o in _exchange_group(hv, view, grp, hook, prefound):
+        for o in _exchange_group(hv, view, grp, hook, prefound, repointed=repointed):
             out[o.mfn] = o
         prefound = None  # later groups see the tables this one moved: scanned again
         if any(c[2] for c in grp):
@@ -387,7 +388,12 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
                 view = nv
     moved = [o for o in out.values() if o.kind == Kind.EXCHANGED and o.new_mfn is not None]
     if moved:
-        for o in move_off_fixed(hv, view, moved, hook):
+        # the entries re-pointed at the new frames, in the tables as they are now (a table
+        # exchanged by a later group is named by its new frame)
+        newof = {o.mfn: int(o.new_mfn) for o in moved}
+        now = {new: [PteRef(newof.get(r.table, r.table), r.index, r.value, r.level) for r in rs]
+               for new, rs in repointed.items()}
+        for o in move_off_fixed(hv, view, moved, hook, now):
             out[o.mfn] = o
     if surveyed:
         # a frame still referenced may be mapped from a table made after the survey: once
@@ -402,7 +408,8 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
     return [out[m] for m in mfns]
 
 
-def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook) -> list[Outcome]:
+def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook,
+                   repointed: dict[int, list[PteRef]] | None = None) -> list[Outcome]:
     """Exchange again, while the guest is still suspended, every page whose new frame lies in
     Xen's fixed range: Xen's freed init region (and unused BSS) go back to the heap at the
     heads of the lists, so XENMEM_exchange readily hands them out, yet ``offline_page``
@@ -410,7 +417,10 @@ def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook) -
     could never be retired.  The second exchange asks for frames below that zone (address
     bits) and goes through the same steps as the first (entries cleared and re-pointed with
     their flags, journaled); if it cannot be done the page stays where the first exchange put
-    it, whole, and the outcome says so."""
+    it, whole, and the outcome says so.  ``repointed``: {new frame: the entries the first
+    exchange re-pointed at it}, every entry mapping it -- the guest is still suspended and the
+    frame came fresh from Xen's heap -- so the data frames need no scan of the tables (a frame
+    XENMEM_exchange still finds referenced is rolled back and tried once more with a scan)."""
     rng = fixed_range(hv)
     bad = [o for o in done if in_fixed_range(int(o.new_mfn), rng)]
     if not bad:
@@ -424,8 +434,17 @@ def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook) -
         data = [c for c in grp if c[2] == 0]
         groups = ([data] if data else []) + [[c] for c in grp if c[2]]
         for g in groups:
-            for r in _exchange_group(hv, view, g, hook, address_bits=bits):
+            # the data frames' entries are known; a table group moves a table that later
+            # groups' entries may sit in: those scan (as exchange_pages' later groups do)
+            pre = None if g is not data or repointed is None else \
+                [r for c in g for r in repointed.get(c[0], ())]
+            for r in _exchange_group(hv, view, g, hook, pre, address_bits=bits):
                 res[r.mfn] = r
+            again = [c for c in g if pre is not None and res[c[0]].kind == Kind.ROLLED_BACK
+                     and res[c[0]].reason == Reason.REFERENCED]
+            if again:
+                for r in _exchange_group(hv, view, again, hook, address_bits=bits):
+                    res[r.mfn] = r
     note = (f"lies in Xen's fixed range {rng[0]:#x}-{rng[1] - 1:#x}: it can never be offlined "
             "on this Xen; migrate or exchange to move the data off it")
     for o in bad:
@@ -468,7 +487,10 @@ def _domain_gone(hv: Hypervisor, o: Outcome, domid: int) -> Outcome:
 
 
 def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, int]], hook,
-                    prefound: list[PteRef] | None = None, address_bits: int = 0) -> list[Outcome]:
+                    prefound: list[PteRef] | None = None, address_bits: int = 0,
+                    repointed: dict[int, list[PteRef]] | None = None) -> list[Outcome]:
+    """Exchange one group under the suspend; ``repointed``, if given, receives {new frame:
+    the entries re-pointed at it} (:func:`move_off_fixed` needs no scan for those)."""
     domid = view.domid
     fd = X.foreigndom(domid, domid)
     targets = np.array([c[0] for c in grp], dtype=np.int64)
@@ -565,6 +587,12 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
         for old, g, lvl, new in exchanged:
             view.p2m[g] = new
         fix = [(n, 0) for n in fixed]
+        if repointed is not None:
+            newof = {old: new for old, g, lvl, new in exchanged}
+            for old, g, lvl, new in exchanged:
+                repointed[new] = [PteRef(newof.get(r.table, r.table), r.index,
+                                         (r.value & ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF) | (new << 12),
+                                         r.level) for r in by_target[old]]
     except rollforward.Incomplete as e:
         rrc = e.errno or -E.EFAULT
         failed_step = e.step
