@@ -250,6 +250,7 @@ def test_allocation_failure_after_the_steal_and_the_assign_quirk(env, monkeypatc
     def no_memory(order=0, zone_hi=None):
         raise OutOfMemory(order)
     monkeypatch.setattr(h.heap, "alloc", no_memory)
+    monkeypatch.setattr(h.heap, "alloc_frames", lambda k: [])  # the batched path's k allocations
     r = xchg(dom0, u.id, [m], [31])
     assert (r.rc, r.nr_exchanged) == (ENOMEM, 0)
     assert h.ft.owner(m) == u.id

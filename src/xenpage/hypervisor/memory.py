@@ -231,11 +231,8 @@ def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[in
         gp = np.array(out_list[start:], dtype=np.uint64)
     except (OverflowError, ValueError, TypeError):
         return start
-    got: list[int] = []
-    try:
-        for _ in range(k):
-            got.append(host.heap.alloc(0))
-    except OutOfMemory:  # the extents before it are done; the loop fails this one
+    got = host.heap.alloc_frames(k)  # k calls of alloc(0), one after another
+    if len(got) < k:  # out of memory: the extents before it are done; the loop fails this one
         k = len(got)
         if k == 0:
             return start
