@@ -581,7 +581,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     fix: list[tuple[int, int]] = []
     try:
         frames, fixed = rollforward.complete(hv, domid, exchanged, content, refs_by, unpinned,
-                                             view.p2m_frames, view.fl_frames, hook)
+                                             view.p2m_frames, view.fl_frames, hook, fresh=True)
         if frames is not view.p2m_frames:
             view.p2m_frames[:] = frames
         for old, g, lvl, new in exchanged:
