@@ -388,12 +388,7 @@ def exchange_pages(hv: Hypervisor, domid: int, mfns: list[int], view: GuestView 
                 view = nv
     moved = [o for o in out.values() if o.kind == Kind.EXCHANGED and o.new_mfn is not None]
     if moved:
-        # the entries re-pointed at the new frames, in the tables as they are now (a table
-        # exchanged by a later group is named by its new frame)
-        newof = {o.mfn: int(o.new_mfn) for o in moved}
-        now = {new: [PteRef(newof.get(r.table, r.table), r.index, r.value, r.level) for r in rs]
-               for new, rs in repointed.items()}
-        for o in move_off_fixed(hv, view, moved, hook, now):
+        for o in move_off_fixed(hv, view, moved, hook, repointed):
             out[o.mfn] = o
     if surveyed:
         # a frame still referenced may be mapped from a table made after the survey: once
@@ -418,8 +413,9 @@ def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook,
     bits) and goes through the same steps as the first (entries cleared and re-pointed with
     their flags, journaled); if it cannot be done the page stays where the first exchange put
     it, whole, and the outcome says so.  ``repointed``: {new frame: the entries the first
-    exchange re-pointed at it}, every entry mapping it -- the guest is still suspended and the
-    frame came fresh from Xen's heap -- so the data frames need no scan of the tables (a frame
+    exchange cleared and re-pointed at it, as they were before} -- every entry mapping it now
+    (the guest is still suspended and the frame came fresh from Xen's heap), named here in the
+    tables as they are now -- so the data frames need no scan of the tables (a frame
     XENMEM_exchange still finds referenced is rolled back and tried once more with a scan)."""
     rng = fixed_range(hv)
     bad = [o for o in done if in_fixed_range(int(o.new_mfn), rng)]
@@ -433,11 +429,15 @@ def move_off_fixed(hv: Hypervisor, view: GuestView, done: list[Outcome], hook,
         grp = [(int(o.new_mfn), int(o.gpfn), lv[o.mfn]) for o in bad]
         data = [c for c in grp if c[2] == 0]
         groups = ([data] if data else []) + [[c] for c in grp if c[2]]
+        # a table the first exchange moved is named by its new frame
+        newof = {o.mfn: int(o.new_mfn) for o in done if o.kind == Kind.EXCHANGED and o.new_mfn is not None}
+        keep = P.PTE_FLAGS_MASK
         for g in groups:
             # the data frames' entries are known; a table group moves a table that later
             # groups' entries may sit in: those scan (as exchange_pages' later groups do)
             pre = None if g is not data or repointed is None else \
-                [r for c in g for r in repointed.get(c[0], ())]
+                [PteRef(newof.get(r.table, r.table), r.index, (r.value & keep) | (c[0] << 12), r.level)
+                 for c in g for r in repointed.get(c[0], ())]
             for r in _exchange_group(hv, view, g, hook, pre, address_bits=bits):
                 res[r.mfn] = r
             again = [c for c in g if pre is not None and res[c[0]].kind == Kind.ROLLED_BACK
@@ -490,7 +490,8 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                     prefound: list[PteRef] | None = None, address_bits: int = 0,
                     repointed: dict[int, list[PteRef]] | None = None) -> list[Outcome]:
     """Exchange one group under the suspend; ``repointed``, if given, receives {new frame:
-    the entries re-pointed at it} (:func:`move_off_fixed` needs no scan for those)."""
+    the entries re-pointed at it, as they were before the clear} (:func:`move_off_fixed`
+    needs no scan for those)."""
     domid = view.domid
     fd = X.foreigndom(domid, domid)
     targets = np.array([c[0] for c in grp], dtype=np.int64)
@@ -587,12 +588,9 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
         for old, g, lvl, new in exchanged:
             view.p2m[g] = new
         fix = [(n, 0) for n in fixed]
-        if repointed is not None:
-            newof = {old: new for old, g, lvl, new in exchanged}
+        if repointed is not None:  # as cleared (move_off_fixed names them as they are now)
             for old, g, lvl, new in exchanged:
-                repointed[new] = [PteRef(newof.get(r.table, r.table), r.index,
-                                         (r.value & ~P.PTE_FRAME_MASK & 0xFFFFFFFFFFFFFFFF) | (new << 12),
-                                         r.level) for r in by_target[old]]
+                repointed[new] = by_target[old]
     except rollforward.Incomplete as e:
         rrc = e.errno or -E.EFAULT
         failed_step = e.step
