@@ -31,7 +31,7 @@ from xenpage.toolstack.exchange import load_guest, scan
 from xenpage.toolstack.offline import resume_guest, suspend_guest
 from xenpage.toolstack.prescan import dirty_pfns
 
-PAGES = 32
+PAGES = 48
 PER_SUSPEND = 8
 #: set by run_lab.py for the group ``prescan-shadow`` (the rebuilt Xen): log-dirty must work
 REQUIRED = os.environ.get("XENPAGE_LAB_PV_LOGDIRTY") == "1"
@@ -65,7 +65,7 @@ def test_logdirty_bitmap_is_indexed_by_pfn(xen, memtest, rec):
         rc2, bits2, st2 = xen.logdirty_control(g.domid, H.XEN_DOMCTL_SHADOW_OP_PEEK, n)
     finally:
         off = xen.logdirty_control(g.domid, H.XEN_DOMCTL_SHADOW_OP_OFF)[0]
-    mine = set(g.pfns())
+    mine = set(g.pfns().values())  # memtest's pfns (pfns() maps its page index to the pfn)
     rec.add("prescan-logdirty", p2m_size=n, dirty=int(dirty.size), dirty_memtest=len(mine & set(dirty.tolist())),
             stats=[st.fault_count, st.dirty_count], peek_after_clean=int(bits2.sum()) if bits2 is not None else None,
             sample=[hex(p) for p in dirty[:16].tolist()], off_rc=off)
@@ -167,6 +167,7 @@ def test_mem_offline_with_and_without_prescan(xen, memtest, rec):
             assert ps["dirty_tables"] >= 0 and ps["tables"] > 0 and ps["running_scan_s"] > 0, ps
         rows.append({"prescan": pre, "pages": gt["pages"], "suspended_s": gt["suspended_s"],
                      "toolstack_s": gt["toolstack_s"], "survey_s": gt["survey_s"],
+                     "suspend_s": gt["suspend_s"], "resume_s": gt["resume_s"],
                      "suspended_per_page_s": gt["suspended_s"] / gt["pages"],
                      "toolstack_per_page_s": gt["toolstack_s"] / gt["pages"], "stats": ps})
         hb = g.wait_heartbeats(1, after=mark, timeout=60)

@@ -224,13 +224,14 @@ def _no_hook(step: str, **info) -> None:
     """No listener between the steps (no journal, no fault injection)."""
 
 
-def _reqs(refs: list[PteRef], values: list[int]) -> np.ndarray:
+def _reqs(refs: list[PteRef], values) -> np.ndarray:
     """``mmu_update`` requests writing ``values`` into the entries ``refs`` (PRESERVE_AD)."""
     a = np.zeros((len(refs), 2), dtype=np.uint64)
     if refs:
-        a[:, 0] = np.fromiter((r.ptr for r in refs), dtype=np.uint64, count=len(refs))
+        a[:, 0] = np.fromiter((r.table for r in refs), dtype=np.uint64, count=len(refs)) << _U(12)
+        a[:, 0] |= np.fromiter((r.index for r in refs), dtype=np.uint64, count=len(refs)) * _U(8)
         a[:, 0] |= _U(X.MMU_PT_UPDATE_PRESERVE_AD)
-        a[:, 1] = np.array(values, dtype=np.uint64)
+        a[:, 1] = values
     return a
 
 
@@ -514,7 +515,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     hook("clearing", refs=clear, grp=grp)  # before: the write-ahead journal records them
     rc, done = (0, 0)
     if clear:
-        rc, done = hv.mmu_update(_reqs(clear, [0] * len(clear)), fd)
+        rc, done = hv.mmu_update(_reqs(clear, 0), fd)
     if rc:
         rrc = _restore(hv, domid, clear[:done])
         kind = Kind.ROLLED_BACK if not rrc else Kind.FAILED
@@ -538,8 +539,9 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         Reason.RESTORE_FAILED if urc else Reason.EXCHANGE_FAILED,
                         f"cannot map the frame ({E.name(snap)})",
                         domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
-    content = dict(zip(targets.tolist(), snap.array.copy()))  # rows of one copy
+    snap_rows = snap.array.copy()  # one copy, rows in the order of ``targets``
     snap.unmap()
+    content = dict(zip(targets.tolist(), snap_rows))  # views of its rows
     if hook is not _no_hook:  # (copies of the P2M's frame lists: only for a listener)
         hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
              fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
@@ -581,8 +583,11 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     rrc = 0
     fix: list[tuple[int, int]] = []
     try:
+        row_of = {m: i for i, m in enumerate(targets.tolist())}
+        rows = snap_rows[[row_of[old] for old, g, lvl, new in exchanged]]
         frames, fixed = rollforward.complete(hv, domid, exchanged, content, refs_by, unpinned,
-                                             view.p2m_frames, view.fl_frames, hook, fresh=True)
+                                             view.p2m_frames, view.fl_frames, hook, fresh=True,
+                                             rows=rows)
         if frames is not view.p2m_frames:
             view.p2m_frames[:] = frames
         for old, g, lvl, new in exchanged:

@@ -164,17 +164,19 @@ def repoint_values(exchanged, refs_by_target) -> list[tuple[int, int, int, int]]
 
 def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_target: dict,
              unpinned: list[int], p2m_frames: np.ndarray, fl_frames: np.ndarray,
-             hook=None, fresh: bool = False) -> tuple[np.ndarray, list[int]]:
+             hook=None, fresh: bool = False, rows: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
     """Finish an exchange group: ``exchanged`` = [(old, gpfn, level, new)], ``content`` =
     {old: uint64[512]} as snapshotted before the exchange, ``refs_by_target`` =
     {old: [(table, index, value, level)]} the entries cleared, ``unpinned`` the old frames
     that were unpinned.  Returns (updated P2M frame list, new frames whose M2P was fixed).
     ``fresh``: called right after the exchange (not from the journal): the new frames are
-    written without being read first, and the P2M frames in place.
+    written without being read first, and the P2M frames in place; ``rows``: the content as
+    one ``(n, 512)`` array in the order of ``exchanged`` (else taken from ``content``).
     Raises :class:`Incomplete` when a step keeps failing."""
     hook = hook or (lambda step, **kw: None)
     news = [new for _, _, _, new in exchanged]
-    rows = np.stack([np.asarray(content[old], dtype=np.uint64).reshape(512) for old, _, _, _ in exchanged])
+    if rows is None:
+        rows = np.stack([np.asarray(content[old], dtype=np.uint64).reshape(512) for old, _, _, _ in exchanged])
     _retry("copy", lambda: _write_rows(hv, domid, news, rows, compare=not fresh))
     hook("copied")
     p2m_frames = np.asarray(p2m_frames, dtype=np.int64)
