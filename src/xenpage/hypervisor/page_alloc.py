@@ -290,8 +290,10 @@ class Heap:
         the same order, the lists, counters and frames left the same, a :class:`HostCrash`
         on the same frame -- with what each call redid done once: the zones that have free
         frames are listed again only when one runs out (or a split put a piece in another
-        zone), and the handed-out frames are marked
-        ``inuse`` (zero count, no owner) together at the end.  For order 0 every head is
+        zone), a whole aligned chunk that the next allocations would split piece by piece
+        is handed out at once (its frames from the highest down, as the splits give them),
+        and the handed-out frames are marked ``inuse`` (zero count, no owner) together at
+        the end.  For order 0 every head is
         taken as it is (dirty or not: ``get_free_buddy`` skips a dirty head only above order
         0).  Fewer than ``k`` frames: the heap ran out there (:meth:`alloc` would raise
         :class:`OutOfMemory` on the next call)."""
@@ -323,6 +325,18 @@ class Heap:
                     bo[head] = 0
                     self.free_pages -= 1
                     self.zone_pages[z] -= 1
+                elif k - len(got) >= 1 << j and not head & ((1 << j) - 1) \
+                        and (self.ft.states(head, 1 << j) == _FREE).all():
+                    # a whole aligned chunk: j was the smallest order with a chunk in the
+                    # highest zone, so the pieces each split puts back are that zone's only
+                    # chunks below order j, and the next allocations take them one after
+                    # another -- every frame, from the highest down; each piece added is
+                    # removed again (clean or dirty, it was alone on its list)
+                    self._remove(head, j)
+                    got.extend(range(head + (1 << j) - 1, head - 1, -1))
+                    if self.zone_pages[z] == 0:
+                        zones = None
+                    continue
                 else:
                     fd = dirty.get(head)
                     self._remove(head, j)
