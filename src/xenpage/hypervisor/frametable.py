@@ -115,11 +115,11 @@ class FrameTable:
         mfns = np.asarray(mfns, dtype=np.int64).ravel()
         special = getattr(self, "m2p_frame_pos", {})
         lst = mfns.tolist()
-        rows = [self.pages.get(m) for m in lst]
-        real = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
-        if real.all():
+        rows = list(map(self.pages.get, lst))
+        if self.pages.keys() >= set(lst):  # every frame stored whole (page tables): one copy
             out = np.concatenate(rows).reshape(-1, 512) if rows else np.zeros((0, 512), dtype=np.uint64)
         else:
+            real = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
             out = np.empty((mfns.size, 512), dtype=np.uint64)
             out[~real] = self.content[mfns[~real]][:, None] ^ (_IDX * _EXPAND_K)[None, :]
             if real.any():

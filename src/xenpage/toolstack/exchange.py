@@ -45,7 +45,7 @@ from ..abi import xen as X
 from .hypervisor import Hypervisor
 from . import rollforward
 from .fixed import below_bits, fixed_range, in_fixed_range
-from .membership import member_frames
+from .membership import frame_filter, member_frames
 from .outcomes import Kind, Outcome, Reason, not_pending
 
 _U = np.uint64
@@ -182,8 +182,9 @@ def refresh(hv: Hypervisor, survey: GuestView, mfns) -> GuestView | None:
 #: page-table frames mapped at a time by the scan (16 MiB: the temporaries stay in cache
 #: and a 64 GiB guest's 33k tables never sit in memory all at once)
 SCAN_CHUNK = 4096
-#: ... and compared 256 frames (1 MiB) at a time
-SCAN_BLOCK = 256
+#: ... and compared 1024 frames (4 MiB) at a time (measured on 4-16 GiB guests: 1 MiB blocks
+#: took 10-15% longer, the Python steps between them adding up; 8-16 MiB no better)
+SCAN_BLOCK = 1024
 
 
 def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, list[PteRef]]:
@@ -196,14 +197,15 @@ def scan(hv: Hypervisor, view: GuestView, targets: np.ndarray) -> tuple[int, lis
         return 0, []
     hits_r: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     hits_v: list[np.ndarray] = [np.zeros(0, dtype=np.uint64)]
+    filt = frame_filter(tu)  # once for every block
     for s0 in range(0, tabs.size, SCAN_CHUNK):
         m = hv.map_foreign(view.domid, tabs[s0:s0 + SCAN_CHUNK], False)
         if isinstance(m, int):
             return m, []
         ents = m.array
-        for b0 in range(0, ents.shape[0], SCAN_BLOCK):  # temporaries of 1 MiB: in the cache
+        for b0 in range(0, ents.shape[0], SCAN_BLOCK):  # temporaries of 4 MiB
             blk = ents[b0:b0 + SCAN_BLOCK]
-            flat = np.flatnonzero(member_frames(blk, tu, 12, P.MFN_MASK_X86))
+            flat = np.flatnonzero(member_frames(blk, tu, 12, P.MFN_MASK_X86, filt))
             if flat.size:
                 hits_v.append(blk.reshape(-1)[flat])
                 hits_r.append(flat + (s0 + b0) * 512)
