@@ -146,11 +146,20 @@ class FrameTable:
         rows = np.asarray(rows, dtype=np.uint64).reshape(-1, 512)
         fp = rows[:, 0]
         compact = (rows == (fp[:, None] ^ (_IDX * _EXPAND_K)[None, :])).all(axis=1)
-        for m, c, i in zip(mfns.tolist(), compact.tolist(), range(mfns.size)):
-            if c:
-                self.pages.pop(m, None)
-            else:
-                self.pages[m] = rows[i].copy()
+        lst = mfns.tolist()
+        if len(set(lst)) < len(lst):  # a frame written twice keeps its last row
+            for m, c, i in zip(lst, compact.tolist(), range(mfns.size)):
+                if c:
+                    self.pages.pop(m, None)
+                else:
+                    self.pages[m] = rows[i].copy()
+            self.content[mfns[compact]] = fp[compact]
+            return
+        for m in self.pages.keys() & set(mfns[compact].tolist()):  # stored whole until now
+            del self.pages[m]
+        whole = np.flatnonzero(~compact)
+        for m, i in zip(mfns[whole].tolist(), whole.tolist()):
+            self.pages[m] = rows[i].copy()
         self.content[mfns[compact]] = fp[compact]
 
     def table(self, mfn: int) -> np.ndarray:

@@ -547,7 +547,8 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                         domid=domid, gpfn=g, errno=-snap) for m, g, _ in grp]
     snap_rows = snap.array.copy()  # one copy, rows in the order of ``targets``
     snap.unmap()
-    content = dict(zip(targets.tolist(), snap_rows))  # views of its rows
+    # {frame: its row} for a listener (the journal); the copy below takes the array itself
+    content = dict(zip(targets.tolist(), snap_rows)) if hook is not _no_hook else {}
     if hook is not _no_hook:  # (copies of the P2M's frame lists: only for a listener)
         hook("snapshot", content=content, grp=grp, p2m_frames=view.p2m_frames.copy(),
              fl_frames=view.fl_frames.copy())  # before XENMEM_exchange
@@ -596,8 +597,8 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                                              rows=rows)
         if frames is not view.p2m_frames:
             view.p2m_frames[:] = frames
-        for old, g, lvl, new in exchanged:
-            view.p2m[g] = new
+        ex = np.array(exchanged, dtype=np.int64).reshape(-1, 4)
+        view.p2m[ex[:, 1]] = ex[:, 3]
         fix = [(n, 0) for n in fixed]
         if repointed is not None:  # as cleared (move_off_fixed names them as they are now)
             for old, g, lvl, new in exchanged:
@@ -608,6 +609,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
     hook("repointed", complete=not rrc)
     total_s = time.perf_counter() - t0
     sts = _statuses(hv, [old for old, g, lvl, new in exchanged])
+    fixed_new = {n for n, _ in fix}
     for old, g, lvl, new in exchanged:
         st = sts[old]
         if rrc:
@@ -620,7 +622,7 @@ def _exchange_group(hv: Hypervisor, view: GuestView, grp: list[tuple[int, int, i
                                    f"exchanged: gpfn {g:#x} now at mfn {new:#x}", domid=domid, gpfn=g,
                                    new_mfn=new, ptes=len(by_target[old]), status=st,
                                    extra={"scan_s": scan_s, "toolstack_s": total_s,
-                                          "level": lvl, "m2p_fixed": any(n == new for n, _ in fix),
+                                          "level": lvl, "m2p_fixed": new in fixed_new,
                                           "offlined": st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINED)})
     return [results[m] for m, g, _ in grp]
 
