@@ -425,13 +425,15 @@ def _heap_state(h: Host):
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(st.tuples(st.sampled_from(["alloc", "free", "free_scrub", "offline", "online", "scrub"]),
                               st.integers(0, 5), st.integers(0, 1 << 20)), max_size=40),
-       k=st.one_of(st.integers(1, 600), st.just(20000)), misaligned=st.booleans())
-def test_alloc_frames_is_alloc_one_after_another(ops, k, misaligned):
+       k=st.one_of(st.integers(1, 600), st.just(20000)), misaligned=st.booleans(),
+       zone_hi=st.one_of(st.none(), st.integers(1, 15)))
+def test_alloc_frames_is_alloc_one_after_another(ops, k, misaligned, zone_hi):
     """:meth:`Heap.alloc_frames` (the batched exchange's allocations) hands out the frames k
     calls of ``alloc(0)`` hand out, in their order, and leaves the free lists (their order
     and dirty chunks), the counters and every frame as they leave them -- on heaps made by
     random allocations, frees to the head and to the tail, offlines (with Xen 4.17's
-    misaligned re-split or without), onlines and scrubs; running out (fewer frames) and a
+    misaligned re-split or without), onlines and scrubs, with or without a highest zone (the
+    exchange's address bits); running out (fewer frames) and a
     crash on a frame that is not free come at the same frame."""
     h = Host.boot(HostConfig(mem_bytes=64 << 20, nr_pcpus=2,
                              quirks=Quirks() if misaligned else FIXED_SPLIT()), dom0_pages=2048)
@@ -459,14 +461,14 @@ def test_alloc_frames_is_alloc_one_after_another(ops, k, misaligned):
     err_a = None
     try:
         for _ in range(k):
-            one.append(a.heap.alloc(0))
+            one.append(a.heap.alloc(0, zone_hi=zone_hi))
     except OutOfMemory:
         pass
     except HostCrash as e:
         err_a = str(e)
     err_b = None
     try:
-        many = b.heap.alloc_frames(k)
+        many = b.heap.alloc_frames(k, zone_hi)
     except HostCrash as e:
         err_b, many = str(e), None
     assert err_a == err_b

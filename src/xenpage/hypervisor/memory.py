@@ -112,8 +112,8 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
     # zones up to bits_to_zone(bits) only
     bits = XENMEMF_get_address_bits(out.mem_flags)
     zone_hi = (max(bits - X.PAGE_SHIFT, 1) if bits else None)
-    if FAST and zone_hi is None and inp.extent_order == 0 and out.extent_order == 0 and not d.hvm and not d.dying:
-        nr_exchanged = _exchange_frames(host, domid, inp.extent_start, out_list, nr_exchanged)
+    if FAST and inp.extent_order == 0 and out.extent_order == 0 and not d.hvm and not d.dying:
+        nr_exchanged = _exchange_frames(host, domid, inp.extent_start, out_list, nr_exchanged, zone_hi)
         if nr_exchanged == nin:
             return ExchangeResult(0, nin, out_list)
     # mfn_valid of every input frame, once (it depends on the memory map only)
@@ -190,7 +190,7 @@ FAST = True
 
 
 def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[int],
-                     start: int) -> int:
+                     start: int, zone_hi: int | None = None) -> int:
     """``memory_exchange`` of single frames, extents ``start..`` at once, when that gives
     exactly what the loop of :func:`memory_exchange` gives.  Returns how many extents are
     done then (``start`` when it declines; the caller goes on extent by extent from there,
@@ -231,7 +231,7 @@ def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[in
         gp = np.array(out_list[start:], dtype=np.uint64)
     except (OverflowError, ValueError, TypeError):
         return start
-    got = host.heap.alloc_frames(k)  # k calls of alloc(0), one after another
+    got = host.heap.alloc_frames(k, zone_hi)  # k calls of alloc(0, zone_hi), one after another
     if len(got) < k:  # out of memory: the extents before it are done; the loop fails this one
         k = len(got)
         if k == 0:

@@ -285,8 +285,8 @@ class Heap:
         self.ft.owner1[sl] = 0
         return head
 
-    def alloc_frames(self, k: int) -> list[int]:
-        """``k`` calls of :meth:`alloc` for order 0, one after another -- the same frames in
+    def alloc_frames(self, k: int, zone_hi: int | None = None) -> list[int]:
+        """``k`` calls of :meth:`alloc` for order 0 (and ``zone_hi``), one after another -- the same frames in
         the same order, the lists, counters and frames left the same, a :class:`HostCrash`
         on the same frame -- with what each call redid done once: the zones that have free
         frames are listed again only when one runs out (or a split put a piece in another
@@ -306,7 +306,8 @@ class Heap:
         try:
             while len(got) < k:
                 if zones is None:
-                    zones = sorted((z for z, n in self.zone_pages.items() if n >= 1), reverse=True)
+                    zones = sorted((z for z, n in self.zone_pages.items()
+                                    if n >= 1 and (zone_hi is None or z <= zone_hi)), reverse=True)
                 head = j = -1
                 for z in zones:
                     for j in range(top):
