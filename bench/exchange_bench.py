@@ -394,7 +394,7 @@ def section_exchange_batches(ctx) -> str:
     for b in BATCHES:
         x = batch(b)
         lines.append(f"| {b} | {_ms(x['toolstack_s'])} / {_ms(x['toolstack_cpu_s'])} | "
-                     f"{_ms(x['toolstack_s'] / b)} | {int(x['dirty_tables'])} | {_ms(x['suspended_s'])} | "
+                     f"{x['toolstack_s'] / b * 1e6:.0f} µs | {int(x['dirty_tables'])} | {_ms(x['suspended_s'])} | "
                      f"{x['toolstack_s'] / one:.2f}x |")
     x256 = batch(256)
     ratio = x256["best_toolstack_s"] / x1["best_toolstack_s"]

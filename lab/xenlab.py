@@ -620,14 +620,15 @@ def scenario_options(path: Path) -> dict:
     return opts
 
 
-def build_xen_mca() -> Path:
-    """Xen 4.17's hypervisor rebuilt with upstream's machine-check bank-mask fix, for the
-    machine-check group (lab/xen-mca/build.sh): Debian bookworm's source package of Xen,
-    fetched with apt-get from the mirror this host already uses, into the cache."""
+def build_xen_rebuilt() -> Path:
+    """The lab's rebuilt Xen 4.17 (lab/xen-rebuilt/build.sh): Debian bookworm's source package
+    of Xen with upstream's machine-check bank-mask fix (the ``mce`` group) and
+    CONFIG_SHADOW_PAGING=y (a PV guest's log-dirty mode: the ``prescan-shadow`` group), fetched
+    with apt-get from the mirror this host already uses, into the cache."""
     cache = cache_dir()
-    out = cache / "xen-4.17-mca.elf"
+    out = cache / "xen-4.17-rebuilt.elf"
     if out.exists():
-        log(f"build-xen-mca: {out} exists")
+        log(f"build-xen-rebuilt: {out} exists")
         return out
     src = cache / "xen-src"
     lists = src / "lists"
@@ -636,20 +637,20 @@ def build_xen_mca() -> Path:
         mirror = next((ln.split()[1] for ln in Path("/etc/apt/sources.list.d/debian.sources")
                        .read_text().splitlines() if ln.startswith("URIs:")), None)
         if mirror is None:
-            raise LabError("build-xen-mca: no URIs: line in /etc/apt/sources.list.d/debian.sources")
+            raise LabError("build-xen-rebuilt: no URIs: line in /etc/apt/sources.list.d/debian.sources")
         (src / "src.list").write_text(f"deb-src {mirror} bookworm main\n")
         apt = ["apt-get", "-o", f"Dir::Etc::sourcelist={src / 'src.list'}", "-o",
                "Dir::Etc::sourceparts=/nonexistent", "-o", f"Dir::State::Lists={lists}"]
-        sh(apt + ["update"], what="build-xen-mca: apt-get update (deb-src)")
+        sh(apt + ["update"], what="build-xen-rebuilt: apt-get update (deb-src)")
         sh(["sh", "-c", f"cd {src} && " + " ".join(apt) + " source --download-only xen/bookworm"],
-           what="build-xen-mca: apt-get source xen")
+           what="build-xen-rebuilt: apt-get source xen")
     for tool in ("flex", "bison", "gcc", "make"):
         if not shutil.which(tool):
             sh(["apt-get", "install", "-y", "-qq", "flex", "bison", "gcc", "make"],
-               what="build-xen-mca: apt-get install flex bison gcc make")
+               what="build-xen-rebuilt: apt-get install flex bison gcc make")
             break
-    sh(["sh", str(LAB_DIR / "xen-mca" / "build.sh"), str(src), str(out)],
-       what="build-xen-mca: build Xen's hypervisor (minutes)")
+    sh(["sh", str(LAB_DIR / "xen-rebuilt" / "build.sh"), str(src), str(out)],
+       what="build-xen-rebuilt: build Xen's hypervisor (minutes)")
     return out
 
 
@@ -700,17 +701,17 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
     kv = kernel_version()
     scenario = find_scenario(scenario_name)
     opts = scenario_options(scenario)
-    # lab-options: xen=mca boots Xen 4.17 rebuilt with upstream's machine-check bank-mask fix
-    # (lab/xen-mca/build.sh; 'xenlab.py build-xen-mca' leaves it in the cache); XENLAB_XEN_ELF
-    # names any other hypervisor image
-    # (XENLAB_XEN=mca, XENLAB_MONITOR=1 and XENLAB_CPU set the same per run: run_lab.py's groups)
+    # lab-options: xen=rebuilt boots the lab's rebuilt Xen 4.17 (upstream's machine-check
+    # bank-mask fix and CONFIG_SHADOW_PAGING=y: lab/xen-rebuilt/build.sh; 'xenlab.py
+    # build-xen-rebuilt' leaves it in the cache); XENLAB_XEN_ELF names any other hypervisor image
+    # (XENLAB_XEN=rebuilt, XENLAB_MONITOR=1 and XENLAB_CPU set the same per run: run_lab.py's groups)
     xen_variant = os.environ.get("XENLAB_XEN") or opts.get("xen")
     if os.environ.get("XENLAB_XEN_ELF"):
         xen = Path(os.environ["XENLAB_XEN_ELF"])
     elif xen_variant:
         xen = cache / f"xen-4.17-{xen_variant}.elf"
     if not xen.exists():
-        raise LabError(f"run: {xen} missing (for xen=mca: 'lab/xenlab.py build-xen-mca')")
+        raise LabError(f"run: {xen} missing (for xen=rebuilt: 'lab/xenlab.py build-xen-rebuilt')")
     timeout = timeout or opts.get("timeout", 600)
     vcpus = vcpus or opts.get("vcpus", 1)
     mem = mem or opts.get("mem", 2048)
@@ -963,8 +964,9 @@ def main(argv=None) -> int:
     t.add_argument("--results", type=Path, help="parent directory for the per-scenario results")
     t.add_argument("scenarios", nargs="*", default=None)
     sub.add_parser("list", help="list scenarios")
-    sub.add_parser("build-xen-mca", help="build Xen 4.17 with the machine-check bank-mask fix "
-                   "(the mce group's hypervisor) into the cache")
+    sub.add_parser("build-xen-rebuilt", help="build Xen 4.17 with the machine-check bank-mask "
+                   "fix and shadow paging (the mce and prescan-shadow groups' hypervisor) "
+                   "into the cache")
     v = sub.add_parser("save-verbatim", help="copy a successful hptool run to lab/results/lab-verbatim.json")
     v.add_argument("results", nargs="?", type=Path)
     v.add_argument("--scenario", choices=sorted(VERBATIM), default="hptool")
@@ -973,8 +975,8 @@ def main(argv=None) -> int:
         if a.cmd == "build":
             build()
             return 0
-        if a.cmd == "build-xen-mca":
-            build_xen_mca()
+        if a.cmd == "build-xen-rebuilt":
+            build_xen_rebuilt()
             return 0
         if a.cmd == "save-verbatim":
             save_verbatim(a.results, a.scenario)

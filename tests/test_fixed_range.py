@@ -21,6 +21,7 @@ import pytest
 from simworld import image, problems, small_host
 from xenpage.abi import errno as E
 from xenpage.abi import kexec as K
+from xenpage.abi import pte as P
 from xenpage.abi import sysctl as S
 from xenpage.backends.sim import SimHypervisor, build_host, host_path
 from xenpage.hypervisor import invariants
@@ -274,4 +275,76 @@ def test_frames_moved_off_come_back_first_after_the_host_idles():
         firsts.append(sorted(o.extra["moved_off_fixed"] for o in r.outcomes if "moved_off_fixed" in o.extra))
         host.run_guests(1.0)
     assert firsts[0] and firsts[1] == firsts[0]
+    assert g.verify() == [] and invariants.check(host) == []
+
+
+def _count_scans(monkeypatch) -> list[int]:
+    """Number of target frames of each page-table scan the exchange makes."""
+    from xenpage.toolstack import exchange as X
+    calls: list[int] = []
+    inner = X.scan
+
+    def counted(hv, view, targets):
+        calls.append(len(targets))
+        return inner(hv, view, targets)
+    monkeypatch.setattr(X, "scan", counted)
+    return calls
+
+
+def test_moving_data_pages_off_needs_no_scan(monkeypatch):
+    """The entries the first exchange re-pointed are every entry mapping a new frame (the
+    guest is suspended; the frame came fresh from the heap): moving data pages off Xen's
+    fixed range takes them as they are, without a second scan of every table; each entry
+    -- several for a shared user page -- ends on the final frame with its flags."""
+    from test_exchange import entries_naming
+    host = build_host()
+    hv = SimHypervisor(host)
+    rng = fixed_range(hv)
+    g = host.guests[1]
+    pfs = g.user_pages("shared")[:6] + g.kernel_only_pages()[:10]
+    mfns = [int(g.mfn(p)) for p in pfs if not rng[0] <= g.mfn(p) < rng[1]]
+    before = entries_naming(host, 1, mfns)
+    calls = _count_scans(monkeypatch)
+    r = mem_offline(hv, mfns)
+    moved = [o for o in r.outcomes if "moved_off_fixed" in o.extra]
+    assert moved and all(o.kind == Kind.EXCHANGED for o in r.outcomes)
+    assert calls == []  # the pre-scan found the entries; the move off took the re-pointed ones
+    flags = P.PTE_FLAGS_MASK
+    for o in r.outcomes:
+        after = entries_naming(host, 1, [int(o.new_mfn)])[int(o.new_mfn)]
+        assert sorted((t, i, v & flags, lv) for t, i, v, lv in after) == \
+            sorted((t, i, v & flags, lv) for t, i, v, lv in before[o.mfn])
+        assert len(after) == o.ptes >= 1 and not rng[0] <= o.new_mfn < rng[1]
+    host.run_guests(0)
+    assert g.verify() == [] and invariants.check(host) == []
+
+
+def test_an_entry_missing_from_the_repointed_ones_is_found_by_a_scan(monkeypatch):
+    """Were an entry missing from those handed to the move off the fixed range, XENMEM_exchange
+    would find the frame still referenced: it is rolled back (whole) and tried once more with
+    a scan of the tables, and the page still leaves the fixed range."""
+    from xenpage.toolstack import exchange as X
+    host = build_host()
+    hv = SimHypervisor(host)
+    rng = fixed_range(hv)
+    g = host.guests[1]
+    pfs = g.user_pages("shared")[:6]
+    mfns = [int(g.mfn(p)) for p in pfs if not rng[0] <= g.mfn(p) < rng[1]]
+    inner = X.move_off_fixed
+    dropped: list[int] = []
+
+    def lossy(hv_, view, done, hook, repointed=None):
+        for new, refs in (repointed or {}).items():
+            if len(refs) > 1 and not dropped:
+                dropped.append(new)
+                repointed[new] = refs[1:]
+        return inner(hv_, view, done, hook, repointed)
+    monkeypatch.setattr(X, "move_off_fixed", lossy)
+    calls = _count_scans(monkeypatch)
+    r = mem_offline(hv, mfns)
+    moved = [o for o in r.outcomes if "moved_off_fixed" in o.extra]
+    assert dropped and any(o.extra["moved_off_fixed"] == dropped[0] for o in moved), (dropped, r.outcomes)
+    assert all(o.kind == Kind.EXCHANGED and not rng[0] <= o.new_mfn < rng[1] for o in r.outcomes)
+    assert calls, "the rolled-back frame was tried again with a scan"
+    host.run_guests(0)
     assert g.verify() == [] and invariants.check(host) == []

@@ -29,7 +29,7 @@ from xenpage.abi import mm
 from xenpage.abi.xen import DOMID_IO
 from xenpage.hypervisor import sysctl
 from xenpage.hypervisor.host import Host, HostConfig
-from xenpage.hypervisor.quirks import Quirks
+from xenpage.hypervisor.quirks import HostCrash, HostHang, Quirks
 
 
 def FIXED_SPLIT() -> Quirks:
@@ -410,3 +410,71 @@ def test_boot_heap_is_canonical(small_host, mem_mib):
     check_heap(h)
     assert h.heap.free_pages > 0 and not h.heap.offlined_list and not h.heap.broken_list
     assert all(h.ft.owner(m) == DOMID_IO for m in range(0x100))
+
+
+# -- many order-0 allocations at once: the same as one call after another ----------------------
+
+def _heap_state(h: Host):
+    ft, heap = h.ft, h.heap
+    return ([a.copy() for a in (ft.count_info, ft.type_info, ft.owner1, ft.m2p_plus1, ft.buddy_order)],
+            heap.list_order(), dict(heap.dirty), heap.free_pages,
+            {z: n for z, n in heap.zone_pages.items() if n}, heap.misaligned,
+            list(heap.offlined_list), list(heap.broken_list))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.sampled_from(["alloc", "free", "free_scrub", "offline", "online", "scrub"]),
+                              st.integers(0, 5), st.integers(0, 1 << 20)), max_size=40),
+       k=st.one_of(st.integers(1, 600), st.just(20000)), misaligned=st.booleans(),
+       zone_hi=st.one_of(st.none(), st.integers(1, 15)))
+def test_alloc_frames_is_alloc_one_after_another(ops, k, misaligned, zone_hi):
+    """:meth:`Heap.alloc_frames` (the batched exchange's allocations) hands out the frames k
+    calls of ``alloc(0)`` hand out, in their order, and leaves the free lists (their order
+    and dirty chunks), the counters and every frame as they leave them -- on heaps made by
+    random allocations, frees to the head and to the tail, offlines (with Xen 4.17's
+    misaligned re-split or without), onlines and scrubs, with or without a highest zone (the
+    exchange's address bits); running out (fewer frames) and a
+    crash on a frame that is not free come at the same frame."""
+    h = Host.boot(HostConfig(mem_bytes=64 << 20, nr_pcpus=2,
+                             quirks=Quirks() if misaligned else FIXED_SPLIT()), dom0_pages=2048)
+    heap = h.heap
+    allocs: list[tuple[int, int]] = []
+    for op, order, pick in ops:
+        try:
+            if op == "alloc":
+                allocs.append((heap.alloc(order % 4), order % 4))
+            elif op in ("free", "free_scrub") and allocs:
+                head, o = allocs.pop(pick % len(allocs))
+                heap.free(head, o, scrub=op == "free_scrub")
+            elif op == "offline":
+                m = pick % h.nframes
+                sysctl.page_offline_op(h, 0, 1, m, m)
+            elif op == "online":
+                m = pick % h.nframes
+                sysctl.page_offline_op(h, 0, 2, m, m)
+            elif op == "scrub":
+                heap.scrub()
+        except (OutOfMemory, HostCrash, HostHang):
+            return  # a heap Xen would not have gone on with
+    a, b = copy.deepcopy(h), copy.deepcopy(h)
+    one: list[int] = []
+    err_a = None
+    try:
+        for _ in range(k):
+            one.append(a.heap.alloc(0, zone_hi=zone_hi))
+    except OutOfMemory:
+        pass
+    except HostCrash as e:
+        err_a = str(e)
+    err_b = None
+    try:
+        many = b.heap.alloc_frames(k, zone_hi)
+    except HostCrash as e:
+        err_b, many = str(e), None
+    assert err_a == err_b
+    if err_a is None:
+        assert many == one
+    sa, sb = _heap_state(a), _heap_state(b)
+    for x, y in zip(sa[0], sb[0]):
+        np.testing.assert_array_equal(x, y)
+    assert sa[1:] == sb[1:]

@@ -250,6 +250,7 @@ def test_allocation_failure_after_the_steal_and_the_assign_quirk(env, monkeypatc
     def no_memory(order=0, zone_hi=None):
         raise OutOfMemory(order)
     monkeypatch.setattr(h.heap, "alloc", no_memory)
+    monkeypatch.setattr(h.heap, "alloc_frames", lambda k, zone_hi=None: [])  # the batched path
     r = xchg(dom0, u.id, [m], [31])
     assert (r.rc, r.nr_exchanged) == (ENOMEM, 0)
     assert h.ft.owner(m) == u.id
@@ -341,6 +342,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from xenpage.hypervisor import memory as memory_mod  # noqa: E402
+from xenpage.abi.memory import XENMEMF_address_bits  # noqa: E402
 
 
 def _world(offl, broken, freed):
@@ -372,11 +374,14 @@ X_SELF = DOMID_SELF
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ins=st.lists(st.integers(0, 63), min_size=1, max_size=24, unique=True),
        offl=st.lists(st.integers(0, 63), max_size=30), broken=st.lists(st.integers(0, 63), max_size=6),
-       freed=st.lists(st.integers(0, 63), max_size=6), nr=st.integers(0, 3), all_pending=st.booleans())
-def test_batched_exchange_of_frames_is_the_loop(ins, offl, broken, freed, nr, all_pending):
+       freed=st.lists(st.integers(0, 63), max_size=6), nr=st.integers(0, 3), all_pending=st.booleans(),
+       bits=st.sampled_from([0, 0, 20, 25, 26, 28]))
+def test_batched_exchange_of_frames_is_the_loop(ins, offl, broken, freed, nr, all_pending, bits):
     """``memory_exchange`` of single frames batched (when every extent is independent: all
     offline-pending, no free buddy) leaves exactly the frame table, free lists, offlined and
-    broken lists and result that the extent-by-extent loop leaves -- and declines otherwise."""
+    broken lists and result that the extent-by-extent loop leaves -- with or without output
+    address bits (the zones the allocations may use; too few bits: out of memory part-way)
+    -- and declines otherwise."""
     nr = min(nr, len(ins))
     if all_pending:  # the toolstack's case: every input offline-pending
         offl = offl + ins
@@ -388,7 +393,9 @@ def test_batched_exchange_of_frames_is_the_loop(ins, offl, broken, freed, nr, al
         old = memory_mod.FAST
         memory_mod.FAST = fast
         try:
-            r = xchg(h.hypercalls(0), u.id, mfns, gpfns, nr=nr)
+            r = h.hypercalls(0).memory_exchange(
+                Reservation(list(mfns), 0, u.id),
+                Reservation(list(gpfns), 0, u.id, XENMEMF_address_bits(bits)), nr)
         finally:
             memory_mod.FAST = old
         out.append(((r.rc, r.nr_exchanged, list(r.out)), _state(h)))

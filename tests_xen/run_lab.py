@@ -81,14 +81,19 @@ GROUP_ARGS = {
     "hvm": {"LAB_XEN_PV_MEMTEST": "0"},
     "pvh-after": {"LAB_XEN_PV_MEMTEST": "0"},
     "dom0-watch": {"LAB_XEN_PV_MEMTEST": "0"},
+    # on the rebuilt Xen a PV guest has log-dirty: test_prescan_memtest.py then requires it
+    "prescan-shadow": {"XENPAGE_LAB_PV_LOGDIRTY": "1"},
 }
 
 #: Lab options of a group (xenlab.py reads them from the environment of its run): the
-#: machine-check group boots Xen 4.17 rebuilt with upstream's bank-mask fix (without it no
-#: machine check reaches dom0: tests_xen/README.md), on an Intel CPU model (Xen's Intel
-#: handler), with QEMU's monitor for the injections.
+#: machine-check group boots the lab's rebuilt Xen 4.17 (lab/xen-rebuilt/build.sh: upstream's
+#: bank-mask fix, without which no machine check reaches dom0: tests_xen/README.md), on an
+#: Intel CPU model (Xen's Intel handler), with QEMU's monitor for the injections; the
+#: pre-scan's log-dirty group boots the same rebuilt Xen for its shadow paging (a PV guest's
+#: log-dirty mode), on QEMU's default CPU like the other groups.
 GROUP_ENV = {
-    "mce": {"XENLAB_XEN": "mca", "XENLAB_CPU": "Haswell-noTSX", "XENLAB_MONITOR": "1"},
+    "mce": {"XENLAB_XEN": "rebuilt", "XENLAB_CPU": "Haswell-noTSX", "XENLAB_MONITOR": "1"},
+    "prescan-shadow": {"XENLAB_XEN": "rebuilt"},
 }
 
 #: Groups run only when named (``--group split``): the split-guard churn passed in three
@@ -104,9 +109,12 @@ EXTRA_GROUPS = {
     # an HVM guest takes more than 7 minutes to reach memtest here (SeaBIOS, direct kernel
     # boot, the kernel decompressing itself under Xen's HVM under TCG): too long for make test-xen
     "hvm": "tests_xen/test_hvm.py",
-    # the retirement service on machine checks the emulated hardware raises (Xen with the
-    # bank-mask fix, -cpu Haswell-noTSX, QEMU's monitor)
+    # the retirement service on machine checks the emulated hardware raises (the rebuilt Xen:
+    # bank-mask fix; -cpu Haswell-noTSX, QEMU's monitor)
     "mce": "tests_xen/test_mce_service.py",
+    # the pre-scan with a real log-dirty bitmap (the rebuilt Xen: shadow paging), next to the
+    # full scan on the same memtest guest
+    "prescan-shadow": "tests_xen/test_prescan_memtest.py",
     # the service's badpage= through a real reboot: two boots (run_reboot)
     "reboot": "tests_xen/test_badpage_reboot.py",
     # does a PVH guest migrate after dom0 touched its memory (XENPAGE_LAB_AFTER=inplace|rewrite|none)?
@@ -189,7 +197,7 @@ def main(argv: list[str]) -> int:
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update({k: v for k, v in env.items() if k not in os.environ})
             if env.get("XENLAB_XEN") and not os.environ.get("XENLAB_XEN_ELF"):
-                xenlab.build_xen_mca()
+                xenlab.build_xen_rebuilt()
             try:
                 if g == "reboot":
                     rc, runs[g] = run_reboot(argv)

@@ -1,8 +1,9 @@
 """The retirement service on real Xen, fed by machine checks the emulated hardware raises
 (group ``mce``, issue 14).
 
-Boots Xen 4.17 rebuilt with upstream's bank-mask fix (``lab/xen-mca/build.sh``: without it
-Xen 4.13-4.20 scan no MCA bank, tests_xen/README.md) on QEMU's ``-cpu Haswell-noTSX`` (Xen
+Boots the lab's rebuilt Xen 4.17, which has upstream's bank-mask fix
+(``lab/xen-rebuilt/build.sh``: without it Xen 4.13-4.20 scan no MCA bank, tests_xen/README.md)
+on QEMU's ``-cpu Haswell-noTSX`` (Xen
 takes Intel's machine-check path), with QEMU's monitor on a socket.  ``xenpage retired`` runs
 in dom0 as the service: its own state directory, its default source (``/dev/mcelog``, read
 natively), mcelog's threshold (2 corrected errors in 24 h).  The test asks the host (a console

@@ -66,7 +66,7 @@ def map_frames(host: "Host", mapper: int, domid: int, frames, writable: bool) ->
     # DOMID_XEN's frames shared with privileged guests (the M2P) may be mapped by dom0
     if d is None or (d.is_system and domid != DOMID_XEN):
         return -E.ESRCH, -1
-    frames = [int(f) for f in np.asarray(frames).ravel().tolist()]
+    frames = np.asarray(frames).ravel().tolist()  # Python ints
     if d.hvm:
         p2m = host.p2m.get(domid)
         mfns = []

@@ -229,11 +229,11 @@ class FrameTable:
         mfns = np.asarray(mfns, dtype=np.int64).ravel()
         special = getattr(self, "m2p_frame_pos", {})
         lst = mfns.tolist()
-        rows = [self.pages.get(m) for m in lst]
-        real = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
-        if real.all():
+        rows = list(map(self.pages.get, lst))
+        if self.pages.keys() >= set(lst):  # every frame stored whole (page tables): one copy
             out = np.concatenate(rows).reshape(-1, 512) if rows else np.zeros((0, 512), dtype=np.uint64)
         else:
+            real = np.fromiter((r is not None for r in rows), dtype=bool, count=len(rows))
             out = np.empty((mfns.size, 512), dtype=np.uint64)
             out[~real] = self.content[mfns[~real]][:, None] ^ (_IDX * _EXPAND_K)[None, :]
             if real.any():
@@ -260,11 +260,20 @@ class FrameTable:
         rows = np.asarray(rows, dtype=np.uint64).reshape(-1, 512)
         fp = rows[:, 0]
         compact = (rows == (fp[:, None] ^ (_IDX * _EXPAND_K)[None, :])).all(axis=1)
-        for m, c, i in zip(mfns.tolist(), compact.tolist(), range(mfns.size)):
-            if c:
-                self.pages.pop(m, None)
-            else:
-                self.pages[m] = rows[i].copy()
+        lst = mfns.tolist()
+        if len(set(lst)) < len(lst):  # a frame written twice keeps its last row
+            for m, c, i in zip(lst, compact.tolist(), range(mfns.size)):
+                if c:
+                    self.pages.pop(m, None)
+                else:
+                    self.pages[m] = rows[i].copy()
+            self.content[mfns[compact]] = fp[compact]
+            return
+        for m in self.pages.keys() & set(mfns[compact].tolist()):  # stored whole until now
+            del self.pages[m]
+        whole = np.flatnonzero(~compact)
+        for m, i in zip(mfns[whole].tolist(), whole.tolist()):
+            self.pages[m] = rows[i].copy()
         self.content[mfns[compact]] = fp[compact]
 
     def table(self, mfn: int) -> np.ndarray:

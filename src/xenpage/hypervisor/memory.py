@@ -112,8 +112,8 @@ def memory_exchange(host: "Host", caller: int, inp: Reservation, out: Reservatio
     # zones up to bits_to_zone(bits) only
     bits = XENMEMF_get_address_bits(out.mem_flags)
     zone_hi = (max(bits - X.PAGE_SHIFT, 1) if bits else None)
-    if FAST and zone_hi is None and inp.extent_order == 0 and out.extent_order == 0 and not d.hvm and not d.dying:
-        nr_exchanged = _exchange_frames(host, domid, inp.extent_start, out_list, nr_exchanged)
+    if FAST and inp.extent_order == 0 and out.extent_order == 0 and not d.hvm and not d.dying:
+        nr_exchanged = _exchange_frames(host, domid, inp.extent_start, out_list, nr_exchanged, zone_hi)
         if nr_exchanged == nin:
             return ExchangeResult(0, nin, out_list)
     # mfn_valid of every input frame, once (it depends on the memory map only)
@@ -190,7 +190,7 @@ FAST = True
 
 
 def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[int],
-                     start: int) -> int:
+                     start: int, zone_hi: int | None = None) -> int:
     """``memory_exchange`` of single frames, extents ``start..`` at once, when that gives
     exactly what the loop of :func:`memory_exchange` gives.  Returns how many extents are
     done then (``start`` when it declines; the caller goes on extent by extent from there,
@@ -203,7 +203,9 @@ def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[in
     are at least as many free frames as extents: freeing an offlining frame then only moves
     it to the offlined (or broken) list -- nothing merges, no free list changes -- so the
     allocations see the heap the loop would show them, one after another, and every other
-    write touches only its own frame."""
+    write touches only its own frame.  An input in use (a page moved off Xen's fixed range,
+    with address bits) is freed to the heap, but in a zone above every one the allocations
+    may take from, where no merge can reach theirs: the same holds."""
     ft = host.ft
     mf = np.array(ins[start:], dtype=np.int64)
     k = mf.size
@@ -215,14 +217,23 @@ def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[in
         return start
     ci = ft.count_info[mf]
     c = ci + _U(1)  # steal_page's temporary reference
+    state = (ci & _U(mm.PGC_state)) >> _U(mm.PGC_state_shift)
+    offl = state == _U(mm.STATE_OFFLINING)
+    bo = ft.buddy_order
+    # a frame in use (moved off Xen's fixed range) is freed to the heap and may merge there:
+    # independent of the allocations only when those keep below a zone it lies above and no
+    # merge can reach down to them (every chunk aligned, none of order >= zone_hi at frame 0,
+    # the only chunk a merge from above could join below)
+    apart = zone_hi is not None and host.heap.misaligned == 0 \
+        and not (bo[0] and int(bo[0]) - 1 >= zone_hi)
+    inuse = (state == _U(mm.STATE_INUSE)) & (mf >= (1 << zone_hi)) if apart else np.zeros(k, dtype=bool)
     ok = ((ci & _U(mm.PGC_count_mask)) != 0) & (ft.owner1[mf] == domid + 1) \
         & ((c & _U(mm.PGC_xen_heap | mm.PGC_extra)) == 0) \
         & ((c & _U(mm.PGC_count_mask | mm.PGC_allocated)) == _U(mm.PGC_allocated | 2)) \
-        & (((ci & _U(mm.PGC_state)) >> _U(mm.PGC_state_shift)) == _U(mm.STATE_OFFLINING))
+        & (offl | inuse)
     if not ok.all():
         return start
-    bo = ft.buddy_order
-    bud = mf ^ 1
+    bud = mf[offl] ^ 1
     if (bo[bud[bud < ft.nframes]] == 1).any():
         return start
     if (ft.type_info[mf] & _U(mm.PGT_count_mask | mm.PGT_locked | mm.PGT_pinned)).any():
@@ -231,23 +242,28 @@ def _exchange_frames(host: "Host", domid: int, ins: list[int], out_list: list[in
         gp = np.array(out_list[start:], dtype=np.uint64)
     except (OverflowError, ValueError, TypeError):
         return start
-    got: list[int] = []
-    try:
-        for _ in range(k):
-            got.append(host.heap.alloc(0))
-    except OutOfMemory:  # the extents before it are done; the loop fails this one
+    got = host.heap.alloc_frames(k, zone_hi)  # k calls of alloc(0, zone_hi), one after another
+    if len(got) < k:  # out of memory: the extents before it are done; the loop fails this one
         k = len(got)
         if k == 0:
             return start
-        mf, ci = mf[:k], ci[:k]
+        mf, ci, offl = mf[:k], ci[:k], offl[:k]
     new = np.array(got, dtype=np.int64)
-    # steal_page + free_heap_pages of each input: offlined, broken bit kept, no owner, no type,
-    # M2P invalid; listed in extent order
-    ft.count_info[mf] = (ci & _U(mm.PGC_broken)) | _U(mm.PGC_state_offlined)
-    ft.type_info[mf] = _U(0)
-    ft.owner1[mf] = 0
-    ft.m2p_plus1[mf] = _U(0)
-    host.heap._list_offlined(mf)
+    # steal_page + free_heap_pages of each offline-pending input: offlined, broken bit kept,
+    # no owner, no type, M2P invalid; listed in extent order
+    mo, co = mf[offl], ci[offl]
+    ft.count_info[mo] = (co & _U(mm.PGC_broken)) | _U(mm.PGC_state_offlined)
+    ft.type_info[mo] = _U(0)
+    ft.owner1[mo] = 0
+    ft.m2p_plus1[mo] = _U(0)
+    host.heap._list_offlined(mo)
+    # ... and of each input in use: stolen (no count, no owner, no type), then freed to the
+    # heap one by one in extent order, as the loop frees them (to the tails: no owner)
+    for m in mf[~offl].tolist():
+        ft.count_info[m] &= _U(~(mm.PGC_count_mask | mm.PGC_allocated) & 0xFFFFFFFFFFFFFFFF)
+        ft.type_info[m] = _U(0)
+        ft.set_owner(m, None)
+        host.free_domheap_pages(np.array([m], dtype=np.int64))
     # assign_pages (count_towards=False) and M2P[new] = gpfn
     ft.count_info[new] = (ft.count_info[new] & _U(mm.PGC_preserved)) | _U(mm.PGC_allocated | 1)
     ft.owner1[new] = domid + 1

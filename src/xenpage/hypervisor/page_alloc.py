@@ -285,6 +285,85 @@ class Heap:
         self.ft.owner1[sl] = 0
         return head
 
+    def alloc_frames(self, k: int, zone_hi: int | None = None) -> list[int]:
+        """``k`` calls of :meth:`alloc` for order 0 (and ``zone_hi``), one after another -- the same frames in
+        the same order, the lists, counters and frames left the same, a :class:`HostCrash`
+        on the same frame -- with what each call redid done once: the zones that have free
+        frames are listed again only when one runs out (or a split put a piece in another
+        zone), a whole aligned chunk that the next allocations would split piece by piece
+        is handed out at once (its frames from the highest down, as the splits give them),
+        and the handed-out frames are marked ``inuse`` (zero count, no owner) together at
+        the end.  For order 0 every head is
+        taken as it is (dirty or not: ``get_free_buddy`` skips a dirty head only above order
+        0).  Fewer than ``k`` frames: the heap ran out there (:meth:`alloc` would raise
+        :class:`OutOfMemory` on the next call)."""
+        got: list[int] = []
+        lists, dirty, bo, ci = self.lists, self.dirty, self.ft.buddy_order, self.ft.count_info
+        top = self.max_order + 1
+        free_bits = _FREE << mm.PGC_state_shift
+        state_mask = int(_STATE_MASK)
+        zones: list[int] | None = None
+        try:
+            while len(got) < k:
+                if zones is None:
+                    zones = sorted((z for z, n in self.zone_pages.items()
+                                    if n >= 1 and (zone_hi is None or z <= zone_hi)), reverse=True)
+                head = j = -1
+                for z in zones:
+                    for j in range(top):
+                        lst = lists.get((z, j))
+                        if lst:
+                            head = next(iter(lst))
+                            break
+                    if head >= 0:
+                        break
+                if head < 0:
+                    break  # alloc: OutOfMemory
+                z = zone_of(head)
+                if j == 0:  # _remove of an order-0 chunk, inline
+                    del lists[(z, 0)][head]
+                    dirty.pop(head, None)
+                    bo[head] = 0
+                    self.free_pages -= 1
+                    self.zone_pages[z] -= 1
+                elif k - len(got) >= 1 << j and not head & ((1 << j) - 1) \
+                        and (self.ft.states(head, 1 << j) == _FREE).all():
+                    # a whole aligned chunk: j was the smallest order with a chunk in the
+                    # highest zone, so the pieces each split puts back are that zone's only
+                    # chunks below order j, and the next allocations take them one after
+                    # another -- every frame, from the highest down; each piece added is
+                    # removed again (clean or dirty, it was alone on its list)
+                    self._remove(head, j)
+                    got.extend(range(head + (1 << j) - 1, head - 1, -1))
+                    if self.zone_pages[z] == 0:
+                        zones = None
+                    continue
+                else:
+                    fd = dirty.get(head)
+                    self._remove(head, j)
+                    while j > 0:
+                        j -= 1
+                        half = 1 << j
+                        self._add_scrub(head, j, fd if fd is not None and half > fd else None)
+                        head += half
+                        if fd is not None:
+                            fd = fd - half if fd >= half else 0
+                    if zone_of(head) != z:  # a piece went to another zone: list them again
+                        zones = None
+                if self.zone_pages[z] == 0:
+                    zones = None
+                if int(ci[head]) & state_mask != free_bits:
+                    raise HostCrash(f"Xen would crash: the heap handed out mfn {head:#x}, which "
+                                    "is not free (a misaligned buddy merged over frames in use)")
+                got.append(head)
+        finally:
+            if got:
+                idx = np.array(got, dtype=np.int64)
+                ci[idx] = _U(0)  # state inuse, count 0
+                self.ft.type_info[idx] = _U(0)
+                self.ft.owner1[idx] = 0
+        return got
+
     # -- freeing ----------------------------------------------------------------------------
     def free(self, head: int, order: int = 0, scrub: bool = False) -> list[int]:
         """``free_heap_pages``: each frame goes ``inuse``->``free`` or ``offlining``->``offlined``

@@ -37,22 +37,34 @@ def member(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return cand
 
 
-def member_frames(ptes: np.ndarray, targets: np.ndarray, shift: int, frame_mask: int) -> np.ndarray:
+def frame_filter(targets: np.ndarray) -> np.ndarray | None:
+    """The 64 KiB filter of :func:`member_frames` for ``targets`` (None for one target or
+    none: compared directly), to be built once for many calls."""
+    t = np.asarray(targets, dtype=np.uint64).ravel()
+    if t.size <= 1:
+        return None
+    filt = np.zeros(_MASK + 1, dtype=bool)
+    filt[(t & np.uint64(_MASK)).astype(np.intp)] = True
+    return filt
+
+
+def member_frames(ptes: np.ndarray, targets: np.ndarray, shift: int, frame_mask: int,
+                  filt: np.ndarray | None = None) -> np.ndarray:
     """Boolean array shaped like ``ptes`` (``uint64`` page-table entries): which entries'
     frame field ``(pte >> shift) & frame_mask`` is in ``targets`` -- the filter is taken on
     the field's low 16 bits straight from the entries, the whole field only for the
-    candidates."""
+    candidates.  ``filt``: :func:`frame_filter` of ``targets``, if already built."""
     t = np.asarray(targets, dtype=np.uint64).ravel()
     e = np.asarray(ptes, dtype=np.uint64)
     if t.size <= 1:
         f = e >> np.uint64(shift)
         f &= np.uint64(frame_mask)
         return f == t[0] if t.size else np.zeros(e.shape, dtype=bool)
-    filt = np.zeros(_MASK + 1, dtype=bool)
-    filt[(t & np.uint64(_MASK)).astype(np.intp)] = True
+    if filt is None:
+        filt = frame_filter(t)
     key = e >> np.uint64(shift)
     key &= np.uint64(_MASK)
-    cand = filt[key.view(np.intp)]
+    cand = filt.take(key.view(np.intp))
     idx = np.flatnonzero(cand)
     if idx.size:
         f = (e.reshape(-1)[idx] >> np.uint64(shift)) & np.uint64(frame_mask)

@@ -54,39 +54,61 @@ def _read(hv: Hypervisor, domid: int, mfns) -> np.ndarray | int:
     return a
 
 
-def _write_rows(hv: Hypervisor, domid: int, mfns: list[int], rows: list[np.ndarray]) -> int:
-    """Write whole frames whose content differs from ``rows``."""
-    if not mfns:
+def _write_rows(hv: Hypervisor, domid: int, mfns: list[int], rows, compare: bool = True) -> int:
+    """Write whole frames whose content differs from ``rows`` (a sequence of 512-word rows
+    or one ``(n, 512)`` array).  ``compare=False``: write every frame without reading it
+    first -- for frames just handed out by XENMEM_exchange, which nothing else can have
+    written or typed yet (writing the same words again is harmless: idempotent either way)."""
+    if not len(mfns):
         return 0
-    cur = _read(hv, domid, mfns)
-    if isinstance(cur, int):
-        return cur
-    want = np.stack([np.asarray(r, dtype=np.uint64).reshape(512) for r in rows])
-    need = np.flatnonzero((cur != want).any(axis=1)).tolist()  # one pass for a batch
-    if not need:
-        return 0
-    wm = hv.map_foreign(domid, [mfns[i] for i in need], True)
+    want = rows if isinstance(rows, np.ndarray) and rows.ndim == 2 else \
+        np.stack([np.asarray(r, dtype=np.uint64).reshape(512) for r in rows])
+    need = None
+    if compare:
+        m = hv.map_foreign(domid, np.asarray(mfns, dtype=np.int64), False)
+        if isinstance(m, int):
+            return m
+        diff = (m.array != want).any(axis=1)  # one pass for a batch, read in place
+        m.unmap()
+        if not diff.any():
+            return 0
+        if not diff.all():
+            need = np.flatnonzero(diff)
+    if need is None:
+        wm = hv.map_foreign(domid, np.asarray(mfns, dtype=np.int64), True)
+    else:
+        wm = hv.map_foreign(domid, np.asarray(mfns, dtype=np.int64)[need], True)
     if isinstance(wm, int):
         return wm
-    for k, i in enumerate(need):
-        wm.array[k] = rows[i]
+    wm.array[:] = want if need is None else want[need]
     wm.flush()
     wm.unmap()
     return 0
 
 
-def _write_words(hv: Hypervisor, domid: int, frames: list[int], writes: list[tuple[int, int, int]]) -> int:
+def _write_words(hv: Hypervisor, domid: int, frames: list[int], writes: list[tuple[int, int, int]],
+                 compare: bool = True) -> int:
     """``writes`` = (row in ``frames``, word index, value): a read-modify-write of the frames
-    holding a word that differs."""
+    holding a word that differs.  ``compare=False``: the frames are mapped writable at once
+    and the words written in place (the first pass of an exchange, whose words all differ)."""
     if not writes:
+        return 0
+    w = np.array(writes, dtype=np.uint64).reshape(-1, 3)
+    r, i = w[:, 0].astype(np.int64), w[:, 1].astype(np.int64)
+    if not compare:
+        wm = hv.map_foreign(domid, np.asarray(frames, dtype=np.int64), True)
+        if isinstance(wm, int):
+            return wm
+        wm.array[r, i] = w[:, 2]
+        wm.flush()
+        wm.unmap()
         return 0
     cur = _read(hv, domid, frames)
     if isinstance(cur, int):
         return cur
     rows = cur.copy()
-    for r, i, v in writes:
-        rows[r, i] = _U(v)
-    return _write_rows(hv, domid, frames, list(rows))
+    rows[r, i] = w[:, 2]
+    return _write_rows(hv, domid, frames, rows)
 
 
 def _set_entries(hv: Hypervisor, domid: int, ents: list[tuple[int, int, int, int]]) -> int:
@@ -142,16 +164,20 @@ def repoint_values(exchanged, refs_by_target) -> list[tuple[int, int, int, int]]
 
 def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_target: dict,
              unpinned: list[int], p2m_frames: np.ndarray, fl_frames: np.ndarray,
-             hook=None) -> tuple[np.ndarray, list[int]]:
+             hook=None, fresh: bool = False, rows: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
     """Finish an exchange group: ``exchanged`` = [(old, gpfn, level, new)], ``content`` =
     {old: uint64[512]} as snapshotted before the exchange, ``refs_by_target`` =
     {old: [(table, index, value, level)]} the entries cleared, ``unpinned`` the old frames
     that were unpinned.  Returns (updated P2M frame list, new frames whose M2P was fixed).
+    ``fresh``: called right after the exchange (not from the journal): the new frames are
+    written without being read first, and the P2M frames in place; ``rows``: the content as
+    one ``(n, 512)`` array in the order of ``exchanged`` (else taken from ``content``).
     Raises :class:`Incomplete` when a step keeps failing."""
     hook = hook or (lambda step, **kw: None)
     news = [new for _, _, _, new in exchanged]
-    _retry("copy", lambda: _write_rows(hv, domid, news, [np.asarray(content[old], dtype=np.uint64)
-                                                          for old, _, _, _ in exchanged]))
+    if rows is None:
+        rows = np.stack([np.asarray(content[old], dtype=np.uint64).reshape(512) for old, _, _, _ in exchanged])
+    _retry("copy", lambda: _write_rows(hv, domid, news, rows, compare=not fresh))
     hook("copied")
     p2m_frames = np.asarray(p2m_frames, dtype=np.int64)
     olds = np.array([old for old, _, _, _ in exchanged], dtype=np.int64)
@@ -174,7 +200,8 @@ def complete(hv: Hypervisor, domid: int, exchanged, content: dict, refs_by_targe
     prow = {p: k for k, p in enumerate(pf_idx)}
     pfs = [int(p2m_frames[p]) for p in pf_idx]
     _retry("P2M", lambda: _write_words(hv, domid, pfs,
-                                       [(prow[g // 512], g % 512, new) for _, g, _, new in exchanged]))
+                                       [(prow[g // 512], g % 512, new) for _, g, _, new in exchanged],
+                                       compare=not fresh))
     hook("p2m")
     fixed: list[int] = []
 
