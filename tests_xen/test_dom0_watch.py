@@ -15,11 +15,18 @@ C. ``inplace`` x8: the frame marked offline first (found through the M2P alone: 
 D. ``migrate``: ``xl migrate`` of the guest (group pvh-after's failure).
 
 Each record says how many of dom0's memtest pages changed behind its back and whether this
-process's own words still hash the same."""
+process's own words still hash the same.
+
+``test_dom0_control`` is the control experiment: the same two watchers, the same PVH guest
+running but untouched (``XENPAGE_LAB_WATCH_GUEST=0``: no guest at all), no operation on any
+guest, for ``XENPAGE_LAB_WATCH_S`` seconds (default 120) of back-to-back checks; it records the
+CPU features dom0 sees (/proc/cpuinfo, the kernel's ``x86/fpu`` lines) so that runs on
+different QEMU CPU models (``XENLAB_CPU``) can be compared."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import subprocess
 import time
@@ -54,6 +61,90 @@ def _frames_of(xen, domid: int, gfn: int) -> list[int]:
             m.unmap()
             mine = set(p2m0[p2m0 < xen.max_mfn()].tolist())
     return [int(c) for c in cand if int(c) not in mine]
+
+
+class OwnWords:
+    """32 MiB of known random words in this process; ``check`` hashes them (SHA-256 through
+    OpenSSL) and sums them (numpy) and, on a mismatch, says where the copy differs from the
+    words and whether a second hash of the same words agrees -- a wrong result that does not
+    repeat is a computation gone wrong (registers), not memory."""
+
+    def __init__(self) -> None:
+        self.words = np.random.default_rng(12).integers(0, 2 ** 63, size=4 << 20, dtype=np.uint64)
+        self.digest = hashlib.sha256(self.words.tobytes()).hexdigest()
+        self.total = int(self.words.sum(dtype=np.uint64))
+        self.checks = 0
+        self.bad: list[dict] = []
+
+    def check(self) -> dict:
+        self.checks += 1
+        b = self.words.tobytes()
+        d = hashlib.sha256(b).hexdigest()
+        t = int(self.words.sum(dtype=np.uint64))
+        out = {"hash_ok": d == self.digest, "sum_ok": t == self.total}
+        if not (out["hash_ok"] and out["sum_ok"]):
+            copy = np.frombuffer(b, dtype=np.uint64)
+            diff = np.flatnonzero(copy != self.words)
+            out.update(n=self.checks, copy_differs_at=[int(i) for i in diff[:16]], copy_words_differing=int(diff.size),
+                       copy_values=[(hex(int(self.words[i])), hex(int(copy[i]))) for i in diff[:4]],
+                       rehash_ok=hashlib.sha256(self.words.tobytes()).hexdigest() == self.digest,
+                       resum_ok=int(self.words.sum(dtype=np.uint64)) == self.total)
+            self.bad.append(out)
+        return out
+
+
+def _cpu_record() -> dict:
+    flags = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = line.split(":", 1)[1].split()
+            break
+    want = ("avx", "avx2", "avx512f", "fma", "f16c", "xsave", "xsaveopt", "xsavec", "xsaves", "osxsave",
+            "sse4_2", "sha_ni", "bmi1", "bmi2", "adx", "vaes", "vpclmulqdq", "fsgsbase", "pku")
+    dm = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    model = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+             if l.startswith("model name")][:1]
+    return {"model": model, "selected": {f: f in flags for f in want}, "flags": flags,
+            "fpu": [l.split("] ", 1)[-1] for l in dm.splitlines() if "x86/fpu" in l]}
+
+
+def test_dom0_control(rec):
+    """No operation on any guest: do dom0's watchers still see damage?"""
+    cpu = _cpu_record()
+    rec.add("dom0-cpu", **cpu)
+    exe = HERE / "memtest"
+    proc = subprocess.Popen(["sh", "-c", f"exec {exe} 128 1 > {LOG} 2>&1"])
+    try:
+        end = time.time() + 300
+        while time.time() < end and _dom0()[0] < 1:
+            time.sleep(1)
+        assert _dom0()[0] >= 1, f"dom0 memtest did not start: {LOG.read_text()[-500:] if LOG.exists() else ''}"
+        own = OwnWords()
+        guest = os.environ.get("XENPAGE_LAB_WATCH_GUEST", "1") != "0"
+        g = T.start("pvh", rec) if guest else None
+        dur = float(os.environ.get("XENPAGE_LAB_WATCH_S", "120"))
+        t0 = time.time()
+        last = t0
+        while time.time() - t0 < dur:
+            r = own.check()
+            if not (r["hash_ok"] and r["sum_ok"]) or time.time() - last > 15:
+                last = time.time()
+                d0 = _dom0()
+                rec.add("dom0-control", t=round(time.time() - t0, 1), checks=own.checks, bad=len(own.bad),
+                        dom0_gen=d0[0], dom0_corrupt=d0[1], last=r,
+                        guest_last=(g.heartbeats()[-1:] if g and g.heartbeats() else None),
+                        guest_bad=(g.bad_lines()[:3] if g else None))
+        d0 = _dom0()
+        mt_bad = [l for l in (LOG.read_text(errors="replace").splitlines() if LOG.exists() else [])
+                  if l.startswith("MEMTEST") and not l.startswith("MEMTEST OK")][:10]
+        summary = dict(guest=guest, seconds=round(time.time() - t0, 1), checks=own.checks, bad=own.bad[:10],
+                       dom0_gen=d0[0], dom0_corrupt=d0[1], dom0_memtest_bad=mt_bad,
+                       avx=cpu["selected"]["avx"], avx2=cpu["selected"]["avx2"],
+                       guest_heartbeats=(g.heartbeats()[-2:] if g else None), guest_bad=(g.bad_lines()[:5] if g else None))
+        rec.add("dom0-control-summary", **summary)
+    finally:
+        proc.terminate()
+    assert not own.bad and d0[1] == 0 and not mt_bad, summary
 
 
 def test_dom0_memory_across_operations(xen, rec):
