@@ -121,7 +121,13 @@ def test_dom0_control(rec):
         assert _dom0()[0] >= 1, f"dom0 memtest did not start: {LOG.read_text()[-500:] if LOG.exists() else ''}"
         own = OwnWords()
         guest = os.environ.get("XENPAGE_LAB_WATCH_GUEST", "1") != "0"
-        g = T.start("pvh", rec) if guest else None
+        g, start_error = None, None
+        if guest:
+            try:
+                g = T.start("pvh", rec)
+            except AssertionError as e:     # a dom0 process (xl's own) dying is a finding here
+                start_error = str(e)[-600:]
+                rec.add("dom0-control-guest-failed", error=start_error)
         dur = float(os.environ.get("XENPAGE_LAB_WATCH_S", "120"))
         t0 = time.time()
         last = t0
@@ -137,14 +143,16 @@ def test_dom0_control(rec):
         d0 = _dom0()
         mt_bad = [l for l in (LOG.read_text(errors="replace").splitlines() if LOG.exists() else [])
                   if l.startswith("MEMTEST") and not l.startswith("MEMTEST OK")][:10]
-        summary = dict(guest=guest, seconds=round(time.time() - t0, 1), checks=own.checks, bad=own.bad[:10],
+        dm = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+        traps = [l for l in dm.splitlines() if "traps:" in l or "segfault at" in l or "general protection" in l]
+        summary = dict(guest=guest, guest_start_error=start_error, dom0_traps=traps[:10], seconds=round(time.time() - t0, 1), checks=own.checks, bad=own.bad[:10],
                        dom0_gen=d0[0], dom0_corrupt=d0[1], dom0_memtest_bad=mt_bad,
                        avx=cpu["selected"]["avx"], avx2=cpu["selected"]["avx2"],
                        guest_heartbeats=(g.heartbeats()[-2:] if g else None), guest_bad=(g.bad_lines()[:5] if g else None))
         rec.add("dom0-control-summary", **summary)
     finally:
         proc.terminate()
-    assert not own.bad and d0[1] == 0 and not mt_bad, summary
+    assert not own.bad and d0[1] == 0 and not mt_bad and not traps and start_error is None, summary
 
 
 def test_dom0_memory_across_operations(xen, rec):
