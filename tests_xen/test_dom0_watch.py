@@ -38,6 +38,7 @@ import translated as T
 HERE = Path(__file__).resolve().parent
 LOG = Path("/tmp/dom0-memtest.log")
 RX_OK = re.compile(r"^MEMTEST OK gen=(\d+) pages=(\d+) corrupt=(\d+) moved=(\d+)", re.M)
+RX_BAD_LINE = re.compile(r"^MEMTEST (CORRUPT|PFNMOVED|ERROR)")
 
 
 def _dom0() -> tuple[int, int]:
@@ -131,9 +132,9 @@ def test_dom0_control(rec):
                         guest_bad=(g.bad_lines()[:3] if g else None))
         d0 = _dom0()
         mt_bad = [l for l in (LOG.read_text(errors="replace").splitlines() if LOG.exists() else [])
-                  if l.startswith("MEMTEST") and not l.startswith("MEMTEST OK")][:10]
+                  if RX_BAD_LINE.match(l)][:10]
         traps = _traps()
-        summary = dict(guest=guest, guest_start_error=start_error, dom0_traps=traps[:10], seconds=round(time.time() - t0, 1), checks=own.checks, bad=own.bad[:10],
+        summary = dict(guest=guest, guest_start_error=start_error, dom0_traps=traps[:10], seconds=round(time.time() - t0, 1), checks=own.checks, n_bad=len(own.bad), bad=own.bad[:10],
                        dom0_gen=d0[0], dom0_corrupt=d0[1], dom0_memtest_bad=mt_bad,
                        avx=cpu["selected"]["avx"], avx2=cpu["selected"]["avx2"],
                        guest_heartbeats=(g.heartbeats()[-2:] if g else None), guest_bad=(g.bad_lines()[:5] if g else None))
