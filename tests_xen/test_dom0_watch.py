@@ -114,7 +114,7 @@ def test_dom0_control(rec):
         g, start_error = None, None
         if guest:
             try:
-                g = T.start("pvh", rec)
+                g = T.start("pvh", rec, name="pvhctl")
             except AssertionError as e:     # a dom0 process (xl's own) dying is a finding here
                 start_error = str(e)[-600:]
                 rec.add("dom0-control-guest-failed", error=start_error)
@@ -141,6 +141,9 @@ def test_dom0_control(rec):
         rec.add("dom0-control-summary", **summary)
     finally:
         proc.terminate()
+        proc.wait()
+        if guest:      # the group's next test builds its own guest
+            subprocess.run(["xl", "destroy", "pvhctl"], capture_output=True)
     assert not own.bad and d0[1] == 0 and not mt_bad and not traps and start_error is None, summary
 
 
