@@ -57,7 +57,7 @@ test-xen: $(STAMP)
 
 # Lab groups that pass but do not fit CI's budget (README): run by hand before resolving.
 test-xen-long: $(STAMP)
-	$(PY) tests_xen/run_lab.py --group mce,prescan-shadow,reboot
+	$(PY) tests_xen/run_lab.py --group mce,prescan-shadow,reboot,hvm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .import_linter_cache

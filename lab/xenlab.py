@@ -752,6 +752,13 @@ def run(scenario_name: str, timeout: float | None, results: Path | None, vcpus: 
     if opts.get("xen_args"):
         xen_args += " " + " ".join(str(opts["xen_args"]).split("+"))
     cpu_model = os.environ.get("XENLAB_CPU") or str(opts.get("cpu", "max"))
+    # eager_fpu=0 (XENLAB_EAGER_FPU=0): Xen's own choice, lazy FPU switching on the AMD CPU
+    # models -- under QEMU 7.2's TCG it gives dom0 processes wrong vector-register contents
+    # (wrong memcpy/SHA-256 results, heap corruption, SIGSEGVs) with no guest operation at
+    # all (tests_xen/README.md, "The lab machine's FPU fault"); by default Xen switches the
+    # FPU state eagerly (its spec-ctrl=eager-fpu option)
+    if (os.environ.get("XENLAB_EAGER_FPU") or str(opts.get("eager_fpu", "1"))) != "0":
+        xen_args += " spec-ctrl=eager-fpu"
     if os.environ.get("XENLAB_XEN_ARGS"):
         xen_args += " " + os.environ["XENLAB_XEN_ARGS"]
     # XENLAB_MONITOR=1 gives any scenario a monitor: a run killed for a timeout then records

@@ -36,7 +36,7 @@ from xenpage.toolstack.pcpu import off_pcpu0
 
 CFG = {"pvh": ROOT / "lab/guest/pvh.cfg", "hvm": ROOT / "lab/guest/hvm.cfg"}
 #: memtest page indexes used by each step, as fractions of memtest's pages (16 MiB = 4096
-#: pages for PVH, 2 MiB for HVM: see hvm.cfg)
+#: pages for both: see pvh.cfg, hvm.cfg)
 ONE = 0.025
 BATCH = [0.075 + 0.1 * k for k in range(8)]
 CLI = 0.85

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import threading
 import time
@@ -23,6 +24,16 @@ from ...toolstack.hypervisor import MigrationReport
 
 XL = "xl"
 TIMEOUT_S = 900.0
+#: where Debian and Xen's own install put ``xl``, for a caller whose PATH lacks them
+SBIN = "/usr/sbin:/sbin:/usr/local/sbin"
+
+
+def xl_path() -> str:
+    """``xl`` by absolute path: the receiving end runs through ``sh -c`` in the sender's
+    environment, and a PATH without /usr/sbin (a service's, a user's) makes it exit 127
+    ("command not found") -- seen once as "migration transport process exited with error
+    status 127"."""
+    return shutil.which(XL) or shutil.which(XL, path=SBIN) or XL
 
 RX_ITER = re.compile(r"Frames iteration (\d+)(?: of (\d+))?")
 RX_PROGRESS = re.compile(r"Frames iteration (\d+)(?: of \d+)?:\s*(\d+)/(\d+)")
@@ -108,9 +119,10 @@ class MigrationMixin:
             if free < info.tot_pages:
                 return fail(-E.ENOMEM, f"no room for a second copy of d{domid} on this host: "
                                        f"{free} free pages < {info.tot_pages} of the guest")
-            argv = [XL, "-vvv", "migrate", "-s", "", str(domid), f"{XL} -vvv migrate-receive"]
+            xl = xl_path()
+            argv = [xl, "-vvv", "migrate", "-s", "", str(domid), f"{shlex.quote(xl)} -vvv migrate-receive"]
         else:
-            argv = [XL, "-vvv", "migrate", str(domid), destination]
+            argv = [xl_path(), "-vvv", "migrate", str(domid), destination]
         lines: list[tuple[float, str]] = []
         with off_pcpu0(self):
             t_start = time.monotonic()
