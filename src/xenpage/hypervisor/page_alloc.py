@@ -262,16 +262,7 @@ class Heap:
                 break
         if found is None:
             raise OutOfMemory(order)
-        head, j = found
-        fd = self.dirty.get(head)
-        self._remove(head, j)
-        while j > order:
-            j -= 1
-            half = 1 << j
-            self._add_scrub(head, j, fd if fd is not None and half > fd else None)
-            head += half
-            if fd is not None:
-                fd = fd - half if fd >= half else 0
+        head = self._take_split(*found, order)
         n = 1 << order
         st = self.ft.states(head, n)
         if not (st == _FREE).all():
@@ -283,6 +274,22 @@ class Heap:
         self.ft.count_info[sl] = _U(0)  # state inuse, count 0
         self.ft.type_info[sl] = _U(0)
         self.ft.owner1[sl] = 0
+        return head
+
+    def _take_split(self, head: int, j: int, order: int) -> int:
+        """The chunk of order ``j`` at ``head`` off its free list, split down to ``order`` as
+        ``alloc_heap_pages`` does: the lower half of each split goes back to the free lists
+        (with its share of the first-dirty mark), the upper half is split on; the frame
+        handed out is the highest chunk's head."""
+        fd = self.dirty.get(head)
+        self._remove(head, j)
+        while j > order:
+            j -= 1
+            half = 1 << j
+            self._add_scrub(head, j, fd if fd is not None and half > fd else None)
+            head += half
+            if fd is not None:
+                fd = fd - half if fd >= half else 0
         return head
 
     def alloc_frames(self, k: int, zone_hi: int | None = None) -> list[int]:
@@ -339,15 +346,7 @@ class Heap:
                         zones = None
                     continue
                 else:
-                    fd = dirty.get(head)
-                    self._remove(head, j)
-                    while j > 0:
-                        j -= 1
-                        half = 1 << j
-                        self._add_scrub(head, j, fd if fd is not None and half > fd else None)
-                        head += half
-                        if fd is not None:
-                            fd = fd - half if fd >= half else 0
+                    head = self._take_split(head, j, 0)
                     if zone_of(head) != z:  # a piece went to another zone: list them again
                         zones = None
                 if self.zone_pages[z] == 0:
