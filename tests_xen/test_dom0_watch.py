@@ -172,18 +172,9 @@ def test_dom0_memory_across_operations(xen, rec):
             seen.setdefault("first", f"{phase} #{i}")
 
     def decpop(gfn: int) -> dict:
-        gf = np.array([gfn], dtype=np.int64)
-        assert xen.pause(g.domid) == 0
-        try:
-            rc, data = xen.read_pages(g.domid, gf)
-            done = xen.decrease_reservation(g.domid, gf)
-            pdone, _ = xen.populate_physmap(g.domid, gf)
-            wrc = xen.write_pages(g.domid, gf, data)
-            rc2, back = xen.read_pages(g.domid, gf)
-        finally:
-            xen.unpause(g.domid)
-        assert rc == 0 and done == 1 and pdone == 1 and wrc == 0 and rc2 == 0 and back == data, \
-            (rc, done, pdone, wrc, rc2)
+        r = T.decrease_populate(xen, g.domid, np.array([gfn], dtype=np.int64))
+        assert r["decrease_done"] == 1 and r["populate_done"] == 1 and r["write_rc"] == 0 \
+            and r["identical"], r
         return {"gfn": hex(gfn)}
 
     check("start", 0, {})

@@ -44,20 +44,11 @@ def test_migrate_after(xen, rec):
     elif what == "decpop":
         gfns = np.array([g.pfns()[T.at(g, [T.ONE])[0]]], dtype=np.int64)
         gen = g.last_gen()
-        assert xen.pause(g.domid) == 0
-        try:
-            rc, data = xen.read_pages(g.domid, gfns)
-            assert rc == 0
-            done = xen.decrease_reservation(g.domid, gfns)
-            pdone, _ = xen.populate_physmap(g.domid, gfns)
-            wrc = xen.write_pages(g.domid, gfns, data)
-            rc2, back = xen.read_pages(g.domid, gfns)
-        finally:
-            xen.unpause(g.domid)
+        r = T.decrease_populate(xen, g.domid, gfns)
         hb = g.wait_after(gen, 2)
-        rec.add("pvh-after-decpop", gfns=[hex(int(x)) for x in gfns], decrease_done=done, populate_done=pdone,
-                write_rc=wrc, identical=bool(rc2 == 0 and back == data), heartbeats=hb[-2:])
-        assert done == 1 and pdone == 1 and wrc == 0 and rc2 == 0 and back == data
+        rec.add("pvh-after-decpop", gfns=[hex(int(x)) for x in gfns], **r, heartbeats=hb[-2:])
+        assert r["decrease_done"] == 1 and r["populate_done"] == 1 and r["write_rc"] == 0 \
+            and r["identical"]
         assert all(c == 0 for _, _, c, _ in hb)
     rep = xen.live_migrate(g.domid)
     rec.add("pvh-after-migrate", after=what, report=rep.to_json())

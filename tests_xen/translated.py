@@ -221,6 +221,24 @@ def _diagnose(xen, domid: int, gfns) -> dict:
     return out
 
 
+def decrease_populate(xen, domid: int, gfns: np.ndarray) -> dict:
+    """The in-place steps without an offline mark, under one pause: read the gfns' pages,
+    XENMEM_decrease_reservation, XENMEM_populate_physmap, write the pages back and read them
+    again.  A failed first read stops before the decrease (the copy would be the only one)."""
+    assert xen.pause(domid) == 0
+    try:
+        rc, data = xen.read_pages(domid, gfns)
+        assert rc == 0, f"read_pages of d{domid}: rc {rc}"
+        done = xen.decrease_reservation(domid, gfns)
+        pdone, _ = xen.populate_physmap(domid, gfns)
+        wrc = xen.write_pages(domid, gfns, data)
+        rc2, back = xen.read_pages(domid, gfns)
+    finally:
+        xen.unpause(domid)
+    return {"decrease_done": done, "populate_done": pdone, "write_rc": wrc,
+            "identical": bool(rc2 == 0 and back == data)}
+
+
 def retire_in_place(xen, g: TGuest, idx: list[int], rec, label: str) -> dict:
     """Mark, pause, copy out, decrease_reservation, populate_physmap, copy back, unpause."""
     idx = at(g, idx)
