@@ -84,6 +84,7 @@ GROUP_ARGS = {
     "hvm": {"LAB_XEN_PV_MEMTEST": "0"},
     "pvh-after": {"LAB_XEN_PV_MEMTEST": "0"},
     "dom0-watch": {"LAB_XEN_PV_MEMTEST": "0"},
+    "inplace-soak": {"LAB_XEN_PV_MEMTEST": "0"},
     # on the rebuilt Xen a PV guest has log-dirty: test_prescan_memtest.py then requires it
     "prescan-shadow": {"XENPAGE_LAB_PV_LOGDIRTY": "1"},
 }
@@ -121,6 +122,9 @@ EXTRA_GROUPS = {
     # which step on a PVH guest's memory disturbs dom0's own memory (dom0 runs memtest too);
     # its control (no guest operation) found the lab's lazy-FPU fault (tests_xen/README.md)
     "dom0-watch": "tests_xen/test_dom0_watch.py",
+    # three PVH guests for minutes: in place with and without the offline mark, and a control
+    # (pause, copy out, write back): does a guest survive many in-place retirements?
+    "inplace-soak": "tests_xen/test_inplace_soak.py",
 }
 
 

@@ -115,13 +115,17 @@ def domid_of(name: str) -> int | None:
 BOOT_TIMEOUT = {"pvh": 420, "hvm": 1500}
 
 
-def start(kind: str, rec, timeout: float | None = None, name: str | None = None) -> TGuest:
-    """``xl create`` the memtest guest of ``kind`` (under ``name`` if given); returns once its
-    PFN lines and a first heartbeat are out."""
+def start(kind: str, rec, timeout: float | None = None, name: str | None = None,
+          append: str = "") -> TGuest:
+    """``xl create`` the memtest guest of ``kind`` (under ``name`` if given, ``append`` added to
+    its kernel command line); returns once its PFN lines and a first heartbeat are out."""
     text = CFG[kind].read_text()
     old = re.search(r'^name\s*=\s*"([^"]+)"', text, re.M).group(1)
     name = name or old
     text = text.replace(f'"{old}"', f'"{name}"').replace(f"guest-{old}", f"guest-{name}")
+    if append:
+        text = re.sub(r'^((?:extra|cmdline)\s*=\s*"[^"]*)"', lambda m: m.group(1) + " " + append + '"', text,
+                      count=1, flags=re.M)
     cfg = Path("/tmp") / f"{name}.cfg"
     cfg.write_text(text)
     t0 = time.perf_counter()
