@@ -31,12 +31,25 @@ ORDER = ["test_pvh.py", "test_hvm.py", "test_pvh_after.py", "test_memtest_offlin
          "test_stock_exchange.py", "test_page_kinds.py", "test_split_guard.py", "test_hang_guard.py"]
 
 
+#: the translated-guest part of the backend contract: in a run with a PVH or HVM group's guests
+#: (test_pvh.py, test_hvm.py) it runs on those guests, after their in-place steps and before
+#: their live migration (which comes last: see ORDER)
+TRANSLATED_CONTRACT = "test_translated_contract.py"
+GUEST_MODULES = ("test_pvh.py", "test_hvm.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    names = {Path(str(it.fspath)).name for it in items}
+    host = next((m for m in GUEST_MODULES if m in names), None)
+
     def key(it):
         p = Path(str(it.fspath))
+        if p.name == TRANSLATED_CONTRACT and host:
+            return (ORDER.index(host), 1)
         if HERE not in p.resolve().parents:
             return (-1, 0)
-        return (ORDER.index(p.name) if p.name in ORDER else len(ORDER), 0)
+        i = ORDER.index(p.name) if p.name in ORDER else len(ORDER)
+        return (i, 2 if p.name == host and "live_migration" in it.name else 0)
     items.sort(key=key)      # stable: keeps the order inside each module
     if is_xen_control_domain():
         return

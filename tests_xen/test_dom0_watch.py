@@ -199,9 +199,13 @@ def test_dom0_memory_across_operations(xen, rec):
     for i, gfn in enumerate(picked):
         mfn = int(p2m_b[gfn])
         m2p_ok = int(xen.m2p(np.array([mfn]))[0]) == gfn
+        guard = T.guarded(xen, [mfn])
         st = T.mark(xen, [mfn])[0]
         assert T.owned_pending(st, g.domid), hex(st)
-        info = decpop(gfn)
+        try:
+            info = decpop(gfn)
+        finally:
+            guard.release()
         info.update(mfn=hex(mfn), m2p_ok=m2p_ok, status_after=hex(T.status(xen, mfn)))
         check("inplace", i, info)
     time.sleep(10)

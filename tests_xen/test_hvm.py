@@ -11,7 +11,7 @@ import translated as T
 KIND = "hvm"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def guest(xen, rec):
     return T.start(KIND, rec)
 

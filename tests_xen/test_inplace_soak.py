@@ -3,7 +3,7 @@ by hand, its own boot.)
 
 Three PVH memtest guests side by side, for a fixed time, one step each per round:
 
-* ``soaka``: one memtest frame retired in place (offline mark, pause, copy out,
+* ``soaka``: one memtest frame retired in place (guard frames, offline mark, pause, copy out,
   ``XENMEM_decrease_reservation``, ``XENMEM_populate_physmap``, copy back, unpause);
 * ``soakc``: the same without the offline mark (the old frame goes back to Xen's heap);
 * ``soakb``, the control: pause, copy the same page out, write it back, unpause -- every step
@@ -91,8 +91,12 @@ def test_inplace_soak(xen, rec):
             gfn = pf[k][idx]
             if k == "a":
                 gfns, old = T.frames(xen, g, [idx])
+                guard = T.guarded(xen, old)
                 T.mark(xen, old)
-                r = T.decrease_populate(xen, g.domid, gfns)
+                try:
+                    r = T.decrease_populate(xen, g.domid, gfns)
+                finally:
+                    guard.release()
                 ok = r["decrease_done"] == 1 and r["populate_done"] == 1 and r["identical"]
             elif k == "c":
                 r = T.decrease_populate(xen, g.domid, np.array([gfn], dtype=np.int64))

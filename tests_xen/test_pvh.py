@@ -18,13 +18,13 @@ import translated as T
 KIND = "pvh"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def guests(xen, rec):
     # both built before anything is offlined (Xen 4.17's misaligned buddy split)
     return T.start(KIND, rec), T.start(KIND, rec, name="pvhmig")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def guest(guests):
     return guests[0]
 

@@ -384,6 +384,14 @@ class Host:
         offl = st == _U(mm.STATE_OFFLINING)
         if ((st != _U(mm.STATE_INUSE)) & ~offl).any():
             raise AssertionError("free_domheap_pages on a frame that is not allocated")
+        if offl.any() and self.quirks.relinquish_pending_last:
+            # relinquish_memory frees a dying domain's pages one by one in its page-list
+            # order, in which a pending frame can come after neighbours already merged into
+            # a free buddy (quirk relinquish_pending_last: the worst case, pending frames
+            # last, one by one)
+            rest = self.free_domheap_pages(mfns[~offl]) if (~offl).any() else []
+            return rest + self.free_domheap_pages(mfns[offl][:8]) \
+                + (self.free_domheap_pages(mfns[offl][8:]) if offl.sum() > 8 else [])
         broken = (ci & _U(mm.PGC_broken)) != 0
         newstate = np.where(offl, _U(mm.PGC_state_offlined), _U(mm.PGC_state_free))
         self.ft.count_info[mfns] = (ci & _U(mm.PGC_broken)) | newstate

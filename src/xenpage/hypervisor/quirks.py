@@ -47,6 +47,15 @@ class Quirks:
     #: machine-check offline of a free frame and a destroyed domain's pending frame cannot be
     #: guarded.  Tests of the fixed split (xen-semantics.md 1.8) turn it off.
     reserve_misaligned: bool = True
+    #: The order in which ``relinquish_memory`` frees a dying domain's pages is its page
+    #: list's (allocation order), which the simulator does not keep: it frees them at once and
+    #: merges canonically.  On: the worst case of that order -- each offline-pending frame
+    #: freed after its neighbours, offlined inside their merged buddy, where
+    #: ``reserve_misaligned`` then leaves misaligned chunks (the lab saw guests crash and Xen
+    #: fault in ``free_heap_pages`` after such destructions).  Off by default (the real order
+    #: usually frees a superpage's frames upwards, which keeps a pending frame the last of its
+    #: merged buddy); tests of the toolstack's migration path turn it on.
+    relinquish_pending_last: bool = False
     #: A Xen built without shadow paging (``CONFIG_SHADOW_PAGING=n``: ``mm/shadow/none.c``),
     #: as the lab's Debian 4.17.7 is (its boot log: "PV L1TF shadowing: Dom0 disabled, DomU
     #: disabled"): a PV guest has no log-dirty -- ENABLE_LOGDIRTY answers -EOPNOTSUPP and OFF

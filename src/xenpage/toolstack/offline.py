@@ -22,7 +22,7 @@ Output keeps xen-hptool's lines for a frame and adds ``xenpage:`` lines where it
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -156,6 +156,10 @@ def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
         split_guard = split_misaligns(hv)
     guard = SplitGuard(hv, jdir) if split_guard else None
     guard_back = _recover_guard(hv, jdir)
+    # a frame a migration frees is offlined under the same guard (retire.py); the caller's
+    # log list is shared
+    retire = replace(retire if retire is not None else RetireOptions(), guard=guard, state_dir=jdir,
+                     split_guard=bool(split_guard))
     pin_error: OSError | None = None
     try:
         if guard is not None:

@@ -7,6 +7,17 @@ Migration is the backend's engine, through ``hv.live_migrate`` (libxl's ``xl mig
 real Xen; on the simulator its model of libxc's save/restore): it moves all of the guest's
 memory to fresh frames and destroys the old domain, whose offline-pending frames are then
 freed and offlined.  The destination is the same host unless one is configured.
+
+On a Xen that misaligns free buddies split around an offlined frame (every 4.17 release:
+:mod:`.split_guard`) a pending frame must not be freed by the old domain's destruction:
+``relinquish_memory`` frees the domain's pages one by one, and a pending frame whose
+neighbours were freed before it is offlined inside a merged free buddy
+(``free_heap_pages`` -> ``reserve_offlined_page``), the split that leaves misaligned chunks;
+a later merge then builds a "free" chunk over frames in use and Xen hands other guests'
+pages out twice.  So the pending mark is taken off first (``online_page`` of an in-use
+frame: plain in use again), the guest migrated, and the frame -- free now -- offlined with
+its guard frames (:class:`.split_guard.SplitGuard`); a failed migration marks it pending
+again.  A broken frame (a machine check's) cannot be onlined and stays pending.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from .guest_type import domain_type
 from .hvm_exchange import exchange_hvm_pages
 from .hypervisor import CAP_HVM_INPLACE, CAP_MIGRATE
 from .outcomes import Kind, Outcome, Reason
+from .pcpu import off_pcpu0
+from .split_guard import SplitGuard, split_misaligns
 
 HVM_METHODS = ("migrate", "exchange", "none")
 FALLBACKS = (None, "migrate")
@@ -34,6 +47,13 @@ class RetireOptions:
     destination: object | None = None
     #: filled in: what each migration / exchange did (for reports and benchmarks)
     log: list = field(default_factory=list)
+    #: mem-offline's open guard frames (:class:`.split_guard.SplitGuard`) and state directory:
+    #: a frame freed by a migration is offlined under them
+    guard: SplitGuard | None = None
+    state_dir: object | None = None
+    #: whether frames are kept from being freed pending (mem-offline's ``--no-split-guard``
+    #: says no); None: when the backend's Xen misaligns (:func:`.split_guard.split_misaligns`)
+    split_guard: bool | None = None
 
 
 def _status(hv, mfn: int) -> int:
@@ -66,8 +86,14 @@ def _summary(r) -> str:
 def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
                 prev: dict[int, Outcome] | None = None, method: str = "migrate") -> list[Outcome]:
     """Live-migrate ``domid`` (``hv.live_migrate``) so that its frames ``mfns`` are freed;
-    one outcome per frame (``prev``: what each frame's outcome was before, kept on failure)."""
+    one outcome per frame (``prev``: what each frame's outcome was before, kept on failure).
+    With a misaligning Xen the frames are not pending while the old domain is destroyed (see
+    the module doc)."""
+    guarded = opts.split_guard if opts.split_guard is not None else split_misaligns(hv)
+    unmarked = _unmark(hv, domid, mfns, opts) if guarded else []
     r = hv.live_migrate(domid, opts.destination)
+    if unmarked:
+        _remark(hv, unmarked, opts, freed=r.ok)
     opts.log.append({"domid": domid, "method": method, "mfns": list(mfns), "why": why,
                      "result": r.to_json()})
     where = "the same host" if r.same_host else "the destination host"
@@ -95,6 +121,43 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
         out.append(Outcome(m, Kind.MIGRATED if done else Kind.PENDING, reason, detail, domid=domid,
                            gpfn=p.gpfn if p is not None else None, status=st, extra=dict(summary)))
     return out
+
+
+def _pending_owned(st: int, domid: int) -> bool:
+    return st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING) \
+        and not st & S.PG_OFFLINE_STATUS_BROKEN
+
+
+def _unmark(hv, domid: int, mfns: list[int], opts: RetireOptions) -> list[int]:
+    """Take the pending mark off the guest's frames (``online_page``: an offlining frame in
+    use becomes plainly in use; a broken one cannot be onlined and is left).  Returns the
+    frames unmarked."""
+    out = []
+    for m in mfns:
+        if _pending_owned(_status(hv, m), domid):
+            rc, _ = hv.page_offline_op(S.sysctl_page_online, m, m)
+            if rc == 0:
+                out.append(m)
+    return out
+
+
+def _remark(hv, mfns: list[int], opts: RetireOptions, freed: bool) -> None:
+    """Mark the frames offline again, dom0 off pCPU 0: after a migration (``freed``) each is
+    free and is offlined under its guard frames, the highest first; after a failed one each
+    is the guest's again and becomes pending, as it was."""
+    guard = opts.guard
+    own = guard is None and freed
+    if own:
+        guard = SplitGuard(hv)
+    try:
+        with off_pcpu0(hv, record_dir=opts.state_dir):
+            if freed:
+                guard.protect(mfns)
+            for m in sorted(mfns, reverse=True):
+                hv.page_offline_op(S.sysctl_page_offline, m, m)
+    finally:
+        if own:
+            guard.release()
 
 
 def retire_hvm(hv, domid: int, mfns: list[int], opts: RetireOptions | None,
