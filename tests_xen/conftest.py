@@ -49,7 +49,8 @@ def pytest_collection_modifyitems(config, items):
         if HERE not in p.resolve().parents:
             return (-1, 0)
         i = ORDER.index(p.name) if p.name in ORDER else len(ORDER)
-        return (i, 2 if p.name == host and "live_migration" in it.name else 0)
+        last = 3 if "no_guest_crashed" in it.name else 2 if "live_migration" in it.name else 0
+        return (i, last if p.name == host else 0)
     items.sort(key=key)      # stable: keeps the order inside each module
     if is_xen_control_domain():
         return

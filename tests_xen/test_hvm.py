@@ -35,3 +35,7 @@ def test_hvm_cli_exchange(xen, rec, guest):
 
 def test_hvm_live_migration(xen, rec, guest):
     T.migrate_off(xen, guest, rec)
+
+
+def test_hvm_no_guest_crashed(rec):
+    T.no_guest_crashed(rec, KIND)

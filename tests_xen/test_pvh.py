@@ -53,3 +53,7 @@ def test_pvh_live_migration(xen, rec, guests):
         T.cli_migrate(xen, guests[1], rec)
     else:
         T.migrate_off(xen, guests[1], rec)
+
+
+def test_pvh_no_guest_crashed(rec):
+    T.no_guest_crashed(rec, KIND)

@@ -414,6 +414,24 @@ def migrate_off(xen, g: TGuest, rec) -> None:
     g.domid = new_domid
 
 
+RX_TRIPLE = re.compile(r"d(\d+)v\d+ Triple fault")
+
+
+def no_guest_crashed(rec, kind: str) -> None:
+    """At the end of a group: Xen logged no guest's triple fault, and no domain is shut down
+    or crashed.  (Before the guard frames, a guest crashed after the group's last test had
+    passed, once its neighbour's old domain had been destroyed with a pending frame.)"""
+    time.sleep(10)
+    dm = run(["xl", "dmesg"], timeout=60).stdout
+    faults = sorted(set(RX_TRIPLE.findall(dm)))
+    xl = run(["xl", "list"], timeout=60).stdout
+    bad = [ln for ln in xl.splitlines()[1:] if ln.split() and ln.split()[4:5]
+           and any(c in ln.split()[4] for c in "sc")]
+    rec.add(f"{kind}-end", triple_faults=faults, xl_list=xl.splitlines(), bad=bad)
+    assert not faults, f"triple faults of domains {faults}"
+    assert not bad, bad
+
+
 def cli_enabled() -> bool:
     """The CLI tests run unless ``XENPAGE_LAB_HVM_CLI=0``."""
     return os.environ.get("XENPAGE_LAB_HVM_CLI", "1") != "0"
