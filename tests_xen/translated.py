@@ -106,6 +106,13 @@ class TGuest:
     def tail(self, n: int = 8) -> list[str]:
         return self.text().splitlines()[-n:]
 
+    def refresh(self) -> None:
+        """Its domid now (the backend contract's live migration, run between this group's
+        steps, moves the guest to a new domain under the same name)."""
+        d = domid_of(self.name)
+        if d is not None:
+            self.domid = d
+
 
 def domid_of(name: str) -> int | None:
     r = run(["xl", "domid", name], timeout=60)
@@ -350,6 +357,7 @@ def cli_migrate(xen, g: TGuest, rec) -> None:
     """``xenpage mem-offline <mfn> --json`` with the default HVM policy (live migration to this
     host through ``xl migrate``): the frame is marked offline, the guest migrated, the old
     domain's destruction offlines it."""
+    g.refresh()
     gfns, old = frames(xen, g, at(g, [MIGRATE]))
     m = int(old[0])
     gen = g.last_gen()
@@ -384,6 +392,7 @@ def migrate_off(xen, g: TGuest, rec) -> None:
     host) the toolstack's way (``retire.migrate_for``): the mark taken off, the guest moved,
     the old domain destroyed, the now free frame offlined under its guard frames -- a pending
     frame freed with its domain would misalign Xen 4.17's heap."""
+    g.refresh()
     gfns, old = frames(xen, g, at(g, [MIGRATE]))
     m = int(old[0])
     st = mark(xen, [m])[0]
