@@ -384,7 +384,16 @@ def cli_migrate(xen, g: TGuest, rec) -> None:
     assert st_after == S.PG_OFFLINE_STATUS_OFFLINED, f"{m:#x} after migration: {st_after:#x}"
     assert len(hb) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in hb), hb
     assert not g.bad_lines(), g.bad_lines()[:5]
+    sent_enough(ex)
     g.domid = new_domid
+
+
+def sent_enough(rep: dict) -> None:
+    """The rounds and pages the relay read in the stream (backends/xen/streamcount.py): at
+    least a live round and the suspended one, and at least memtest's 16 MiB sent."""
+    assert rep.get("rounds") is not None and rep["rounds"] >= 2, rep
+    assert rep.get("pages_sent") is not None and rep["pages_sent"] >= 4096, rep
+    assert rep.get("live_rounds", rep["rounds"] - 1) == rep["rounds"] - 1, rep
 
 
 def migrate_off(xen, g: TGuest, rec) -> None:
@@ -418,6 +427,7 @@ def migrate_off(xen, g: TGuest, rec) -> None:
     assert new_domid is not None and new_domid != g.domid and old_gone
     assert st_after == S.PG_OFFLINE_STATUS_OFFLINED, f"{m:#x} after migration: {st_after:#x}"
     assert outs[0].kind.value == "migrated", outs[0]
+    sent_enough(rep)
     assert len(hb) >= 2 and all(c == 0 and mv == 0 for _, _, c, mv in hb), hb
     assert not g.bad_lines(), g.bad_lines()[:5]
     g.domid = new_domid

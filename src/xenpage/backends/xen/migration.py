@@ -7,20 +7,27 @@ the receiving command through ``sh -c`` (xl's ``create_migration_child``), conne
 sender by pipes.  Both ends run with ``-vvv``, so libxenguest's save loop
 (``xg_sr_save.c``: ``send_memory_live`` names each iteration ``Frames iteration N of M`` and
 reports its progress as ``done/total``) and libxl's suspend messages reach the log; every line
-is time-stamped as it arrives, which gives the figures of :class:`MigrationReport`.
+is time-stamped as it arrives, which gives the downtime of :class:`MigrationReport`.  Debian's
+libxl-save-helper passes no iteration progress on, so the receiver runs behind a relay that
+reads the stream on its way for the rounds and pages sent (:mod:`.streamcount`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 
 from ...abi import errno as E
 from ...toolstack.hypervisor import MigrationReport
+from . import streamcount
 
 XL = "xl"
 TIMEOUT_S = 900.0
@@ -89,6 +96,20 @@ def parse_xl_log(lines: list[tuple[float, str]]) -> dict:
             "downtime_s": down, "t_suspend": t_suspend, "t_started": t_started}
 
 
+def _stream_stats(path: str) -> dict | None:
+    """The relay's figures (streamcount.py), and the file removed; None when it wrote none."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 class MigrationMixin:
     """``live_migrate`` of :class:`~xenpage.backends.xen.hypervisor.XenHypervisor`."""
 
@@ -120,7 +141,13 @@ class MigrationMixin:
                 return fail(-E.ENOMEM, f"no room for a second copy of d{domid} on this host: "
                                        f"{free} free pages < {info.tot_pages} of the guest")
             xl = xl_path()
-            argv = [xl, "-vvv", "migrate", "-s", "", str(domid), f"{shlex.quote(xl)} -vvv migrate-receive"]
+            # the receiver behind a relay that reads the stream for rounds and pages
+            # (streamcount.py: Debian's libxl-save-helper logs neither)
+            fd, stats = tempfile.mkstemp(prefix="xenpage-migrate-", suffix=".json")
+            os.close(fd)            # empty until the relay replaces it with its figures
+            rune = " ".join(shlex.quote(a) for a in (sys.executable, streamcount.__file__, stats, xl, "-vvv",
+                                                      "migrate-receive"))
+            argv = [xl, "-vvv", "migrate", "-s", "", str(domid), rune]
         else:
             argv = [xl_path(), "-vvv", "migrate", str(domid), destination]
         lines: list[tuple[float, str]] = []
@@ -139,18 +166,23 @@ class MigrationMixin:
             th.join(timeout=10)
         log = [f"{t:9.3f} {s}" for t, s in lines]
         log.insert(0, "$ " + " ".join(shlex.quote(a) for a in argv))
+        sent = _stream_stats(stats) if same else None
         if rc != 0:     # xl's exit status is no errno: -EIO, with xl's last error line
             errs = [s for _, s in lines if RX_FAILED.search(s)]
             return fail(-E.EIO, f"xl migrate exited {rc}: " + (errs[-1] if errs else (lines[-1][1] if lines else "")),
                         log)
         fig = parse_xl_log(lines)
+        if sent and sent.get("rounds"):
+            log.append(f"[xenpage: stream read on the way: {json.dumps(sent)}]")
+            fig.update(rounds=sent["rounds"], pages_sent=sent["pages_sent"], per_round=sent["per_round"])
         new = None
         if same:
             for d in self.domain_list():
                 if d.name == info.name and d.domid != domid:
                     new = d.domid
-        # which iteration ran suspended is not in the log: live_rounds stays unknown
+        # libxenguest's last iteration is the one sent suspended
+        live = fig["rounds"] - 1 if sent and sent.get("rounds") else None
         return MigrationReport(ok=True, rc=0, error="", new_domid=new, same_host=same, rounds=fig["rounds"],
-                               live_rounds=None, pages_sent=fig["pages_sent"],
+                               live_rounds=live, pages_sent=fig["pages_sent"],
                                downtime_s=fig["downtime_s"], total_s=round(time.monotonic() - t0, 3),
                                stop_reason=None, engine="libxl", log=log)
