@@ -50,14 +50,14 @@ soak: $(STAMP)
 	$(VPY) bench/soak.py
 
 # Real Xen 4.17 under QEMU (root; minutes): stock xen-hptool and the raw sysctl, verbatim,
-# then xenpage's real-Xen backend on a running PV guest (tests_xen/, three fresh boots).
+# then xenpage's real-Xen backend (tests_xen/: PV, PVH and HVM guests; one fresh boot per group).
 test-xen: $(STAMP)
 	$(PY) lab/xenlab.py test hptool sysctl
 	$(PY) tests_xen/run_lab.py
 
 # Lab groups that pass but do not fit CI's budget (README): run by hand before resolving.
 test-xen-long: $(STAMP)
-	$(PY) tests_xen/run_lab.py --group mce,prescan-shadow,reboot,hvm
+	$(PY) tests_xen/run_lab.py --group mce,prescan-shadow,reboot
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .import_linter_cache

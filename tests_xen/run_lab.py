@@ -75,6 +75,9 @@ GROUPS = {
     # two PVH memtest guests: frames found, retired in place (x1, x8 under one pause, the CLI's
     # --hvm=exchange) and by live migration (the CLI's default policy)
     "pvh": "tests_xen/test_pvh.py tests/contract/test_translated_contract.py",
+    # an HVM memtest guest (qemu-system-xen, SeaBIOS, direct kernel boot, the PV console): the
+    # same, one guest; both groups run the backend contract's translated part on their guests
+    "hvm": "tests_xen/test_hvm.py tests/contract/test_translated_contract.py",
 }
 
 #: Scenario arguments of a group: the PVH and HVM groups start their own guest, not the PV
@@ -105,10 +108,6 @@ GROUP_ENV = {
 #: vCPUs busy, no Xen message; cause not found yet), so it stays out of ``make test-xen``.
 EXTRA_GROUPS = {
     "split": "tests_xen/test_split_guard.py",
-    # an HVM memtest guest (qemu-system-xen, SeaBIOS, direct kernel boot, the PV console):
-    # the same as pvh; in make test-xen-long: in one boot of three the guest triple-faulted
-    # when libxl asked it to suspend for the migration (tests_xen/README.md)
-    "hvm": "tests_xen/test_hvm.py tests/contract/test_translated_contract.py",
     # the retirement service on machine checks the emulated hardware raises (the rebuilt Xen:
     # bank-mask fix; -cpu Haswell-noTSX, QEMU's monitor)
     "mce": "tests_xen/test_mce_service.py",

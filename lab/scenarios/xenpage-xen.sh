@@ -46,7 +46,7 @@ rc=$?
 lab_note "pytest exited $rc uptime=$(cut -d' ' -f1 /proc/uptime)"
 summary=$(grep -E '(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$LAB_OUT/pytest-xen.log" | tail -n 1 | tr -d '=' | sed 's/^ *//')
 cp /var/log/xen/console/guest-*.log "$LAB_OUT/" 2>/dev/null
-cp /var/log/xen/qemu-dm-*.log /var/log/xen/xl-*.log "$LAB_OUT/" 2>/dev/null
+cp /var/log/xen/qemu-dm-*.log /var/log/xen/xl-*.log /var/log/xen/xenpage-*.log "$LAB_OUT/" 2>/dev/null
 xl dmesg > "$LAB_OUT/xl-dmesg-xen.txt" 2>&1
 [ -n "${watch_pid:-}" ] && kill "$watch_pid" 2>/dev/null
 case $rc in

@@ -96,6 +96,21 @@ def parse_xl_log(lines: list[tuple[float, str]]) -> dict:
             "downtime_s": down, "t_suspend": t_suspend, "t_started": t_started}
 
 
+#: where a host keeps xl's own logs; each migration's whole ``xl -vvv`` log is appended to
+#: ``xenpage-migrate-d<domid>.log`` there (a failed migration's report holds only its last line)
+LOG_DIR = "/var/log/xen"
+
+
+def _keep_log(domid: int, log: list[str]) -> None:
+    if not os.path.isdir(LOG_DIR):
+        return
+    try:
+        with open(os.path.join(LOG_DIR, f"xenpage-migrate-d{domid}.log"), "a") as f:
+            f.write(time.strftime("# %Y-%m-%d %H:%M:%S\n") + "\n".join(log) + "\n")
+    except OSError:
+        pass
+
+
 def _stream_stats(path: str) -> dict | None:
     """The relay's figures (streamcount.py), and the file removed; None when it wrote none."""
     try:
@@ -141,13 +156,15 @@ class MigrationMixin:
                 return fail(-E.ENOMEM, f"no room for a second copy of d{domid} on this host: "
                                        f"{free} free pages < {info.tot_pages} of the guest")
             xl = xl_path()
-            # the receiver behind a relay that reads the stream for rounds and pages
-            # (streamcount.py: Debian's libxl-save-helper logs neither)
-            fd, stats = tempfile.mkstemp(prefix="xenpage-migrate-", suffix=".json")
-            os.close(fd)            # empty until the relay replaces it with its figures
-            rune = " ".join(shlex.quote(a) for a in (sys.executable, streamcount.__file__, stats, xl, "-vvv",
-                                                      "migrate-receive"))
-            argv = [xl, "-vvv", "migrate", "-s", "", str(domid), rune]
+            receive = [xl, "-vvv", "migrate-receive"]
+            stats = None
+            if os.environ.get("XENPAGE_MIGRATE_RELAY", "1") != "0":
+                # the receiver behind a relay that reads the stream for rounds and pages
+                # (streamcount.py: Debian's libxl-save-helper logs neither)
+                fd, stats = tempfile.mkstemp(prefix="xenpage-migrate-", suffix=".json")
+                os.close(fd)        # empty until the relay replaces it with its figures
+                receive = [sys.executable, streamcount.__file__, stats] + receive
+            argv = [xl, "-vvv", "migrate", "-s", "", str(domid), " ".join(shlex.quote(a) for a in receive)]
         else:
             argv = [xl_path(), "-vvv", "migrate", str(domid), destination]
         lines: list[tuple[float, str]] = []
@@ -166,7 +183,8 @@ class MigrationMixin:
             th.join(timeout=10)
         log = [f"{t:9.3f} {s}" for t, s in lines]
         log.insert(0, "$ " + " ".join(shlex.quote(a) for a in argv))
-        sent = _stream_stats(stats) if same else None
+        _keep_log(domid, log)
+        sent = _stream_stats(stats) if same and stats else None
         if rc != 0:     # xl's exit status is no errno: -EIO, with xl's last error line
             errs = [s for _, s in lines if RX_FAILED.search(s)]
             return fail(-E.EIO, f"xl migrate exited {rc}: " + (errs[-1] if errs else (lines[-1][1] if lines else "")),
