@@ -132,6 +132,7 @@ def start(kind: str, rec, timeout: float | None = None, name: str | None = None,
     old = re.search(r'^name\s*=\s*"([^"]+)"', text, re.M).group(1)
     name = name or old
     text = text.replace(f'"{old}"', f'"{name}"').replace(f"guest-{old}", f"guest-{name}")
+    append = " ".join(x for x in (append, os.environ.get("XENPAGE_LAB_GUEST_APPEND", "")) if x)
     if append:
         text = re.sub(r'^((?:extra|cmdline)\s*=\s*"[^"]*)"', lambda m: m.group(1) + " " + append + '"', text,
                       count=1, flags=re.M)
