@@ -389,9 +389,11 @@ class Host:
             # order, in which a pending frame can come after neighbours already merged into
             # a free buddy (quirk relinquish_pending_last: the worst case, pending frames
             # last, one by one)
-            rest = self.free_domheap_pages(mfns[~offl]) if (~offl).any() else []
-            return rest + self.free_domheap_pages(mfns[offl][:8]) \
-                + (self.free_domheap_pages(mfns[offl][8:]) if offl.sum() > 8 else [])
+            out = self.free_domheap_pages(mfns[~offl]) if (~offl).any() else []
+            pend = mfns[offl]
+            for i in range(0, pend.size, 8):      # the one-by-one path below
+                out += self.free_domheap_pages(pend[i:i + 8])
+            return out
         broken = (ci & _U(mm.PGC_broken)) != 0
         newstate = np.where(offl, _U(mm.PGC_state_offlined), _U(mm.PGC_state_free))
         self.ft.count_info[mfns] = (ci & _U(mm.PGC_broken)) | newstate

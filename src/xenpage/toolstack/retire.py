@@ -90,7 +90,7 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
     With a misaligning Xen the frames are not pending while the old domain is destroyed (see
     the module doc)."""
     guarded = opts.split_guard if opts.split_guard is not None else split_misaligns(hv)
-    unmarked = _unmark(hv, domid, mfns, opts) if guarded else []
+    unmarked = _unmark(hv, mfns) if guarded else []
     r = hv.live_migrate(domid, opts.destination)
     if unmarked:
         _remark(hv, unmarked, opts, freed=r.ok)
@@ -123,20 +123,15 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
     return out
 
 
-def _pending_owned(st: int, domid: int) -> bool:
-    return st >= 0 and bool(st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING) \
-        and not st & S.PG_OFFLINE_STATUS_BROKEN
-
-
-def _unmark(hv, domid: int, mfns: list[int], opts: RetireOptions) -> list[int]:
-    """Take the pending mark off the guest's frames (``online_page``: an offlining frame in
-    use becomes plainly in use; a broken one cannot be onlined and is left).  Returns the
-    frames unmarked."""
+def _unmark(hv, mfns: list[int]) -> list[int]:
+    """Take the pending mark off the frames (``online_page``: an offlining frame in use
+    becomes plainly in use; a broken one cannot be onlined and is left).  Returns the frames
+    unmarked."""
     out = []
     for m in mfns:
-        if _pending_owned(_status(hv, m), domid):
-            rc, _ = hv.page_offline_op(S.sysctl_page_online, m, m)
-            if rc == 0:
+        st = _status(hv, m)
+        if st >= 0 and st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING and not st & S.PG_OFFLINE_STATUS_BROKEN:
+            if hv.page_offline_op(S.sysctl_page_online, m, m)[0] == 0:
                 out.append(m)
     return out
 

@@ -183,15 +183,16 @@ class MigrationMixin:
             th.join(timeout=10)
         log = [f"{t:9.3f} {s}" for t, s in lines]
         log.insert(0, "$ " + " ".join(shlex.quote(a) for a in argv))
-        _keep_log(domid, log)
         sent = _stream_stats(stats) if same and stats else None
+        if sent:
+            log.append(f"[xenpage: the stream as the relay read it: {json.dumps(sent)}]")
+        _keep_log(domid, log)
         if rc != 0:     # xl's exit status is no errno: -EIO, with xl's last error line
             errs = [s for _, s in lines if RX_FAILED.search(s)]
             return fail(-E.EIO, f"xl migrate exited {rc}: " + (errs[-1] if errs else (lines[-1][1] if lines else "")),
                         log)
         fig = parse_xl_log(lines)
         if sent and sent.get("rounds"):
-            log.append(f"[xenpage: stream read on the way: {json.dumps(sent)}]")
             fig.update(rounds=sent["rounds"], pages_sent=sent["pages_sent"], per_round=sent["per_round"])
         new = None
         if same:
