@@ -119,7 +119,10 @@ def test_live_migrate_reports_alike(hv, gtype):
                                 "stop_reason", "engine", "log"}
     assert r.ok, r.error
     assert r.same_host and r.new_domid not in (None, domid) and r.total_s > 0
-    assert hv.domain_info(domid) is None
+    # libxl has destroyed the old domain; Xen lets it go once its last page is freed, which on
+    # real Xen can be a moment after xl returns (the lab saw it dying with one page left)
+    old = hv.domain_info(domid)
+    assert old is None or old.dying, old
     new = hv.domain_info(r.new_domid)
     assert new is not None and new.name == info.name and domain_type(hv, new) == gtype
 
