@@ -175,8 +175,8 @@ def mark(xen, mfns) -> list[int]:
 def guarded(xen, mfns) -> SplitGuard:
     """Guard frames around frames about to be offlined in use and then freed (as mem-offline
     holds them): Xen 4.17 misaligns its free buddies when an offline-pending frame is freed
-    next to free frames (xenpage/toolstack/split_guard.py), and a misaligned heap later hands
-    frames in use out again -- other guests then crash (tests_xen/README.md)."""
+    next to free frames, and a misaligned heap later hands frames in use out twice
+    (xenpage/backends/xen/quirks.py, xenpage/toolstack/split_guard.py)."""
     guard = SplitGuard(xen)
     with off_pcpu0(xen):
         guard.protect([int(m) for m in mfns])
@@ -356,8 +356,8 @@ def cli_exchange(xen, g: TGuest, rec) -> None:
 
 def cli_migrate(xen, g: TGuest, rec) -> None:
     """``xenpage mem-offline <mfn> --json`` with the default HVM policy (live migration to this
-    host through ``xl migrate``): the frame is marked offline, the guest migrated, the old
-    domain's destruction offlines it."""
+    host through ``xl migrate``): the frame is marked offline; mem-offline takes the mark off,
+    migrates the guest and offlines the freed frame under its guard frames (retire.py)."""
     g.refresh()
     gfns, old = frames(xen, g, at(g, [MIGRATE]))
     m = int(old[0])
@@ -398,7 +398,10 @@ def gone_or_dying(xen, domid: int) -> bool:
 
 def sent_enough(rep: dict) -> None:
     """The rounds and pages the relay read in the stream (backends/xen/streamcount.py): at
-    least a live round and the suspended one, and at least memtest's 16 MiB sent."""
+    least a live round and the suspended one, and at least memtest's 16 MiB sent (nothing to
+    check with ``XENPAGE_MIGRATE_RELAY=0``)."""
+    if os.environ.get("XENPAGE_MIGRATE_RELAY", "1") == "0":
+        return
     assert rep.get("rounds") is not None and rep["rounds"] >= 2, rep
     assert rep.get("pages_sent") is not None and rep["pages_sent"] >= 4096, rep
     assert rep.get("live_rounds", rep["rounds"] - 1) == rep["rounds"] - 1, rep
