@@ -11,12 +11,21 @@ offlines the freed frame under its guard frames; a failed migration marks it pen
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from hvmtools import hvm_host
 from xenpage.abi import mm
 from xenpage.abi import sysctl as S
-from xenpage.backends.sim import SimHypervisor, build_host
+from xenpage.backends.sim import SimHypervisor, build_host, host_path
+from xenpage.hypervisor.host import Host
 from xenpage.hypervisor import invariants
 from xenpage.toolstack import hptool
 from xenpage.toolstack.offline import mem_offline
@@ -84,3 +93,45 @@ def test_a_failed_migration_leaves_the_frame_pending_as_it_was():
     assert offlined(h) == before and g.running()
     hv.wait(0.05)
     assert g.verify() == [] and invariants.check(h) == []
+
+
+# -- a mem-offline killed around the migration ------------------------------------------------
+
+CRASHRUN = Path(__file__).resolve().with_name("crashrun.py")
+
+
+def _crash_run(state, *args, crash: str):
+    env = dict(os.environ, XENPAGE_STATE_DIR=str(state), XENPAGE_BACKEND="sim")
+    return subprocess.run([sys.executable, str(CRASHRUN), "--crash-at", crash, "--", "--backend", "sim",
+                           *[str(a) for a in args]], capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize("point,migrated", [("migrating", False), ("migrated", True)])
+def test_killed_around_the_migration_then_recover_marks_the_frame_again(cli_state, xenpage_cli,
+                                                                         point, migrated):
+    """Killed with the frame unmarked -- before the migration (the guest still has it) or
+    after (it is free) -- ``xenpage recover`` marks it again from the record: pending, owned
+    by the guest, or offlined; no guard frame left offline, the heap aligned."""
+    h = Host.load(host_path(cli_state))
+    h.quirks.relinquish_pending_last = True
+    h.save(host_path(cli_state))
+    m = int(h.p2m[HVM][1000])
+    before = offlined(h)
+    r = _crash_run(cli_state, "mem-offline", f"{m:x}", crash=point)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    h = Host.load(host_path(cli_state))
+    assert (HVM not in h.domains) == migrated
+    hv = SimHypervisor(h)
+    assert status(hv, m) & (S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_OFFLINE_PENDING) == 0
+    rec = xenpage_cli(cli_state, "recover", "--json")
+    assert rec.returncode == 0, rec.stderr
+    assert json.loads(rec.stdout)["frames_marked_again"] == [m]
+    h = Host.load(host_path(cli_state))
+    hv = SimHypervisor(h)
+    want = S.PG_OFFLINE_STATUS_OFFLINED if migrated else S.PG_OFFLINE_STATUS_OFFLINE_PENDING
+    assert status(hv, m) == want
+    assert offlined(h) - before == ({m} if migrated else set())
+    assert h.heap.misaligned == 0 and invariants.check(h) == []
+    # and once more: nothing recorded, nothing to do
+    rec = xenpage_cli(cli_state, "recover", "--json")
+    assert rec.returncode == 0 and json.loads(rec.stdout)["frames_marked_again"] == []

@@ -40,10 +40,15 @@ def recover_cmd(obj: Ctx, as_json: bool):
                 affinity = pcpu.restore_recorded(hv, sd)
             except (ValueError, OSError) as e:
                 fail(str(e), 2)
+            from ..toolstack import retire
+            try:
+                remarked = retire.recover_unmarked(hv, sd)
+            except ValueError as e:
+                fail(str(e), 2)
     code = 0 if res.ok and hres.ok else 1
     if as_json:
         sys.exit(emit("recover", code, **dict(res.to_json(), guard_frames_onlined=back,
-                                              hvm=hres.to_json(),
+                                              hvm=hres.to_json(), frames_marked_again=remarked,
                                               dom0_affinity_restored={str(v): c for v, c in affinity.items()})))
     else:
         for line in res.lines():
@@ -54,6 +59,10 @@ def recover_cmd(obj: Ctx, as_json: bool):
             click.echo(f"split guard: {len(back)} guard frame(s) a killed mem-offline left "
                        f"offline are online again ({', '.join(f'{m:x}' for m in back[:8])}"
                        f"{', ...' if len(back) > 8 else ''})")
+        if remarked:
+            click.echo(f"xenpage: {len(remarked)} frame(s) a killed mem-offline had unmarked for a "
+                       f"migration are marked offline again ({', '.join(f'{m:x}' for m in remarked[:8])}"
+                       f"{', ...' if len(remarked) > 8 else ''})")
         for v, cpus in sorted(affinity.items()):
             click.echo(f"xenpage: dom0 vCPU {v} a killed mem-offline left pinned off pCPU 0 "
                        f"may run on pCPUs {','.join(map(str, cpus))} again")

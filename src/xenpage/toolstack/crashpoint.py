@@ -14,14 +14,16 @@ from typing import Callable, Optional
 
 #: every point, in the order they happen in one exchange group (``<record>`` just before the
 #: journal record is durable, ``<record>+`` just after), then ``guarded`` (split-guard frames
-#: held, before marking) and ``pinned`` (dom0's vCPUs just pinned off physical CPU 0)
+#: held, before marking), ``pinned`` (dom0's vCPUs just pinned off physical CPU 0),
+#: ``migrating`` and ``migrated`` (a migration's frames unmarked and recorded, before and after
+#: the migration: retire.py)
 POINTS = ("begin", "begin+", "suspended", "clearing", "clearing+", "cleared", "unpinning",
           "unpinning+", "unpinned", "snapshot", "snapshot+", "exchanged", "exchanged+",
           "copied", "p2m", "done", "done+", "resumed", "end")
 #: the in-place retirement of a translated guest's frames (hvm_exchange.py), in order
 HVM_POINTS = ("hvm-begin", "hvm-begin+", "hvm-snapshot", "hvm-snapshot+", "hvm-decreased",
               "hvm-unpausing", "hvm-unpausing+", "hvm-end")
-OTHER_POINTS = ("guarded", "pinned") + HVM_POINTS
+OTHER_POINTS = ("guarded", "pinned", "migrating", "migrated") + HVM_POINTS
 
 #: ``hook(point, hv_or_None)``; None in the product (only the tests install one)
 hook: Optional[Callable[[str, object], None]] = None

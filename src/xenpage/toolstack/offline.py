@@ -34,9 +34,9 @@ from .hvm_exchange import journal_path as hvm_journal_path
 from .hvm_exchange import recover as recover_hvm
 from .hypervisor import Hypervisor
 from .outcomes import Kind, Outcome, Reason
-from .pcpu import off_pcpu0, restore_recorded
+from .pcpu import SinglePcpuHost, off_pcpu0, restore_recorded
 from .report import Report
-from .retire import RetireOptions, fallback_pv, retire_hvm
+from .retire import RetireOptions, fallback_pv, recover_unmarked, retire_hvm
 from .split_guard import SplitGuard, split_misaligns
 from .split_guard import recover as recover_guard
 
@@ -156,6 +156,7 @@ def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
         split_guard = split_misaligns(hv)
     guard = SplitGuard(hv, jdir) if split_guard else None
     guard_back = _recover_guard(hv, jdir)
+    remarked = _recover_unmarked(hv, jdir)
     # a frame a migration frees is offlined under the same guard (retire.py); the caller's
     # log list is shared
     retire = replace(retire if retire is not None else RetireOptions(), guard=guard, state_dir=jdir,
@@ -270,6 +271,8 @@ def mem_offline(hv: Hypervisor, mfns, suspend_timeout: float = SUSPEND_TIMEOUT,
         timings["split_guard"] = guard.summary()
     if guard_back:
         timings["split_guard_recovered"] = guard_back
+    if remarked:
+        timings["unmarked_frames_marked_again"] = remarked
     if affinity_back:
         timings["dom0_affinity_restored"] = {str(v): c for v, c in affinity_back.items()}
     timings["total_s"] = time.perf_counter() - t_start
@@ -424,6 +427,17 @@ def _recover_guard(hv: Hypervisor, jdir) -> list[int]:
     try:
         return recover_guard(hv, jdir)
     except ValueError:  # an unreadable record is left for 'xenpage recover' to report
+        return []
+
+
+def _recover_unmarked(hv: Hypervisor, jdir) -> list[int]:
+    """Frames a killed mem-offline left unmarked around a migration are marked again first
+    (retire.recover_unmarked)."""
+    if jdir is None:
+        return []
+    try:
+        return recover_unmarked(hv, jdir)
+    except (ValueError, OSError, SinglePcpuHost):  # left for 'xenpage recover' to report
         return []
 
 

@@ -22,12 +22,16 @@ again.  A broken frame (a machine check's) cannot be onlined and stays pending.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .. import statefiles
 from ..abi import sysctl as S
 from .guest_type import domain_type
 from .hvm_exchange import exchange_hvm_pages
 from .hypervisor import CAP_HVM_INPLACE, CAP_MIGRATE
+from .journal import crash_point
 from .outcomes import Kind, Outcome, Reason
 from .pcpu import off_pcpu0
 from .split_guard import SplitGuard, split_misaligns
@@ -90,10 +94,13 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
     With a misaligning Xen the frames are not pending while the old domain is destroyed (see
     the module doc)."""
     guarded = opts.split_guard if opts.split_guard is not None else split_misaligns(hv)
-    unmarked = _unmark(hv, mfns) if guarded else []
+    unmarked = _unmark(hv, mfns, opts.state_dir) if guarded else []
+    crash_point("migrating", hv)
     r = hv.live_migrate(domid, opts.destination)
     if unmarked:
+        crash_point("migrated", hv)
         _remark(hv, unmarked, opts, freed=r.ok)
+        _drop_record(opts.state_dir)
     opts.log.append({"domid": domid, "method": method, "mfns": list(mfns), "why": why,
                      "result": r.to_json()})
     where = "the same host" if r.same_host else "the destination host"
@@ -123,17 +130,57 @@ def migrate_for(hv, domid: int, mfns: list[int], opts: RetireOptions, why: str,
     return out
 
 
-def _unmark(hv, mfns: list[int]) -> list[int]:
+#: In the state directory while a migration runs with frames whose pending mark was taken
+#: off: those frames, so that ``xenpage recover`` (or the next ``mem-offline``) marks them
+#: again if this process dies before it does (:func:`recover_unmarked`).
+UNMARKED_RECORD = "migrate-unmarked.json"
+
+
+def _unmark(hv, mfns: list[int], state_dir=None) -> list[int]:
     """Take the pending mark off the frames (``online_page``: an offlining frame in use
-    becomes plainly in use; a broken one cannot be onlined and is left).  Returns the frames
-    unmarked."""
-    out = []
+    becomes plainly in use; a broken one cannot be onlined and is left), recording them
+    first (fsynced) when there is a state directory.  Returns the frames unmarked."""
+    todo = []
     for m in mfns:
         st = _status(hv, m)
         if st >= 0 and st & S.PG_OFFLINE_STATUS_OFFLINE_PENDING and not st & S.PG_OFFLINE_STATUS_BROKEN:
-            if hv.page_offline_op(S.sysctl_page_online, m, m)[0] == 0:
-                out.append(m)
-    return out
+            todo.append(m)
+    if todo and state_dir is not None:
+        statefiles.state_dir(state_dir)
+        statefiles.replace_durably(Path(state_dir) / UNMARKED_RECORD, json.dumps({"frames": todo}))
+    return [m for m in todo if hv.page_offline_op(S.sysctl_page_online, m, m)[0] == 0]
+
+
+def _drop_record(state_dir) -> None:
+    if state_dir is not None:
+        (Path(state_dir) / UNMARKED_RECORD).unlink(missing_ok=True)
+
+
+def recover_unmarked(hv, state_dir) -> list[int]:
+    """After a ``mem-offline`` killed while a migration ran with frames unmarked: each
+    recorded frame that is neither offlined nor pending now is marked offline again -- under
+    guard frames, dom0 off pCPU 0 -- (pending if its guest still has it, offlined if the
+    migration freed it); then the record goes.  Returns the frames marked."""
+    path = Path(state_dir) / UNMARKED_RECORD
+    if not path.exists():
+        return []
+    try:
+        frames = [int(x) for x in json.loads(path.read_text())["frames"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable record of unmarked frames ({e}); nothing marked") from e
+    done = S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_OFFLINE_PENDING
+    todo = [m for m in frames if (st := _status(hv, m)) >= 0 and not st & done]
+    if todo:
+        guard = SplitGuard(hv)
+        try:
+            with off_pcpu0(hv):
+                guard.protect(todo)
+                for m in sorted(todo, reverse=True):
+                    hv.page_offline_op(S.sysctl_page_offline, m, m)
+        finally:
+            guard.release()
+    path.unlink()
+    return todo
 
 
 def _remark(hv, mfns: list[int], opts: RetireOptions, freed: bool) -> None:
