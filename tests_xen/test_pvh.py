@@ -1,8 +1,9 @@
 """A PVH memtest guest's frames retired on stock Xen 4.17 (lab group ``pvh``, its own boot):
 found through dom0's page tables, retired in place (one frame, then eight under one pause,
-then the CLI's ``--hvm=exchange``), the backend contract's translated part on it (run_lab.py
-orders it here), then by live migration through libxl (the CLI's default policy).  See
-translated.py.
+then the CLI's ``--hvm=exchange``), then by live migration through libxl (the CLI's default
+policy).  See translated.py.  Run with ``tests/contract/test_translated_contract.py`` as well,
+the contract's translated part goes on this guest before its migration (conftest.py); the
+``hvm`` group does that, this one not by default (tests_xen/README.md).
 
 One guest, as the ``hvm`` group: on the lazy-FPU lab a migration after in-place steps failed,
 so a second guest was migrated instead; on the eager-FPU lab the same guest migrates after
