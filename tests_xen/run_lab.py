@@ -77,9 +77,10 @@ GROUPS = {
     # --hvm=exchange) and by live migration (the CLI's default policy)
     "pvh": "tests_xen/test_pvh.py",
     # an HVM memtest guest (qemu-system-xen, SeaBIOS, direct kernel boot, the PV console): the
-    # same, and the backend contract's translated part on its guest (its own migration too).
-    # Not in pvh as well: every suspend of a translated guest is a chance of this machine's
-    # triple fault (tests_xen/README.md), and the PVH guest's are the likelier
+    # same, and the backend contract's translated part on its guest but for its migration
+    # case: every suspend of a translated guest is a chance of this machine's triple fault, a
+    # migrated guest's next suspend the likeliest (tests_xen/README.md); that case runs by hand
+    # (without XENPAGE_LAB_CONTRACT_MIGRATE=0, below)
     "hvm": "tests_xen/test_hvm.py tests/contract/test_translated_contract.py",
 }
 
@@ -87,7 +88,7 @@ GROUPS = {
 #: memtest guest the others share.
 GROUP_ARGS = {
     "pvh": {"LAB_XEN_PV_MEMTEST": "0"},
-    "hvm": {"LAB_XEN_PV_MEMTEST": "0"},
+    "hvm": {"LAB_XEN_PV_MEMTEST": "0", "XENPAGE_LAB_CONTRACT_MIGRATE": "0"},
     "pvh-after": {"LAB_XEN_PV_MEMTEST": "0"},
     "dom0-watch": {"LAB_XEN_PV_MEMTEST": "0"},
     "inplace-soak": {"LAB_XEN_PV_MEMTEST": "0"},
