@@ -73,7 +73,7 @@ GROUPS = {
     "hang": "tests_xen/test_hang_guard.py",
     # mem-offline killed (SIGKILL, tests/crashrun.py) at journal points, recovered by a new process
     "crash": "tests_xen/test_crash_recover.py",
-    # two PVH memtest guests: frames found, retired in place (x1, x8 under one pause, the CLI's
+    # a PVH memtest guest: frames found, retired in place (x1, x8 under one pause, the CLI's
     # --hvm=exchange) and by live migration (the CLI's default policy)
     "pvh": "tests_xen/test_pvh.py",
     # an HVM memtest guest (qemu-system-xen, SeaBIOS, direct kernel boot, the PV console): the
