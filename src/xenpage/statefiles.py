@@ -12,6 +12,7 @@ Like :mod:`xenpage.paths`, this module imports nothing of xenpage: every layer m
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 from typing import IO
@@ -88,3 +89,20 @@ def replace_durably(path: str | os.PathLike, text: str, perm: int = FILE_MODE) -
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_frames(path: str | os.PathLike, frames) -> None:
+    """A record of frames (``{"frames": [...]}``), replaced durably."""
+    replace_durably(path, json.dumps({"frames": [int(x) for x in frames]}))
+
+
+def read_frames(path: str | os.PathLike, what: str, nothing: str) -> list[int] | None:
+    """The frames of a record written by :func:`write_frames`; None when there is none.  An
+    unreadable one raises ValueError naming ``what`` it is and ``nothing`` done about it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return [int(x) for x in json.loads(path.read_text())["frames"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable {what} ({e}); {nothing}") from e

@@ -22,7 +22,6 @@ again.  A broken frame (a machine check's) cannot be onlined and stays pending.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,13 +146,13 @@ def _unmark(hv, mfns: list[int], state_dir=None) -> list[int]:
             todo.append(m)
     if todo and state_dir is not None:
         statefiles.state_dir(state_dir)
-        statefiles.replace_durably(Path(state_dir) / UNMARKED_RECORD, json.dumps({"frames": todo}))
+        statefiles.write_frames(Path(state_dir) / UNMARKED_RECORD, todo)
     return [m for m in todo if hv.page_offline_op(S.sysctl_page_online, m, m)[0] == 0]
 
 
 def _drop_record(state_dir) -> None:
     if state_dir is not None:
-        (Path(state_dir) / UNMARKED_RECORD).unlink(missing_ok=True)
+        statefiles.remove_durably(Path(state_dir) / UNMARKED_RECORD)
 
 
 def recover_unmarked(hv, state_dir) -> list[int]:
@@ -162,31 +161,22 @@ def recover_unmarked(hv, state_dir) -> list[int]:
     guard frames, dom0 off pCPU 0 -- (pending if its guest still has it, offlined if the
     migration freed it); then the record goes.  Returns the frames marked."""
     path = Path(state_dir) / UNMARKED_RECORD
-    if not path.exists():
+    frames = statefiles.read_frames(path, "record of unmarked frames", "nothing marked")
+    if frames is None:
         return []
-    try:
-        frames = [int(x) for x in json.loads(path.read_text())["frames"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable record of unmarked frames ({e}); nothing marked") from e
     done = S.PG_OFFLINE_STATUS_OFFLINED | S.PG_OFFLINE_STATUS_OFFLINE_PENDING
     todo = [m for m in frames if (st := _status(hv, m)) >= 0 and not st & done]
     if todo:
-        guard = SplitGuard(hv)
-        try:
-            with off_pcpu0(hv):
-                guard.protect(todo)
-                for m in sorted(todo, reverse=True):
-                    hv.page_offline_op(S.sysctl_page_offline, m, m)
-        finally:
-            guard.release()
-    path.unlink()
+        _remark(hv, todo, RetireOptions(), freed=True)
+    statefiles.remove_durably(path)
     return todo
 
 
 def _remark(hv, mfns: list[int], opts: RetireOptions, freed: bool) -> None:
-    """Mark the frames offline again, dom0 off pCPU 0: after a migration (``freed``) each is
-    free and is offlined under its guard frames, the highest first; after a failed one each
-    is the guest's again and becomes pending, as it was."""
+    """Mark the frames offline again, dom0 off pCPU 0, the highest first: after a migration
+    (``freed``) under guard frames -- each is free now (or, in :func:`recover_unmarked`,
+    maybe still its guest's: pending then); after a failed one each is the guest's again and
+    becomes pending, as it was."""
     guard = opts.guard
     own = guard is None and freed
     if own:

@@ -26,7 +26,6 @@ splitting.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -102,7 +101,7 @@ class SplitGuard:
         hv = self.hv
         todo = self._online_now(guard_frames(targets, hv.max_mfn(), skip=in_use))
         if self.record is not None and todo:
-            _write_record(self.record, self.held + todo)
+            statefiles.write_frames(self.record, self.held + todo)
         for y in todo:
             self.probed += 1
             rc, st = hv.page_offline_op(S.sysctl_page_offline, y, y)
@@ -127,21 +126,14 @@ class SplitGuard:
         return {"guard_frames_probed": self.probed, "guard_frames_in_use": self.in_use_found}
 
 
-def _write_record(path: Path, frames: list[int]) -> None:
-    statefiles.replace_durably(path, json.dumps({"frames": [int(x) for x in frames]}))
-
-
 def recover(hv: Hypervisor, state_dir) -> list[int]:
     """After a ``mem-offline`` killed while it held guard frames: online every recorded frame
     that is now offlined or offline-pending (each was plainly online when the guard took it),
     then drop the record.  Returns the frames given back."""
     path = Path(state_dir) / RECORD
-    if not path.exists():
+    frames = statefiles.read_frames(path, "split-guard record", "nothing onlined")
+    if frames is None:
         return []
-    try:
-        frames = [int(x) for x in json.loads(path.read_text())["frames"]]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable split-guard record ({e}); nothing onlined") from e
     back = []
     for y in frames:
         rc, q = hv.page_offline_op(S.sysctl_query_page_offline, y, y)
